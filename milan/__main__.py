@@ -1,0 +1,7 @@
+"""``python -m milan`` is the ``milan`` CLI."""
+
+import sys
+
+from milan.cli import main
+
+sys.exit(main())

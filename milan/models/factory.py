@@ -1,0 +1,230 @@
+"""Model configuration dataclasses, named variants and the one string lookup: :func:`create_model`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from milan.models.decoder import MAEDecoder, PromptingDecoder
+from milan.models.milan import MILAN, LossOn, Masking
+from milan.models.teacher import Teacher, TeacherInputNorm, clip_vision_tower
+from milan.models.vit import VisionTransformer
+from milan.pos_embed import PosEmbedLayout
+
+
+@dataclass
+class EncoderConfig:
+    """Student ViT."""
+
+    img_size: int = 224  # input resolution (square)
+    patch_size: int = 16
+    embed_dim: int = 768  # ViT-B
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_embed_layout: PosEmbedLayout = "mmpretrain"  # sin-cos channel layout, see milan.pos_embed
+    drop_path_rate: float = 0.0  # 0 for pretraining (MAE/MILAN)
+
+
+@dataclass
+class DecoderConfig:
+    """Decoder on top of the encoder."""
+
+    kind: Literal["prompting", "mae"] = "prompting"  # MILAN's prompting decoder, or MAE's (ablation)
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TeacherConfig:
+    """Frozen teacher. ``kind='clip'`` builds an OpenAI-CLIP-shaped tower (random unless ``checkpoint``)."""
+
+    kind: Literal["clip", "none"] = "clip"  # "none": pixel targets (MAE ablation)
+    width: int = 768  # CLIP ViT-B/16 image tower
+    depth: int = 12
+    num_heads: int = 12
+    patch_size: int = 16
+    img_size: int = 224
+    out_dim: int = 512  # width of CLIP's proj; MILAN's prediction width
+    input_norm: TeacherInputNorm = "imagenet"  # the references feed the ImageNet-normalised view
+    checkpoint: str | None = None  # a local weights file; format and architecture are inferred
+
+
+@dataclass
+class ModelConfig:
+    """The whole pretraining model."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask_ratio: float = 0.75
+    masking: Masking = "attention"  # semantic-aware (MILAN) or "random"
+    loss_on: LossOn = "all"  # the references average over all 1 + L tokens
+    restore_order: bool = False  # compute the loss in spatial order (slower, same value)
+
+
+def build_teacher(cfg: TeacherConfig) -> Teacher | None:
+    """Builds the frozen teacher from its config (``None`` for pixel targets)."""
+    if cfg.kind == "none":
+        return None
+    if cfg.checkpoint:
+        from milan.checkpoint.teachers import load_teacher  # local import: file formats are not needed otherwise
+
+        return load_teacher(cfg.checkpoint, input_norm=cfg.input_norm)
+    tower = clip_vision_tower(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        out_dim=cfg.out_dim,
+    )
+    return Teacher(tower, input_norm=cfg.input_norm)
+
+
+def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
+    """Builds the student encoder."""
+    return VisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        drop_path_rate=cfg.drop_path_rate,
+        pos_embed_layout=cfg.pos_embed_layout,
+    )
+
+
+def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
+    """Builds MILAN from a config.
+
+    Args:
+        cfg: Model config.
+        teacher: Use this teacher instead of building one from ``cfg.teacher``.
+
+    Returns:
+        The model (student randomly initialised MAE-style, teacher frozen).
+    """
+    encoder = build_encoder(cfg.encoder)
+    if teacher is None:
+        teacher = build_teacher(cfg.teacher)
+    out_dim = teacher.out_dim if teacher is not None else cfg.encoder.patch_size**2 * 3
+    if cfg.decoder.kind not in ("prompting", "mae"):
+        raise ValueError(f"model.decoder.kind must be 'prompting' or 'mae', got {cfg.decoder.kind!r}")
+    decoder_cls = PromptingDecoder if cfg.decoder.kind == "prompting" else MAEDecoder
+    decoder: PromptingDecoder | MAEDecoder = decoder_cls(
+        encoder.grid_size,
+        in_dim=cfg.encoder.embed_dim,
+        out_dim=out_dim,
+        embed_dim=cfg.decoder.embed_dim,
+        depth=cfg.decoder.depth,
+        num_heads=cfg.decoder.num_heads,
+        mlp_ratio=cfg.decoder.mlp_ratio,
+        pos_embed_layout=cfg.encoder.pos_embed_layout,
+    )
+    masking = cfg.masking if teacher is not None else "random"
+    return MILAN(encoder, decoder, teacher, cfg.mask_ratio, masking, cfg.loss_on, cfg.restore_order)
+
+
+def _vit(arch: tuple[int, int, int], patch_size: int = 16, img_size: int = 224) -> EncoderConfig:
+    dim, depth, heads = arch
+    return EncoderConfig(img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
+
+
+_CLIP_B16 = TeacherConfig()  # OpenAI CLIP ViT-B/16 image tower, 512-d output
+_CLIP_L14 = TeacherConfig(width=1024, depth=24, num_heads=16, patch_size=14, out_dim=768)
+
+
+def milan_vit_tiny_patch16() -> ModelConfig:
+    """ViT-Ti/16 student, CLIP ViT-B/16 teacher."""
+    return ModelConfig(encoder=_vit((192, 12, 3)), teacher=dataclasses.replace(_CLIP_B16))
+
+
+def milan_vit_small_patch16() -> ModelConfig:
+    """ViT-S/16 student, CLIP ViT-B/16 teacher."""
+    return ModelConfig(encoder=_vit((384, 12, 6)), teacher=dataclasses.replace(_CLIP_B16))
+
+
+def milan_vit_base_patch16() -> ModelConfig:
+    """The paper's model: ViT-B/16 student, 512-d 8-block prompting decoder, CLIP ViT-B/16 teacher."""
+    return ModelConfig(encoder=_vit((768, 12, 12)), teacher=dataclasses.replace(_CLIP_B16))
+
+
+def milan_vit_large_patch16() -> ModelConfig:
+    """ViT-L/16 student; the original code keeps the CLIP ViT-B/16 teacher and the same decoder."""
+    return ModelConfig(encoder=_vit((1024, 24, 16)), teacher=dataclasses.replace(_CLIP_B16))
+
+
+def milan_vit_huge_patch14() -> ModelConfig:
+    """ViT-H/14 student with a CLIP ViT-L/14 teacher (both a 16 x 16 grid at 224 px)."""
+    return ModelConfig(encoder=_vit((1280, 32, 16), patch_size=14), teacher=dataclasses.replace(_CLIP_L14))
+
+
+def milan_test_tiny() -> ModelConfig:
+    """A 32 px, patch 8 (4 x 4 grid) model of a few hundred thousand parameters, for tests."""
+    return ModelConfig(
+        encoder=EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+        decoder=DecoderConfig(embed_dim=32, depth=2, num_heads=4),
+        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, img_size=32, out_dim=32),
+    )
+
+
+def milan_demo_small() -> ModelConfig:
+    """The CPU demo model: 64 px, patch 8 (8 x 8 grid), a 4-block 128-wide student and a small teacher."""
+    return ModelConfig(
+        encoder=EncoderConfig(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
+        decoder=DecoderConfig(embed_dim=64, depth=2, num_heads=4),
+        teacher=TeacherConfig(width=128, depth=4, num_heads=2, patch_size=8, img_size=64, out_dim=64),
+    )
+
+
+VARIANTS: dict[str, Callable[[], ModelConfig]] = {
+    "milan_vit_tiny_patch16": milan_vit_tiny_patch16,
+    "milan_vit_small_patch16": milan_vit_small_patch16,
+    "milan_vit_base_patch16": milan_vit_base_patch16,
+    "milan_vit_large_patch16": milan_vit_large_patch16,
+    "milan_vit_huge_patch14": milan_vit_huge_patch14,
+    "milan_demo_small": milan_demo_small,
+    "milan_test_tiny": milan_test_tiny,
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(VARIANTS)
+
+
+def model_config(name: str) -> ModelConfig:
+    """The config of a named variant."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return VARIANTS[name]()
+
+
+def create_model(name: str, *, teacher: Teacher | None = None, **overrides: Any) -> MILAN:
+    """Builds a named MILAN variant.
+
+    Args:
+        name: One of :func:`list_models`.
+        teacher: Use this teacher instead of the variant's.
+        **overrides: Top-level :class:`ModelConfig` fields (e.g. ``mask_ratio=0.5``, ``masking="random"``).
+
+    Returns:
+        The model.
+
+    Examples:
+        >>> model = create_model("milan_test_tiny")
+        >>> model.encoder.num_patches
+        16
+    """
+    cfg = model_config(name)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(known)}")
+    return build_milan(dataclasses.replace(cfg, **overrides), teacher=teacher)

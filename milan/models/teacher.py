@@ -1,0 +1,189 @@
+"""The frozen teacher: a CLIP-style ViT image tower that gives MILAN its targets and its masking importance.
+
+The tower is a timm ``VisionTransformer`` (so OpenAI / OpenCLIP weights load through timm's own key conversion,
+and any timm ViT can be brought as a teacher). For CLIP it is built like OpenAI's visual encoder: ``conv1``
+without bias, class embedding, positional embedding, ``ln_pre``, pre-norm blocks with QuickGELU and LayerNorm
+eps 1e-5, ``ln_post`` (timm's ``norm``) on every token, then ``proj`` (timm's ``head``, a Linear whose bias is 0)
+on every token.
+
+The last block is run here explicitly so that the CLS query's attention row can be computed from that block's own
+q and k (one query row, never the full L x L map), while every block keeps fused attention.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal, NamedTuple, cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import QuickGELU
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+TeacherInputNorm = Literal["imagenet", "clip"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TeacherOutput(NamedTuple):
+    """What the teacher gives MILAN.
+
+    Attributes:
+        features: (B, 1 + L, D_out) per-token targets: cls then patches in spatial order (registers dropped).
+        cls_attention: (B, L) last block's post-softmax attention of the CLS query over the patch keys,
+            averaged over heads; not renormalised (the CLS->CLS entry is dropped).
+    """
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+
+
+def clip_vision_tower(
+    *,
+    img_size: int = 224,
+    patch_size: int = 16,
+    width: int = 768,
+    depth: int = 12,
+    num_heads: int | None = None,
+    out_dim: int = 512,
+) -> TimmVisionTransformer:
+    """Builds an OpenAI-CLIP-shaped image tower as a timm ViT (random weights).
+
+    Args:
+        img_size: Input resolution.
+        patch_size: Patch size.
+        width: Token width.
+        depth: Number of blocks.
+        num_heads: Attention heads; OpenAI's convention ``width // 64`` when omitted.
+        out_dim: Width of ``proj`` (512 for ViT-B/16).
+
+    Returns:
+        The tower; ``head`` plays OpenAI's ``proj`` (bias fixed at zero).
+    """
+    tower = TimmVisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=width,
+        depth=depth,
+        num_heads=num_heads or max(1, width // 64),
+        qkv_bias=True,
+        pre_norm=True,
+        class_token=True,
+        global_pool="token",
+        num_classes=out_dim,
+        act_layer=QuickGELU,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+    )
+    head = tower.head
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        nn.init.zeros_(head.bias)
+    return tower
+
+
+def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs a timm ``Block`` and also returns its CLS-query attention row over the patch keys.
+
+    Args:
+        block: A pre-norm timm block with a standard ``Attention``.
+        x: (B, N, C) tokens entering the block; token 0 is the class token.
+        num_prefix: Number of non-patch tokens (cls + registers) at the front.
+
+    Returns:
+        The block output (B, N, C) and the head-averaged attention (B, N - num_prefix).
+    """
+    attn = cast(Attention, block.attn)
+    b, n, _ = x.shape
+    h = block.norm1(x)
+    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v)  # fused path for the block output
+    # Only the CLS query row: (B, H, 1, hd) @ (B, H, hd, N) -> (B, H, 1, N), softmax in fp32.
+    logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
+    cls_attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]  # (B, L)
+    out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1)))
+    x = x + block.drop_path1(block.ls1(out))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, cls_attention
+
+
+class Teacher(nn.Module):
+    """Frozen ViT teacher returning per-token targets and the CLS-to-patch attention.
+
+    It is never trained: parameters have ``requires_grad=False``, the module stays in eval mode, the forward pass
+    runs under ``torch.inference_mode`` and returns ordinary (cloned) tensors usable by autograd-tracked losses.
+    Keep it out of the optimizer and out of DDP.
+
+    Args:
+        model: A timm ``VisionTransformer`` with a class token and standard blocks. Its ``norm`` is applied to
+            every token and its ``head`` (if a Linear) projects every token.
+        input_norm: ``"imagenet"`` feeds the student's ImageNet-normalised tensor as is (the references do this);
+            ``"clip"`` re-normalises it with OpenAI CLIP's mean and std first.
+    """
+
+    in_scale: torch.Tensor
+    in_shift: torch.Tensor
+
+    def __init__(self, model: TimmVisionTransformer, input_norm: TeacherInputNorm = "imagenet") -> None:
+        super().__init__()
+        if model.cls_token is None:
+            raise ValueError("the teacher needs a class token (its CLS attention drives the masking)")
+        last = model.blocks[-1]
+        if not isinstance(last, Block) or type(last.attn) is not Attention or getattr(last.attn, "gate", None):
+            raise TypeError(
+                f"the teacher's last block must be a timm Block with a standard Attention, got {type(last).__name__}"
+            )
+        if input_norm not in ("imagenet", "clip"):
+            raise ValueError(f"teacher input_norm must be 'imagenet' or 'clip', got {input_norm!r}")
+        self.model = model
+        self.input_norm: TeacherInputNorm = input_norm
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        head = model.head
+        self.out_dim = head.out_features if isinstance(head, nn.Linear) else int(model.embed_dim)
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.grid_size: tuple[int, int] = (int(model.patch_embed.grid_size[0]), int(model.patch_embed.grid_size[1]))
+        # x_clip = (x * std_in + mean_in - mean_clip) / std_clip  =  x * scale + shift
+        mean_in, std_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        mean_clip, std_clip = torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)
+        self.register_buffer("in_scale", (std_in / std_clip).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", ((mean_in - mean_clip) / std_clip).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Always stays in eval mode."""
+        return super().train(False)
+
+    def _forward(self, images: torch.Tensor) -> TeacherOutput:
+        if self.input_norm == "clip":
+            images = images * self.in_scale + self.in_shift
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))  # (B, P + L, C)
+        for blk in m.blocks[:-1]:
+            x = blk(x)
+        x, cls_attention = _block_with_cls_attention(cast(Block, m.blocks[-1]), x, self.num_prefix_tokens)
+        x = m.head(m.norm(x))  # ln_post on every token, then proj: (B, P + L, D_out)
+        if self.num_prefix_tokens > 1:  # drop register tokens, keep cls
+            x = torch.cat([x[:, :1], x[:, self.num_prefix_tokens :]], dim=1)
+        return TeacherOutput(x, cls_attention)
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        """Computes the targets and the importance.
+
+        Args:
+            images: (B, 3, H, W) ImageNet-normalised images (the student's exact view).
+
+        Returns:
+            The teacher output (features (B, 1 + L, D_out), cls_attention (B, L)).
+        """
+        with torch.inference_mode():
+            out = self._forward(images)
+        if torch.is_inference_mode_enabled():
+            return out
+        return TeacherOutput(out.features.clone(), out.cls_attention.clone())

@@ -1,0 +1,145 @@
+"""The student encoder: an MAE-style Vision Transformer with timm's layers and key names.
+
+Its state dict (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,
+norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``) loads strictly into ``timm.create_model('vit_base_patch16_224',
+num_classes=0)`` for the ViT-B/16 variant, so exported backbones need no key mapping.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers.patch_embed import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+
+from milan.pos_embed import PosEmbedLayout, sincos_2d
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with a fixed 2-D sin-cos position embedding and a masked forward.
+
+    Args:
+        img_size: Input resolution (square).
+        patch_size: Patch size.
+        in_chans: Input channels.
+        embed_dim: Token width.
+        depth: Number of blocks.
+        num_heads: Attention heads.
+        mlp_ratio: MLP hidden width / embed_dim.
+        qkv_bias: Bias on the fused qkv projection.
+        drop_path_rate: Stochastic depth, linearly increasing over depth (0 for pretraining).
+        pos_embed_layout: Channel layout of the sin-cos table (see ``milan.pos_embed``).
+        norm_eps: LayerNorm epsilon (1e-6 in MAE/MILAN).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        pos_embed_layout: PosEmbedLayout = "mmpretrain",
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        gh, gw = self.patch_embed.grid_size
+        self.grid_size: tuple[int, int] = (int(gh), int(gw))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed during pretraining (requires_grad=False); fine-tuning may unfreeze it.
+        self.pos_embed = nn.Parameter(
+            sincos_2d(self.grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
+        )  # (1, 1 + L, D)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)  # type: ignore[arg-type]
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """MAE initialisation: Xavier-uniform Linears (and patch projection viewed as a Linear), N(0, 0.02) cls."""
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        out: torch.Tensor = self.norm(x)
+        return out
+
+    def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # pos[0] is zero
+        return torch.cat([cls, x], dim=1)
+
+    def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encodes only the visible patches.
+
+        Args:
+            images: (B, C, H, W) normalised images.
+            ids_keep: (B, K) indices of the visible patches, in the order the tokens should appear.
+
+        Returns:
+            (B, 1 + K, D) the cls token then the visible tokens, after the final LayerNorm.
+        """
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D): positions added before masking
+        index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        x = torch.gather(x, 1, index)  # (B, K, D)
+        return self._run_blocks(self._prepend_cls(x))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encodes every patch (evaluation).
+
+        Args:
+            images: (B, C, H, W) normalised images.
+
+        Returns:
+            (B, 1 + L, D) tokens after the final LayerNorm.
+        """
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        return self._run_blocks(self._prepend_cls(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_features`."""
+        return self.forward_features(images)
+
+
+# Standard widths: (embed_dim, depth, num_heads).
+VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
