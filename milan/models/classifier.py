@@ -35,11 +35,10 @@ class LinearProbe(nn.Module):
         super().__init__()
         dim = encoder.embed_dim
         self.encoder = encoder.requires_grad_(False)
-        self.head = nn.Sequential(
-            OrderedDict(bn=nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc=nn.Linear(dim, num_classes))
-        )
-        trunc_normal_(self.head.fc.weight, std=0.01)
-        nn.init.zeros_(self.head.fc.bias)
+        fc = nn.Linear(dim, num_classes)
+        trunc_normal_(fc.weight, std=0.01)
+        nn.init.zeros_(fc.bias)
+        self.head = nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc=fc))
 
     def train(self, mode: bool = True) -> LinearProbe:
         """The frozen encoder always stays in eval mode; the head follows ``mode``."""
