@@ -75,7 +75,9 @@ def attention_masking(
     """
     if importance.ndim != 2:
         raise ValueError(f"importance must be (B, L), got shape {tuple(importance.shape)}")
-    weights = importance.detach().float()
+    # Clamping at the smallest normal float leaves every positive weight unchanged (so draws match the references)
+    # but keeps multinomial valid if a teacher gives exact zeros.
+    weights = importance.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
     ids_shuffle = torch.multinomial(weights, weights.shape[1], replacement=False, generator=generator)
     return from_permutation(ids_shuffle, mask_ratio)
 
