@@ -1,0 +1,324 @@
+"""Data-pipeline throughput: decoded + augmented images per second, per worker and in total.
+
+Measures the MILAN pretraining view (RandomResizedCrop(0.2-1, bicubic) + flip + ToTensor + Normalize, i.e.
+``milan.data.build_pretrain_dataset``) through ``milan.data.build_loader`` on three kinds of JPEG folders:
+
+* ``cifar10``: real CIFAR-10 train JPEGs (32x32), a class-balanced subset of the shared archive, view 32 px;
+* ``tiny``: real Tiny-ImageNet JPEGs (64x64), a subset of the shared archive, view 64 px;
+* ``imagenet_like``: generated photo-like JPEGs of ImageNet's typical size (500x375, quality 90), view 224 px;
+* ``photo_2mp``: generated 1600x1200 JPEGs (quality 90; web/camera-sized originals), view 224 px;
+
+each with JPEG draft decoding on and off, for every ``--workers`` count (0 = in the main process). The
+worker start-up and the first batch are excluded from the timing; files are read once beforehand so that the
+page cache is warm; ``--repeats`` runs of each configuration are reduced to their median.
+
+Draft mode can only help when a crop is at least twice the view size on both sides: with scale (0.2, 1) that
+never happens for 500x375 images at 224 px (so draft on/off should measure the same there), but often for
+larger originals or smaller views. ``img/s/worker`` is the total divided by
+``max(1, workers)``; on a machine with fewer free cores than workers it understates the per-core speed.
+
+``--end-to-end MODEL`` additionally times training from a JPEG folder: the loader feeds
+``milan.models.create_model(MODEL)`` forward + backward + AdamW steps; it reports img/s and the fraction of the
+time spent waiting for data.
+
+    python benchmarks/data.py --workers 0 2 --num-images 256 --json benchmarks/results/data_cpu.json
+    python benchmarks/data.py --datasets imagenet_like --workers 0 4 8 16 --num-images 4000
+    python benchmarks/data.py --datasets --end-to-end milan_test_tiny --workers 2   # end-to-end only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, features
+
+from milan.data import SkipReport, build_loader, build_pretrain_dataset, extract_archive_subset, find_images
+from milan.models import create_model, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path("/work/shared/data")
+CIFAR_TRAIN = SHARED / "cifar10_jpg" / "train.tar.gz"
+TINY_TRAIN = SHARED / "tiny_imagenet_subset" / "train100.tar.gz"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment record
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git() -> dict[str, Any]:
+    def run(*cmd: str) -> str:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        return {"commit": run("git", "rev-parse", "HEAD"), "dirty": bool(run("git", "status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": os.environ.get("MILAN_GIT_COMMIT", "unknown"), "dirty": None}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Hardware, versions, date and commit."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "pillow", "pillow-simd", "numpy", "webdataset"):
+        version = _version(dist)
+        if version is not None:
+            versions[dist] = version
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": _git(),
+        "hardware": {
+            "cpu": _cpu_name(),
+            "cpu_cores": os.cpu_count(),
+            "usable_cores": usable,
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "platform": platform.platform(),
+        },
+        "versions": versions,
+        "pillow_features": {"libjpeg_turbo": features.check_feature("libjpeg_turbo"), "webp": features.check("webp")},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth shapes plus blurred texture: compresses and decodes like a photo, unlike white noise."""
+    rng = np.random.default_rng(seed)
+    texture = Image.fromarray(rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8))
+    texture = texture.resize((width, height), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    fx, fy, phase = rng.uniform(2, 9, 3)
+    waves = 127 + 90 * np.sin(fx * x * 6.28 + phase)[..., None] * np.cos(fy * y * 6.28)[..., None]  # (H, W, 1)
+    colour = rng.uniform(0.5, 1.0, 3)
+    pixels = 0.5 * np.asarray(texture, dtype=np.float64) + 0.5 * waves * colour
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def generate_jpegs(folder: Path, n: int, width: int, height: int, quality: int) -> Path:
+    """Writes ``n`` photo-like JPEGs (reused if already there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = folder / f"img_{i:06d}.jpg"
+        if not path.exists():
+            buf = io.BytesIO()
+            photo_like(width, height, seed=i).save(buf, "JPEG", quality=quality)
+            path.write_bytes(buf.getvalue())
+    return folder
+
+
+def prepare(name: str, n: int, work: Path, img_size: int) -> tuple[Path, int, str]:
+    """A JPEG folder with at least ``n`` images, the view size to use, and a description of the images."""
+    if name == "cifar10":
+        per_class = math.ceil(n / 10)
+        return extract_archive_subset(CIFAR_TRAIN, None, per_class=per_class, split="train"), 32, "32x32 q75"
+    if name == "tiny":
+        per_class = math.ceil(n / 202)
+        return extract_archive_subset(TINY_TRAIN, None, per_class=per_class, split="train"), 64, "64x64"
+    if name == "imagenet_like":
+        return generate_jpegs(work / "imagenet_like", n, 500, 375, 90), img_size, "500x375 q90 (generated)"
+    if name == "photo_2mp":
+        return generate_jpegs(work / "photo_2mp", n, 1600, 1200, 90), img_size, "1600x1200 q90 (generated)"
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def time_loader(folder: Path, img_size: int, *, draft: bool, workers: int, n: int, batch_size: int) -> dict[str, Any]:
+    """Decoded + augmented img/s for one configuration (start-up and first batch excluded)."""
+    dataset = build_pretrain_dataset(find_images(folder)[:n], img_size, draft=draft)
+    loader = build_loader(dataset, batch_size, shuffle=True, num_workers=workers, persistent_workers=False, seed=0)
+    report = SkipReport()
+    timed = 0
+    start = time.perf_counter()
+    t0 = start
+    for i, batch in enumerate(loader):
+        report.update(batch)
+        if i == 0:  # the first batch pays for worker start-up
+            t0 = time.perf_counter()
+            continue
+        timed += len(batch)
+    seconds = time.perf_counter() - t0
+    rate = timed / seconds if seconds > 0 and timed else float("nan")
+    return {
+        "workers": workers,
+        "draft": draft,
+        "images": len(dataset),
+        "timed_images": timed,
+        "seconds": round(seconds, 3),
+        "startup_s": round(t0 - start, 3),
+        "img_per_s": round(rate, 1),
+        "img_per_s_per_worker": round(rate / max(1, workers), 1),
+        "skipped": report.skipped,
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median img/s, plus every run's img/s."""
+    ordered = sorted(runs, key=lambda r: r["img_per_s"])
+    return {**ordered[len(ordered) // 2], "img_per_s_runs": [r["img_per_s"] for r in runs]}
+
+
+def end_to_end(
+    folder: Path, model_name: str, *, workers: int, batch_size: int, steps: int, device: torch.device
+) -> dict[str, Any]:
+    """Training img/s from a JPEG folder: loader -> model forward + backward + AdamW, with the data-wait share."""
+    model = create_model(model_name).to(device)
+    img_size = model_config(model_name).encoder.img_size
+    student = model.student
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+    dataset = build_pretrain_dataset(folder, img_size)
+    loader = build_loader(dataset, batch_size, shuffle=True, num_workers=workers, drop_last=True, seed=0)
+    warmup = 2  # steps before the clock starts (worker start-up, allocator warm-up)
+
+    def batches() -> Any:
+        while True:  # as many epochs as needed
+            yield from loader
+
+    stream = batches()
+    done = images = 0
+    wait = 0.0
+    t_start = time.perf_counter()
+    while done < warmup + steps:
+        if done == warmup:
+            t_start, wait, images = time.perf_counter(), 0.0, 0
+        t_wait = time.perf_counter()
+        batch = next(stream)
+        wait += time.perf_counter() - t_wait
+        if batch.empty:
+            continue
+        out = model(batch.images.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        images += len(batch)
+        done += 1
+    seconds = time.perf_counter() - t_start
+    return {
+        "model": model_name,
+        "img_size": img_size,
+        "workers": workers,
+        "batch_size": batch_size,
+        "steps": steps,
+        "device": str(device),
+        "img_per_s": round(images / seconds, 1),
+        "data_wait_fraction": round(wait / seconds, 3),
+        "final_loss": round(float(out.loss.detach()), 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="*", default=["cifar10", "tiny", "imagenet_like", "photo_2mp"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--num-images", type=int, default=256, help="images per dataset and configuration")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224, help="view size for imagenet_like")
+    parser.add_argument("--draft", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where generated JPEGs go (default: a temp dir)")
+    parser.add_argument("--end-to-end", metavar="MODEL", default=None, help="also time training, e.g. milan_test_tiny")
+    parser.add_argument("--e2e-data", type=Path, default=None, help="JPEG folder for --end-to-end (default: tiny)")
+    parser.add_argument("--e2e-steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    drafts = {"both": [True, False], "on": [True], "off": [False]}[args.draft]
+    config = {k: v if isinstance(v, int | str | list | None) else str(v) for k, v in vars(args).items()}
+    record: dict[str, Any] = {"benchmark": "data", **environment(), "config": config}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="milan-bench-data-") as tmp:
+        work = args.work_dir or Path(tmp)
+        header = f"{'dataset':<14} {'images':<26} {'view':>4} {'draft':>5} {'workers':>7} {'img/s':>9} {'/worker':>9}"
+        print(header)
+        print("-" * len(header))
+        for name in args.datasets:
+            folder, view, what = prepare(name, args.num_images, work, args.img_size)
+            for path in find_images(folder)[: args.num_images]:
+                path.read_bytes()  # warm the page cache: measure decoding, not the disk
+            for workers in args.workers:
+                for draft in drafts:
+                    runs = [
+                        time_loader(
+                            folder, view, draft=draft, workers=workers, n=args.num_images, batch_size=args.batch_size
+                        )
+                        for _ in range(args.repeats)
+                    ]
+                    row = {"dataset": name, "source": what, "view": view, **median_run(runs)}
+                    rows.append(row)
+                    print(
+                        f"{name:<14} {what:<26} {view:>4} {'on' if draft else 'off':>5} {workers:>7} "
+                        f"{row['img_per_s']:>9.1f} {row['img_per_s_per_worker']:>9.1f}"
+                    )
+        record["results"] = rows
+        if args.end_to_end:
+            folder = args.e2e_data or prepare("tiny", 4 * args.batch_size, work, args.img_size)[0]
+            e2e = []
+            for workers in args.workers:
+                result = end_to_end(
+                    folder,
+                    args.end_to_end,
+                    workers=workers,
+                    batch_size=args.batch_size,
+                    steps=args.e2e_steps,
+                    device=torch.device(args.device),
+                )
+                e2e.append({"data": str(folder), **result})
+                print(
+                    f"end-to-end {args.end_to_end} workers={workers}: {result['img_per_s']:.1f} img/s, "
+                    f"data wait {100 * result['data_wait_fraction']:.0f}%"
+                )
+            record["end_to_end"] = e2e
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Map-style image datasets. Every item is ``(image, label)`` or a :class:`~milan.data.decode.BadSample`.
+
+Item contract (all datasets of :mod:`milan.data`, including the webdataset shards):
+
+* a good sample is ``(image, label)``: ``image`` a ``(3, H, W)`` float32 tensor (normalised by the pipeline),
+  ``label`` an ``int`` class index, ``-1`` when the source has no labels;
+* a sample that cannot be decoded is a :class:`BadSample` ``(path, reason, detail)``: returned, not raised,
+  so it crosses DataLoader worker processes and is counted by :func:`milan.data.collate_images`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from milan.data.decode import DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image
+from milan.data.sources import IMAGE_EXTENSIONS, find_classes, find_images, is_image_file, read_file_list
+from milan.data.transforms import ImagePipeline
+from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+
+Item = tuple[torch.Tensor, int] | BadSample
+"""What a dataset returns for one index: ``(image (3, H, W), label)`` or a :class:`BadSample`."""
+
+UNLABELLED = -1
+"""The label of images from unlabelled sources."""
+
+MAX_FILE_BYTES = 1 << 30
+"""Files larger than this (1 GiB) are skipped as ``"too large"`` without being read."""
+
+
+def _no_images_error(where: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no image files found in {where} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
+
+
+class ImageDataset(Dataset[Item]):
+    """Images at known paths with integer labels, decoded and transformed by an :class:`ImagePipeline`.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        pipeline: Decode + transform applied to each image.
+        classes: Class names indexed by label (empty for unlabelled data).
+        max_pixels: Images larger than this are skipped as ``"too large"`` (decompression-bomb guard).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        pipeline: ImagePipeline,
+        *,
+        classes: Sequence[str] = (),
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.samples = list(samples)
+        self.pipeline = pipeline
+        self.classes = list(classes)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.samples[index]
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                return BadSample(str(path), "too large", f"{size} bytes > {MAX_FILE_BYTES}")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return BadSample(str(path), "missing", "file not found")
+        except IsADirectoryError:
+            return BadSample(str(path), "not an image", "is a folder")
+        except OSError as err:  # permissions, I/O errors
+            return BadSample(str(path), "unreadable", f"{type(err).__name__}: {err.strerror or err}")
+        try:
+            image = self.pipeline(open_image(data, max_pixels=self.max_pixels))
+        except ImageDecodeError as err:
+            return BadSample(str(path), err.reason, err.detail)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_samples={len(self)}, num_classes={len(self.classes)}, {self.pipeline})"
+
+
+class ImageFolderDataset(ImageDataset):
+    """A labelled ``root/<class>/**/<image>`` tree; labels index the sorted class folder names.
+
+    Class folders without images keep their index, so train and validation trees with the same class folders
+    get the same labels even when a split lacks a class.
+
+    Args:
+        root: The tree's root folder.
+        pipeline: Decode + transform.
+        classes: Use these class names (and their order) instead of the sorted subfolders; images of other
+            folders are left out.
+        max_pixels: See :class:`ImageDataset`.
+
+    Raises:
+        FileNotFoundError: No class folders, or no image files at all.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        pipeline: ImagePipeline,
+        *,
+        classes: Sequence[str] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.root = Path(root)
+        names = list(classes) if classes is not None else find_classes(self.root)
+        samples = [(path, label) for label, name in enumerate(names) for path in find_images(self.root / name)]
+        if not samples:
+            raise _no_images_error(f"the class folders of {self.root}")
+        super().__init__(samples, pipeline, classes=names, max_pixels=max_pixels)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """Class name -> label."""
+        return {name: label for label, name in enumerate(self.classes)}
+
+
+def collect_image_paths(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Image paths from folders (scanned recursively), list files (one path per line) and image files.
+
+    Args:
+        source: One entry or a sequence of entries; each is a folder, an image file (by extension) or a text
+            file listing images (relative paths resolved against the list's folder).
+
+    Returns:
+        The paths, entry by entry (folders in sorted order, lists in file order).
+
+    Raises:
+        FileNotFoundError: An entry does not exist, or no image files were found at all.
+    """
+    entries = [source] if isinstance(source, str | os.PathLike) else list(source)
+    paths: list[Path] = []
+    for entry in entries:
+        location = Path(entry)
+        if location.is_dir():
+            paths += find_images(location)
+        elif location.is_file():
+            paths += [location] if is_image_file(location) else read_file_list(location)
+        else:
+            raise FileNotFoundError(f"image source not found: {location}")
+    if not paths:
+        where = ", ".join(str(Path(e)) for e in entries) or "an empty source list"
+        raise _no_images_error(f"{where} (folders are searched recursively)")
+    return paths
+
+
+class UnlabelledImages(ImageDataset):
+    """Unlabelled images: every image under a folder (any depth, class folders optional) or listed in a file.
+
+    Every item's label is ``-1``.
+
+    Args:
+        source: A folder, an image file, a text file with one image path per line (relative paths are resolved
+            against the list's folder), or a sequence of these (see :func:`collect_image_paths`).
+        pipeline: Decode + transform.
+        max_pixels: See :class:`ImageDataset`.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist, or no image files were found.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        pipeline: ImagePipeline,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        paths = collect_image_paths(source)
+        super().__init__([(path, UNLABELLED) for path in paths], pipeline, max_pixels=max_pixels)
+
+
+class SyntheticImages(Dataset[Item]):
+    """Deterministic synthetic images for tests and benchmarks: no files, no decoding.
+
+    Image ``i`` has label ``i % num_classes``; its pixels are a class-specific colour plus per-image noise,
+    normalised with ImageNet statistics, so a classifier can learn the labels.
+
+    Args:
+        n: Number of images.
+        size: Side length.
+        num_classes: Number of labels.
+        seed: Changes every image.
+    """
+
+    def __init__(self, n: int, size: int, num_classes: int = 10, *, seed: int = 0) -> None:
+        if n < 0 or size <= 0 or num_classes <= 0:
+            raise ValueError(f"need n >= 0, size > 0, num_classes > 0; got {n}, {size}, {num_classes}")
+        self.n = n
+        self.size = size
+        self.num_classes = num_classes
+        self.seed = seed
+        self.classes = [f"class_{k}" for k in range(num_classes)]
+        palette = torch.Generator().manual_seed(seed)
+        self._colours = torch.rand(num_classes, 3, 1, 1, generator=palette)  # (C, 3, 1, 1) in [0, 1]
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Item:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} images")
+        label = index % self.num_classes
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
+        noise = 0.15 * torch.randn(3, self.size, self.size, generator=gen)  # (3, S, S)
+        pixels = (self._colours[label] + noise).clamp(0, 1)
+        return (pixels - self._mean) / self._std, label
