@@ -1,11 +1,29 @@
-"""Safe checkpoint file I/O: atomic writes, and loads that never execute pickled code."""
+"""Safe checkpoint file I/O: atomic writes, and loads that never execute pickled code.
+
+What :func:`safe_load` accepts:
+
+* ``torch.save`` files (zip or legacy format), read with ``weights_only=True``: tensors and plain containers only
+  (plus ``argparse.Namespace``, which the original MILAN/MAE checkpoints use for their ``args``);
+* ``.safetensors`` files (recognised by their header, whatever the suffix);
+* TorchScript archives (e.g. OpenAI's ``ViT-B-16.pt``): their tensors are read by a restricted unpickler that never
+  runs TorchScript (see :mod:`milan.checkpoint.torchscript`), and come back as a flat ``{name: tensor}`` dict.
+
+Anything else raises :class:`CheckpointError` with a message naming the file and the problem: missing, empty,
+truncated (no zip directory), corrupt (CRC mismatch), not a checkpoint at all, or a pickle that would import and
+call Python objects (the message lists them; nothing is imported or run).
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
 import os
-import pickle
+import pickletools
+import struct
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +47,97 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     Returns:
         The destination path.
     """
+    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Writes tensors as ``.safetensors`` atomically (contiguous CPU tensors; shared storage is un-shared).
+
+    Args:
+        tensors: Flat ``{name: tensor}`` dict.
+        path: Destination.
+        metadata: String key/values stored in the header (``{"format": "pt"}`` is always added, which Hugging Face
+            loaders require).
+
+    Returns:
+        The destination path.
+    """
+    from safetensors.torch import save_file
+
+    data: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.numel() != t.untyped_storage().nbytes() // max(1, t.element_size()):
+            t = t.clone()  # safetensors refuses tensors sharing (or viewing part of) a storage
+        seen.add(t.untyped_storage().data_ptr())
+        data[key] = t
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(data, tmp, metadata={"format": "pt", **(metadata or {})})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (empty when there is none)."""
+    header = _safetensors_header(Path(path))
+    if header is None:
+        raise CheckpointError(f"not a safetensors file: {path}")
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """Loads a checkpoint onto the CPU without ever executing pickled code.
+
+    Args:
+        path: A ``torch.save`` file, a ``.safetensors`` file, or a TorchScript archive.
+
+    Returns:
+        The loaded object (a flat ``{name: tensor}`` dict for safetensors files and TorchScript archives).
+
+    Raises:
+        CheckpointError: The file is missing, empty, truncated/corrupt, not a checkpoint, or needs arbitrary code to
+            unpickle.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"not a file: {path} (for a Hugging Face folder use milan.checkpoint.read_checkpoint)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if _safetensors_header(path) is not None or path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if magic == b"PK\x03\x04":
+        return _load_zip(path)
+    return _load_legacy(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,36 +147,130 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def safe_load(path: str | os.PathLike[str]) -> Any:
-    """Loads a ``torch.save`` file with ``weights_only=True`` (or a ``.safetensors`` file) onto the CPU.
-
-    Args:
-        path: File to read.
-
-    Returns:
-        The loaded object.
-
-    Raises:
-        CheckpointError: The file is missing, empty, truncated/corrupt, or needs arbitrary code to unpickle.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The parsed JSON header if ``path`` looks like a safetensors file, else ``None``."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (n,) = struct.unpack("<Q", head)
+        if not 2 <= n <= min(size - 8, 100_000_000):
+            return None
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        return None
     try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+
+
+def _load_zip(path: Path) -> Any:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            bad = zf.testzip()  # CRC-checks every record
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt zip archive ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
+    if any(n.split("/")[-1] == "constants.pkl" and n.count("/") == 1 for n in names):
+        from milan.checkpoint.torchscript import read_torchscript
+
+        return read_torchscript(path)
+    try:
+        return _torch_load(path)
+    except Exception as e:  # anything torch raises on a bad file becomes one clear message
+        pkl = next((n for n in names if n.split("/")[-1] == "data.pkl" and n.count("/") == 1), None)
+        data = b""
+        if pkl is not None:
+            with zipfile.ZipFile(path) as zf:
+                data = zf.read(pkl)
+        raise _explain(path, data, e) from e
+
+
+def _torch_load(path: Path) -> Any:
+    # argparse.Namespace is a plain attribute bag (the original MILAN/MAE checkpoints store their args as one);
+    # building it runs no code from the file.
+    with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it needs arbitrary code to unpickle, which weights_only=True forbids "
-            f"(only tensors and plain containers are allowed). Details: {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {e}") from e
+
+
+def _load_legacy(path: Path) -> Any:
+    try:
+        return _torch_load(path)
+    except Exception as e:
+        raise _explain(path, path.read_bytes(), e) from e
+
+
+def _explain(path: Path, pickled: bytes, error: Exception) -> CheckpointError:
+    """Turns a failed ``weights_only`` load into a readable error: unsafe globals, or not a checkpoint."""
+    try:
+        names = list(dict.fromkeys(_pickle_globals(pickled)))
+    except Exception:  # not a pickle stream at all
+        return CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file, or corrupt "
+            f"({type(error).__name__}: {_first_line(error)})"
+        )
+    unsafe = [n for n in names if n not in _allowed_globals()]
+    if unsafe:
+        return CheckpointError(
+            f"refusing to load {path}: unpickling it would import and call {', '.join(unsafe[:8])}"
+            f"{' ...' if len(unsafe) > 8 else ''}, which can run arbitrary code; weights_only=True allows only tensors "
+            "and plain containers. If you trust the file, re-save its weights once with trusted code, e.g. "
+            "torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth'), or as .safetensors."
+        )
+    return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_line(error)}")
+
+
+def _first_line(error: Exception) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if "Unsupported" in ln or "Invalid" in ln or "invalid" in ln]
+    return (detail or lines or [type(error).__name__])[0][:300]
+
+
+def _allowed_globals() -> set[str]:
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return set(_get_allowed_globals()) | {"argparse.Namespace"}
+    except (ImportError, AttributeError):  # private API moved: report every global
+        return {"argparse.Namespace"}
+
+
+def _pickle_globals(data: bytes) -> Iterator[str]:
+    """Names of the globals referenced by the pickle stream(s) in ``data``, found without unpickling anything.
+
+    Legacy ``torch.save`` files are several pickles in a row followed by raw storage bytes; the scan stops at the
+    first byte that is not a pickle.
+    """
+    stream = io.BytesIO(data)
+    strings: list[str] = []
+    first = True
+    while stream.tell() < len(data):
+        start = stream.tell()
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    yield arg.replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    yield f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:
+            if first:
+                raise
+            stream.seek(start)
+            break
+        first = False

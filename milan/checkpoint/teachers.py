@@ -1,28 +1,53 @@
-"""Loading teachers from weights files; the architecture is inferred from the tensors' shapes."""
+"""Loading teachers from weights files; the format is detected and the architecture inferred from the shapes.
+
+Supported (all from local paths, nothing is downloaded):
+
+1. OpenAI's TorchScript archive (``ViT-B-16.pt``): read without running TorchScript
+   (:mod:`milan.checkpoint.torchscript`); QuickGELU, LayerNorm eps 1e-5, ``width // 64`` heads.
+2. A plain state dict with OpenAI key names (MMSelfSup's ``clip_vit_base_16.pth.tar``); same conventions.
+3. OpenCLIP checkpoints (``.bin`` / ``.pt`` / ``.safetensors``, training checkpoints with ``module.`` too), native
+   (OpenAI key names) or timm-backed (``visual.trunk.*``). OpenCLIP models differ in activation: OpenAI-pretrained
+   and ``*-quickgelu`` models use QuickGELU, most LAION/DataComp models GELU. Put the hub's
+   ``open_clip_config.json`` next to the weights (it is read), or pass ``act="quick_gelu"`` / ``act="gelu"``;
+   without either GELU is assumed (open_clip's default).
+4. A Hugging Face transformers CLIP folder (``config.json`` + weights; ``hidden_act``, ``layer_norm_eps`` and
+   ``num_attention_heads`` come from the config) or its weights file alone (transformers' CLIP defaults).
+5. Bring your own teacher: any timm ``VisionTransformer`` checkpoint. Pass ``model_name`` (e.g.
+   ``"vit_base_patch14_reg4_dinov2"``) to build it with timm's exact settings, or let the architecture be inferred
+   (timm defaults: GELU, eps 1e-6, ``width // 64`` heads). DINOv2's original layout is converted by timm's rules.
+   The output width is the Linear ``head``'s width if the checkpoint has one (``head=False`` drops a classifier
+   head), else ``embed_dim``; the MILAN decoder then predicts that width (``build_milan`` reads ``teacher.out_dim``).
+   Register tokens are handled (their features are dropped, the CLS attention is taken over patch keys only).
+   Not supported: towers without a class token (SigLIP: MILAN's masking needs the CLS query's attention; use a
+   CLS-token model) and non-standard blocks (EVA / EVA-02 use rotary embeddings in their own block class; a
+   ``TypeError`` says so).
+
+Grid matching: MILAN needs the teacher's patch grid to equal the student's. A /14 or /32 teacher can be run at
+another resolution: ``img_size`` (or ``grid_size``) resamples its position table (bicubic, timm's
+``resample_abs_pos_embed``) and resizes the images it is given to that resolution (bicubic, antialiased). E.g. a
+ViT-B/16 student at 224 px (14 x 14) with a CLIP ViT-L/14 teacher: ``grid_size=14`` runs the teacher at 196 px.
+This is an approximation of the teacher's native behaviour; a teacher with the student's patch size is exact.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from milan.checkpoint.io import CheckpointError, safe_load
-from milan.checkpoint.keymaps import StateDict, openai_clip_to_timm
-from milan.models.teacher import Teacher, TeacherInputNorm, clip_vision_tower
+from milan.checkpoint.arch import Act, StateDict, TowerSpec, load_strict
+from milan.checkpoint.formats import Checkpoint, read_checkpoint
+from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.towers import fit_pos_embed, openai_tower, timm_tower
+from milan.models.teacher import Teacher, TeacherInputNorm
 
-
-def _unwrap(obj: object) -> StateDict:
-    """Finds the state dict inside common checkpoint wrappers."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise CheckpointError(f"no state dict of tensors found (got {type(obj).__name__})")
+__all__ = ["build_tower", "load_teacher", "openai_clip_tower", "teacher_from_checkpoint"]
 
 
 def openai_clip_tower(state_dict: StateDict, prefix: str = "visual.") -> TimmVisionTransformer:
@@ -36,40 +61,134 @@ def openai_clip_tower(state_dict: StateDict, prefix: str = "visual.") -> TimmVis
     Returns:
         The loaded tower.
     """
-    required = ["conv1.weight", "positional_embedding", "class_embedding", "proj", "ln_post.weight"]
-    missing = [prefix + k for k in required if prefix + k not in state_dict]
-    if missing:
-        raise CheckpointError(f"not an OpenAI CLIP image tower: missing keys {missing}")
-    conv = state_dict[prefix + "conv1.weight"]  # (width, 3, p, p)
-    width, patch = int(conv.shape[0]), int(conv.shape[-1])
-    depth = len({k.split(".")[3] for k in state_dict if k.startswith(prefix + "transformer.resblocks.")})
-    grid = round((state_dict[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
-    out_dim = int(state_dict[prefix + "proj"].shape[1])
-    tower = clip_vision_tower(
-        img_size=grid * patch, patch_size=patch, width=width, depth=depth, num_heads=width // 64, out_dim=out_dim
-    )
-    converted = openai_clip_to_timm(state_dict, prefix=prefix)
-    result = tower.load_state_dict(converted, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"CLIP tower keys do not match: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
-        )
-    return tower
+    timm_sd, spec, _ = openai_tower(state_dict, prefix=prefix)
+    return build_tower(spec, timm_sd)
 
 
-def load_teacher(path: str | os.PathLike[str], input_norm: TeacherInputNorm = "imagenet") -> Teacher:
-    """Loads a frozen teacher from a local weights file.
-
-    Supported here: a plain state dict with OpenAI CLIP key names (e.g. MMSelfSup's ``clip_vit_base_16.pth.tar``).
+def load_teacher(
+    path: str | os.PathLike[str],
+    input_norm: TeacherInputNorm = "imagenet",
+    *,
+    fmt: str = "auto",
+    num_heads: int | None = None,
+    act: Act | None = None,
+    norm_eps: float | None = None,
+    img_size: int | None = None,
+    grid_size: int | None = None,
+    model_name: str | None = None,
+    head: bool = True,
+) -> Teacher:
+    """Loads a frozen teacher from a local weights file or folder (see the module docstring for the formats).
 
     Args:
-        path: Weights file.
+        path: Weights file, Hugging Face / OpenCLIP folder, or any of our checkpoints holding a teacher.
         input_norm: Teacher input normalisation (see :class:`milan.models.Teacher`).
+        fmt: Force a format (``openai-clip``, ``open-clip``, ``hf``, ``timm``, ``milan``, ``mmpretrain``); ``auto``
+            detects it.
+        num_heads: Attention heads, when the default for the format is wrong.
+        act: MLP activation (``quick_gelu``, ``gelu``, ``gelu_tanh``) overriding the format's default.
+        norm_eps: LayerNorm epsilon overriding the format's default.
+        img_size: Run the teacher at this resolution (position table resampled, inputs resized).
+        grid_size: Same, given as a patch grid side (``img_size = grid_size * patch_size``).
+        model_name: timm model name for timm / OpenCLIP ``visual.trunk`` teachers.
+        head: Keep a timm checkpoint's Linear head as the output projection.
+
+    Returns:
+        The teacher (frozen, eval mode).
+
+    Raises:
+        CheckpointError: Unreadable file, unrecognised layout, or weights that do not fit the inferred architecture
+            (the message names the keys).
+        TypeError: The tower's blocks are not timm ViT blocks (e.g. EVA).
+    """
+    if img_size and grid_size:
+        raise ValueError("pass img_size or grid_size, not both")
+    ck = read_checkpoint(
+        path,
+        fmt,
+        num_heads=num_heads,
+        teacher_num_heads=num_heads,
+        act=act,
+        norm_eps=norm_eps,
+        img_size=img_size,
+        model_name=model_name,
+        head=head,
+    )
+    return teacher_from_checkpoint(ck, input_norm, grid_size=grid_size, resize_input=bool(img_size or grid_size))
+
+
+def teacher_from_checkpoint(
+    ck: Checkpoint,
+    input_norm: TeacherInputNorm = "imagenet",
+    *,
+    grid_size: int | None = None,
+    resize_input: bool = False,
+) -> Teacher:
+    """Builds the teacher held by a canonical checkpoint (a teacher, a MILAN checkpoint with one, or a timm ViT).
+
+    Args:
+        ck: From :func:`milan.checkpoint.read_checkpoint`.
+        input_norm: Teacher input normalisation.
+        grid_size: Run at ``grid_size * patch_size`` pixels.
+        resize_input: Resize inputs of another size to the teacher's resolution.
 
     Returns:
         The teacher.
     """
-    state_dict = _unwrap(safe_load(path))
-    if "visual.conv1.weight" in state_dict:
-        return Teacher(openai_clip_tower(state_dict), input_norm=input_norm)
-    raise CheckpointError(f"{path}: unrecognised teacher format (first keys: {list(state_dict)[:5]})")
+    if ck.kind == "encoder":  # a plain timm ViT (or one of our encoders) brought as the teacher
+        tower_sd, spec = timm_tower(ck.state_dict, num_heads=ck.hints.get("num_heads"), **ck.tower_options)
+    elif ck.tower is not None:
+        tower_sd, spec = ck.part("teacher.model." if ck.kind == "milan" else "model."), ck.tower
+    else:
+        raise CheckpointError(f"{ck.source}: this {ck.format} {ck.kind} checkpoint holds no teacher weights")
+    if grid_size:
+        spec = dataclasses.replace(spec, img_size=grid_size * spec.patch_size)
+    if resize_input:
+        spec = dataclasses.replace(spec, resize_input=True)
+    return Teacher(build_tower(spec, tower_sd), input_norm=input_norm)
+
+
+def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer:
+    """Builds the tower described by ``spec`` and loads ``state_dict`` strictly.
+
+    The stored position table is resampled when ``spec.img_size`` differs from it; with ``spec.resize_input`` the
+    tower also resizes inputs of another size to ``spec.img_size``.
+
+    Raises:
+        CheckpointError: Missing, unexpected or mis-shaped keys (all named).
+        TypeError: Not a timm ``VisionTransformer`` with standard blocks (e.g. EVA).
+        ValueError: No class token (e.g. SigLIP).
+    """
+    model = spec.build()
+    _check_supported(model)
+    # timm's own filter converts/resamples for named models; ours resamples the position table for inferred ones.
+    state_dict = checkpoint_filter_fn(dict(state_dict), model) if spec.timm_name else fit_pos_embed(state_dict, spec)
+    load_strict(model, state_dict, "teacher tower")
+    if spec.resize_input:
+        model.patch_embed.register_forward_pre_hook(_resize_to_tower)
+    return model
+
+
+def _check_supported(model: nn.Module) -> None:
+    if not isinstance(model, TimmVisionTransformer):
+        raise TypeError(f"the teacher must be a timm VisionTransformer, got {type(model).__name__}")
+    if model.cls_token is None:
+        raise ValueError(
+            "this tower has no class token (SigLIP-style); MILAN's attention masking needs the CLS query's "
+            "attention, so it cannot be a teacher. Use a CLS-token model (CLIP, DINOv2, MAE/DeiT ViTs)."
+        )
+    last = model.blocks[-1]
+    if not isinstance(last, Block):
+        raise TypeError(
+            f"the teacher's blocks are {type(last).__name__}, not timm ViT Blocks; MILAN computes the CLS attention "
+            "from a standard Block's qkv (EVA-style RoPE blocks are not supported)"
+        )
+
+
+def _resize_to_tower(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor] | None:
+    """Forward pre-hook of the patch embedding: bicubic-resize (B, C, H, W) inputs to the tower's resolution."""
+    x = args[0]
+    size = tuple(int(s) for s in module.img_size)  # type: ignore[union-attr]
+    if tuple(x.shape[-2:]) == size:
+        return None
+    return (F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True),)

@@ -1,0 +1,448 @@
+"""Recognising a checkpoint's format and reading it into one canonical form, :class:`Checkpoint`.
+
+Formats (``--from`` names of ``milan convert``):
+
+* ``milan``: ours. A :class:`~milan.models.MILAN` state dict (``student.encoder.*``, ``student.decoder.*``,
+  ``teacher.model.*``), a student (``encoder.*`` + ``decoder.*``), a classifier (``encoder.*`` + ``head.bn``/``head.fc``
+  or ``fc_norm``/``head``), a teacher (``model.*``), bare or wrapped in ``{'model': ..., 'config': ...}``.
+* ``mmpretrain``: MMSelfSup / mmpretrain MILAN pretraining (``backbone.*``, ``neck.*``, ``target_generator.*``) and
+  ``ImageClassifier`` checkpoints (``backbone.ln1`` + ``neck.bn`` + ``head.layers.head``, or ``backbone.ln2`` +
+  ``head.fc``), usually under ``state_dict``.
+* ``milan-orig``: the original MILAN / MAE code (``{'model': ...}`` with ``blocks.N.norm1``,
+  ``decoder_blocks.N.attn.q``; fine-tuned ``fc_norm``/``head``; linear-probe ``head.0``/``head.1``).
+* ``openai-clip``: OpenAI CLIP (``visual.conv1.weight`` ...), a state dict or OpenAI's TorchScript archive.
+* ``open-clip``: OpenCLIP (OpenAI key names, or ``visual.trunk.*`` for timm-backed towers), optionally with its
+  ``open_clip_config.json``; training checkpoints (``{'epoch', 'name', 'state_dict': {'module.visual...'}}``) too.
+* ``hf``: a Hugging Face transformers CLIP folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``,
+  sharded or not) or its weights file; also ``ViTModel`` folders such as our own HF exports (an encoder).
+* ``timm``: a timm ``VisionTransformer`` state dict (incl. our own timm exports and DINOv2's original layout).
+
+Kinds (what the canonical ``state_dict`` holds, in our key names): ``milan`` (``student.encoder.*``,
+``student.decoder.*`` and optionally ``teacher.model.*``), ``encoder`` (our encoder / a plain timm ViT),
+``linear_probe`` (:class:`~milan.models.classifier.LinearProbe`), ``finetune``
+(:class:`~milan.models.classifier.FinetuneClassifier`),
+``teacher`` (:class:`~milan.models.Teacher`: ``model.*`` timm tower keys, with its :class:`TowerSpec`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from milan.checkpoint.arch import (
+    Act,
+    DecoderArch,
+    EncoderArch,
+    StateDict,
+    TowerSpec,
+    infer_decoder,
+    infer_encoder,
+    infer_tower,
+)
+from milan.checkpoint.io import CheckpointError, read_safetensors_metadata, safe_load
+from milan.checkpoint.keymaps import (
+    hf_vit_to_encoder,
+    milan_orig_to_milan,
+    mmpretrain_classifier_to_milan,
+    mmpretrain_milan_to_milan,
+)
+from milan.checkpoint.towers import hf_clip_tower, open_clip_tower, openai_tower, timm_tower
+
+FORMATS = ("milan", "mmpretrain", "milan-orig", "openai-clip", "open-clip", "hf", "timm")
+Kind = Literal["milan", "encoder", "linear_probe", "finetune", "teacher"]
+
+# Weights files looked for in a folder, in order (Hugging Face, then OpenCLIP hub layouts).
+_FOLDER_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+_TOWER_FEATURES = ("norm_pre.weight", "reg_token", "blocks.0.ls1.gamma", "blocks.0.attn.q_norm.weight")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into our key names.
+
+    Attributes:
+        source: Where it came from.
+        format: Detected (or given) source format, one of :data:`FORMATS`.
+        kind: What it holds (see the module docstring).
+        state_dict: Canonical state dict for ``kind``.
+        tower: The teacher tower's spec (``kind == "teacher"``, or a ``milan`` checkpoint with a teacher).
+        hints: Architecture facts that shapes cannot give (heads, pooling, the model config), from the caller
+            or from metadata stored in the file.
+        dropped: Source keys deliberately not used (e.g. CLIP's text tower).
+        source_shapes: Every source key (after unwrapping) with its shape, for reports.
+        tower_options: The teacher options given to :func:`read_checkpoint` (used when a plain ViT ``encoder``
+            is brought as a teacher).
+    """
+
+    source: str
+    format: str
+    kind: Kind
+    state_dict: StateDict
+    tower: TowerSpec | None = None
+    hints: dict[str, Any] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tower_options: dict[str, Any] = field(default_factory=dict)
+
+    def part(self, prefix: str) -> StateDict:
+        """The keys under ``prefix``, with the prefix removed."""
+        return {k[len(prefix) :]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+
+    def encoder_state(self) -> StateDict:
+        """The student encoder's weights (our VisionTransformer keys; no ``norm`` for fine-tuned classifiers)."""
+        if self.kind == "milan":
+            return self.part("student.encoder.")
+        if self.kind in ("linear_probe", "finetune"):
+            return self.part("encoder.")
+        if self.kind == "encoder":
+            return {k: v for k, v in self.state_dict.items() if not k.startswith(("head.", "fc_norm."))}
+        raise CheckpointError(f"{self.source}: a {self.kind} checkpoint has no student encoder")
+
+    def encoder_arch(self) -> EncoderArch:
+        """The encoder's architecture (heads from ``hints``)."""
+        return infer_encoder(self.encoder_state(), num_heads=self.hints.get("num_heads"))
+
+    def decoder_arch(self) -> DecoderArch:
+        """The decoder's architecture (heads from ``hints``)."""
+        if self.kind != "milan" or not any(k.startswith("student.decoder.") for k in self.state_dict):
+            raise CheckpointError(f"{self.source}: a {self.kind} checkpoint has no decoder")
+        return infer_decoder(self.part("student.decoder."), num_heads=self.hints.get("decoder_num_heads"))
+
+    def has_teacher(self) -> bool:
+        return self.tower is not None
+
+    def num_params(self) -> int:
+        return sum(v.numel() for v in self.state_dict.values() if v.is_floating_point())
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    fmt: str = "auto",
+    *,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    teacher_num_heads: int | None = None,
+    act: Act | None = None,
+    norm_eps: float | None = None,
+    img_size: int | None = None,
+    model_name: str | None = None,
+    head: bool = True,
+) -> Checkpoint:
+    """Reads any supported checkpoint (file or Hugging Face / OpenCLIP folder) into our key names.
+
+    Args:
+        path: File or folder.
+        fmt: One of :data:`FORMATS`, or ``"auto"`` to detect it from the keys.
+        num_heads: Heads of the checkpoint's main network: the student encoder, or the teacher for teacher formats.
+        decoder_num_heads: Decoder heads.
+        teacher_num_heads: Heads of the teacher inside a MILAN checkpoint.
+        act: Teacher MLP activation (``quick_gelu``, ``gelu``, ``gelu_tanh``), overriding the format's default.
+        norm_eps: Teacher LayerNorm epsilon, overriding the format's default.
+        img_size: Run the teacher at this resolution (its position table is resampled when it is built).
+        model_name: timm model name of a timm / OpenCLIP ``visual.trunk`` teacher.
+        head: Keep a timm teacher's Linear head as its output projection.
+
+    Returns:
+        The canonical checkpoint.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+    obj, configs, file_meta = _read_raw(Path(path))
+    sd, meta = _unwrap(obj, path)
+    teacher = meta.pop("teacher", None)  # training checkpoints keep a random teacher next to the student
+    if isinstance(teacher, dict) and teacher and all(isinstance(v, torch.Tensor) for v in teacher.values()):
+        sd = {(k if k.startswith("student.") else "student." + k): v for k, v in sd.items()}
+        sd.update({"teacher." + k: v for k, v in teacher.items()})
+    hints = _hints(meta, file_meta)
+    for key, value in (
+        ("num_heads", num_heads),
+        ("decoder_num_heads", decoder_num_heads),
+        ("teacher_num_heads", teacher_num_heads),
+    ):
+        if value:
+            hints[key] = value
+    detected = _detect(sd, configs, meta)
+    if fmt == "auto":
+        fmt = detected
+    elif not _compatible(fmt, detected):
+        raise CheckpointError(f"{path}: looks like a {detected!r} checkpoint, not {fmt!r} (first keys: {list(sd)[:5]})")
+    tower_opts: dict[str, Any] = dict(act=act, norm_eps=norm_eps, img_size=img_size)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    ck = Checkpoint(str(path), fmt, "encoder", {}, hints=hints, source_shapes=shapes)
+    given = {"model_name": model_name, "head": head, **tower_opts}
+    ck.tower_options = {k: v for k, v in given.items() if v is not None}
+    main_heads = hints.get("num_heads") if fmt in ("openai-clip", "open-clip", "hf") else None
+    if fmt == "milan":
+        _read_milan(ck, sd, tower_opts)
+    elif fmt == "mmpretrain":
+        _read_mmpretrain(ck, sd, tower_opts)
+    elif fmt == "milan-orig":
+        kind, ck.state_dict, _ = milan_orig_to_milan(sd)
+        ck.kind = kind  # type: ignore[assignment]
+    elif fmt == "openai-clip":
+        timm_sd, ck.tower, ck.dropped = openai_tower(sd, num_heads=main_heads, **tower_opts)
+        ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
+    elif fmt == "open-clip":
+        timm_sd, ck.tower, ck.dropped = open_clip_tower(
+            sd, configs.get("open_clip_config.json"), num_heads=main_heads, model_name=model_name, **tower_opts
+        )
+        ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
+    elif fmt == "hf" and not any(k.startswith("vision_model.") for k in sd):  # a ViTModel (e.g. our export)
+        _read_hf_vit(ck, sd, configs.get("config.json") or {})
+    elif fmt == "hf":
+        hf_config = configs.get("config.json")
+        timm_sd, ck.tower, ck.dropped = hf_clip_tower(sd, hf_config, num_heads=main_heads, **tower_opts)
+        ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
+    else:
+        _read_timm(ck, sd, model_name=model_name, head=head, tower_opts=tower_opts)
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Raw files
+
+
+def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """(loaded object, json configs found next to the weights, safetensors metadata)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    folder = path if path.is_dir() else path.parent
+    configs: dict[str, Any] = {}
+    for name in ("config.json", "open_clip_config.json"):
+        if (folder / name).is_file():
+            try:
+                configs[name] = json.loads((folder / name).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"cannot parse {folder / name}: {e}") from e
+    if not path.is_dir():
+        meta = read_safetensors_metadata(path) if _is_safetensors(path) else {}
+        return safe_load(path), configs, meta
+    weights = next((folder / n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
+    if weights.name.endswith(".index.json"):
+        index = json.loads(weights.read_text()).get("weight_map", {})
+        merged: dict[str, Any] = {}
+        for shard in sorted(set(index.values())):
+            merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
+        return merged, configs, {}
+    meta = read_safetensors_metadata(weights) if _is_safetensors(weights) else {}
+    return safe_load(weights), configs, meta
+
+
+def _is_safetensors(path: Path) -> bool:
+    try:
+        read_safetensors_metadata(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _as_tensors(obj: Any, path: Path) -> StateDict:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _unwrap(obj: Any, path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
+    """Finds the state dict inside common wrappers; returns it and the wrapper's other entries."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    for key in ("state_dict", "model", "module", "model_state_dict"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner:
+            tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+            if len(tensors) * 2 >= len(inner):
+                return _strip(tensors), {k: v for k, v in obj.items() if k != key}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: no state dict of tensors found (top-level keys: {list(obj)[:10]})")
+    return _strip(tensors), {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+
+
+def _strip(sd: StateDict) -> StateDict:
+    """Removes DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes."""
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+
+
+def _hints(meta: dict[str, Any], file_meta: dict[str, str]) -> dict[str, Any]:
+    """Architecture facts stored with the weights: our ``milan`` metadata, or a resolved model config."""
+    hints: dict[str, Any] = {}
+    cfg = _find_model_config(meta)
+    if cfg is not None:
+        hints["model_config"] = cfg
+        enc, dec, tch = cfg.get("encoder", {}), cfg.get("decoder", {}), cfg.get("teacher", {})
+        hints.update(num_heads=enc.get("num_heads"), decoder_num_heads=dec.get("num_heads"))
+        if tch.get("kind") == "clip":
+            hints["tower"] = {"num_heads": tch.get("num_heads"), "act": "quick_gelu", "norm_eps": 1e-5}
+    ours = meta.get("milan")
+    if ours is None and "milan" in file_meta:
+        ours = json.loads(file_meta["milan"])
+    if isinstance(ours, dict):
+        hints.update(ours)
+    if isinstance(meta.get("teacher_spec"), dict):
+        hints["tower"] = meta["teacher_spec"]
+    return {k: v for k, v in hints.items() if v is not None}
+
+
+def _find_model_config(meta: dict[str, Any], depth: int = 0) -> dict[str, Any] | None:
+    """A dict shaped like ``dataclasses.asdict(ModelConfig)`` anywhere in the wrapper (e.g. ``config.model``)."""
+    if depth > 3:
+        return None
+    for value in meta.values():
+        if isinstance(value, str) and depth == 0 and "encoder" in value:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue
+        if not isinstance(value, dict):
+            continue
+        if all(isinstance(value.get(k), dict) for k in ("encoder", "decoder", "teacher")):
+            return value
+        found = _find_model_config(value, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detection
+
+
+def _detect(sd: StateDict, configs: dict[str, Any], meta: dict[str, Any]) -> str:
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+
+    if has("student.") or has("teacher.model.") or has("encoder.blocks."):
+        return "milan"
+    if has("model.blocks.") and "model.patch_embed.proj.weight" in sd:
+        return "milan"
+    if has("backbone.") or has("target_generator."):
+        return "mmpretrain"
+    if has("vision_model.embeddings.") or has("embeddings.patch_embeddings.") or has("vit.embeddings."):
+        return "hf"
+    open_clip_signs = has("visual.trunk.") or "open_clip_config.json" in configs or {"epoch", "name"} <= set(meta)
+    if open_clip_signs and has("visual."):
+        return "open-clip"
+    if "visual.conv1.weight" in sd:
+        return "openai-clip"
+    if has("blocks.") and "patch_embed.proj.weight" in sd:
+        if has("decoder_blocks.") or "head.0.running_mean" in sd:
+            return "milan-orig"
+        return "timm"
+    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {list(sd)[:8]}); see milan.checkpoint.formats")
+
+
+def _compatible(given: str, detected: str) -> bool:
+    same_layout = {frozenset({"openai-clip", "open-clip"}), frozenset({"timm", "milan-orig"})}
+    return given == detected or frozenset({given, detected}) in same_layout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-format readers (fill ``ck`` in place)
+
+
+def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str, Any]) -> TowerSpec:
+    """Spec of a teacher stored in our own layout: stored metadata first, else CLIP conventions if it has ln_pre."""
+    stored = ck.hints.get("tower")
+    clip_like = "norm_pre.weight" in tower_sd
+    act: Act = tower_opts.get("act") or (stored or {}).get("act") or ("quick_gelu" if clip_like else "gelu")
+    eps = tower_opts.get("norm_eps") or (stored or {}).get("norm_eps") or (1e-5 if clip_like else 1e-6)
+    heads = ck.hints.get("teacher_num_heads") or (stored or {}).get("num_heads")
+    spec = infer_tower(tower_sd, act=act, norm_eps=eps, num_heads=heads, img_size=tower_opts.get("img_size"))
+    if stored and stored.get("timm_name"):
+        spec.timm_name = stored["timm_name"]
+    return spec
+
+
+def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> None:
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+
+    if has("student.") or has("teacher.model."):
+        ck.kind, ck.state_dict = "milan", dict(sd)
+    elif has("encoder.") and has("decoder."):
+        ck.kind, ck.state_dict = "milan", {"student." + k: v for k, v in sd.items()}
+    elif "head.bn.running_mean" in sd:
+        ck.kind, ck.state_dict = "linear_probe", dict(sd)
+    elif "fc_norm.weight" in sd:
+        ck.kind, ck.state_dict = "finetune", dict(sd)
+    elif has("model."):
+        ck.kind, ck.state_dict = "teacher", dict(sd)
+    else:
+        ck.kind, ck.state_dict = "encoder", {k[len("encoder.") :]: v for k, v in sd.items()}
+    prefix = {"milan": "teacher.model.", "teacher": "model."}.get(ck.kind)
+    if prefix and any(k.startswith(prefix) for k in ck.state_dict):
+        ck.tower = _tower_from_hints(ck, ck.part(prefix), tower_opts)
+
+
+def _read_mmpretrain(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> None:
+    if any(k.startswith(("neck.bn.", "head.")) for k in sd):
+        kind, ck.state_dict, unmapped = mmpretrain_classifier_to_milan(sd)
+        ck.kind = kind  # type: ignore[assignment]
+    else:
+        encoder, decoder, clip, unmapped = mmpretrain_milan_to_milan(sd)
+        ck.kind = "milan" if decoder else "encoder"
+        if ck.kind == "encoder":
+            ck.state_dict = encoder
+        else:
+            ck.state_dict = {"student.encoder." + k: v for k, v in encoder.items()}
+            ck.state_dict.update({"student.decoder." + k: v for k, v in decoder.items()})
+        if clip:
+            heads = ck.hints.get("teacher_num_heads")
+            timm_sd, ck.tower, ck.dropped = openai_tower(clip, num_heads=heads, **tower_opts)
+            ck.dropped = ["target_generator.tokenizer." + k for k in ck.dropped]
+            ck.state_dict.update({"teacher.model." + k: v for k, v in timm_sd.items()})
+    if unmapped:
+        raise CheckpointError(f"{ck.source}: mmpretrain keys with no counterpart in our models: {unmapped[:10]}")
+
+
+def _read_timm(
+    ck: Checkpoint, sd: StateDict, *, model_name: str | None, head: bool, tower_opts: dict[str, Any]
+) -> None:
+    if "decoder_embed.weight" in sd or "head.0.running_mean" in sd:
+        kind, ck.state_dict, _ = milan_orig_to_milan(sd)
+        ck.kind = kind  # type: ignore[assignment]
+        return
+    tower_like = model_name is not None or "cls_token" not in sd or any(k in sd for k in _TOWER_FEATURES)
+    if "mask_token" in sd or tower_like or ck.hints.get("kind") == "teacher":
+        heads = ck.hints.get("num_heads")
+        timm_sd, ck.tower = timm_tower(sd, model_name=model_name, num_heads=heads, head=head, **tower_opts)
+        if "tower" in ck.hints and model_name is None:  # our own export: its stored spec is exact
+            ck.tower = _tower_from_hints(ck, timm_sd, tower_opts)
+        ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
+        return
+    if "fc_norm.weight" in sd:
+        kind, ck.state_dict, _ = milan_orig_to_milan(sd)
+        ck.kind = kind  # type: ignore[assignment]
+        return
+    ck.kind, ck.state_dict = "encoder", dict(sd)
+
+
+def _read_hf_vit(ck: Checkpoint, sd: StateDict, config: dict[str, Any]) -> None:
+    ck.kind, ck.state_dict = "encoder", hf_vit_to_encoder(sd)
+    ck.dropped = [k for k in ck.state_dict if k.startswith(("pooler.", "classifier."))]
+    ck.state_dict = {k: v for k, v in ck.state_dict.items() if k not in ck.dropped}
+    if config.get("num_attention_heads"):
+        ck.hints.setdefault("num_heads", int(config["num_attention_heads"]))
+    eps, act = float(config.get("layer_norm_eps", 1e-12)), config.get("hidden_act", "gelu")
+    if eps != 1e-6 or act != "gelu":
+        raise CheckpointError(
+            f"{ck.source}: this Hugging Face ViT uses LayerNorm eps {eps:g} and {act!r}; our encoder (and timm's ViT) "
+            "use eps 1e-6 and exact GELU, so it would not compute the same features"
+        )

@@ -1,0 +1,168 @@
+"""Our models from any supported checkpoint: right-sized from the shapes, loaded strictly, stored pos-embeds kept.
+
+Examples:
+    >>> import tempfile, torch
+    >>> from milan.models import create_model
+    >>> model = create_model("milan_test_tiny")
+    >>> path = tempfile.mkdtemp() + "/ckpt.pth"
+    >>> _ = torch.save({"model": model.state_dict()}, path)
+    >>> loaded = load_milan(path, num_heads=4, decoder_num_heads=4)
+    >>> torch.equal(loaded.encoder.pos_embed, model.encoder.pos_embed)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, cast
+
+import torch.nn as nn
+
+from milan.checkpoint.arch import load_strict
+from milan.checkpoint.formats import Checkpoint, read_checkpoint
+from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.teachers import teacher_from_checkpoint
+from milan.models.classifier import FinetuneClassifier, LinearProbe
+from milan.models.milan import MILAN, MaskedStudent
+from milan.models.teacher import Teacher, TeacherInputNorm
+from milan.models.vit import VisionTransformer
+
+Source = str | os.PathLike[str] | Checkpoint
+
+
+def _checkpoint(src: Source, **options: Any) -> Checkpoint:
+    if isinstance(src, Checkpoint):
+        for key in ("num_heads", "decoder_num_heads", "teacher_num_heads"):
+            if options.get(key):
+                src.hints[key] = options[key]
+        return src
+    return read_checkpoint(src, **{k: v for k, v in options.items() if v is not None})
+
+
+def encoder_from_checkpoint(ck: Checkpoint) -> VisionTransformer:
+    """The student encoder of a canonical checkpoint (for a fine-tuned classifier: without its final norm)."""
+    encoder = ck.encoder_arch().build()
+    if ck.kind == "finetune":
+        encoder.norm = nn.Identity()  # type: ignore[assignment]
+    load_strict(encoder, ck.encoder_state(), f"{ck.source}: student encoder")
+    return encoder
+
+
+def load_encoder(src: Source, *, fmt: str = "auto", num_heads: int | None = None) -> VisionTransformer:
+    """Loads the student encoder from any checkpoint that holds one (pretraining, classifier, timm ViT).
+
+    Args:
+        src: Path, folder or an already read :class:`Checkpoint`.
+        fmt: Source format (``auto`` detects it).
+        num_heads: Encoder heads when the file does not record them (default: the standard ViT table).
+
+    Returns:
+        The encoder with the stored weights, including the stored position table.
+    """
+    return encoder_from_checkpoint(_checkpoint(src, fmt=fmt, num_heads=num_heads))
+
+
+def load_student(
+    src: Source, *, fmt: str = "auto", num_heads: int | None = None, decoder_num_heads: int | None = None
+) -> MaskedStudent:
+    """Loads the trainable part of MILAN (encoder + decoder) from a pretraining checkpoint.
+
+    Args:
+        src: mmpretrain / MMSelfSup MILAN, original MILAN (MAE format) or our checkpoint.
+        fmt: Source format.
+        num_heads: Encoder heads (see :func:`load_encoder`).
+        decoder_num_heads: Decoder heads (default ``width // 32``: 16 for MILAN's 512-wide decoder).
+
+    Returns:
+        The student.
+    """
+    ck = _checkpoint(src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    decoder = ck.decoder_arch().build()
+    load_strict(decoder, ck.part("student.decoder."), f"{ck.source}: decoder")
+    return MaskedStudent(encoder_from_checkpoint(ck), decoder)
+
+
+def load_milan(
+    src: Source,
+    *,
+    teacher: Teacher | str | os.PathLike[str] | None = None,
+    input_norm: TeacherInputNorm = "imagenet",
+    fmt: str = "auto",
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    teacher_num_heads: int | None = None,
+    **milan_kwargs: Any,
+) -> MILAN:
+    """Loads a whole MILAN model (student + teacher) from a pretraining checkpoint.
+
+    Args:
+        src: mmpretrain / MMSelfSup MILAN (``backbone``, ``neck``, ``target_generator``), original MILAN or ours.
+        teacher: A teacher, or a path for :func:`milan.checkpoint.load_teacher`. Default: the teacher stored in the
+            checkpoint, else the ``teacher.checkpoint`` file named by its config. Needed otherwise (original MILAN
+            files, mmpretrain files saved without ``target_generator``).
+        input_norm: Input normalisation of a teacher read from ``src``.
+        fmt: Source format.
+        num_heads: Encoder heads.
+        decoder_num_heads: Decoder heads.
+        teacher_num_heads: Heads of the teacher stored in ``src``.
+        **milan_kwargs: :class:`~milan.models.MILAN` options (``mask_ratio``, ``masking``, ``loss_on`` ...); by
+            default those stored in the checkpoint's config, else MILAN's defaults.
+
+    Returns:
+        The model.
+    """
+    ck = _checkpoint(
+        src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads, teacher_num_heads=teacher_num_heads
+    )
+    student = load_student(ck)
+    if isinstance(teacher, (str, os.PathLike)):
+        from milan.checkpoint.teachers import load_teacher
+
+        teacher = load_teacher(teacher, input_norm=input_norm)
+    stored = ck.hints.get("model_config") or {}
+    teacher_path = (stored.get("teacher") or {}).get("checkpoint")
+    if teacher is None and ck.tower is not None:
+        teacher = teacher_from_checkpoint(ck, input_norm)
+    elif teacher is None and teacher_path and os.path.exists(teacher_path):  # the run's config names its teacher
+        from milan.checkpoint.teachers import load_teacher
+
+        teacher = load_teacher(teacher_path, input_norm=stored["teacher"].get("input_norm", input_norm))
+    patch = student.encoder.patch_size
+    if teacher is None and student.decoder.out_dim != patch * patch * 3:
+        raise CheckpointError(
+            f"{ck.source} holds no teacher weights and its decoder predicts {student.decoder.out_dim}-d features; "
+            "pass teacher=<teacher weights> (e.g. the CLIP checkpoint it was trained with)"
+        )
+    kwargs = {k: stored[k] for k in ("mask_ratio", "masking", "loss_on", "restore_order") if k in stored}
+    if teacher is None:
+        kwargs["masking"] = "random"
+    kwargs.update(milan_kwargs)
+    return MILAN(student.encoder, student.decoder, teacher, **kwargs)
+
+
+def load_classifier(
+    src: Source, *, fmt: str = "auto", num_heads: int | None = None
+) -> LinearProbe | FinetuneClassifier:
+    """Loads a linear probe or fine-tuned classifier (mmpretrain ``ImageClassifier``, original MILAN/MAE, ours).
+
+    Args:
+        src: Path, folder or :class:`Checkpoint`.
+        fmt: Source format.
+        num_heads: Encoder heads.
+
+    Returns:
+        A :class:`~milan.models.classifier.LinearProbe` (BN + linear on the normed CLS token) or a
+        :class:`~milan.models.classifier.FinetuneClassifier` (pooled tokens, ``fc_norm``, head).
+    """
+    ck = _checkpoint(src, fmt=fmt, num_heads=num_heads)
+    if ck.kind not in ("linear_probe", "finetune"):
+        raise CheckpointError(f"{ck.source}: a {ck.format} {ck.kind} checkpoint, not a classifier")
+    encoder = ck.encoder_arch().build()
+    model: LinearProbe | FinetuneClassifier
+    if ck.kind == "linear_probe":
+        model = LinearProbe(encoder, num_classes=int(ck.state_dict["head.fc.weight"].shape[0]))
+    else:
+        pool = cast(Any, ck.hints.get("global_pool", "avg"))
+        model = FinetuneClassifier(encoder, int(ck.state_dict["head.weight"].shape[0]), global_pool=pool)
+    load_strict(model, ck.state_dict, f"{ck.source}: {ck.kind.replace('_', ' ')} classifier")
+    return model.eval()

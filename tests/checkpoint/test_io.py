@@ -1,0 +1,130 @@
+"""Safe loading: code-needing pickles are refused without running anything; damaged files give clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from milan.checkpoint.io import CheckpointError, atomic_save, read_safetensors_metadata, safe_load, save_safetensors
+
+
+class _Payload:
+    """Unpickling this would create a marker file (if anything ever executed it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _state() -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0)), "b": torch.arange(10)}
+
+
+def test_atomic_save_roundtrip_and_no_temp_left(tmp_path: Path) -> None:
+    path = atomic_save({"model": _state(), "epoch": 3, "args": argparse.Namespace(lr=0.1)}, tmp_path / "c.pth")
+    loaded = safe_load(path)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in _state().items())
+    assert set(loaded) == {"model", "epoch", "args"} and loaded["epoch"] == 3
+    assert loaded["args"].lr == 0.1  # argparse.Namespace (original MILAN/MAE `args`) is allowed
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_safetensors_roundtrip_with_metadata_and_no_suffix(tmp_path: Path) -> None:
+    sd = _state()
+    path = save_safetensors(sd, tmp_path / "weights.bin", {"milan": '{"kind": "encoder"}'})  # sniffed, not by suffix
+    loaded = safe_load(path)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert read_safetensors_metadata(path) == {"format": "pt", "milan": '{"kind": "encoder"}'}
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy-torch", "plain-pickle"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, container: str) -> None:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pth"
+    obj = {"state_dict": _state(), "payload": _Payload(marker)}
+    if container == "zip":
+        torch.save(obj, path)
+    elif container == "legacy-torch":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        safe_load(path)
+    message = str(info.value)
+    assert message.startswith(f"refusing to load {path}"), message
+    assert "system" in message and "arbitrary code" in message
+    assert not marker.exists()
+
+
+def test_malicious_torchscript_archive_is_refused(tmp_path: Path) -> None:
+    """A TorchScript archive whose data.pkl calls os.system: our restricted reader refuses it, nothing runs."""
+    marker = tmp_path / "PWNED"
+    good = tmp_path / "good.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), str(good))
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("/data.pkl"):
+                data = pickle.dumps(_Payload(marker), protocol=2)
+            dst.writestr(name, data)
+    with pytest.raises(CheckpointError, match=r"refusing to read TorchScript archive .*(posix|os)\.system"):
+        safe_load(evil)
+    assert not marker.exists()
+    assert set(safe_load(good)) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+def test_truncated_file(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / ("c.safetensors" if kind == "safetensors" else "c.pth")
+    if kind == "safetensors":
+        save_safetensors(_state(), path)
+    else:
+        torch.save(_state(), path, _use_new_zipfile_serialization=kind == "zip")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated|corrupt") as info:
+        safe_load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_corrupt_bytes_fail_the_crc_check(tmp_path: Path) -> None:
+    path = tmp_path / "c.pth"
+    torch.save(_state(), path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"data/0") + 200  # inside the first tensor's bytes
+    data[start : start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC"):
+        safe_load(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (os.urandom(4096), "not a PyTorch, safetensors or TorchScript file"),
+        (b"hello, not a checkpoint\n" * 3, "not a PyTorch, safetensors or TorchScript file"),
+        (b"", "empty"),
+    ],
+    ids=["random-bytes", "text", "empty"],
+)
+def test_garbage_files(tmp_path: Path, content: bytes, pattern: str) -> None:
+    path = tmp_path / "c.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=pattern):
+        safe_load(path)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        safe_load(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="not a file"):
+        safe_load(tmp_path)
