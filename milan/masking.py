@@ -56,7 +56,11 @@ def from_permutation(ids_shuffle: torch.Tensor, mask_ratio: float) -> MaskIndice
 
 
 def attention_masking(
-    importance: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    importance: torch.Tensor,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
 ) -> MaskIndices:
     """MILAN's semantic-aware masking: patches the teacher attends to are more likely to stay visible.
 
@@ -69,6 +73,9 @@ def attention_masking(
         importance: (B, L) non-negative weights, e.g. the teacher's CLS-to-patch attention.
         mask_ratio: Fraction of patches to mask.
         generator: Optional RNG for reproducible draws.
+        noise: Optional (B, L) uniform [0, 1) noise to draw from instead of ``generator``. The same Plackett-Luce
+            permutation is then drawn by exponential races (``argsort(-log(u) / w)``), so each sample's mask
+            depends only on its own noise row: a batch split across processes draws the same masks.
 
     Returns:
         The mask indices.
@@ -78,6 +85,9 @@ def attention_masking(
     # Clamping at the smallest normal float leaves every positive weight unchanged (so draws match the references)
     # but keeps multinomial valid if a teacher gives exact zeros.
     weights = importance.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
+    if noise is not None:
+        arrival = -torch.log(noise.to(weights.device, torch.float32).clamp_min(1e-30)) / weights  # (B, L)
+        return from_permutation(torch.argsort(arrival, dim=1, stable=True), mask_ratio)
     ids_shuffle = torch.multinomial(weights, weights.shape[1], replacement=False, generator=generator)
     return from_permutation(ids_shuffle, mask_ratio)
 
@@ -89,6 +99,7 @@ def random_masking(
     *,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> MaskIndices:
     """Uniformly random masking (MAE): ``argsort`` of i.i.d. uniform noise.
 
@@ -98,11 +109,15 @@ def random_masking(
         mask_ratio: Fraction of patches to mask.
         device: Where to put the indices.
         generator: Optional RNG for reproducible draws (must live on ``device``).
+        noise: Optional (B, L) uniform noise to use instead of drawing it.
 
     Returns:
         The mask indices.
     """
-    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    else:
+        noise = noise.to(device)
     return from_permutation(torch.argsort(noise, dim=1), mask_ratio)
 
 

@@ -155,14 +155,23 @@ class MILAN(nn.Module):
         return to_mask_order(weight.unsqueeze(-1), mask).squeeze(-1)
 
     def draw_mask(
-        self, images: torch.Tensor, importance: torch.Tensor | None, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        importance: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> MaskIndices:
-        """Draws the mask for a batch, by the configured masking rule."""
+        """Draws the mask for a batch, by the configured masking rule (from ``noise`` (B, L) when given)."""
         if self.masking == "attention":
             assert importance is not None
-            return attention_masking(importance, self.mask_ratio, generator)
+            return attention_masking(importance, self.mask_ratio, generator, noise=noise)
         return random_masking(
-            images.shape[0], self.encoder.num_patches, self.mask_ratio, device=images.device, generator=generator
+            images.shape[0],
+            self.encoder.num_patches,
+            self.mask_ratio,
+            device=images.device,
+            generator=generator,
+            noise=noise,
         )
 
     def forward(
@@ -171,6 +180,7 @@ class MILAN(nn.Module):
         *,
         mask: MaskIndices | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
         student: nn.Module | None = None,
     ) -> MILANOutput:
         """One pretraining forward pass.
@@ -179,6 +189,8 @@ class MILAN(nn.Module):
             images: (B, 3, H, W) ImageNet-normalised images.
             mask: Use this mask instead of drawing one.
             generator: RNG for the mask draw.
+            noise: (B, L) uniform noise for the mask draw instead of ``generator`` (per-sample reproducible masks,
+                see :func:`milan.masking.attention_masking`).
             student: Call this module instead of ``self.student`` (e.g. its DDP wrapper).
 
         Returns:
@@ -192,8 +204,8 @@ class MILAN(nn.Module):
             pixels = patchify(images, self.encoder.patch_size)  # (B, L, P)
             target = torch.cat([pixels.new_zeros(pixels.shape[0], 1, pixels.shape[2]), pixels], dim=1)
         if mask is None:
-            mask = self.draw_mask(images, importance, generator)
-        pred = (student or self.student)(images, mask, restore_order=self.restore_order)
+            mask = self.draw_mask(images, importance, generator, noise)
+        pred = (student if student is not None else self.student)(images, mask, restore_order=self.restore_order)
 
         weight = self._token_weight(mask)
         target_o = target if self.restore_order else to_mask_order(target, mask)

@@ -1,0 +1,174 @@
+"""Distributed state in one small module; every helper is a no-op in a single process.
+
+Launch with ``torchrun --nproc_per_node N ...`` (one node) or with ``--nnodes``/``--rdzv_*`` (many nodes):
+:func:`init` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment, picks NCCL on CUDA and gloo on CPU,
+and returns this process's device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def is_enabled() -> bool:
+    """Whether a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a process group)."""
+    return dist.get_rank() if is_enabled() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def local_rank() -> int:
+    """Rank on this node (``LOCAL_RANK``, 0 when not launched by torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this is rank 0, the process that writes files and prints."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether the environment describes a multi-process launch (torchrun sets ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_device(kind: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device:
+    """The device this process trains on: ``cuda:LOCAL_RANK`` or ``cpu``.
+
+    Raises:
+        RuntimeError: ``kind="cuda"`` without a visible GPU.
+    """
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
+    if kind == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+
+
+def init(device_kind: Literal["auto", "cpu", "cuda"] = "auto", timeout_s: float = 1800.0) -> torch.device:
+    """Initialises the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); idempotent.
+
+    Args:
+        device_kind: ``auto``, ``cpu`` or ``cuda``.
+        timeout_s: Collective timeout.
+
+    Returns:
+        This process's device.
+    """
+    device = resolve_device(device_kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launched() and not is_enabled():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return device
+
+
+def destroy() -> None:
+    """Tears the process group down (no-op without one)."""
+    if is_enabled():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Waits for every process."""
+    if is_enabled():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over processes (a new tensor; the input is unchanged)."""
+    if not is_enabled():
+        return tensor.clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over processes (a new tensor)."""
+    out = tensor.detach().clone()
+    if is_enabled():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def reduce_means(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Means of scalar metrics over processes, in one collective."""
+    if not is_enabled() or not values:
+        return dict(values)
+    t = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values.keys(), t.tolist(), strict=True))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every process."""
+    if not is_enabled():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """Wraps ``module`` in DDP when distributed (the identity otherwise).
+
+    Wrap only the trainable part (``MILAN.student``); the frozen teacher stays outside DDP.
+    """
+    if not is_enabled():
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: torch.dtype | None = None) -> nn.Module:
+    """Shards ``module`` with FSDP2 (``fully_shard``): each block in ``blocks`` is its own unit, then the root.
+
+    Args:
+        module: The trainable module (``MILAN.student``); sharded in place.
+        blocks: Sub-modules to shard individually (encoder and decoder blocks).
+        mixed_precision: Parameter dtype for compute (e.g. ``torch.bfloat16``); gradients are reduced in fp32.
+
+    Returns:
+        ``module`` (now an ``FSDPModule``); a no-op without a process group.
+    """
+    if not is_enabled():
+        return module
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The student returns Linear outputs, which are views; nothing modifies them in place, so FSDP2's warning about
+    # in-place ops on returned views does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP (or ``torch.compile``) wrapper."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module

@@ -1,0 +1,471 @@
+"""Typed run configuration: dataclasses with defaults, YAML presets merged over them, dotted overrides last.
+
+The merge is validated against the dataclass annotations: an unknown key or a value of the wrong type (including
+``Literal`` choices, ``Optional``, tuples, lists and nested dataclasses) raises :class:`ConfigError` naming the full
+dotted key. The resolved config is plain data (:func:`to_dict`), written next to the run and stored in every
+checkpoint, and loads back to the same object.
+
+Shared sections (:class:`OptimConfig`, :class:`ScheduleConfig`, :class:`RuntimeConfig`, :class:`CheckpointConfig`,
+:class:`LogConfig`, gathered in :class:`RunConfig`) are reused by the evaluation jobs; :class:`PretrainConfig` adds
+the model and the data.
+
+Examples:
+    >>> cfg = load_config(PretrainConfig, overrides=["model_name=milan_test_tiny", "optim.blr=3e-4"])
+    >>> cfg.model.encoder.img_size, cfg.optim.blr
+    (32, 0.0003)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, cast
+
+import yaml
+
+from milan.models.factory import ModelConfig, list_models, model_config
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: unknown key, wrong type, bad value or unreadable file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared sections
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with MAE's learning-rate scaling rule."""
+
+    blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256
+    lr: float | None = None  # absolute peak lr; when set, blr is ignored
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    # True: no decay on cls/mask tokens and pos embeds (mmpretrain); False: decay cls/mask tokens (original repo).
+    # Biases and norm weights (all 1-D tensors) are never decayed.
+    wd_exempt_tokens: bool = True
+    clip_grad: float | None = None  # max global grad norm; None = no clipping (the reference)
+    fused: bool | None = None  # fused AdamW kernel; None = on CUDA when available
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-iteration linear warm-up from 0, then half-cycle cosine to ``min_lr``."""
+
+    epochs: int = 400
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+    max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs); the schedule is unchanged
+
+
+@dataclass
+class RuntimeConfig:
+    """Device, precision, compilation and parallelism."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the student (falls back to eager with a warning if it fails)
+    grad_checkpointing: bool = False  # recompute encoder blocks in backward (saves memory)
+    channels_last: bool = False  # channels-last input images
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
+    tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
+    cpu_threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
+    peak_tflops: float | None = None  # accelerator peak for MFU; None = look up by GPU name
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and how many to keep. Every save refreshes ``last.pt``; the end of a run always saves."""
+
+    every_epochs: int = 1  # save every N epochs: last.pt plus a numbered copy epoch_NNNN.pt; 0 = only at the end
+    every_steps: int = 0  # also refresh last.pt every N optimizer steps (mid-epoch resume points); 0 = off
+    keep: int = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt
+
+
+@dataclass
+class LogConfig:
+    """Console, JSONL, TensorBoard."""
+
+    every_steps: int = 20  # JSONL / TensorBoard record every N optimizer steps
+    progress: bool = True  # tqdm progress bar on the main process
+    tensorboard: bool = True
+    plot: bool = True  # save plot.png (loss, lr, throughput) into the run folder at the end
+
+
+@dataclass
+class RunConfig:
+    """Everything a training job shares; jobs subclass it and add their model and data sections."""
+
+    out_dir: str = "runs/milan"  # run folder: config.yaml, metrics.jsonl, tb/, checkpoints/
+    seed: int = 0
+    batch_size: int = 256  # per process
+    accum_steps: int = 1  # micro-batches per optimizer step
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining
+
+
+@dataclass
+class PretrainDataConfig:
+    """Unlabelled images and the recipe's augmentation."""
+
+    path: str = "builtin:samples"  # folder (ImageFolder or any tree), .txt file list, tar shards, builtin:samples
+    img_size: int | None = None  # None = model.encoder.img_size
+    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range (torchvision default)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    hflip: float = 0.5  # horizontal flip probability
+    num_workers: int = 8  # DataLoader workers per process
+    max_image_pixels: int | None = 89_478_485  # decompression-bomb guard: larger images are skipped (Pillow's limit)
+    num_samples: int | None = None  # tar shards only: images per epoch (folders and lists are counted)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """A MILAN pretraining run (defaults: the ViT-B/16 ImageNet-1K recipe)."""
+
+    # A variant from milan.models.list_models(); fills `model` before the config's explicit `model` values.
+    model_name: str | None = "milan_vit_base_patch16"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+
+    @classmethod
+    def defaults_from(cls, raw: Mapping[str, Any]) -> PretrainConfig:
+        """The defaults a raw config is merged onto: ``model`` comes from ``model_name``'s variant."""
+        cfg = cls()
+        name = raw.get("model_name", cfg.model_name)
+        if isinstance(name, _Override):
+            name = name.parsed
+        if name is not None:
+            if not isinstance(name, str) or name not in list_models():
+                raise ConfigError(f"model_name: unknown variant {name!r}; choose one of {', '.join(list_models())}")
+            cfg.model = model_config(name)
+        return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Derived values
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the launch, in one place (and logged)."""
+
+    world_size: int
+    effective_batch: int  # batch_size * accum_steps * world_size
+    lr: float  # peak lr
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int  # optimizer steps of the whole schedule
+    warmup_steps: int
+    stop_step: int  # where this launch stops: total_steps, or schedule.max_steps if smaller
+
+
+def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
+    """Computes the effective batch, the absolute lr (``blr * effective batch / 256``) and the step counts.
+
+    Args:
+        cfg: The run config.
+        world_size: Number of processes.
+        batches_per_epoch: Micro-batches per epoch on each process.
+
+    Returns:
+        The derived values.
+
+    Raises:
+        ConfigError: An epoch has fewer micro-batches than ``accum_steps``.
+    """
+    steps_per_epoch = batches_per_epoch // cfg.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"an epoch has {batches_per_epoch} batch(es) per process but accum_steps={cfg.accum_steps}: "
+            "use more data, a smaller batch_size or fewer accum_steps"
+        )
+    effective_batch = cfg.batch_size * cfg.accum_steps * world_size
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
+    total = cfg.schedule.epochs * steps_per_epoch
+    stop = total if cfg.schedule.max_steps is None else min(total, cfg.schedule.max_steps)
+    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    return Derived(world_size, effective_batch, lr, steps_per_epoch, total, warmup, stop)
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Value checks shared by every job (types are checked on load); raises :class:`ConfigError`."""
+    positive = {"batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps, "schedule.epochs": cfg.schedule.epochs}
+    positive["log.every_steps"] = cfg.log.every_steps
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.schedule.warmup_epochs < 0 or cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        raise ConfigError(f"schedule.warmup_epochs must be in [0, epochs], got {cfg.schedule.warmup_epochs}")
+    if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
+        raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {cfg.schedule.max_steps}")
+    ckpt = cfg.checkpoint
+    for key, v in {"every_epochs": ckpt.every_epochs, "every_steps": ckpt.every_steps, "keep": ckpt.keep}.items():
+        if v < 0:
+            raise ConfigError(f"checkpoint.{key} must be >= 0, got {v}")
+
+
+def check_pretrain(cfg: PretrainConfig) -> None:
+    """Value checks of a pretraining config; raises :class:`ConfigError` naming the key."""
+    check_run(cfg)
+    enc, teacher = cfg.model.encoder, cfg.model.teacher
+    if cfg.data.img_size is not None and cfg.data.img_size != enc.img_size:
+        raise ConfigError(
+            f"data.img_size={cfg.data.img_size} differs from model.encoder.img_size={enc.img_size} "
+            "(the position embedding is fixed); set both, or leave data.img_size null"
+        )
+    lo, hi = cfg.data.scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(cfg.data.scale)}")
+    if not 0.0 <= cfg.data.hflip <= 1.0:
+        raise ConfigError(f"data.hflip is a probability, got {cfg.data.hflip}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if teacher.kind != "none" and teacher.img_size // teacher.patch_size != enc.img_size // enc.patch_size:
+        raise ConfigError(
+            f"model.teacher grid ({teacher.img_size}/{teacher.patch_size}) must equal the student grid "
+            f"({enc.img_size}/{enc.patch_size})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic loading, validation and saving
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A command-line value: parsed as YAML, or used verbatim where a string is expected."""
+
+    text: str
+    parsed: Any
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults, then a YAML preset, then ``key.sub=value`` overrides, validated against ``cls``.
+
+    If ``cls`` has a ``defaults_from(raw)`` classmethod, it provides the defaults (e.g. from ``model_name``).
+
+    Args:
+        cls: The config dataclass.
+        path: A YAML file (a mapping of the dataclass's fields); ``None`` for defaults only.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML (``null``, ``[0.2, 1.0]``, ``1e-4``).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Unreadable file, unknown key or wrong type (the message names the dotted key).
+    """
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    raw = _deep_merge(raw, parse_overrides(overrides))
+    factory = getattr(cls, "defaults_from", None)
+    base = cast(T, factory(raw) if factory is not None else cls())
+    return update(base, raw)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a YAML mapping; an empty file is ``{}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {p}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML; ``null`` is None)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        try:
+            parsed: Any = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = text
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[leaf] = _Override(text, parsed)
+    return out
+
+
+def update(cfg: T, data: Mapping[str, Any], prefix: str = "") -> T:
+    """A copy of dataclass ``cfg`` with ``data`` merged in (nested mappings merge into nested dataclasses)."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"update() needs a dataclass instance, got {type(cfg).__name__}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_describe(data)}")
+    hints = _hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        changes[key] = _convert(value, hints[key], dotted, getattr(cfg, key))
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (dicts, lists, scalars) of a config; tuples become lists."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The config as YAML text (field order kept)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
+    """Writes the resolved config as YAML (readable back with :func:`load_config`)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, p)
+    return p
+
+
+def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, _Override):
+        value = value.parsed
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is Ellipsis:
+        return "..."
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
+    """Validates/coerces one value against annotation ``tp``; raises :class:`ConfigError` naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    wrong = ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {_describe(value)}")
+    if isinstance(value, _Override):
+        try:
+            return _convert(value.parsed, tp, key, current)
+        except ConfigError:
+            if _accepts_str(tp):  # e.g. out_dir=2024 or a path with a colon
+                return value.text
+            raise
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        base = current if isinstance(current, tp) else tp()
+        if not isinstance(value, Mapping):
+            raise wrong
+        return update(base, value, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, current)
+            except ConfigError:
+                continue
+        raise wrong
+    if origin is Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise wrong
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"config key {key!r} expects {len(args)} values ({_type_name(tp)}), got {value!r}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        items = [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise wrong
+        return {str(k): _convert(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise wrong from None
+            if math.isfinite(number):
+                return number
+        raise wrong
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        raise wrong
+    raise ConfigError(f"config key {key!r} has an unsupported annotation {tp!r}")  # a bug in a config class

@@ -1,0 +1,217 @@
+"""``milan finetune``: end-to-end fine-tuning of a pretrained encoder (MAE / MILAN recipe, ``milan_reference.md`` §4).
+
+Model: :class:`~milan.models.classifier.FinetuneClassifier`: the mean of the patch tokens (CLS excluded), a new
+LayerNorm, a Linear head (init std 0.02); the pretrained final norm is dropped; drop path 0.1 (ViT-L 0.2).
+Optimizer: AdamW (betas 0.9/0.999, wd 0.05) with layer-wise lr decay 0.65 (ViT-L 0.75):
+:func:`~milan.engine.layer_decay.param_groups_layer_decay`; ``lr = 1e-4 x effective batch / 256`` (4e-4 at 1024),
+5 warm-up epochs, cosine to 1e-6 over 100 epochs. Augmentation (timm): RandAugment ``rand-m9-mstd0.5-inc1``, random
+erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy). Evaluation: Resize 256
+bicubic + CenterCrop 224, top-1 / top-5. Optional EMA of the weights (``ema.enabled=true``, evaluated alongside).
+
+``RUN/classifier.pt`` (and ``RUN/classifier_ema.pt``) are read by ``milan evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from milan import distributed as dist
+from milan.checkpoint.io import atomic_save
+from milan.data import SkipReport
+from milan.engine.config import derive, to_dict
+from milan.engine.layer_decay import param_groups_layer_decay
+from milan.engine.linprobe import input_size
+from milan.engine.loop import TrainState, autocast_context
+from milan.engine.optim import build_adamw
+from milan.engine.pretrain import _run_dir_and_checkpoint, seed_everything
+from milan.engine.trainer import setup_runtime
+from milan.eval.classify import evaluate_heads
+from milan.eval.cli import add_run_arguments, run_job
+from milan.eval.config import AugmentConfig, FinetuneConfig, check_finetune
+from milan.eval.data import (
+    describe_split,
+    eval_loader,
+    eval_pipeline,
+    finetune_pipeline,
+    image_folder,
+    num_classes_of,
+    train_loader,
+)
+from milan.eval.pretrained import load_pretrained_encoder
+from milan.eval.trainer import ClassifierRun, FitResult, Metrics, classifier_step, fit_classifier
+from milan.models.classifier import FinetuneClassifier
+
+
+def mixup_and_criterion(aug: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:
+    """The Mixup/CutMix function of timm (or ``None``) and the matching loss, as ORIG ``main_finetune.py`` pairs them.
+
+    Mixup/CutMix on: ``SoftTargetCrossEntropy`` on the mixed, smoothed targets; otherwise label-smoothing
+    cross-entropy (or plain cross-entropy with ``label_smoothing=0``).
+    """
+    from timm.data.mixup import Mixup
+    from timm.loss.cross_entropy import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if aug.mixup > 0 or aug.cutmix > 0:
+        mixup = Mixup(  # type: ignore[no-untyped-call]
+            mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.switch_prob,
+            mode=aug.mixup_mode, label_smoothing=aug.label_smoothing, num_classes=num_classes,
+        )  # fmt: skip
+        return mixup, SoftTargetCrossEntropy()  # type: ignore[no-untyped-call]
+    if aug.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=aug.label_smoothing)  # type: ignore[no-untyped-call]
+    return None, nn.CrossEntropyLoss()
+
+
+def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
+    """Runs fine-tuning.
+
+    Args:
+        cfg: The validated config.
+        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.engine.pretrain.pretrain`).
+
+    Returns:
+        The run's result (every process; only the main one writes files).
+    """
+    t_start = time.perf_counter()
+    check_finetune(cfg)
+    owns_process_group = not dist.is_enabled()  # a caller's process group is left alone
+    device = dist.init(cfg.runtime.device)
+    try:
+        return _finetune(cfg, resume, device, t_start)
+    finally:
+        if owns_process_group:
+            dist.destroy()
+
+
+def _finetune(cfg: FinetuneConfig, resume: str | None, device: torch.device, t_start: float) -> FitResult:
+    dtype = setup_runtime(cfg.runtime, device)
+    run_dir, ckpt_path = _run_dir_and_checkpoint(cfg.out_dir, resume)
+    seed_everything(cfg.seed)  # the same head on every process
+    encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
+    encoder.set_grad_checkpointing(cfg.runtime.grad_checkpointing)
+    size = input_size(cfg.data.img_size, encoder)
+    data = cfg.data
+    train_set = image_folder(
+        data.train, data.train_per_class, finetune_pipeline(data, cfg.aug, size), "data.train", data
+    )
+    val_set = image_folder(
+        data.val, data.val_per_class, eval_pipeline(data, size), "data.val", data, classes=train_set.classes
+    )
+    num_classes = num_classes_of(train_set, cfg.num_classes)
+    model = FinetuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
+    seed_everything(cfg.seed + dist.rank())  # mixup draws differ per process
+    loader, sampler, batches = train_loader(
+        train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
+        key="data.train",
+    )  # fmt: skip
+    d = derive(cfg, dist.world_size(), batches)
+    groups = param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.layer_decay)
+    optimizer = build_adamw(groups, cfg.optim, d.lr, device)
+    train_module = dist.wrap_ddp(model, device)
+    if cfg.runtime.compile:
+        train_module = torch.compile(train_module)  # type: ignore[assignment]
+    mixup, criterion = mixup_and_criterion(cfg.aug, num_classes)
+    ema = None
+    if cfg.ema.enabled:
+        from timm.utils.model_ema import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+    val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
+    report = SkipReport()
+
+    def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        targets: torch.Tensor = labels
+        if mixup is not None:
+            if images.shape[0] % 2:  # mixup pairs samples; an odd batch (unreadable files dropped) loses one
+                images, labels = images[:-1], labels[:-1]
+            images, targets = mixup(images, labels)  # targets: (B, C) soft
+        logits = train_module(images)  # (B, C)
+        loss: torch.Tensor = criterion(logits, targets)
+        return loss, int(images.shape[0])
+
+    def evaluate() -> Metrics:
+        ctx = lambda: autocast_context(device, dtype)  # noqa: E731
+        model.eval()
+        main = evaluate_heads(model, val, device, ctx=ctx)[0]
+        metrics: Metrics = {"top1": main["top1"], "top5": main["top5"]}
+        if ema is not None:
+            averaged = evaluate_heads(ema.module, val, device, ctx=ctx)[0]
+            metrics.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
+        return metrics
+
+    def after_step(s: TrainState) -> None:
+        if ema is not None:
+            ema.update(model, step=s.step)
+
+    def extra_state() -> dict[str, Any]:
+        return {"ema": ema.module.state_dict()} if ema is not None else {}
+
+    def load_extra(ckpt: dict[str, Any]) -> None:
+        if ema is not None and "ema" in ckpt:
+            ema.module.load_state_dict(ckpt["ema"])
+
+    def export(final: Metrics) -> Metrics:
+        meta = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
+        out: Metrics = {"classifier": str(run_dir / "classifier.pt")}
+        if dist.is_main():
+            metrics = {"top1": final["top1"], "top5": final["top5"]}
+            blob = {"model": model.state_dict(), "milan": meta, "config": to_dict(cfg), "metrics": metrics}
+            atomic_save(blob, run_dir / "classifier.pt")
+            if ema is not None:
+                ema_metrics = {"top1": final["ema_top1"], "top5": final["ema_top5"]}
+                atomic_save(
+                    {**blob, "model": ema.module.state_dict(), "metrics": ema_metrics}, run_dir / "classifier_ema.pt"
+                )
+        if ema is not None:
+            out.update(classifier_ema=str(run_dir / "classifier_ema.pt"), ema_top1=final["ema_top1"],
+                       ema_top5=final["ema_top5"])  # fmt: skip
+        return out
+
+    a = cfg.aug
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    messages = [
+        f"milan finetune -> {run_dir}  ({device}, {str(dtype).removeprefix('torch.')}, {d.world_size} process(es))",
+        f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}, {cfg.global_pool} pooling, {size} px; "
+        f"{n_params / 1e6:.2f} M trainable params",
+        f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes",
+        f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
+        f"{len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, "
+        f"mixup {a.mixup} / cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
+        + (f"{cfg.ema.decay}" if ema is not None else "off"),
+    ]
+    if cfg.encoder.pretrained is None:
+        messages.append("WARNING: the encoder is RANDOM: this trains from scratch, not from a pretrained model")
+    run = ClassifierRun(
+        job="finetune", cfg=cfg, model=model, train_module=train_module, optimizer=optimizer,
+        step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, derived=d,
+        run_dir=run_dir, ckpt_path=ckpt_path, device=device, dtype=dtype, evaluate=evaluate,
+        eval_every=cfg.eval_every, export=export, messages=messages, extra_state=extra_state, load_extra=load_extra,
+        after_step=after_step, report=report,
+    )  # fmt: skip
+    return fit_classifier(run, t_start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Adds ``milan finetune``'s arguments."""
+    add_run_arguments(parser, "configs/finetune/cifar10_tiny_cpu.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``milan finetune``; returns the exit status."""
+
+    def job(cfg: FinetuneConfig, a: argparse.Namespace) -> Any:
+        return finetune(cfg, resume=a.resume)
+
+    return run_job("finetune", FinetuneConfig, check_finetune, job, args)
+
+
+__all__ = ["add_arguments", "finetune", "mixup_and_criterion", "run"]

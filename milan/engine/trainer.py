@@ -1,0 +1,273 @@
+"""The run-level skeleton every training job shares: resume, epochs, logging, checkpoints.
+
+A job builds its model, optimizer, loader and step function, then::
+
+    trainer = Trainer(cfg, derived, run_dir, model=..., train_module=..., optimizer=..., step_fn=..., loader=...,
+                      sampler=..., report=..., device=device, dtype=dtype, resume_from=ckpt_path)
+    trainer.log.info("job-specific start-up lines")
+    trainer.fit(on_epoch_end=evaluate)      # logs the batch/lr/step plan, then epochs + records + checkpoints
+    trainer.log.write({"event": "summary", ...})
+    trainer.close()
+
+Checkpoints hold ``model`` (unwrapped), optimizer, scaler, position, RNG states, the resolved config and whatever
+``extra_state()`` returns; ``trainer.resumed`` is the loaded checkpoint so a job can restore its extras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from milan import distributed as dist
+from milan.data import SkipReport
+from milan.engine.checkpointing import Checkpointer, build_checkpoint, load_training_checkpoint, restore_checkpoint
+from milan.engine.config import Derived, RunConfig, RuntimeConfig, save_config, to_dict
+from milan.engine.logging import RunLogger
+from milan.engine.loop import (
+    StepFn,
+    TrainState,
+    autocast_context,
+    fit_epochs,
+    grad_scaler,
+    resolve_dtype,
+    train_one_epoch,
+)
+from milan.engine.sampling import EpochSampler
+from milan.engine.schedule import CosineSchedule
+from milan.flops import peak_flops
+
+
+def setup_runtime(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
+    """Applies CPU threads and TF32 from the runtime section; returns the compute dtype."""
+    if runtime.cpu_threads is not None:
+        torch.set_num_threads(runtime.cpu_threads)
+    if device.type == "cuda" and runtime.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return resolve_dtype(runtime.precision, device)
+
+
+class Trainer:
+    """Epochs, logging, checkpoints and resume around :func:`~milan.engine.loop.train_one_epoch`.
+
+    Args:
+        cfg: The run config (its ``optim``/``schedule``/``checkpoint``/``log``/``runtime`` sections are used).
+        derived: From :func:`~milan.engine.config.derive`.
+        run_dir: The run folder.
+        model: The trained module, unwrapped (what checkpoints hold; for FSDP2 the sharded module).
+        train_module: ``model`` or its DDP/FSDP/compiled wrapper (gradient sync is skipped on accumulation steps).
+        optimizer: Its groups may carry ``lr_scale``.
+        step_fn: ``batch -> StepOutput``.
+        loader: Yields the current epoch's batches (re-iterated every epoch).
+        sampler: The loader's :class:`EpochSampler` (``None`` for streams).
+        report: The skip report the step function fills (reduced, logged and reset at each epoch end).
+        device: Where training runs.
+        dtype: Compute dtype (autocast, grad scaler).
+        resume_from: Checkpoint to restore first (``trainer.resumed`` then holds it).
+        flops_per_image: Training FLOPs per image, for MFU on GPUs.
+        extra_state: More entries for every checkpoint.
+        epoch_lines: Print an epoch line about 20 times per run (``False``: only epochs that skipped images).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        derived: Derived,
+        run_dir: Path,
+        *,
+        model: nn.Module,
+        train_module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step_fn: StepFn,
+        loader: Iterable[Any],
+        sampler: EpochSampler | None,
+        report: SkipReport,
+        device: torch.device,
+        dtype: torch.dtype,
+        resume_from: Path | None = None,
+        flops_per_image: float | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        epoch_lines: bool = True,
+    ) -> None:
+        self.cfg, self.derived, self.run_dir = cfg, derived, run_dir
+        self.model, self.train_module, self.optimizer = model, train_module, optimizer
+        self.step_fn, self.loader, self.sampler, self.report = step_fn, loader, sampler, report
+        self.device, self.dtype = device, dtype
+        self.extra_state = extra_state
+        self.epoch_lines = epoch_lines
+        self.schedule = CosineSchedule(derived.lr, derived.total_steps, derived.warmup_steps, cfg.schedule.min_lr)
+        self.scaler = grad_scaler(device, dtype)
+        self.state = TrainState()
+        self.run_report = SkipReport()  # over the whole launch
+        self.checkpointer = Checkpointer(
+            run_dir, keep=cfg.checkpoint.keep, every_epochs=cfg.checkpoint.every_epochs, enabled=dist.is_main()
+        )
+        self.resumed: dict[str, Any] | None = None
+        self._layout_note: str | None = None
+        if resume_from is not None:
+            self.resumed = load_training_checkpoint(resume_from)
+            self.state = restore_checkpoint(self.resumed, model, optimizer, scaler=self.scaler)
+            self._adapt_position(self.resumed)
+        self.saved_step = self.state.step if resume_from is not None else -1
+        self.log = RunLogger(
+            run_dir, enabled=dist.is_main(), total_steps=derived.stop_step, start_step=self.state.step,
+            steps_per_epoch=derived.steps_per_epoch, every_steps=cfg.log.every_steps, progress=cfg.log.progress,
+            tensorboard=cfg.log.tensorboard, flops_per_image=flops_per_image, world_size=derived.world_size,
+            device=device, peak_flops=peak_flops(device, cfg.runtime.peak_tflops),
+        )  # fmt: skip
+        if dist.is_main():
+            save_config(cfg, run_dir / "config.yaml")
+        self._resume_from = resume_from
+
+    def _adapt_position(self, ckpt: dict[str, Any]) -> None:
+        """Carries the position inside the epoch over to another batch layout.
+
+        Exact for a different micro-batch size with the same processes and effective batch; otherwise a note says
+        that the rest of the current epoch does not see exactly the remaining samples.
+        """
+        cfg, d = self.cfg, self.derived
+        old_bs = int(ckpt.get("config", {}).get("batch_size", cfg.batch_size))
+        old_accum = int(ckpt.get("config", {}).get("accum_steps", cfg.accum_steps))
+        old_world = int(ckpt.get("meta", {}).get("world_size", d.world_size))
+        if (old_bs, old_accum, old_world) == (cfg.batch_size, cfg.accum_steps, d.world_size):
+            return
+        samples = self.state.batch_in_epoch * old_bs  # consumed by each process in this epoch
+        exact = old_world == d.world_size and old_bs * old_accum == cfg.batch_size * cfg.accum_steps
+        if exact and samples % (cfg.batch_size * cfg.accum_steps) == 0:
+            self.state.batch_in_epoch = samples // cfg.batch_size
+            return
+        self.state.batch_in_epoch = min(samples // cfg.batch_size, d.steps_per_epoch * cfg.accum_steps)
+        self.state.batch_in_epoch -= self.state.batch_in_epoch % cfg.accum_steps
+        self._layout_note = (
+            f"the checkpoint was written with batch_size {old_bs} x accum_steps {old_accum} x {old_world} processes, "
+            f"this launch uses {cfg.batch_size} x {cfg.accum_steps} x {d.world_size}: training continues from step "
+            f"{self.state.step}, but the rest of epoch {self.state.epoch} does not see exactly the remaining samples"
+        )
+
+    def _log_plan(self) -> None:
+        cfg, d = self.cfg, self.derived
+        how = "optim.lr" if cfg.optim.lr is not None else f"blr {cfg.optim.blr:g} x {d.effective_batch} / 256"
+        self.log.info(
+            f"batch {cfg.batch_size}/process x accum {cfg.accum_steps} x {d.world_size} process(es) = effective "
+            f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
+        )
+        self.log.info(
+            f"{d.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {d.total_steps} steps "
+            f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
+        )
+        if self._resume_from is not None and self.resumed is not None:
+            self.log.info(f"resumed from {self._resume_from}: epoch {self.state.epoch}, step {self.state.step}")
+            if self._layout_note is not None:
+                self.log.warning(self._layout_note)
+
+    def save(self, epoch_end: int | None = None) -> None:
+        """Checkpoints the current state (every process must call it; the main one writes)."""
+        if dist.is_main() or _is_sharded(self.model):  # FSDP2 gathers the full state on every process
+            extra = self.extra_state() if self.extra_state is not None else None
+            ckpt = build_checkpoint(
+                self.model, self.optimizer, self.state, to_dict(self.cfg), scaler=self.scaler, extra=extra,
+                world_size=self.derived.world_size,
+            )  # fmt: skip
+            self.checkpointer.save(ckpt, epoch_end=epoch_end)
+        dist.barrier()
+        self.saved_step = self.state.step
+
+    def fit(
+        self,
+        *,
+        on_epoch_end: Callable[[TrainState], None] | None = None,
+        after_step: Callable[[TrainState], None] | None = None,
+        before_epoch: Callable[[TrainState], None] | None = None,
+    ) -> TrainState:
+        """Trains from the current state to the end of the schedule (or ``schedule.max_steps``).
+
+        At each epoch end: the skip report is reduced over processes and recorded (``"epoch"`` record with the
+        epoch's mean loss), ``on_epoch_end`` runs (e.g. evaluation), then a checkpoint is saved every
+        ``checkpoint.every_epochs`` epochs. ``checkpoint.every_steps`` adds mid-epoch saves; the end of the run
+        always saves. A :class:`~milan.engine.loop.NonFiniteLossError` propagates without saving.
+
+        Args:
+            on_epoch_end: Called after each complete epoch, before its checkpoint.
+            after_step: Called after every optimizer step (e.g. an EMA update).
+            before_epoch: Called before each (partial) epoch (e.g. ``module.train()``).
+
+        Returns:
+            The final state.
+        """
+        cfg, d = self.cfg, self.derived
+        num_batches = d.steps_per_epoch * cfg.accum_steps
+        self._log_plan()
+        if self.state.step >= d.stop_step or self.state.epoch >= cfg.schedule.epochs:
+            self.log.info(f"nothing to train: the run is already at step {self.state.step} (epoch {self.state.epoch})")
+
+        def on_step(s: TrainState) -> None:
+            if after_step is not None:
+                after_step(s)
+            if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and s.step < d.stop_step:
+                self.save()
+
+        def run_epoch(s: TrainState) -> TrainState:
+            if before_epoch is not None:
+                before_epoch(s)
+            if self.sampler is not None:
+                self.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * cfg.batch_size)
+            return train_one_epoch(
+                self.step_fn, _epoch_batches(self.loader, s), self.optimizer, self.schedule, s,
+                num_batches=num_batches, ctx=autocast_context(self.device, self.dtype), scaler=self.scaler,
+                accum_steps=cfg.accum_steps, clip_grad=cfg.optim.clip_grad,
+                ddp_module=self.train_module if d.world_size > 1 else None, logger=self.log, on_step=on_step,
+                stop_step=d.stop_step,
+            )  # fmt: skip
+
+        def epoch_end(s: TrainState) -> None:
+            self.report.all_reduce(self.device if self.device.type == "cuda" else None)
+            self.run_report.merge(self.report)
+            loss = self.log.pop_epoch_loss()
+            data = self.report.as_dict()
+            self.log.write({"event": "epoch", "epoch": s.epoch, "step": s.step, "loss": loss, "data": data})
+            periodic = self.epoch_lines and s.epoch % max(1, cfg.schedule.epochs // 20) == 0
+            if periodic or self.report.skipped or s.epoch == cfg.schedule.epochs:
+                text = f"{loss:.4f}" if loss is not None else "n/a"
+                summary = self.report.summary()
+                self.log.info(f"epoch {s.epoch}/{cfg.schedule.epochs} (step {s.step}): loss {text}; {summary}")
+            self.report.reset()
+            if on_epoch_end is not None:
+                on_epoch_end(s)
+            every = cfg.checkpoint.every_epochs
+            if every and s.epoch % every == 0:
+                self.save(epoch_end=s.epoch)
+
+        self.state = fit_epochs(
+            run_epoch, self.state, epochs=cfg.schedule.epochs, batches_per_epoch=num_batches, stop_step=d.stop_step,
+            on_epoch_end=epoch_end,
+        )  # fmt: skip
+        if self.saved_step != self.state.step:
+            self.save()  # the end of the run (possibly mid-epoch: schedule.max_steps) is always resumable
+        return self.state
+
+    def close(self) -> None:
+        """Closes the progress bar and TensorBoard."""
+        self.log.close()
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(dist.unwrap(module), FSDPModule)
+
+
+def _epoch_batches(loader: Iterable[Any], state: TrainState) -> Iterable[Any]:
+    """The loader for ``state``'s epoch; streams (no sampler) skip the batches consumed before a resume."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state.epoch)
+        it = iter(loader)
+        for _ in range(state.batch_in_epoch):
+            next(it, None)
+        return it
+    return loader

@@ -1,0 +1,64 @@
+"""Command-line plumbing shared by ``milan linprobe``, ``milan finetune`` and ``milan knn``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from milan.checkpoint.io import CheckpointError
+from milan.engine.config import ConfigError, load_config, to_yaml
+from milan.engine.loop import NonFiniteLossError
+
+C = TypeVar("C")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, example: str, *, resume: bool = True) -> None:
+    """``--config FILE``, ``KEY=VALUE`` overrides, ``--resume auto|FILE`` and ``--print-config``."""
+    parser.add_argument("--config", "-c", metavar="FILE", help=f"YAML preset, e.g. {example}")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. encoder.pretrained=runs/demo/checkpoints/last.pt batch_size=64",
+    )
+    if resume:
+        parser.add_argument(
+            "--resume",
+            metavar="auto|FILE",
+            help="'auto': continue from the newest valid checkpoint in out_dir (or start there); or a checkpoint file",
+        )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_job(
+    name: str,
+    cls: type[C],
+    check: Callable[[C], None],
+    job: Callable[[C, argparse.Namespace], Any],
+    args: argparse.Namespace,
+) -> int:
+    """Loads and checks the config, then runs the job; clean one-line errors and exit codes.
+
+    Returns:
+        0 on success, 2 for a config/checkpoint/data error, 1 for a non-finite loss.
+    """
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+        check(cfg)
+    except ConfigError as e:
+        print(f"milan {name}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        job(cfg, args)
+    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"milan {name}: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"milan {name}: {e}", file=sys.stderr)
+        return 1
+    return 0

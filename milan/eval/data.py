@@ -1,0 +1,220 @@
+"""Labelled data for the evaluation jobs: split sources, the recipes' views, and resumable/sharded loaders.
+
+Training loaders reuse the pretraining machinery (:class:`~milan.engine.sampling.EpochSampler` +
+:class:`~milan.engine.sampling.SeededSamples`): the sample order and every augmentation are functions of
+``(seed, epoch, index)``, so a resumed run sees exactly the batches it would have seen. Evaluation loaders shard
+the set over processes *without padding* (:class:`ShardSampler`), so summed counts are exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from milan import distributed as dist
+from milan.data import (
+    ImageFolderDataset,
+    ImagePipeline,
+    build_loader,
+    collate_images,
+    eval_transform,
+    extract_archive_subset,
+    pretrain_transform,
+)
+from milan.engine.config import ConfigError
+from milan.engine.sampling import EpochSampler, SeededSamples, keyed_collate
+from milan.eval.config import AugmentConfig, ClassifyDataConfig
+
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def resolve_split(source: str, per_class: int | None, key: str) -> Path:
+    """An ImageFolder root for a split: the folder itself, or a class-balanced subset unpacked from an archive.
+
+    Args:
+        source: Folder or archive (see :class:`~milan.eval.config.ClassifyDataConfig`).
+        per_class: Archives: images per class (``None``: all). Must be ``None`` for a folder.
+        key: The config key, for error messages (``data.train``).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ConfigError: Missing source, or ``per_class`` with a folder.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}={source!r}: not found (an ImageFolder tree root/<class>/<image> or a .tar.gz)")
+    if path.is_file() and path.name.endswith(_ARCHIVE_SUFFIXES):
+        return extract_archive_subset(path, None, per_class=per_class)
+    if not path.is_dir():
+        raise ConfigError(f"{key}={source!r}: not a folder or a .tar/.tar.gz archive")
+    if per_class is not None:
+        raise ConfigError(f"{key}_per_class applies to archives only; {source!r} is a folder")
+    return path
+
+
+def image_folder(
+    source: str,
+    per_class: int | None,
+    pipeline: ImagePipeline,
+    key: str,
+    cfg: ClassifyDataConfig,
+    classes: list[str] | None = None,
+) -> ImageFolderDataset:
+    """An :class:`~milan.data.ImageFolderDataset` for a split source, with a clear error for an empty tree."""
+    root = resolve_split(source, per_class, key)
+    try:
+        return ImageFolderDataset(root, pipeline, classes=classes, max_pixels=cfg.max_image_pixels)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ConfigError(f"{key}={source!r}: {e}") from e
+
+
+def probe_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
+    """Linear-probe training view: RandomResizedCrop (``cfg.scale``, bicubic) + flip + ImageNet normalisation."""
+    return pretrain_transform(img_size, scale=cfg.scale, interpolation=cfg.interpolation, hflip=cfg.hflip)
+
+
+def eval_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
+    """Evaluation view: Resize(``img_size / crop_pct``, bicubic) + CenterCrop(``img_size``) + normalisation."""
+    return eval_transform(img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+
+
+def finetune_pipeline(cfg: ClassifyDataConfig, aug: AugmentConfig, img_size: int) -> ImagePipeline:
+    """Fine-tuning training view: timm's ``create_transform(is_training=True)`` with RandAugment and erasing.
+
+    As ORIG ``util/datasets.py``: bicubic RandomResizedCrop (``cfg.scale``), flip, ``rand-m9-mstd0.5-inc1``
+    (colour jitter off, as timm does when an auto-augment policy is set), ImageNet normalisation, then
+    RandomErasing (probability 0.25, per-pixel noise, one box).
+    """
+    from timm.data.transforms_factory import create_transform
+
+    from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = create_transform(
+        input_size=img_size,
+        is_training=True,
+        scale=cfg.scale,
+        hflip=cfg.hflip,
+        color_jitter=cast(Any, aug.color_jitter),
+        auto_augment=aug.auto_augment,
+        interpolation=cfg.interpolation,
+        mean=tuple(IMAGENET_MEAN),
+        std=tuple(IMAGENET_STD),
+        re_prob=aug.re_prob,
+        re_mode=aug.re_mode,
+        re_count=aug.re_count,
+    )
+    return ImagePipeline(transform=pillow_safe_posterize(transform))
+
+
+def posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """Posterize that keeps Pillow < 11's result for 0 bits (a black image) instead of raising.
+
+    timm's ``PosterizeIncreasing`` maps magnitude level 10 to 0 bits; with ``rand-m9-mstd0.5`` the noisy magnitude
+    reaches 10, and recent Pillow's ``ImageOps.posterize`` raises ``ValueError`` for ``bits < 1`` (older Pillow
+    returned a black image, which is what the reference runs saw).
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # all zeros: mask ~(2**8 - 1) keeps no bit
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pillow_safe_posterize(transform: Any) -> Any:
+    """Points the posterize ops of timm RandAugment/AutoAugment inside ``transform`` to :func:`posterize`."""
+    from timm.data.auto_augment import AugmentOp
+
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: every sample exactly once over all processes.
+
+    Args:
+        num_samples: Dataset length.
+        rank: This process's rank (default: the current one).
+        world_size: Number of processes (default: the current one).
+    """
+
+    def __init__(self, num_samples: int, rank: int | None = None, world_size: int | None = None) -> None:
+        self.num_samples = num_samples
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def eval_loader(dataset: Dataset[Any], batch_size: int, num_workers: int, device: torch.device) -> DataLoader[Any]:
+    """A sharded, unshuffled loader of :class:`~milan.data.Batch` objects (no padding, no dropped tail)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    return build_loader(
+        dataset,
+        batch_size,
+        sampler=ShardSampler(n),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def train_loader(
+    dataset: Dataset[Any], *, batch_size: int, seed: int, num_workers: int, device: torch.device, key: str
+) -> tuple[DataLoader[Any], EpochSampler, int]:
+    """The resumable training loader (see the module docstring).
+
+    Returns:
+        ``(loader, sampler, batches per epoch on each process)``; batches are ``(Batch, noise)`` pairs.
+
+    Raises:
+        ConfigError: Fewer samples per process than one batch.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = EpochSampler(n, seed=seed, rank=dist.rank(), world_size=dist.world_size())
+    if sampler.per_rank < batch_size:
+        raise ConfigError(
+            f"{key} has {n} images: fewer than batch_size={batch_size} per process ({dist.world_size()} "
+            "process(es)); lower batch_size or use more data"
+        )
+    loader = DataLoader(
+        SeededSamples(dataset, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=keyed_collate(collate_images),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    return loader, sampler, sampler.per_rank // batch_size
+
+
+def num_classes_of(dataset: ImageFolderDataset, requested: int | None) -> int:
+    """The head width: ``requested``, else the number of class folders (checked against the labels)."""
+    found = len(dataset.classes)
+    if requested is None:
+        return found
+    if requested < found:
+        raise ConfigError(f"num_classes={requested} but the training set has {found} class folders")
+    return requested
+
+
+def describe_split(dataset: ImageFolderDataset) -> str:
+    """``"1000 images, 10 classes (root)"``."""
+    return f"{len(dataset)} images, {len(dataset.classes)} classes ({os.fspath(dataset.root)})"

@@ -1,0 +1,92 @@
+"""A grid of linear-probe heads trained in one pass over the frozen encoder (DINOv2's ``eval/linear.py`` idea).
+
+Every head is the reference probe head, ``BatchNorm1d(affine=False) -> Linear``, on the same CLS feature. The
+affine-free BatchNorm has no parameters and sees the same batch, so one BN is shared; each ``Linear`` sits in its
+own optimizer group with its own ``lr_scale``. The training loss is the *sum* of the per-head losses, so each
+head receives exactly the gradient it would get alone: training the grid equals training each probe separately
+(same data order), for the price of one encoder forward.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.weight_init import trunc_normal_
+
+from milan.models.classifier import LinearProbe
+from milan.models.vit import VisionTransformer
+
+
+class LinearProbeGrid(nn.Module):
+    """Frozen encoder -> CLS after the final LayerNorm -> shared affine-free BN -> one Linear per lr.
+
+    Args:
+        encoder: Pretrained encoder (frozen here).
+        num_classes: Number of classes.
+        lr_scales: One lr multiplier per head (e.g. ``[0.5, 1, 2]`` times the scheduled lr).
+    """
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, lr_scales: Sequence[float]) -> None:
+        super().__init__()
+        if not lr_scales or any(s <= 0 for s in lr_scales):
+            raise ValueError(f"lr_scales must be a non-empty list of positive numbers, got {list(lr_scales)}")
+        dim = encoder.embed_dim
+        self.lr_scales = [float(s) for s in lr_scales]
+        self.encoder = encoder.requires_grad_(False)
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        fcs = [nn.Linear(dim, num_classes) for _ in self.lr_scales]
+        for fc in fcs:  # the reference probe head's init
+            trunc_normal_(fc.weight, std=0.01)
+            nn.init.zeros_(fc.bias)
+        self.fcs = nn.ModuleList(fcs)
+
+    def train(self, mode: bool = True) -> LinearProbeGrid:
+        """The frozen encoder always stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (K, B, num_classes) logits of the K heads."""
+        with torch.no_grad():
+            feats = self.encoder.forward_features(images)[:, 0]  # (B, D) CLS after the final norm
+        x = self.bn(feats)
+        return torch.stack([fc(x) for fc in self.fcs])
+
+    def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """One optimizer group per head, carrying its ``lr_scale``."""
+        return [
+            {"params": list(fc.parameters()), "lr_scale": s, "weight_decay": weight_decay, "head": i}
+            for i, (fc, s) in enumerate(zip(self.fcs, self.lr_scales, strict=True))
+        ]
+
+    def probe_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Head ``index`` as a :class:`~milan.models.classifier.LinearProbe` state dict (``encoder.*``, ``head.*``)."""
+        sd: dict[str, torch.Tensor] = OrderedDict((f"encoder.{k}", v) for k, v in self.encoder.state_dict().items())
+        sd.update((f"head.bn.{k}", v) for k, v in self.bn.state_dict().items())
+        sd.update((f"head.fc.{k}", v) for k, v in self.fcs[index].state_dict().items())
+        return sd
+
+    def to_probe(self, index: int) -> LinearProbe:
+        """A :class:`~milan.models.classifier.LinearProbe` holding head ``index`` (shares the encoder)."""
+        probe = LinearProbe(self.encoder, self.num_classes)
+        probe.head.load_state_dict(
+            {k.removeprefix("head."): v for k, v in self.probe_state_dict(index).items() if k.startswith("head.")}
+        )
+        return probe
+
+
+def grid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over heads of the mean cross-entropy: (K, B, C) logits, (B,) targets -> scalar.
+
+    Summing (not averaging) keeps each head's gradient equal to the gradient of its own loss.
+    """
+    k, b, c = logits.shape
+    per_sample = F.cross_entropy(logits.reshape(k * b, c), targets.repeat(k), reduction="none")  # (K * B,)
+    return per_sample.view(k, b).mean(dim=1).sum()

@@ -1,0 +1,1 @@
+"""Pictures of runs and models: training curves (``milan plot``) and model visualisations (``milan visualize``)."""
