@@ -21,6 +21,7 @@ from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block
 
 from milan.masking import MaskIndices, gather_tokens, restore_order
+from milan.models.init import mae_init_
 from milan.pos_embed import PosEmbedLayout, sincos_2d
 
 
@@ -111,107 +112,7 @@ class PromptBlock(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """Shared parts: embedding, mask token, fixed position table, final norm and prediction head."""
-
-    def __init__(
-        self,
-        grid_size: tuple[int, int],
-        in_dim: int,
-        embed_dim: int,
-        out_dim: int,
-        pos_embed_layout: PosEmbedLayout,
-        norm_eps: float,
-    ) -> None:
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.out_dim = out_dim
-        self.decoder_embed = nn.Linear(in_dim, embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            sincos_2d(grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
-        )  # (1, 1 + L, C)
-        self.decoder_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.decoder_pred = nn.Linear(embed_dim, out_dim)
-
-    def init_weights(self) -> None:
-        """MAE initialisation: N(0, 0.02) mask token, Xavier-uniform Linears, unit LayerNorms."""
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _embed(self, latent: torch.Tensor, mask: MaskIndices) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns prompts (B, 1 + K, C) and mask tokens (B, M, C), both with their positions added."""
-        z = self.decoder_embed(latent)  # (B, 1 + K, C)
-        pos = self.decoder_pos_embed.expand(z.shape[0], -1, -1)
-        pos_keep = gather_tokens(pos[:, 1:], mask.ids_keep)  # (B, K, C)
-        pos_mask = gather_tokens(pos[:, 1:], mask.ids_mask)  # (B, M, C)
-        prompts = torch.cat([z[:, :1] + pos[:, :1], z[:, 1:] + pos_keep], dim=1)
-        return prompts, self.mask_token + pos_mask
-
-    def _predict(self, tokens: torch.Tensor, mask: MaskIndices, restore: bool) -> torch.Tensor:
-        pred = self.decoder_pred(self.decoder_norm(tokens))  # (B, 1 + L, out_dim), mask order
-        return restore_order(pred, mask) if restore else pred
-
-
-class PromptingDecoder(_Decoder):
-    """MILAN's prompting decoder (default 512 wide, 8 blocks, 16 heads).
-
-    Args:
-        grid_size: Patch grid of the encoder.
-        in_dim: Encoder width.
-        out_dim: Teacher feature width.
-        embed_dim: Decoder width.
-        depth: Number of prompting blocks.
-        num_heads: Attention heads.
-        mlp_ratio: MLP hidden width / embed_dim.
-        pos_embed_layout: Sin-cos layout (see ``milan.pos_embed``).
-        norm_eps: LayerNorm epsilon.
-    """
-
-    def __init__(
-        self,
-        grid_size: tuple[int, int],
-        in_dim: int,
-        out_dim: int,
-        embed_dim: int = 512,
-        depth: int = 8,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        pos_embed_layout: PosEmbedLayout = "mmpretrain",
-        norm_eps: float = 1e-6,
-    ) -> None:
-        super().__init__(grid_size, in_dim, embed_dim, out_dim, pos_embed_layout, norm_eps)
-        self.decoder_blocks = nn.ModuleList(
-            PromptBlock(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(depth)
-        )
-        self.init_weights()
-
-    def forward(self, latent: torch.Tensor, mask: MaskIndices, restore_order: bool = True) -> torch.Tensor:
-        """Predicts the teacher features of every token.
-
-        Args:
-            latent: (B, 1 + K, E) encoder output (cls + visible, in ``mask.ids_keep`` order).
-            mask: The mask indices used by the encoder.
-            restore_order: Return tokens in spatial order; otherwise in mask order ``[cls, visible, masked]``.
-
-        Returns:
-            (B, 1 + L, out_dim) predictions. Positions of the cls and visible tokens are the prompts, unchanged
-            by the blocks, passed through ``decoder_norm`` and ``decoder_pred``.
-        """
-        prompts, tokens = self._embed(latent, mask)
-        for blk in self.decoder_blocks:
-            tokens = blk(tokens, prompts)
-        return self._predict(torch.cat([prompts, tokens], dim=1), mask, restore_order)
-
-
-class MAEDecoder(_Decoder):
-    """The standard MAE decoder (full self-attention over all tokens), for ablations.
+    """Shared parts: embedding, mask token, fixed position table, the blocks, final norm and prediction head.
 
     Args:
         grid_size: Patch grid of the encoder.
@@ -237,13 +138,79 @@ class MAEDecoder(_Decoder):
         pos_embed_layout: PosEmbedLayout = "mmpretrain",
         norm_eps: float = 1e-6,
     ) -> None:
-        super().__init__(grid_size, in_dim, embed_dim, out_dim, pos_embed_layout, norm_eps)
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.out_dim = out_dim
+        self.decoder_embed = nn.Linear(in_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_2d(grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
+        )  # (1, 1 + L, C)
         self.decoder_blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
-            for _ in range(depth)
+            self._block(embed_dim, num_heads, mlp_ratio, norm_eps) for _ in range(depth)
         )
+        self.decoder_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.decoder_pred = nn.Linear(embed_dim, out_dim)
         self.init_weights()
+
+    @staticmethod
+    def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """MAE initialisation: N(0, 0.02) mask token, Xavier-uniform Linears, unit LayerNorms."""
+        nn.init.normal_(self.mask_token, std=0.02)
+        mae_init_(self)
+
+    def _embed(self, latent: torch.Tensor, mask: MaskIndices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns prompts (B, 1 + K, C) and mask tokens (B, M, C), both with their positions added."""
+        z = self.decoder_embed(latent)  # (B, 1 + K, C)
+        pos = self.decoder_pos_embed.expand(z.shape[0], -1, -1)
+        pos_keep = gather_tokens(pos[:, 1:], mask.ids_keep)  # (B, K, C)
+        pos_mask = gather_tokens(pos[:, 1:], mask.ids_mask)  # (B, M, C)
+        prompts = torch.cat([z[:, :1] + pos[:, :1], z[:, 1:] + pos_keep], dim=1)
+        return prompts, self.mask_token + pos_mask
+
+    def _predict(self, tokens: torch.Tensor, mask: MaskIndices, restore: bool) -> torch.Tensor:
+        pred = self.decoder_pred(self.decoder_norm(tokens))  # (B, 1 + L, out_dim), mask order
+        return restore_order(pred, mask) if restore else pred
+
+
+class PromptingDecoder(_Decoder):
+    """MILAN's prompting decoder (default 512 wide, 8 blocks, 16 heads); arguments as in :class:`_Decoder`."""
+
+    @staticmethod
+    def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
+        return PromptBlock(dim, num_heads, mlp_ratio, norm_eps=norm_eps)
+
+    def forward(self, latent: torch.Tensor, mask: MaskIndices, restore_order: bool = True) -> torch.Tensor:
+        """Predicts the teacher features of every token.
+
+        Args:
+            latent: (B, 1 + K, E) encoder output (cls + visible, in ``mask.ids_keep`` order).
+            mask: The mask indices used by the encoder.
+            restore_order: Return tokens in spatial order; otherwise in mask order ``[cls, visible, masked]``.
+
+        Returns:
+            (B, 1 + L, out_dim) predictions. Positions of the cls and visible tokens are the prompts, unchanged
+            by the blocks, passed through ``decoder_norm`` and ``decoder_pred``.
+        """
+        prompts, tokens = self._embed(latent, mask)
+        for blk in self.decoder_blocks:
+            tokens = blk(tokens, prompts)
+        return self._predict(torch.cat([prompts, tokens], dim=1), mask, restore_order)
+
+
+class MAEDecoder(_Decoder):
+    """The standard MAE decoder (full self-attention over all tokens), for ablations.
+
+    Arguments as in :class:`_Decoder`.
+    """
+
+    @staticmethod
+    def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
 
     def forward(self, latent: torch.Tensor, mask: MaskIndices, restore_order: bool = True) -> torch.Tensor:
         """Predicts every token with full self-attention (same contract as :class:`PromptingDecoder`)."""

@@ -15,6 +15,7 @@ from timm.layers.patch_embed import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from milan.models.init import mae_init_
 from milan.pos_embed import PosEmbedLayout, sincos_2d
 
 
@@ -77,14 +78,8 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        mae_init_(self.blocks)
+        mae_init_(self.norm)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
