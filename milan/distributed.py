@@ -118,6 +118,36 @@ def reduce_means(values: Mapping[str, float], device: torch.device) -> dict[str,
     return dict(zip(values.keys(), t.tolist(), strict=True))
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``(n_rank, ...)`` tensor concatenated in rank order, on every process; ``n_rank`` may differ.
+
+    The trailing dimensions and the dtype must agree, except on processes without rows (any ``(0, ...)`` shape of
+    the same number of dimensions, e.g. ``torch.zeros(0, 0)`` from an empty shard).
+
+    Args:
+        tensor: This process's rows (on this process's device: CUDA for NCCL).
+
+    Returns:
+        ``(sum of n_rank, ...)``; ``tensor`` itself without a process group.
+    """
+    if not is_enabled():
+        return tensor
+    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)  # one small collective for the row counts (and the row shape)
+    sizes = [[int(v) for v in s.tolist()] for s in shapes]
+    counts = [s[0] for s in sizes]
+    row = next((tuple(s[1:]) for s in sizes if s[0] > 0), tuple(tensor.shape[1:]))
+    if max(counts) == 0:
+        return tensor.new_zeros((0, *row))
+    padded = tensor.new_zeros((max(counts), *row))  # all_gather needs equal shapes: pad to the longest
+    if tensor.shape[0]:
+        padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every process."""
     if not is_enabled():

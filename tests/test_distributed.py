@@ -39,6 +39,7 @@ def test_helpers_are_no_ops_in_one_process() -> None:
     assert torch.equal(dist.all_reduce_mean(t), t) and torch.equal(dist.all_reduce_sum(t), t)
     assert dist.reduce_means({"a": 2.0}, torch.device("cpu")) == {"a": 2.0}
     assert dist.broadcast_object({"x": 1}) == {"x": 1}
+    assert dist.all_gather_rows(t) is t  # the 2-process case: tests/eval/test_ddp.py
     dist.barrier()
     m = nn.Linear(2, 2)
     assert dist.wrap_ddp(m, torch.device("cpu")) is m and dist.unwrap(m) is m

@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import QuickGELU
 from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
@@ -29,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from milan.checkpoint.io import CheckpointError
 from milan.models.decoder import MAEDecoder, PromptingDecoder
+from milan.models.factory import EncoderConfig
 from milan.models.vit import VIT_ARCHS, VisionTransformer
 from milan.pos_embed import PosEmbedLayout, sincos_2d
 
@@ -92,8 +94,8 @@ def detect_layout(pos_embed: torch.Tensor, grid: tuple[int, int]) -> PosLayout:
 
 
 @dataclass
-class EncoderArch:
-    """Our :class:`~milan.models.VisionTransformer` (timm key names)."""
+class ViTShape:
+    """What every ViT description here starts with (the student encoder's and the teacher tower's)."""
 
     img_size: int
     patch_size: int
@@ -101,29 +103,38 @@ class EncoderArch:
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+
+@dataclass
+class EncoderArch(ViTShape):
+    """Our :class:`~milan.models.VisionTransformer` (timm key names)."""
+
     in_chans: int = 3
     qkv_bias: bool = True
     pos_embed_layout: PosLayout = "mmpretrain"
 
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
     def build(self, drop_path_rate: float = 0.0) -> VisionTransformer:
         """A randomly initialised encoder of this shape (load the weights next); ``drop_path_rate`` for fine-tuning."""
         layout: PosEmbedLayout = "mae" if self.pos_embed_layout == "mae" else "mmpretrain"
-        return VisionTransformer(
-            img_size=self.img_size,
-            patch_size=self.patch_size,
-            in_chans=self.in_chans,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
+        return VisionTransformer(**_vit_shape(self), drop_path_rate=drop_path_rate, pos_embed_layout=layout)
+
+    def to_config(self, drop_path_rate: float = 0.0) -> EncoderConfig:
+        """This shape as the model factory's :class:`~milan.models.factory.EncoderConfig`.
+
+        ``EncoderConfig`` describes the standard encoder: 3 input channels, qkv bias, a fixed sin-cos position table
+        (a learned table is described as ``mmpretrain``; loading the weights restores it).
+        """
+        layout: PosEmbedLayout = "mae" if self.pos_embed_layout == "mae" else "mmpretrain"
+        return EncoderConfig(
+            img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, pos_embed_layout=layout,
             drop_path_rate=drop_path_rate,
-            pos_embed_layout=layout,
-        )
+        )  # fmt: skip
 
 
 def infer_encoder(sd: StateDict, num_heads: int | None = None) -> EncoderArch:
@@ -223,15 +234,9 @@ def infer_decoder(sd: StateDict, num_heads: int | None = None) -> DecoderArch:
 
 
 @dataclass
-class TowerSpec:
+class TowerSpec(ViTShape):
     """A timm ``VisionTransformer`` used as the teacher; ``head`` (if ``out_dim``) projects every token."""
 
-    img_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
     out_dim: int = 0  # width of the Linear head (CLIP's proj); 0 = no head, features are embed_dim wide
     act: Act = "gelu"
     norm_eps: float = 1e-6
@@ -246,10 +251,6 @@ class TowerSpec:
     timm_name: str | None = None  # when set, built by timm.create_model(timm_name, ...) instead
     resize_input: bool = False  # resize inputs of any other size to img_size (runs a /14 teacher on a /16 grid)
 
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -259,7 +260,7 @@ class TowerSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def build(self) -> TimmVisionTransformer:
-        """The tower with random weights."""
+        """The tower with random weights (:func:`describe_tower` gives this spec back)."""
         if self.timm_name:
             import timm
 
@@ -272,35 +273,46 @@ class TowerSpec:
                     "MILAN's teacher needs a standard ViT block to compute the CLS attention (EVA/EVA-02 use RoPE "
                     "blocks and are not supported)"
                 )
-            return model
-        acts: dict[str, Any] = {
-            "quick_gelu": QuickGELU,
-            "gelu": nn.GELU,
-            "gelu_tanh": partial(nn.GELU, approximate="tanh"),
-        }
-        if self.act not in acts:
-            raise ValueError(f"unknown activation {self.act!r}; choose one of {sorted(acts)}")
-        model = TimmVisionTransformer(
-            img_size=self.img_size,
-            patch_size=self.patch_size,
-            in_chans=self.in_chans,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-            qk_norm=self.qk_norm,
-            init_values=1.0 if self.layer_scale else None,
-            class_token=self.class_token,
-            reg_tokens=self.reg_tokens,
-            no_embed_class=self.no_embed_class,
-            pre_norm=self.pre_norm,
-            global_pool="token" if self.class_token else "avg",
-            num_classes=self.out_dim,
-            act_layer=acts[self.act],
-            norm_layer=partial(nn.LayerNorm, eps=self.norm_eps),
-        )
+            model._milan_timm_name = self.timm_name  # type: ignore[assignment]  # read by describe_tower
+        else:
+            acts: dict[str, Any] = {
+                "quick_gelu": QuickGELU,
+                "gelu": nn.GELU,
+                "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+            }
+            if self.act not in acts:
+                raise ValueError(f"unknown activation {self.act!r}; choose one of {sorted(acts)}")
+            model = TimmVisionTransformer(
+                **_vit_shape(self),
+                qk_norm=self.qk_norm,
+                init_values=1.0 if self.layer_scale else None,
+                class_token=self.class_token,
+                reg_tokens=self.reg_tokens,
+                no_embed_class=self.no_embed_class,
+                pre_norm=self.pre_norm,
+                global_pool="token" if self.class_token else "avg",
+                num_classes=self.out_dim,
+                act_layer=acts[self.act],
+                norm_layer=partial(nn.LayerNorm, eps=self.norm_eps),
+            )
+        if self.resize_input:
+            model.patch_embed.register_forward_pre_hook(resize_to_tower)
         return model
+
+
+def resize_to_tower(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor] | None:
+    """Forward pre-hook of a tower's patch embedding: bicubic-resize (B, C, H, W) inputs to the tower's resolution."""
+    x = args[0]
+    size = tuple(int(s) for s in module.img_size)  # type: ignore[union-attr]
+    if tuple(x.shape[-2:]) == size:
+        return None
+    return (F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True),)
+
+
+def _vit_shape(arch: EncoderArch | TowerSpec) -> dict[str, Any]:
+    """The constructor arguments that our encoder and timm's ``VisionTransformer`` share."""
+    names = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
+    return {name: getattr(arch, name) for name in names}
 
 
 def infer_tower(
@@ -363,7 +375,10 @@ def infer_tower(
 
 
 def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
-    """The spec of a built timm tower (save it with a checkpoint so that the tower can be rebuilt exactly)."""
+    """The spec of a built timm tower (save it with a checkpoint so that the tower can be rebuilt exactly).
+
+    ``timm_name`` and ``resize_input`` are recognised on towers built by :meth:`TowerSpec.build`.
+    """
     block = cast(Block, model.blocks[0])
     attn = cast(Attention, block.attn)
     mlp = cast(Mlp, block.mlp)
@@ -394,6 +409,8 @@ def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not isinstance(attn.q_norm, nn.Identity),
         in_chans=int(model.patch_embed.proj.in_channels),
+        timm_name=getattr(model, "_milan_timm_name", None),  # set by TowerSpec.build
+        resize_input=resize_to_tower in model.patch_embed._forward_pre_hooks.values(),
     )
 
 

@@ -274,20 +274,11 @@ def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
 
 def _model_config(ck: Checkpoint) -> dict[str, Any]:
     """``dataclasses.asdict(ModelConfig)`` describing a MILAN checkpoint (teacher fields from its tower, if any)."""
-    from milan.models.factory import DecoderConfig, EncoderConfig, ModelConfig, TeacherConfig
+    from milan.models.factory import DecoderConfig, ModelConfig, TeacherConfig
 
-    enc, dec = ck.encoder_arch(), ck.decoder_arch()
-    layout = enc.pos_embed_layout if enc.pos_embed_layout in ("mmpretrain", "mae") else "mmpretrain"
+    dec = ck.decoder_arch()
     cfg = ModelConfig(
-        encoder=EncoderConfig(
-            img_size=enc.img_size,
-            patch_size=enc.patch_size,
-            embed_dim=enc.embed_dim,
-            depth=enc.depth,
-            num_heads=enc.num_heads,
-            mlp_ratio=enc.mlp_ratio,
-            pos_embed_layout=layout,
-        ),
+        encoder=ck.encoder_arch().to_config(),
         decoder=DecoderConfig(
             kind=dec.kind, embed_dim=dec.embed_dim, depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=dec.mlp_ratio
         ),

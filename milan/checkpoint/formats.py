@@ -295,8 +295,8 @@ def _hints(meta: dict[str, Any], file_meta: dict[str, str]) -> dict[str, Any]:
         ours = json.loads(file_meta["milan"])
     if isinstance(ours, dict):
         hints.update(ours)
-    if isinstance(meta.get("teacher_spec"), dict):
-        hints["tower"] = meta["teacher_spec"]
+    if isinstance(meta.get("teacher_spec"), dict):  # training checkpoints: the teacher's exact architecture
+        hints["tower"] = hints["teacher_spec"] = meta["teacher_spec"]
     return {k: v for k, v in hints.items() if v is not None}
 
 
@@ -367,6 +367,8 @@ def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str,
     spec = infer_tower(tower_sd, act=act, norm_eps=eps, num_heads=heads, img_size=tower_opts.get("img_size"))
     if stored and stored.get("timm_name"):
         spec.timm_name = stored["timm_name"]
+    if stored and stored.get("resize_input") and not tower_opts.get("img_size"):
+        spec.resize_input = True
     return spec
 
 

@@ -24,6 +24,7 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     Returns:
         The destination path.
     """
-    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    with _atomic_path(Path(path)) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save_safetensors(
@@ -75,19 +78,9 @@ def save_safetensors(
             t = t.clone()  # safetensors refuses tensors sharing (or viewing part of) a storage
         seen.add(t.untyped_storage().data_ptr())
         data[key] = t
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic_path(Path(path)) as tmp:
         save_file(data, tmp, metadata={"format": "pt", **(metadata or {})})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -132,19 +125,24 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path`` for the block to write; then fsynced and renamed over ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with tmp.open("r+b") as f:  # the data reaches the disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def _safetensors_header(path: Path) -> dict[str, Any] | None:

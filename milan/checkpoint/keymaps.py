@@ -13,23 +13,28 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
+
+def _mmcv_blocks(src: str, dst: str) -> list[tuple[str, str]]:
+    """Rules from mmcv transformer layers (``{src}N.ln1``, ``.attn``, ``.ffn``) to timm blocks (``{dst}N.norm1``)."""
+    names = [
+        ("ln1.", "norm1."),
+        ("ln2.", "norm2."),
+        ("attn.", "attn."),
+        ("ffn.layers.0.0.", "mlp.fc1."),
+        ("ffn.layers.1.", "mlp.fc2."),
+    ]
+    return [(rf"^{re.escape(src)}(\d+)\.{re.escape(a)}", rf"{dst}\1.{b}") for a, b in names]
+
+
 # mmpretrain / MMSelfSup MILAN (backbone = MILANViT, neck = MILANPretrainDecoder) -> ours.
 _MMPRETRAIN_ENCODER = [
     (r"^backbone\.patch_embed\.projection\.", "patch_embed.proj."),
-    (r"^backbone\.layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
-    (r"^backbone\.layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
-    (r"^backbone\.layers\.(\d+)\.attn\.", r"blocks.\1.attn."),
-    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
-    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
+    *_mmcv_blocks("backbone.layers.", "blocks."),
     (r"^backbone\.ln1\.", "norm."),
     (r"^backbone\.(cls_token|pos_embed)$", r"\1"),
 ]
 _MMPRETRAIN_DECODER = [
-    (r"^neck\.decoder_blocks\.(\d+)\.ln1\.", r"decoder_blocks.\1.norm1."),
-    (r"^neck\.decoder_blocks\.(\d+)\.ln2\.", r"decoder_blocks.\1.norm2."),
-    (r"^neck\.decoder_blocks\.(\d+)\.attn\.", r"decoder_blocks.\1.attn."),
-    (r"^neck\.decoder_blocks\.(\d+)\.ffn\.layers\.0\.0\.", r"decoder_blocks.\1.mlp.fc1."),
-    (r"^neck\.decoder_blocks\.(\d+)\.ffn\.layers\.1\.", r"decoder_blocks.\1.mlp.fc2."),
+    *_mmcv_blocks("neck.decoder_blocks.", "decoder_blocks."),
     (r"^neck\.ln1\.", "decoder_norm."),
     (r"^neck\.(mask_token|decoder_pos_embed|decoder_embed\.\w+|decoder_pred\.\w+)$", r"\1"),
 ]
@@ -204,23 +209,39 @@ def milan_orig_to_milan(state_dict: StateDict) -> tuple[str, StateDict, list[str
     return "encoder", dict(state_dict), []
 
 
+# Our encoder <-> Hugging Face ``ViTModel`` (the fused qkv is split/merged separately): (ours, HF) name templates;
+# ``{}`` is a block index, a name ending in ``.`` a prefix, any other name a whole key.
+_HF_VIT = [
+    ("cls_token", "embeddings.cls_token"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
+    ("blocks.{}.norm1.", "encoder.layer.{}.layernorm_before."),
+    ("blocks.{}.norm2.", "encoder.layer.{}.layernorm_after."),
+    ("blocks.{}.attn.proj.", "encoder.layer.{}.attention.output.dense."),
+    ("blocks.{}.mlp.fc1.", "encoder.layer.{}.intermediate.dense."),
+    ("blocks.{}.mlp.fc2.", "encoder.layer.{}.output.dense."),
+    ("norm.", "layernorm."),
+]
+
+
+def _both_ways(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
+    """:func:`_rename` rules from ``(a, b)`` name templates: ``a -> b``, or ``b -> a`` with ``reverse``."""
+
+    def pattern(name: str) -> str:
+        return "^" + re.escape(name).replace(r"\{\}", r"(\d+)") + ("" if name.endswith(".") else "$")
+
+    if reverse:
+        pairs = [(b, a) for a, b in pairs]
+    return [(pattern(src), dst.replace("{}", r"\1")) for src, dst in pairs]
+
+
 def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
     """Our encoder (timm ``VisionTransformer`` keys, with its final ``norm``) -> Hugging Face ``ViTModel`` keys.
 
     The fused ``qkv`` splits into ``query``/``key``/``value``; the final ``norm`` is ``ViTModel.layernorm`` (applied
     to every token of ``last_hidden_state``). No pooler is written (load with ``add_pooling_layer=False``).
     """
-    rules = [
-        (r"^cls_token$", "embeddings.cls_token"),
-        (r"^pos_embed$", "embeddings.position_embeddings"),
-        (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-        (r"^blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-        (r"^blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-        (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
-        (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
-        (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-        (r"^norm\.", "layernorm."),
-    ]
+    rules = _both_ways(_HF_VIT)
     out: StateDict = {}
     for key, value in state_dict.items():
         if m := re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key):
@@ -238,17 +259,7 @@ def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
 
 def hf_vit_to_encoder(state_dict: StateDict) -> StateDict:
     """Hugging Face ``ViTModel`` weights (on-disk names, as :func:`encoder_to_hf_vit` writes) -> our encoder keys."""
-    rules = [
-        (r"^embeddings\.cls_token$", "cls_token"),
-        (r"^embeddings\.position_embeddings$", "pos_embed"),
-        (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-        (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-        (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-        (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-        (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
-        (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
-        (r"^layernorm\.", "norm."),
-    ]
+    rules = _both_ways(_HF_VIT, reverse=True)
     out: StateDict = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import torch.nn as nn
 
-from milan.checkpoint.arch import load_strict
+from milan.checkpoint.arch import TowerSpec, load_strict
 from milan.checkpoint.formats import Checkpoint, read_checkpoint
 from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.teachers import teacher_from_checkpoint
@@ -39,9 +39,17 @@ def _checkpoint(src: Source, **options: Any) -> Checkpoint:
     return read_checkpoint(src, **{k: v for k, v in options.items() if v is not None})
 
 
-def encoder_from_checkpoint(ck: Checkpoint) -> VisionTransformer:
-    """The student encoder of a canonical checkpoint (for a fine-tuned classifier: without its final norm)."""
-    encoder = ck.encoder_arch().build()
+def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """The student encoder of a canonical checkpoint (for a fine-tuned classifier: without its final norm).
+
+    Args:
+        ck: From :func:`~milan.checkpoint.formats.read_checkpoint`.
+        drop_path_rate: Stochastic depth of the built encoder (fine-tuning).
+
+    Returns:
+        The encoder with the stored weights, including the stored position table.
+    """
+    encoder = ck.encoder_arch().build(drop_path_rate=drop_path_rate)
     if ck.kind == "finetune":
         encoder.norm = nn.Identity()  # type: ignore[assignment]
     load_strict(encoder, ck.encoder_state(), f"{ck.source}: student encoder")
@@ -98,8 +106,9 @@ def load_milan(
     Args:
         src: mmpretrain / MMSelfSup MILAN (``backbone``, ``neck``, ``target_generator``), original MILAN or ours.
         teacher: A teacher, or a path for :func:`milan.checkpoint.load_teacher`. Default: the teacher stored in the
-            checkpoint, else the ``teacher.checkpoint`` file named by its config. Needed otherwise (original MILAN
-            files, mmpretrain files saved without ``target_generator``).
+            checkpoint, else the ``teacher.checkpoint`` file named by its config (built as the checkpoint's
+            ``teacher_spec`` describes it, when it has one). Needed otherwise (original MILAN files, mmpretrain files
+            saved without ``target_generator``).
         input_norm: Input normalisation of a teacher read from ``src``.
         fmt: Source format.
         num_heads: Encoder heads.
@@ -126,7 +135,12 @@ def load_milan(
     elif teacher is None and teacher_path and os.path.exists(teacher_path):  # the run's config names its teacher
         from milan.checkpoint.teachers import load_teacher
 
-        teacher = load_teacher(teacher_path, input_norm=stored["teacher"].get("input_norm", input_norm))
+        spec = ck.hints.get("teacher_spec")  # what the run built: rebuild exactly that, with the file's weights
+        teacher = load_teacher(
+            teacher_path,
+            input_norm=stored["teacher"].get("input_norm", input_norm),
+            spec=TowerSpec.from_dict(spec) if isinstance(spec, dict) else None,
+        )
     patch = student.encoder.patch_size
     if teacher is None and student.decoder.out_dim != patch * patch * 3:
         raise CheckpointError(

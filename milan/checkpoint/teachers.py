@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
@@ -77,6 +74,7 @@ def load_teacher(
     grid_size: int | None = None,
     model_name: str | None = None,
     head: bool = True,
+    spec: TowerSpec | None = None,
 ) -> Teacher:
     """Loads a frozen teacher from a local weights file or folder (see the module docstring for the formats).
 
@@ -92,6 +90,8 @@ def load_teacher(
         grid_size: Same, given as a patch grid side (``img_size = grid_size * patch_size``).
         model_name: timm model name for timm / OpenCLIP ``visual.trunk`` teachers.
         head: Keep a timm checkpoint's Linear head as the output projection.
+        spec: Build exactly this tower instead of the inferred one, e.g. the ``teacher_spec`` that training
+            checkpoints store (the file then only provides the weights).
 
     Returns:
         The teacher (frozen, eval mode).
@@ -114,7 +114,9 @@ def load_teacher(
         model_name=model_name,
         head=head,
     )
-    return teacher_from_checkpoint(ck, input_norm, grid_size=grid_size, resize_input=bool(img_size or grid_size))
+    return teacher_from_checkpoint(
+        ck, input_norm, grid_size=grid_size, resize_input=bool(img_size or grid_size), spec=spec
+    )
 
 
 def teacher_from_checkpoint(
@@ -123,6 +125,7 @@ def teacher_from_checkpoint(
     *,
     grid_size: int | None = None,
     resize_input: bool = False,
+    spec: TowerSpec | None = None,
 ) -> Teacher:
     """Builds the teacher held by a canonical checkpoint (a teacher, a MILAN checkpoint with one, or a timm ViT).
 
@@ -131,16 +134,18 @@ def teacher_from_checkpoint(
         input_norm: Teacher input normalisation.
         grid_size: Run at ``grid_size * patch_size`` pixels.
         resize_input: Resize inputs of another size to the teacher's resolution.
+        spec: The tower to build (default: the one inferred from ``ck``); ``ck`` then only provides the weights.
 
     Returns:
         The teacher.
     """
     if ck.kind == "encoder":  # a plain timm ViT (or one of our encoders) brought as the teacher
-        tower_sd, spec = timm_tower(ck.state_dict, num_heads=ck.hints.get("num_heads"), **ck.tower_options)
+        tower_sd, inferred = timm_tower(ck.state_dict, num_heads=ck.hints.get("num_heads"), **ck.tower_options)
     elif ck.tower is not None:
-        tower_sd, spec = ck.part("teacher.model." if ck.kind == "milan" else "model."), ck.tower
+        tower_sd, inferred = ck.part("teacher.model." if ck.kind == "milan" else "model."), ck.tower
     else:
         raise CheckpointError(f"{ck.source}: this {ck.format} {ck.kind} checkpoint holds no teacher weights")
+    spec = spec or inferred
     if grid_size:
         spec = dataclasses.replace(spec, img_size=grid_size * spec.patch_size)
     if resize_input:
@@ -152,7 +157,7 @@ def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer
     """Builds the tower described by ``spec`` and loads ``state_dict`` strictly.
 
     The stored position table is resampled when ``spec.img_size`` differs from it; with ``spec.resize_input`` the
-    tower also resizes inputs of another size to ``spec.img_size``.
+    tower also resizes inputs of another size to ``spec.img_size`` (:func:`~milan.checkpoint.arch.resize_to_tower`).
 
     Raises:
         CheckpointError: Missing, unexpected or mis-shaped keys (all named).
@@ -164,8 +169,6 @@ def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer
     # timm's own filter converts/resamples for named models; ours resamples the position table for inferred ones.
     state_dict = checkpoint_filter_fn(dict(state_dict), model) if spec.timm_name else fit_pos_embed(state_dict, spec)
     load_strict(model, state_dict, "teacher tower")
-    if spec.resize_input:
-        model.patch_embed.register_forward_pre_hook(_resize_to_tower)
     return model
 
 
@@ -183,12 +186,3 @@ def _check_supported(model: nn.Module) -> None:
             f"the teacher's blocks are {type(last).__name__}, not timm ViT Blocks; MILAN computes the CLS attention "
             "from a standard Block's qkv (EVA-style RoPE blocks are not supported)"
         )
-
-
-def _resize_to_tower(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor] | None:
-    """Forward pre-hook of the patch embedding: bicubic-resize (B, C, H, W) inputs to the tower's resolution."""
-    x = args[0]
-    size = tuple(int(s) for s in module.img_size)  # type: ignore[union-attr]
-    if tuple(x.shape[-2:]) == size:
-        return None
-    return (F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True),)

@@ -4,11 +4,14 @@ Seeding. The loader gets a ``torch.Generator`` seeded from ``(seed, rank)``. PyT
 ``base_seed`` from it and seeds worker ``w`` with ``base_seed + w`` (``torch``, ``random`` and ``numpy``), so
 augmentations differ across workers and ranks and repeat exactly for the same ``seed``; the same generator
 drives ``shuffle`` when no sampler is given. With ``num_workers=0`` the augmentations run in the main process
-and draw from its global ``torch`` RNG: seed that (``torch.manual_seed``) for repeatable runs.
+and draw from its global ``torch`` RNG: seed that (``torch.manual_seed``) for repeatable runs. ``seed=None``
+gives no generator: PyTorch then draws ``base_seed`` from the global ``torch`` RNG (for datasets that seed each
+sample themselves, such as :class:`milan.engine.sampling.SeededSamples`, where the workers' seeds do not matter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from milan.data.batch import collate_images
-from milan.data.datasets import Item
 
 
 def _rank() -> int:
@@ -40,35 +42,40 @@ def loader_generator(seed: int, rank: int = 0) -> torch.Generator:
 
 
 def build_loader(
-    dataset: Dataset[Item],
+    dataset: Dataset[Any],
     batch_size: int,
     *,
     shuffle: bool = False,
     num_workers: int = 0,
-    sampler: Sampler[int] | None = None,
+    sampler: Sampler[Any] | None = None,
     drop_last: bool = False,
-    seed: int = 0,
+    seed: int | None = 0,
     rank: int | None = None,
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
     prefetch_factor: int | None = None,
     timeout: float = 0,
-) -> DataLoader[Item]:
-    """Builds a DataLoader that yields :class:`~milan.data.batch.Batch` objects.
+    collate_fn: Callable[[list[Any]], Any] = collate_images,
+) -> DataLoader[Any]:
+    """Builds a DataLoader that yields :class:`~milan.data.batch.Batch` objects (or what ``collate_fn`` makes).
 
     Args:
-        dataset: A dataset of :data:`~milan.data.datasets.Item` (map-style or iterable, e.g. shards).
+        dataset: A dataset of :data:`~milan.data.datasets.Item` (map-style or iterable, e.g. shards), or of
+            whatever ``collate_fn`` takes.
         batch_size: Samples per batch (before dropping bad ones).
         shuffle: Shuffle a map-style dataset (ignored when ``sampler`` is given; pass a shuffling sampler).
         num_workers: Worker processes (0: load in the main process).
         sampler: E.g. a ``DistributedSampler`` (call its ``set_epoch`` every epoch).
         drop_last: Drop the last incomplete batch.
-        seed: Seed of shuffling and of the workers' augmentation randomness.
+        seed: Seed of shuffling and of the workers' augmentation randomness (``None``: the global ``torch`` RNG,
+            see the module docstring).
         rank: Distributed rank mixed into the seed; default: the current ``torch.distributed`` rank, else 0.
         pin_memory: Page-locked batches for faster host-to-GPU copies; default: when CUDA is available.
         persistent_workers: Keep workers alive between epochs; default: when ``num_workers > 0``.
         prefetch_factor: Batches loaded in advance by each worker (PyTorch default 2).
         timeout: Seconds to wait for a worker's batch before raising (0: forever).
+        collate_fn: Makes a batch from a list of samples (default :func:`~milan.data.batch.collate_images`;
+            e.g. :func:`milan.engine.sampling.keyed_collate` of it for seeded samples).
 
     Returns:
         The DataLoader.
@@ -92,10 +99,10 @@ def build_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_images,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         timeout=timeout,
-        generator=loader_generator(seed, _rank() if rank is None else rank),
+        generator=None if seed is None else loader_generator(seed, _rank() if rank is None else rank),
         **extra,
     )

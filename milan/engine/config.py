@@ -400,6 +400,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _plain(value: Any) -> Any:
+    """An untyped (``Any``) value with the command-line values nested in it parsed (``a.b.c=1`` under a dict)."""
+    if isinstance(value, _Override):
+        return value.parsed
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     """Validates/coerces one value against annotation ``tp``; raises :class:`ConfigError` naming ``key``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -412,7 +423,7 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
                 return value.text
             raise
     if tp is Any:
-        return value
+        return _plain(value)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         base = current if isinstance(current, tp) else tp()
         if not isinstance(value, Mapping):

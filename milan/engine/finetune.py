@@ -14,7 +14,6 @@ bicubic + CenterCrop 224, top-1 / top-5. Optional EMA of the weights (``ema.enab
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
@@ -23,27 +22,19 @@ import torch.nn as nn
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
 from milan.data import SkipReport
+from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import derive, to_dict
 from milan.engine.layer_decay import param_groups_layer_decay
-from milan.engine.linprobe import input_size
 from milan.engine.loop import TrainState, autocast_context
 from milan.engine.optim import build_adamw
-from milan.engine.pretrain import _run_dir_and_checkpoint, seed_everything
-from milan.engine.trainer import setup_runtime
+from milan.engine.run import seed_everything, start_run
+from milan.engine.sampling import seeded_loader
+from milan.engine.trainer import Evaluation, Metrics, Trainer
 from milan.eval.classify import evaluate_heads
-from milan.eval.cli import add_run_arguments, run_job
 from milan.eval.config import AugmentConfig, FinetuneConfig, check_finetune
-from milan.eval.data import (
-    describe_split,
-    eval_loader,
-    eval_pipeline,
-    finetune_pipeline,
-    image_folder,
-    num_classes_of,
-    train_loader,
-)
-from milan.eval.pretrained import load_pretrained_encoder
-from milan.eval.trainer import ClassifierRun, FitResult, Metrics, classifier_step, fit_classifier
+from milan.eval.data import describe_split, eval_loader, finetune_pipeline
+from milan.eval.jobs import FitResult, classifier_step, describe_topk, labelled_splits, train_classifier
+from milan.eval.pretrained import input_size, load_pretrained_encoder
 from milan.models.classifier import FinetuneClassifier
 
 
@@ -72,128 +63,112 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
 
     Args:
         cfg: The validated config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.engine.pretrain.pretrain`).
+        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.engine.run.resolve_run_dir`).
 
     Returns:
         The run's result (every process; only the main one writes files).
     """
-    t_start = time.perf_counter()
     check_finetune(cfg)
-    owns_process_group = not dist.is_enabled()  # a caller's process group is left alone
-    device = dist.init(cfg.runtime.device)
-    try:
-        return _finetune(cfg, resume, device, t_start)
-    finally:
-        if owns_process_group:
-            dist.destroy()
+    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+        device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
+        seed_everything(cfg.seed)  # the same head on every process
+        encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
+        encoder.set_grad_checkpointing(cfg.runtime.grad_checkpointing)
+        size = input_size(cfg.data.img_size, encoder)
+        train_pipeline = finetune_pipeline(data, cfg.aug, size)
+        train_set, val_set, num_classes = labelled_splits(data, train_pipeline, size, cfg.num_classes)
+        model = FinetuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
+        seed_everything(cfg.seed + dist.rank())  # mixup draws differ per process
+        loader, sampler, batches = seeded_loader(
+            train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
+            key="data.train",
+        )  # fmt: skip
+        d = derive(cfg, dist.world_size(), batches)
+        groups = param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.layer_decay)
+        optimizer = build_adamw(groups, cfg.optim, d.lr, device)
+        train_module = dist.wrap_ddp(model, device)
+        if cfg.runtime.compile:
+            train_module = torch.compile(train_module)  # type: ignore[assignment]
+        mixup, criterion = mixup_and_criterion(cfg.aug, num_classes)
+        ema = None
+        if cfg.ema.enabled:
+            from timm.utils.model_ema import ModelEmaV3
 
+            ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+        val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
+        report = SkipReport()
 
-def _finetune(cfg: FinetuneConfig, resume: str | None, device: torch.device, t_start: float) -> FitResult:
-    dtype = setup_runtime(cfg.runtime, device)
-    run_dir, ckpt_path = _run_dir_and_checkpoint(cfg.out_dir, resume)
-    seed_everything(cfg.seed)  # the same head on every process
-    encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
-    encoder.set_grad_checkpointing(cfg.runtime.grad_checkpointing)
-    size = input_size(cfg.data.img_size, encoder)
-    data = cfg.data
-    train_set = image_folder(
-        data.train, data.train_per_class, finetune_pipeline(data, cfg.aug, size), "data.train", data
-    )
-    val_set = image_folder(
-        data.val, data.val_per_class, eval_pipeline(data, size), "data.val", data, classes=train_set.classes
-    )
-    num_classes = num_classes_of(train_set, cfg.num_classes)
-    model = FinetuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
-    seed_everything(cfg.seed + dist.rank())  # mixup draws differ per process
-    loader, sampler, batches = train_loader(
-        train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
-        key="data.train",
-    )  # fmt: skip
-    d = derive(cfg, dist.world_size(), batches)
-    groups = param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.layer_decay)
-    optimizer = build_adamw(groups, cfg.optim, d.lr, device)
-    train_module = dist.wrap_ddp(model, device)
-    if cfg.runtime.compile:
-        train_module = torch.compile(train_module)  # type: ignore[assignment]
-    mixup, criterion = mixup_and_criterion(cfg.aug, num_classes)
-    ema = None
-    if cfg.ema.enabled:
-        from timm.utils.model_ema import ModelEmaV3
+        def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+            targets: torch.Tensor = labels
+            if mixup is not None:
+                if images.shape[0] % 2:  # mixup pairs samples; an odd batch (unreadable files dropped) loses one
+                    images, labels = images[:-1], labels[:-1]
+                images, targets = mixup(images, labels)  # targets: (B, C) soft
+            logits = train_module(images)  # (B, C)
+            loss: torch.Tensor = criterion(logits, targets)
+            return loss, int(images.shape[0])
 
-        ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
-    val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-    report = SkipReport()
-
-    def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        targets: torch.Tensor = labels
-        if mixup is not None:
-            if images.shape[0] % 2:  # mixup pairs samples; an odd batch (unreadable files dropped) loses one
-                images, labels = images[:-1], labels[:-1]
-            images, targets = mixup(images, labels)  # targets: (B, C) soft
-        logits = train_module(images)  # (B, C)
-        loss: torch.Tensor = criterion(logits, targets)
-        return loss, int(images.shape[0])
-
-    def evaluate() -> Metrics:
-        ctx = lambda: autocast_context(device, dtype)  # noqa: E731
-        model.eval()
-        main = evaluate_heads(model, val, device, ctx=ctx)[0]
-        metrics: Metrics = {"top1": main["top1"], "top5": main["top5"]}
-        if ema is not None:
-            averaged = evaluate_heads(ema.module, val, device, ctx=ctx)[0]
-            metrics.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
-        return metrics
-
-    def after_step(s: TrainState) -> None:
-        if ema is not None:
-            ema.update(model, step=s.step)
-
-    def extra_state() -> dict[str, Any]:
-        return {"ema": ema.module.state_dict()} if ema is not None else {}
-
-    def load_extra(ckpt: dict[str, Any]) -> None:
-        if ema is not None and "ema" in ckpt:
-            ema.module.load_state_dict(ckpt["ema"])
-
-    def export(final: Metrics) -> Metrics:
-        meta = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
-        out: Metrics = {"classifier": str(run_dir / "classifier.pt")}
-        if dist.is_main():
-            metrics = {"top1": final["top1"], "top5": final["top5"]}
-            blob = {"model": model.state_dict(), "milan": meta, "config": to_dict(cfg), "metrics": metrics}
-            atomic_save(blob, run_dir / "classifier.pt")
+        def evaluate() -> Metrics:
+            ctx = lambda: autocast_context(device, dtype)  # noqa: E731
+            model.eval()
+            main = evaluate_heads(model, val, device, ctx=ctx)[0]
+            metrics: Metrics = {"top1": main["top1"], "top5": main["top5"]}
             if ema is not None:
-                ema_metrics = {"top1": final["ema_top1"], "top5": final["ema_top5"]}
-                atomic_save(
-                    {**blob, "model": ema.module.state_dict(), "metrics": ema_metrics}, run_dir / "classifier_ema.pt"
-                )
-        if ema is not None:
-            out.update(classifier_ema=str(run_dir / "classifier_ema.pt"), ema_top1=final["ema_top1"],
-                       ema_top5=final["ema_top5"])  # fmt: skip
-        return out
+                averaged = evaluate_heads(ema.module, val, device, ctx=ctx)[0]
+                metrics.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
+            return metrics
 
-    a = cfg.aug
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    messages = [
-        f"milan finetune -> {run_dir}  ({device}, {str(dtype).removeprefix('torch.')}, {d.world_size} process(es))",
-        f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}, {cfg.global_pool} pooling, {size} px; "
-        f"{n_params / 1e6:.2f} M trainable params",
-        f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes",
-        f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
-        f"{len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, "
-        f"mixup {a.mixup} / cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
-        + (f"{cfg.ema.decay}" if ema is not None else "off"),
-    ]
-    if cfg.encoder.pretrained is None:
-        messages.append("WARNING: the encoder is RANDOM: this trains from scratch, not from a pretrained model")
-    run = ClassifierRun(
-        job="finetune", cfg=cfg, model=model, train_module=train_module, optimizer=optimizer,
-        step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, derived=d,
-        run_dir=run_dir, ckpt_path=ckpt_path, device=device, dtype=dtype, evaluate=evaluate,
-        eval_every=cfg.eval_every, export=export, messages=messages, extra_state=extra_state, load_extra=load_extra,
-        after_step=after_step, report=report,
-    )  # fmt: skip
-    return fit_classifier(run, t_start)
+        def after_step(s: TrainState) -> None:
+            if ema is not None:
+                ema.update(model, step=s.step)
+
+        def extra_state() -> dict[str, Any]:
+            return {"ema": ema.module.state_dict()} if ema is not None else {}
+
+        def load_extra_state(ckpt: dict[str, Any]) -> None:
+            if ema is not None and "ema" in ckpt:
+                ema.module.load_state_dict(ckpt["ema"])
+
+        def export(final: Metrics) -> Metrics:
+            meta = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
+            out: Metrics = {"classifier": str(run_dir / "classifier.pt")}
+            if dist.is_main():
+                metrics = {"top1": final["top1"], "top5": final["top5"]}
+                blob = {"model": model.state_dict(), "milan": meta, "config": to_dict(cfg), "metrics": metrics}
+                atomic_save(blob, run_dir / "classifier.pt")
+                if ema is not None:
+                    ema_metrics = {"top1": final["ema_top1"], "top5": final["ema_top5"]}
+                    ema_blob = {**blob, "model": ema.module.state_dict(), "metrics": ema_metrics}
+                    atomic_save(ema_blob, run_dir / "classifier_ema.pt")
+            if ema is not None:
+                out.update(classifier_ema=str(run_dir / "classifier_ema.pt"), ema_top1=final["ema_top1"],
+                           ema_top5=final["ema_top5"])  # fmt: skip
+            return out
+
+        trainer = Trainer(
+            cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
+            step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,
+            device=device, dtype=dtype, resume_from=run.resume_from, extra_state=extra_state,
+            load_extra_state=load_extra_state,
+            evaluation=Evaluation(evaluate, every_epochs=cfg.eval_every, describe=describe_topk),
+        )  # fmt: skip
+        a, log = cfg.aug, trainer.log
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(run.header("finetune"))
+        log.info(
+            f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}, {cfg.global_pool} pooling, {size} px; "
+            f"{n_params / 1e6:.2f} M trainable params"
+        )
+        log.info(f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes")
+        log.info(
+            f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
+            f"{len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, "
+            f"mixup {a.mixup} / cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
+            + (f"{cfg.ema.decay}" if ema is not None else "off")
+        )
+        if cfg.encoder.pretrained is None:
+            log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
+        return train_classifier(trainer, "finetune", export, run.t_start, after_step=after_step)
 
 
 # ----------------------------------------------------------------------------------------------------------------

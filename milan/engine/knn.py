@@ -23,13 +23,11 @@ import torch
 
 from milan import distributed as dist
 from milan.data import ImageFolderDataset, SkipReport
+from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import save_config, to_dict
-from milan.engine.linprobe import input_size
 from milan.engine.logging import RunLogger
 from milan.engine.loop import autocast_context
-from milan.engine.pretrain import _run_dir_and_checkpoint, seed_everything
-from milan.engine.trainer import setup_runtime
-from milan.eval.cli import add_run_arguments, run_job
+from milan.engine.run import RunContext, seed_everything, start_run
 from milan.eval.config import KnnConfig, check_knn
 from milan.eval.data import describe_split, eval_loader, eval_pipeline, image_folder
 from milan.eval.features import (
@@ -39,11 +37,10 @@ from milan.eval.features import (
     dataset_fingerprint,
     extract_features,
     file_digest,
-    gather_rows,
 )
 from milan.eval.knn import knn_neighbours, knn_vote
 from milan.eval.metrics import TopKAccuracy
-from milan.eval.pretrained import load_pretrained_encoder
+from milan.eval.pretrained import input_size, load_pretrained_encoder
 from milan.models.vit import VisionTransformer
 
 
@@ -119,20 +116,13 @@ def knn(cfg: KnnConfig) -> KnnResult:
     Returns:
         The result (every process; only the main one writes files).
     """
-    t_start = time.perf_counter()
     check_knn(cfg)
-    owns_process_group = not dist.is_enabled()  # a caller's process group is left alone
-    device = dist.init(cfg.runtime.device)
-    try:
-        return _knn(cfg, device, t_start)
-    finally:
-        if owns_process_group:
-            dist.destroy()
+    with start_run(cfg.out_dir, cfg.runtime) as run:
+        return _knn(cfg, run)
 
 
-def _knn(cfg: KnnConfig, device: torch.device, t_start: float) -> KnnResult:
-    dtype = setup_runtime(cfg.runtime, device)
-    run_dir, _ = _run_dir_and_checkpoint(cfg.out_dir, None)
+def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
+    device, dtype, run_dir = run.device, run.dtype, run.run_dir
     seed_everything(cfg.seed)
     encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
     encoder = encoder.to(device).eval()
@@ -149,9 +139,7 @@ def _knn(cfg: KnnConfig, device: torch.device, t_start: float) -> KnnResult:
     hits = 0
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-    log.info(
-        f"milan knn -> {run_dir}  ({device}, {str(dtype).removeprefix('torch.')}, {dist.world_size()} process(es))"
-    )
+    log.info(run.header("knn"))
     log.info(f"encoder: {encoder_desc}; feature {cfg.feature}, {size} px")
     log.info(f"train: {describe_split(train_set)}; val: {describe_split(val_set)}")
 
@@ -175,7 +163,7 @@ def _knn(cfg: KnnConfig, device: torch.device, t_start: float) -> KnnResult:
         f, y = extract_features(
             fn, loader, device, autocast=ctx, report=report, desc=f"{name} features", progress=progress
         )
-        f, y = gather_rows(f.to(device)).cpu(), gather_rows(y.to(device)).cpu()
+        f, y = dist.all_gather_rows(f.to(device)).cpu(), dist.all_gather_rows(y.to(device)).cpu()
         f = cache.round(f)
         if dist.is_main():
             cache.save(key, f, y, meta={"split": name, "source": str(dataset.root), "encoder": encoder_desc})
@@ -191,7 +179,7 @@ def _knn(cfg: KnnConfig, device: torch.device, t_start: float) -> KnnResult:
         train, val, len(train_set.classes), cfg.k, cfg.temperature, device, query_chunk=cfg.query_chunk,
         train_chunk=cfg.train_chunk,
     )  # fmt: skip
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - run.t_start
     first = cfg.k[0]
     summary: dict[str, Any] = {
         "job": "knn", "top1": metrics[first]["top1"], "top5": metrics[first]["top5"], "k": first,

@@ -16,7 +16,6 @@ Launch on several GPUs with ``torchrun --nproc_per_node N -m milan linprobe ...`
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
@@ -24,42 +23,26 @@ import torch
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
 from milan.data import SkipReport
-from milan.engine.config import ConfigError, derive, to_dict
+from milan.engine.cli import add_run_arguments, run_job
+from milan.engine.config import derive, to_dict
 from milan.engine.lars import LARS
 from milan.engine.loop import autocast_context
-from milan.engine.pretrain import _run_dir_and_checkpoint, seed_everything
-from milan.engine.trainer import setup_runtime
+from milan.engine.run import seed_everything, start_run
+from milan.engine.sampling import seeded_loader
+from milan.engine.trainer import Evaluation, Metrics, Trainer
 from milan.eval.classify import evaluate_heads
-from milan.eval.cli import add_run_arguments, run_job
 from milan.eval.config import LinprobeConfig, check_linprobe
-from milan.eval.data import (
-    describe_split,
-    eval_loader,
-    eval_pipeline,
-    image_folder,
-    num_classes_of,
-    probe_pipeline,
-    train_loader,
+from milan.eval.data import describe_split, eval_loader, probe_pipeline
+from milan.eval.jobs import (
+    FitResult,
+    classifier_step,
+    describe_topk,
+    labelled_splits,
+    sync_batchnorm_stats,
+    train_classifier,
 )
 from milan.eval.lr_grid import LinearProbeGrid, grid_cross_entropy
-from milan.eval.pretrained import load_pretrained_encoder
-from milan.eval.trainer import (
-    ClassifierRun,
-    FitResult,
-    Metrics,
-    classifier_step,
-    fit_classifier,
-    sync_batchnorm_stats,
-)
-from milan.models.vit import VisionTransformer
-
-
-def input_size(requested: int | None, encoder: VisionTransformer) -> int:
-    """The training/eval resolution: the encoder's (its fixed position table allows no other)."""
-    size = int(encoder.patch_embed.img_size[0])
-    if requested is not None and requested != size:
-        raise ConfigError(f"data.img_size={requested} but the encoder takes {size} px images; leave it null")
-    return size
+from milan.eval.pretrained import input_size, load_pretrained_encoder
 
 
 def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
@@ -67,97 +50,82 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
 
     Args:
         cfg: The validated config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.engine.pretrain.pretrain`).
+        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.engine.run.resolve_run_dir`).
 
     Returns:
         The run's result (every process; only the main one writes files).
     """
-    t_start = time.perf_counter()
     check_linprobe(cfg)
-    owns_process_group = not dist.is_enabled()  # a caller's process group is left alone
-    device = dist.init(cfg.runtime.device)
-    try:
-        return _linprobe(cfg, resume, device, t_start)
-    finally:
-        if owns_process_group:
-            dist.destroy()
+    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+        device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
+        seed_everything(cfg.seed)  # the same heads on every process
+        encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
+        size = input_size(cfg.data.img_size, encoder)
+        train_set, val_set, num_classes = labelled_splits(data, probe_pipeline(data, size), size, cfg.num_classes)
+        model = LinearProbeGrid(encoder, num_classes, cfg.optim.lr_grid).to(device)
+        seed_everything(cfg.seed + dist.rank())
+        loader, sampler, batches = seeded_loader(
+            train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
+            key="data.train",
+        )  # fmt: skip
+        d = derive(cfg, dist.world_size(), batches)
+        train_module = dist.wrap_ddp(model, device)
+        o = cfg.optim
+        optimizer = LARS(
+            model.param_groups(o.weight_decay), lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+            trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
+        )  # fmt: skip
+        val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
+        report = SkipReport()
 
+        def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+            logits = train_module(images)  # (K, B, C)
+            return grid_cross_entropy(logits, labels), int(labels.shape[0])
 
-def _linprobe(cfg: LinprobeConfig, resume: str | None, device: torch.device, t_start: float) -> FitResult:
-    dtype = setup_runtime(cfg.runtime, device)
-    run_dir, ckpt_path = _run_dir_and_checkpoint(cfg.out_dir, resume)
-    seed_everything(cfg.seed)  # the same heads on every process
-    encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
-    size = input_size(cfg.data.img_size, encoder)
-    data = cfg.data
-    train_set = image_folder(data.train, data.train_per_class, probe_pipeline(data, size), "data.train", data)
-    val_set = image_folder(
-        data.val, data.val_per_class, eval_pipeline(data, size), "data.val", data, classes=train_set.classes
-    )
-    num_classes = num_classes_of(train_set, cfg.num_classes)
-    model = LinearProbeGrid(encoder, num_classes, cfg.optim.lr_grid).to(device)
-    seed_everything(cfg.seed + dist.rank())
-    loader, sampler, batches = train_loader(
-        train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
-        key="data.train",
-    )  # fmt: skip
-    d = derive(cfg, dist.world_size(), batches)
-    train_module = dist.wrap_ddp(model, device)
-    o = cfg.optim
-    optimizer = LARS(
-        model.param_groups(o.weight_decay), lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-        trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
-    )  # fmt: skip
-    val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-    report = SkipReport()
-
-    def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        logits = train_module(images)  # (K, B, C)
-        return grid_cross_entropy(logits, labels), int(labels.shape[0])
-
-    def evaluate() -> Metrics:
-        model.eval()
-        heads = evaluate_heads(
-            model, val, device, num_heads=len(model.lr_scales), ctx=lambda: autocast_context(device, dtype)
-        )
-        best = max(range(len(heads)), key=lambda i: heads[i]["top1"])
-        table = [{"lr": d.lr * s, **h} for s, h in zip(model.lr_scales, heads, strict=True)]
-        return {"top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": d.lr * model.lr_scales[best],
-                "best_head": best, "heads": table}  # fmt: skip
-
-    def export(final: Metrics) -> Metrics:
-        best = int(final["best_head"])
-        path = run_dir / "classifier.pt"
-        if dist.is_main():
-            atomic_save(
-                {
-                    "model": model.probe_state_dict(best),
-                    "milan": {"num_heads": encoder.num_heads, "kind": "linear_probe"},
-                    "config": to_dict(cfg),
-                    "metrics": {"top1": final["top1"], "top5": final["top5"], "lr": final["best_lr"]},
-                },
-                path,
+        def evaluate() -> Metrics:
+            sync_batchnorm_stats(model)  # every process (and the checkpoint) evaluates the same statistics
+            model.eval()
+            heads = evaluate_heads(
+                model, val, device, num_heads=len(model.lr_scales), ctx=lambda: autocast_context(device, dtype)
             )
-        return {"classifier": str(path), "best_lr": final["best_lr"], "heads": final["heads"]}
+            best = max(range(len(heads)), key=lambda i: heads[i]["top1"])
+            table = [{"lr": d.lr * s, **h} for s, h in zip(model.lr_scales, heads, strict=True)]
+            return {"top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": d.lr * model.lr_scales[best],
+                    "best_head": best, "heads": table}  # fmt: skip
 
-    messages = [
-        f"milan linprobe -> {run_dir}  ({device}, {str(dtype).removeprefix('torch.')}, {d.world_size} process(es))",
-        f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px",
-        f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes",
-        f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
-        f"lr grid {[f'{d.lr * s:.4g}' for s in model.lr_scales]} ({len(model.lr_scales)} head(s), one pass"
-        + ("; the logged loss is the sum of the heads' losses)" if len(model.lr_scales) > 1 else ")"),
-    ]
-    if cfg.encoder.pretrained is None:
-        messages.append("WARNING: the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
-    run = ClassifierRun(
-        job="linprobe", cfg=cfg, model=model, train_module=train_module, optimizer=optimizer,
-        step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, derived=d,
-        run_dir=run_dir, ckpt_path=ckpt_path, device=device, dtype=dtype, evaluate=evaluate,
-        eval_every=cfg.eval_every, export=export, messages=messages, before_eval=lambda: sync_batchnorm_stats(model),
-        report=report,
-    )  # fmt: skip
-    return fit_classifier(run, t_start)
+        def export(final: Metrics) -> Metrics:
+            best = int(final["best_head"])
+            path = run_dir / "classifier.pt"
+            if dist.is_main():
+                atomic_save(
+                    {
+                        "model": model.probe_state_dict(best),
+                        "milan": {"num_heads": encoder.num_heads, "kind": "linear_probe"},
+                        "config": to_dict(cfg),
+                        "metrics": {"top1": final["top1"], "top5": final["top5"], "lr": final["best_lr"]},
+                    },
+                    path,
+                )
+            return {"classifier": str(path), "best_lr": final["best_lr"], "heads": final["heads"]}
+
+        trainer = Trainer(
+            cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
+            step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,
+            device=device, dtype=dtype, resume_from=run.resume_from,
+            evaluation=Evaluation(evaluate, every_epochs=cfg.eval_every, describe=describe_topk),
+        )  # fmt: skip
+        log = trainer.log
+        log.info(run.header("linprobe"))
+        log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
+        log.info(f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes")
+        log.info(
+            f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
+            f"lr grid {[f'{d.lr * s:.4g}' for s in model.lr_scales]} ({len(model.lr_scales)} head(s), one pass"
+            + ("; the logged loss is the sum of the heads' losses)" if len(model.lr_scales) > 1 else ")")
+        )
+        if cfg.encoder.pretrained is None:
+            log.warning("the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
+        return train_classifier(trainer, "linprobe", export, run.t_start)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from milan import distributed as dist
+from milan.data import Batch, SkipReport
 from milan.engine.schedule import CosineSchedule
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -121,6 +122,39 @@ def zero_loss(module: nn.Module, device: torch.device) -> torch.Tensor:
     """
     terms = [p.sum() * 0.0 for p in module.parameters() if p.requires_grad]
     return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+
+
+def data_step(
+    forward: Callable[[Batch, torch.Tensor | None], tuple[torch.Tensor, int]],
+    module: nn.Module,
+    device: torch.device,
+    report: SkipReport,
+) -> StepFn:
+    """A step function over the data pipeline's batches, for :func:`train_one_epoch`.
+
+    A batch is a :class:`~milan.data.Batch`, or a ``(Batch, noise)`` pair from
+    :class:`~milan.engine.sampling.SeededSamples`. Its unreadable files go to ``report``; a batch that lost every
+    image gets :func:`zero_loss` (so every process stays in step) without calling ``forward``.
+
+    Args:
+        forward: ``(batch, noise or None) -> (mean loss, samples used)``; moves what it needs to ``device``.
+        module: The trained module (the zero loss is connected to its parameters).
+        device: Where to compute.
+        report: Receives each batch's unreadable files.
+
+    Returns:
+        ``batch -> StepOutput``.
+    """
+
+    def step(batch: tuple[Batch, torch.Tensor] | Batch) -> StepOutput:
+        data, noise = batch if isinstance(batch, tuple) else (batch, None)
+        report.update(data)
+        if data.empty:  # every image was unreadable: a zero loss keeps all processes in step
+            return StepOutput(zero_loss(module, device), 0, len(data.skipped))
+        loss, n = forward(data, noise)
+        return StepOutput(loss, n, len(data.skipped))
+
+    return step
 
 
 def train_one_epoch(
@@ -267,6 +301,7 @@ __all__ = [
     "StepOutput",
     "TrainState",
     "autocast_context",
+    "data_step",
     "fit_epochs",
     "grad_scaler",
     "resolve_dtype",

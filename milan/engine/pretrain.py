@@ -8,27 +8,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from milan import distributed as dist
-from milan.checkpoint.io import CheckpointError
-from milan.data import Batch, SkipReport, build_loader, build_pretrain_dataset, collate_images
-from milan.engine.checkpointing import Checkpointer, load_training_checkpoint
-from milan.engine.config import ConfigError, PretrainConfig, check_pretrain, derive, load_config, to_yaml
-from milan.engine.loop import NonFiniteLossError, StepFn, StepOutput, TrainState, zero_loss
+from milan.checkpoint.arch import describe_tower
+from milan.data import Batch, SkipReport, build_loader, build_pretrain_dataset
+from milan.engine.cli import add_run_arguments, run_job
+from milan.engine.config import ConfigError, PretrainConfig, check_pretrain, derive
+from milan.engine.loop import StepFn, TrainState, data_step
 from milan.engine.optim import build_adamw, param_groups
-from milan.engine.sampling import EpochSampler, SeededSamples, keyed_collate
-from milan.engine.trainer import Trainer, _is_sharded, setup_runtime
+from milan.engine.run import RunContext, seed_everything, start_run
+from milan.engine.sampling import EpochSampler, seeded_loader
+from milan.engine.trainer import Trainer, _is_sharded
 from milan.flops import pretrain_flops
 from milan.models.factory import build_milan
 from milan.models.milan import MILAN
@@ -57,13 +56,9 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
     Returns:
         The run summary (on every process; only the main one writes files).
     """
-    t_start = time.perf_counter()
     check_pretrain(cfg)
-    owns_process_group = not dist.is_enabled()
-    device = dist.init(cfg.runtime.device)
-    try:
-        dtype = setup_runtime(cfg.runtime, device)
-        run_dir, ckpt_path = _run_dir_and_checkpoint(cfg.out_dir, resume)
+    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+        device, dtype = run.device, run.dtype
         model = _build_model(cfg, device)
         loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
         derived = derive(cfg, dist.world_size(), batches_per_epoch)
@@ -73,26 +68,30 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         report = SkipReport()
         teacher = model.teacher
         random_teacher = teacher is not None and not cfg.model.teacher.checkpoint
-        # A random teacher is saved with the student so that a resumed smoke run is exact.
-        teacher_state = (lambda: {"teacher": teacher.state_dict()}) if random_teacher and teacher is not None else None
+
+        def teacher_state() -> dict[str, Any]:
+            if teacher is None:
+                return {}
+            # teacher_spec: the exact architecture, which milan.checkpoint.load_milan rebuilds. A random teacher's
+            # weights are saved too (a resumed smoke run is then exact); real ones are read from their file again.
+            state: dict[str, Any] = {"teacher_spec": describe_tower(teacher.model).to_dict()}
+            return {"teacher": teacher.state_dict(), **state} if random_teacher else state
+
+        def load_teacher_state(ckpt: dict[str, Any]) -> None:
+            if "teacher" in ckpt and teacher is not None:
+                teacher.load_state_dict(ckpt["teacher"])
+
         step_fn = milan_step(model, student, device, report, channels_last=cfg.runtime.channels_last)
         trainer = Trainer(
-            cfg, derived, run_dir, model=student if _is_sharded(student) else model.student, train_module=student,
-            optimizer=optimizer, step_fn=step_fn, loader=loader, sampler=sampler, report=report, device=device,
-            dtype=dtype, resume_from=ckpt_path, flops_per_image=pretrain_flops(cfg.model).total,
-            extra_state=teacher_state,
+            cfg, derived, run.run_dir, model=student if _is_sharded(student) else model.student,
+            train_module=student, optimizer=optimizer, step_fn=step_fn, loader=loader, sampler=sampler, report=report,
+            device=device, dtype=dtype, resume_from=run.resume_from, flops_per_image=pretrain_flops(cfg.model).total,
+            extra_state=teacher_state, load_extra_state=load_teacher_state,
         )  # fmt: skip
-        if trainer.resumed is not None and "teacher" in trainer.resumed and model.teacher is not None:
-            model.teacher.load_state_dict(trainer.resumed["teacher"])
-        _log_model(trainer, cfg, model, device, dtype, random_teacher)
-        try:
+        _log_model(trainer, run, cfg, model, random_teacher)
+        with trainer:
             state = trainer.fit()
-        finally:
-            trainer.close()
-        return _finish(cfg, trainer, state, t_start)
-    finally:
-        if owns_process_group:
-            dist.destroy()
+        return _finish(cfg, trainer, state, run.t_start)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,11 +116,7 @@ def milan_step(
     """
     fallback = [student]  # torch.compile failures fall back to the eager module (checked on the first call)
 
-    def step(batch: tuple[Batch, torch.Tensor] | Batch) -> StepOutput:
-        data, noise = batch if isinstance(batch, tuple) else (batch, None)
-        report.update(data)
-        if data.empty:  # every image was unreadable: a zero loss keeps all processes in step
-            return StepOutput(zero_loss(model.student, device), 0, len(data.skipped))
+    def forward(data: Batch, noise: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         images = data.images.to(device, non_blocking=True)  # (B, 3, H, W)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -138,48 +133,13 @@ def milan_step(
                 out = model(images, noise=noise, student=fallback[0])
             else:
                 raise
-        return StepOutput(out.loss, images.shape[0], len(data.skipped))
+        return out.loss, images.shape[0]
 
-    return step
+    return data_step(forward, model.student, device, report)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up helpers
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _run_dir_and_checkpoint(out_dir: str, resume: str | None) -> tuple[Path, Path | None]:
-    """Decided on the main process, shared with the others."""
-    decision = _decide_run_dir(Path(out_dir), resume) if dist.is_main() else None
-    run_dir, ckpt = dist.broadcast_object(decision)
-    return Path(run_dir), (Path(ckpt) if ckpt is not None else None)
-
-
-def _decide_run_dir(out_dir: Path, resume: str | None) -> tuple[str, str | None]:
-    if resume is None:
-        run_dir = out_dir
-        n = 1
-        while run_dir.exists() and any(run_dir.iterdir()):  # never overwrite a previous run
-            n += 1
-            run_dir = out_dir.with_name(f"{out_dir.name}-{n}")
-        if run_dir != out_dir:
-            print(f"{out_dir} already holds a run; writing this one to {run_dir} (--resume auto continues {out_dir})")
-        return str(run_dir), None
-    if resume == "auto":
-        found = Checkpointer(out_dir).latest_valid()
-        if found is None:
-            print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; starting a new run there")
-            return str(out_dir), None
-        return str(out_dir), str(found[0])
-    path = Path(resume)
-    load_training_checkpoint(path)  # fail early with a clear message
-    return str(out_dir), str(path)
 
 
 def _build_model(cfg: PretrainConfig, device: torch.device) -> MILAN:
@@ -221,37 +181,18 @@ def _build_loader(
             raise ConfigError("data.num_samples is required for tar shards (the epoch length)")
         stream = build_loader(dataset, cfg.batch_size, drop_last=True, seed=cfg.seed, num_workers=d.num_workers)
         return stream, None, d.num_samples // (cfg.batch_size * dist.world_size())
-    sampler = EpochSampler(len(dataset), seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())  # type: ignore[arg-type]
-    if sampler.per_rank < cfg.batch_size:
-        raise ConfigError(
-            f"data.path={d.path!r} has {len(dataset)} images: fewer than batch_size={cfg.batch_size} per process "  # type: ignore[arg-type]
-            f"({dist.world_size()} processes); lower batch_size"
-        )
-    seeded = SeededSamples(dataset, cfg.seed, noise_len=model.encoder.num_patches)
-    loader: DataLoader[Any] = DataLoader(
-        seeded,  # indexed by (epoch, index) keys
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=keyed_collate(collate_images),
-        num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-    return loader, sampler, sampler.per_rank // cfg.batch_size
+    return seeded_loader(
+        dataset, batch_size=cfg.batch_size, seed=cfg.seed, noise_len=model.encoder.num_patches,
+        num_workers=d.num_workers, device=device, key=f"data.path={d.path!r}",
+    )  # fmt: skip
 
 
-def _log_model(
-    trainer: Trainer, cfg: PretrainConfig, model: MILAN, device: torch.device, dtype: torch.dtype, random_teacher: bool
-) -> None:
+def _log_model(trainer: Trainer, run: RunContext, cfg: PretrainConfig, model: MILAN, random_teacher: bool) -> None:
     log = trainer.log
     n_student = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     n_teacher = sum(p.numel() for p in model.teacher.parameters()) if model.teacher is not None else 0
     flops = pretrain_flops(cfg.model)
-    log.info(
-        f"milan pretrain -> {trainer.run_dir}  ({device}, {str(dtype).removeprefix('torch.')}, "
-        f"{trainer.derived.world_size} process(es))"
-    )
+    log.info(run.header("pretrain"))
     log.info(
         f"model {cfg.model_name or 'custom'}: student {n_student / 1e6:.2f} M trainable params, teacher "
         f"{n_teacher / 1e6:.2f} M frozen; {flops.total / 1e9:.3g} GFLOP per training image"
@@ -284,12 +225,12 @@ def _finish(cfg: PretrainConfig, trainer: Trainer, state: TrainState, t_start: f
             plot = save_plot(trainer.run_dir / "metrics.jsonl", trainer.run_dir / "plot.png")
         report = trainer.run_report
         loss_text = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-        record = {"event": "summary", "step": state.step, "epoch": state.epoch, "images_seen": state.images_seen}
-        trainer.log.write({**record, "wall_time": wall, "final_loss": summary.final_loss, "data": report.as_dict()})
-        trainer.log.info(
+        record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen, "wall_time": wall}
+        trainer.finish(
+            {**record, "final_loss": summary.final_loss, "data": report.as_dict()},
             f"done: {state.images_seen} images in {wall:.1f} s ({summary.images_per_second:.1f} img/s incl. start-up), "
             f"epoch {state.epoch}/{cfg.schedule.epochs}, step {state.step}, final loss {loss_text}; "
-            f"{report.summary()}; checkpoint {summary.checkpoint}" + (f"; plot {plot}" if plot else "")
+            f"{report.summary()}; checkpoint {summary.checkpoint}" + (f"; plot {plot}" if plot else ""),
         )
     return summary
 
@@ -300,35 +241,13 @@ def _finish(cfg: PretrainConfig, trainer: Trainer, state: TrainState, t_start: f
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds ``milan pretrain``'s arguments."""
-    parser.add_argument("--config", "-c", metavar="FILE", help="YAML preset, e.g. configs/pretrain/demo_cpu.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. batch_size=64 optim.blr=3e-4"
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="auto|FILE",
-        help="'auto': continue from the newest valid checkpoint in out_dir (or start there); or a checkpoint file",
-    )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_run_arguments(parser, "configs/pretrain/demo_cpu.yaml", overrides_example="batch_size=64 optim.blr=3e-4")
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``milan pretrain``; returns the exit status."""
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        check_pretrain(cfg)
-    except ConfigError as e:
-        print(f"milan pretrain: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    try:
-        pretrain(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError) as e:
-        print(f"milan pretrain: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"milan pretrain: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    def job(cfg: PretrainConfig, a: argparse.Namespace) -> Any:
+        return pretrain(cfg, resume=a.resume)
+
+    return run_job("pretrain", PretrainConfig, check_pretrain, job, args)

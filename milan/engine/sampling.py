@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from milan import distributed as dist
+from milan.data import build_loader, collate_images
 from milan.data.decode import BadSample
+from milan.engine.config import ConfigError
 
 SampleKey = tuple[int, int]
 """``(epoch, index)``: what :class:`EpochSampler` yields and :class:`SeededSamples` is indexed with."""
@@ -167,3 +170,53 @@ def keyed_collate(
         return collate(items), stacked
 
     return fn
+
+
+def seeded_loader(
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    noise_len: int = 0,
+    num_workers: int = 0,
+    device: torch.device,
+    key: str,
+) -> tuple[DataLoader[Any], EpochSampler, int]:
+    """The resumable training loader of a map-style dataset, sharded over the processes.
+
+    :class:`EpochSampler` keys, :class:`SeededSamples` items and :func:`keyed_collate` batches: the sample order and
+    every random choice are functions of ``(seed, epoch, index)`` (see the module docstring).
+
+    Args:
+        dataset: Map-style dataset of :data:`~milan.data.datasets.Item`.
+        batch_size: Samples per batch on each process (incomplete batches are dropped).
+        seed: Run seed.
+        noise_len: Per-sample mask-noise length (number of patches; 0: none).
+        num_workers: DataLoader workers.
+        device: Where batches go (pinned memory for CUDA).
+        key: The data's config key and value, for the error message (``"data.train"``).
+
+    Returns:
+        ``(loader, sampler, batches per epoch on each process)``; batches are ``(Batch, noise (B, noise_len))``.
+
+    Raises:
+        ConfigError: Fewer samples per process than one batch.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = EpochSampler(n, seed=seed, rank=dist.rank(), world_size=dist.world_size())
+    if sampler.per_rank < batch_size:
+        raise ConfigError(
+            f"{key} has {n} images: fewer than batch_size={batch_size} per process ({dist.world_size()} "
+            "process(es)); lower batch_size or use more data"
+        )
+    loader = build_loader(
+        SeededSamples(dataset, seed, noise_len=noise_len),  # indexed by (epoch, index) keys
+        batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=keyed_collate(collate_images),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        seed=None,  # every sample seeds itself: the workers' seeds do not matter
+    )
+    return loader, sampler, sampler.per_rank // batch_size

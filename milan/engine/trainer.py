@@ -1,22 +1,29 @@
-"""The run-level skeleton every training job shares: resume, epochs, logging, checkpoints.
+"""The run-level skeleton every training job shares: resume, epochs, evaluation, logging, checkpoints, summary.
 
-A job builds its model, optimizer, loader and step function, then::
+Pretraining, linear probing and fine-tuning each build their model, optimizer, loader and step function inside
+:func:`~milan.engine.run.start_run`, then::
 
-    trainer = Trainer(cfg, derived, run_dir, model=..., train_module=..., optimizer=..., step_fn=..., loader=...,
-                      sampler=..., report=..., device=device, dtype=dtype, resume_from=ckpt_path)
+    trainer = Trainer(cfg, derived, run.run_dir, model=..., train_module=..., optimizer=..., step_fn=...,
+                      loader=..., sampler=..., report=..., device=run.device, dtype=run.dtype,
+                      resume_from=run.resume_from, evaluation=Evaluation(validate, every_epochs=5))
     trainer.log.info("job-specific start-up lines")
-    trainer.fit(on_epoch_end=evaluate)      # logs the batch/lr/step plan, then epochs + records + checkpoints
-    trainer.log.write({"event": "summary", ...})
-    trainer.close()
+    with trainer:
+        state = trainer.fit()               # the batch/lr/step plan, then epochs, evaluations, checkpoints
+        trainer.finish({...}, "done: ...")  # the "summary" record (and results.json) and the closing line
 
-Checkpoints hold ``model`` (unwrapped), optimizer, scaler, position, RNG states, the resolved config and whatever
-``extra_state()`` returns; ``trainer.resumed`` is the loaded checkpoint so a job can restore its extras.
+Checkpoints hold ``model`` (unwrapped), optimizer, scaler, position, RNG states, the resolved config, the evaluation
+history (with an ``evaluation``) and whatever ``extra_state()`` returns; on resume, ``load_extra_state`` gets the
+loaded checkpoint (also kept as ``trainer.resumed``) to restore those extras.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -25,7 +32,7 @@ import torch.nn as nn
 from milan import distributed as dist
 from milan.data import SkipReport
 from milan.engine.checkpointing import Checkpointer, build_checkpoint, load_training_checkpoint, restore_checkpoint
-from milan.engine.config import Derived, RunConfig, RuntimeConfig, save_config, to_dict
+from milan.engine.config import Derived, RunConfig, save_config, to_dict
 from milan.engine.logging import RunLogger
 from milan.engine.loop import (
     StepFn,
@@ -33,26 +40,43 @@ from milan.engine.loop import (
     autocast_context,
     fit_epochs,
     grad_scaler,
-    resolve_dtype,
     train_one_epoch,
 )
 from milan.engine.sampling import EpochSampler
 from milan.engine.schedule import CosineSchedule
 from milan.flops import peak_flops
 
+Metrics = dict[str, Any]
 
-def setup_runtime(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
-    """Applies CPU threads and TF32 from the runtime section; returns the compute dtype."""
-    if runtime.cpu_threads is not None:
-        torch.set_num_threads(runtime.cpu_threads)
-    if device.type == "cuda" and runtime.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return resolve_dtype(runtime.precision, device)
+
+def describe_metrics(metrics: Metrics) -> str:
+    """``"name value  name value ..."``: an evaluation's numbers, without its ``epoch``, ``step`` and ``eval_time``."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return "  ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k not in ("epoch", "step", "eval_time"))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Periodic evaluation during training (e.g. validation accuracy).
+
+    Attributes:
+        run: Evaluates the current weights; called on every process (collectives allowed), returns the metrics
+            (plain data: numbers, strings, lists, dicts).
+        every_epochs: Evaluate at the end of every N-th epoch; the last step is always evaluated.
+        describe: The text of one result in the log line ``eval epoch E (step S): ...``.
+    """
+
+    run: Callable[[], Metrics]
+    every_epochs: int = 1
+    describe: Callable[[Metrics], str] = describe_metrics
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 1:
+            raise ValueError(f"every_epochs must be >= 1, got {self.every_epochs}")
 
 
 class Trainer:
-    """Epochs, logging, checkpoints and resume around :func:`~milan.engine.loop.train_one_epoch`.
+    """Epochs, evaluation, logging, checkpoints and resume around :func:`~milan.engine.loop.train_one_epoch`.
 
     Args:
         cfg: The run config (its ``optim``/``schedule``/``checkpoint``/``log``/``runtime`` sections are used).
@@ -70,6 +94,11 @@ class Trainer:
         resume_from: Checkpoint to restore first (``trainer.resumed`` then holds it).
         flops_per_image: Training FLOPs per image, for MFU on GPUs.
         extra_state: More entries for every checkpoint.
+        load_extra_state: Restores them from the checkpoint ``resume_from`` (called once, after the model,
+            optimizer and evaluation history are restored).
+        evaluation: Periodic evaluation: each result is an ``"eval"`` record in ``metrics.jsonl`` (with ``epoch``,
+            ``step`` and ``eval_time``), a log line and an entry of :attr:`eval_history`, which checkpoints keep
+            (``"eval_history"``), so a resumed run reports the same history.
         epoch_lines: Print an epoch line about 20 times per run (``False``: only epochs that skipped images).
     """
 
@@ -91,6 +120,8 @@ class Trainer:
         resume_from: Path | None = None,
         flops_per_image: float | None = None,
         extra_state: Callable[[], dict[str, Any]] | None = None,
+        load_extra_state: Callable[[dict[str, Any]], None] | None = None,
+        evaluation: Evaluation | None = None,
         epoch_lines: bool = True,
     ) -> None:
         self.cfg, self.derived, self.run_dir = cfg, derived, run_dir
@@ -98,6 +129,8 @@ class Trainer:
         self.step_fn, self.loader, self.sampler, self.report = step_fn, loader, sampler, report
         self.device, self.dtype = device, dtype
         self.extra_state = extra_state
+        self.evaluation = evaluation
+        self.eval_history: list[Metrics] = []  # every evaluation of the run, in order (resumed runs included)
         self.epoch_lines = epoch_lines
         self.schedule = CosineSchedule(derived.lr, derived.total_steps, derived.warmup_steps, cfg.schedule.min_lr)
         self.scaler = grad_scaler(device, dtype)
@@ -112,6 +145,10 @@ class Trainer:
             self.resumed = load_training_checkpoint(resume_from)
             self.state = restore_checkpoint(self.resumed, model, optimizer, scaler=self.scaler)
             self._adapt_position(self.resumed)
+            if evaluation is not None:
+                self.eval_history = list(self.resumed.get("eval_history") or [])
+            if load_extra_state is not None:
+                load_extra_state(self.resumed)
         self.saved_step = self.state.step if resume_from is not None else -1
         self.log = RunLogger(
             run_dir, enabled=dist.is_main(), total_steps=derived.stop_step, start_step=self.state.step,
@@ -167,7 +204,8 @@ class Trainer:
     def save(self, epoch_end: int | None = None) -> None:
         """Checkpoints the current state (every process must call it; the main one writes)."""
         if dist.is_main() or _is_sharded(self.model):  # FSDP2 gathers the full state on every process
-            extra = self.extra_state() if self.extra_state is not None else None
+            extra = {"eval_history": list(self.eval_history)} if self.evaluation is not None else {}
+            extra.update(self.extra_state() if self.extra_state is not None else {})
             ckpt = build_checkpoint(
                 self.model, self.optimizer, self.state, to_dict(self.cfg), scaler=self.scaler, extra=extra,
                 world_size=self.derived.world_size,
@@ -175,6 +213,22 @@ class Trainer:
             self.checkpointer.save(ckpt, epoch_end=epoch_end)
         dist.barrier()
         self.saved_step = self.state.step
+
+    def evaluate(self) -> Metrics:
+        """Runs the evaluation now (every process must call it), records and logs it, and returns its metrics.
+
+        Raises:
+            RuntimeError: The trainer has no ``evaluation``.
+        """
+        if self.evaluation is None:
+            raise RuntimeError("this Trainer was built without an evaluation")
+        s = self.state
+        t0 = time.perf_counter()
+        metrics = {"epoch": s.epoch, "step": s.step, **self.evaluation.run(), "eval_time": time.perf_counter() - t0}
+        self.eval_history.append(metrics)
+        self.log.write({"event": "eval", **metrics})
+        self.log.info(f"eval epoch {s.epoch} (step {s.step}): {self.evaluation.describe(metrics)}")
+        return metrics
 
     def fit(
         self,
@@ -185,15 +239,18 @@ class Trainer:
     ) -> TrainState:
         """Trains from the current state to the end of the schedule (or ``schedule.max_steps``).
 
-        At each epoch end: the skip report is reduced over processes and recorded (``"epoch"`` record with the
-        epoch's mean loss), ``on_epoch_end`` runs (e.g. evaluation), then a checkpoint is saved every
-        ``checkpoint.every_epochs`` epochs. ``checkpoint.every_steps`` adds mid-epoch saves; the end of the run
-        always saves. A :class:`~milan.engine.loop.NonFiniteLossError` propagates without saving.
+        Each (partial) epoch starts with ``train_module.train()`` (evaluations may leave it in eval mode). At each
+        epoch end: the skip report is reduced over processes and recorded (``"epoch"`` record with the epoch's mean
+        loss), the evaluation runs every ``evaluation.every_epochs`` epochs, then ``on_epoch_end``, then a
+        checkpoint is saved every ``checkpoint.every_epochs`` epochs. ``checkpoint.every_steps`` adds mid-epoch
+        saves. The end of the run is always evaluated (if it was not at an epoch end: ``schedule.max_steps``, or a
+        resumed run that had finished without it) and saved. A :class:`~milan.engine.loop.NonFiniteLossError`
+        propagates without saving.
 
         Args:
-            on_epoch_end: Called after each complete epoch, before its checkpoint.
+            on_epoch_end: Called after each complete epoch (and its evaluation), before its checkpoint.
             after_step: Called after every optimizer step (e.g. an EMA update).
-            before_epoch: Called before each (partial) epoch (e.g. ``module.train()``).
+            before_epoch: Called before each (partial) epoch.
 
         Returns:
             The final state.
@@ -211,6 +268,7 @@ class Trainer:
                 self.save()
 
         def run_epoch(s: TrainState) -> TrainState:
+            self.train_module.train()
             if before_epoch is not None:
                 before_epoch(s)
             if self.sampler is not None:
@@ -235,6 +293,8 @@ class Trainer:
                 summary = self.report.summary()
                 self.log.info(f"epoch {s.epoch}/{cfg.schedule.epochs} (step {s.step}): loss {text}; {summary}")
             self.report.reset()
+            if self.evaluation is not None and (s.epoch % self.evaluation.every_epochs == 0 or s.step >= d.stop_step):
+                self.evaluate()
             if on_epoch_end is not None:
                 on_epoch_end(s)
             every = cfg.checkpoint.every_epochs
@@ -245,13 +305,44 @@ class Trainer:
             run_epoch, self.state, epochs=cfg.schedule.epochs, batches_per_epoch=num_batches, stop_step=d.stop_step,
             on_epoch_end=epoch_end,
         )  # fmt: skip
-        if self.saved_step != self.state.step:
+        final_due = self.evaluation is not None and self.final_eval is None
+        if final_due:  # stopped mid-epoch (schedule.max_steps), or a resumed run that had finished without it
+            self.evaluate()
+        if final_due or self.saved_step != self.state.step:
             self.save()  # the end of the run (possibly mid-epoch: schedule.max_steps) is always resumable
         return self.state
+
+    @property
+    def final_eval(self) -> Metrics | None:
+        """The evaluation of the current step, if there is one."""
+        if self.eval_history and self.eval_history[-1]["step"] == self.state.step:
+            return self.eval_history[-1]
+        return None
+
+    def finish(self, summary: Metrics, message: str, *, results: bool = False) -> None:
+        """Ends the run's records: the ``"summary"`` record, ``results.json`` (optional, the same fields), a line.
+
+        Args:
+            summary: The run's final numbers.
+            message: The closing log line.
+            results: Also write ``summary`` to ``RUN_DIR/results.json`` (main process).
+        """
+        self.log.write({"event": "summary", **summary})
+        if results and dist.is_main():
+            (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.log.info(message)
 
     def close(self) -> None:
         """Closes the progress bar and TensorBoard."""
         self.log.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 def _is_sharded(module: nn.Module) -> bool:

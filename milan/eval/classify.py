@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from milan import distributed as dist
 from milan.data import Batch, SkipReport
+from milan.eval.data import eval_batches
 from milan.eval.metrics import TopKAccuracy
 
 
@@ -47,14 +46,7 @@ def evaluate_heads(
         One ``{"top1": %, "top5": %, "count": n}`` per head (counts over all processes).
     """
     meters = [TopKAccuracy(ks) for _ in range(num_heads)]
-    for batch in tqdm(
-        loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True
-    ):
-        if report is not None:
-            report.update(batch)
-        if batch.empty:
-            continue
-        images = batch.images.to(device, non_blocking=True)  # (B, 3, H, W)
+    for images, batch in eval_batches(loader, device, report=report, progress=progress, desc=desc):
         with ctx():
             logits = forward(images)
         if logits.ndim == 2:

@@ -169,22 +169,25 @@ def check_encoder(src: EncoderSource) -> None:
         )
 
 
-def check_linprobe(cfg: LinprobeConfig) -> None:
-    """Value checks of a linear-probe config."""
+def _check_classifier_run(cfg: LinprobeConfig | FinetuneConfig) -> None:
+    """The checks every classifier job shares: run, data and encoder sections, ``eval_every``."""
     check_run(cfg)
     check_data(cfg.data)
     check_encoder(cfg.encoder)
-    if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
-        raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
     if cfg.eval_every < 1:
         raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
 
 
+def check_linprobe(cfg: LinprobeConfig) -> None:
+    """Value checks of a linear-probe config."""
+    _check_classifier_run(cfg)
+    if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
+        raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
+
+
 def check_finetune(cfg: FinetuneConfig) -> None:
     """Value checks of a fine-tuning config."""
-    check_run(cfg)
-    check_data(cfg.data)
-    check_encoder(cfg.encoder)
+    _check_classifier_run(cfg)
     if not 0 < cfg.layer_decay <= 1:
         raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if not 0 <= cfg.drop_path_rate < 1:
@@ -199,8 +202,6 @@ def check_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"mixup/cutmix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
-    if cfg.eval_every < 1:
-        raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
 
 
 def check_knn(cfg: KnnConfig) -> None:

@@ -1,33 +1,35 @@
 """Labelled data for the evaluation jobs: split sources, the recipes' views, and resumable/sharded loaders.
 
-Training loaders reuse the pretraining machinery (:class:`~milan.engine.sampling.EpochSampler` +
-:class:`~milan.engine.sampling.SeededSamples`): the sample order and every augmentation are functions of
-``(seed, epoch, index)``, so a resumed run sees exactly the batches it would have seen. Evaluation loaders shard
-the set over processes *without padding* (:class:`ShardSampler`), so summed counts are exact.
+Training loaders are the pretraining ones (:func:`milan.engine.sampling.seeded_loader`): the sample order and every
+augmentation are functions of ``(seed, epoch, index)``, so a resumed run sees exactly the batches it would have seen.
+Evaluation loaders shard the set over processes *without padding* (:class:`ShardSampler`), so summed counts are
+exact.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from milan import distributed as dist
 from milan.data import (
+    Batch,
     ImageFolderDataset,
     ImagePipeline,
+    SkipReport,
     build_loader,
-    collate_images,
     eval_transform,
     extract_archive_subset,
     pretrain_transform,
 )
 from milan.engine.config import ConfigError
-from milan.engine.sampling import EpochSampler, SeededSamples, keyed_collate
 from milan.eval.config import AugmentConfig, ClassifyDataConfig
 
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -174,35 +176,35 @@ def eval_loader(dataset: Dataset[Any], batch_size: int, num_workers: int, device
     )
 
 
-def train_loader(
-    dataset: Dataset[Any], *, batch_size: int, seed: int, num_workers: int, device: torch.device, key: str
-) -> tuple[DataLoader[Any], EpochSampler, int]:
-    """The resumable training loader (see the module docstring).
+def eval_batches(
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    report: SkipReport | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> Iterator[tuple[torch.Tensor, Batch]]:
+    """The images of a loader's batches on ``device`` (with their batch), for evaluation.
 
-    Returns:
-        ``(loader, sampler, batches per epoch on each process)``; batches are ``(Batch, noise)`` pairs.
+    Batches that lost every image are passed over; unreadable files go to ``report``.
 
-    Raises:
-        ConfigError: Fewer samples per process than one batch.
+    Args:
+        loader: Yields :class:`~milan.data.Batch` objects (e.g. :func:`eval_loader`: this process's shard).
+        device: Where the images go.
+        report: Receives the skipped files.
+        progress: Show a progress bar (on a terminal).
+        desc: Its label.
+
+    Yields:
+        ``(images (B, 3, H, W) on device, batch)``.
     """
-    n = len(dataset)  # type: ignore[arg-type]
-    sampler = EpochSampler(n, seed=seed, rank=dist.rank(), world_size=dist.world_size())
-    if sampler.per_rank < batch_size:
-        raise ConfigError(
-            f"{key} has {n} images: fewer than batch_size={batch_size} per process ({dist.world_size()} "
-            "process(es)); lower batch_size or use more data"
-        )
-    loader = DataLoader(
-        SeededSamples(dataset, seed),
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=keyed_collate(collate_images),
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-    return loader, sampler, sampler.per_rank // batch_size
+    bar = tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if report is not None:
+            report.update(batch)
+        if batch.empty:
+            continue
+        yield batch.images.to(device, non_blocking=True), batch
 
 
 def num_classes_of(dataset: ImageFolderDataset, requested: int | None) -> int:

@@ -10,18 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
 from milan.data import Batch, SkipReport
+from milan.eval.data import eval_batches
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -91,15 +89,9 @@ def extract_features(
     """
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for batch in tqdm(
-        loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True
-    ):
-        if report is not None:
-            report.update(batch)
-        if batch.empty:
-            continue
+    for images, batch in eval_batches(loader, device, report=report, progress=progress, desc=desc):
         with autocast():
-            out = fn(batch.images.to(device, non_blocking=True))  # (B, D)
+            out = fn(images)  # (B, D)
         feats.append(out.float().cpu())
         labels.append(batch.labels.long().cpu())
     if not feats:
@@ -147,23 +139,3 @@ class FeatureCache:
         if path is not None:
             blob = {"features": features.to(self.dtype), "labels": labels.long(), "meta": json.dumps(meta or {})}
             atomic_save(blob, path)
-
-
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates every process's ``(n_rank, ...)`` tensor (sizes may differ) in rank order, on every process.
-
-    Adapter over ``torch.distributed.all_gather`` (``milan.distributed`` has no variable-size gather yet).
-    """
-    if not dist.is_enabled():
-        return tensor
-    import torch.distributed as tdist
-
-    n = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.world_size())]
-    tdist.all_gather(sizes, n)
-    most = int(max(int(s) for s in sizes))
-    padded = tensor.new_zeros((most, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    tdist.all_gather(parts, padded)
-    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])

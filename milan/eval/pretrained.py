@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch.nn as nn
-
-from milan.checkpoint.arch import load_strict
 from milan.checkpoint.formats import read_checkpoint
 from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.loaders import encoder_from_checkpoint
 from milan.engine.config import ConfigError
 from milan.eval.config import EncoderSource
 from milan.models.factory import build_encoder, list_models, model_config
@@ -44,25 +42,18 @@ def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) 
     ck = read_checkpoint(src.pretrained, num_heads=src.num_heads)
     if ck.kind not in _ENCODER_KINDS:
         raise CheckpointError(f"{src.pretrained}: a {ck.format} {ck.kind} checkpoint holds no student encoder")
-    arch = ck.encoder_arch()
-    encoder = VisionTransformer(
-        img_size=arch.img_size,
-        patch_size=arch.patch_size,
-        in_chans=arch.in_chans,
-        embed_dim=arch.embed_dim,
-        depth=arch.depth,
-        num_heads=arch.num_heads,
-        mlp_ratio=arch.mlp_ratio,
-        qkv_bias=arch.qkv_bias,
-        drop_path_rate=drop_path_rate,
-        pos_embed_layout="mae" if arch.pos_embed_layout == "mae" else "mmpretrain",  # the stored table is loaded
-    )
-    if ck.kind == "finetune":  # fine-tuned encoders have no final norm
-        encoder.norm = nn.Identity()  # type: ignore[assignment]
-    load_strict(encoder, ck.encoder_state(), f"{src.pretrained}: student encoder")
+    encoder = encoder_from_checkpoint(ck, drop_path_rate=drop_path_rate)
     kind = ck.kind.replace("_", " ")
     desc = (
-        f"{src.pretrained} ({kind} checkpoint, {ck.format} format): ViT {arch.embed_dim}d x {arch.depth} blocks, "
-        f"{arch.num_heads} heads, patch {arch.patch_size}, {arch.img_size} px"
+        f"{src.pretrained} ({kind} checkpoint, {ck.format} format): ViT {encoder.embed_dim}d x {len(encoder.blocks)} "
+        f"blocks, {encoder.num_heads} heads, patch {encoder.patch_size}, {input_size(None, encoder)} px"
     )
     return encoder, desc
+
+
+def input_size(requested: int | None, encoder: VisionTransformer) -> int:
+    """The training/eval resolution: the encoder's (its fixed position table allows no other)."""
+    size = int(encoder.patch_embed.img_size[0])
+    if requested is not None and requested != size:
+        raise ConfigError(f"data.img_size={requested} but the encoder takes {size} px images; leave it null")
+    return size

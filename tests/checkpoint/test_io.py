@@ -37,6 +37,28 @@ def test_atomic_save_roundtrip_and_no_temp_left(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    atomic_save({"epoch": 1}, tmp_path / "c.pth")
+    save_safetensors(_state(), tmp_path / "w.safetensors")
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable object
+        atomic_save({"epoch": 2, "bad": lambda: None}, tmp_path / "c.pth")
+
+    def disk_full(tensors: object, filename: str, metadata: object = None) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="no space"):
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert safe_load(tmp_path / "c.pth") == {"epoch": 1}
+    assert torch.equal(safe_load(tmp_path / "w.safetensors")["b"], _state()["b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "w.safetensors"]
+
+
 def test_safetensors_roundtrip_with_metadata_and_no_suffix(tmp_path: Path) -> None:
     sd = _state()
     path = save_safetensors(sd, tmp_path / "weights.bin", {"milan": '{"kind": "encoder"}'})  # sniffed, not by suffix

@@ -289,3 +289,31 @@ def test_model_config_routes_to_load_teacher(tmp_path: Path) -> None:
     cfg.teacher.out_dim = 999  # ignored: the file decides
     milan = build_milan(cfg)
     assert milan.teacher is not None and milan.teacher.out_dim == 32 and milan.decoder.out_dim == 32
+
+
+def test_a_training_checkpoint_rebuilds_its_teacher_from_the_stored_spec(tmp_path: Path, images: torch.Tensor) -> None:
+    """``teacher_spec`` (what the run built) wins over what the teacher file alone would be read as."""
+    import dataclasses
+
+    from milan.checkpoint import describe_tower, load_milan
+    from milan.checkpoint.io import atomic_save
+
+    torch.save(open_clip_model().state_dict(), tmp_path / "clip.pth")  # 128 wide: read as 2 heads by default
+    used = load_teacher(tmp_path / "clip.pth", num_heads=4)  # the run's teacher: 4 heads
+    cfg = model_config("milan_test_tiny")
+    cfg.teacher.checkpoint = str(tmp_path / "clip.pth")
+    model = build_milan(cfg, teacher=used)
+    ckpt = {
+        "format": "milan-train", "version": 1, "model": model.student.state_dict(), "optimizer": {}, "state": {},
+        "config": {"model": dataclasses.asdict(cfg)}, "teacher_spec": describe_tower(used.model).to_dict(),
+    }  # fmt: skip
+    atomic_save(ckpt, tmp_path / "run.pt")
+    loaded = load_milan(tmp_path / "run.pt").teacher
+    assert loaded is not None and describe_tower(loaded.model) == describe_tower(used.model)
+    want, got = used(images), loaded(images)
+    torch.testing.assert_close(got.features, want.features, atol=0, rtol=0)
+    torch.testing.assert_close(got.cls_attention, want.cls_attention, atol=0, rtol=0)
+    atomic_save({k: v for k, v in ckpt.items() if k != "teacher_spec"}, tmp_path / "old.pt")  # before teacher_spec
+    inferred = load_milan(tmp_path / "old.pt").teacher
+    assert inferred is not None and inferred.model.blocks[-1].attn.num_heads == 2  # the file's default reading
+    assert not torch.allclose(inferred(images).cls_attention, want.cls_attention)

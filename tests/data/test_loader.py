@@ -61,6 +61,18 @@ def test_loader_options() -> None:
         build_loader(dataset, 4, num_workers=-1)
 
 
+def test_custom_collate_and_no_generator() -> None:
+    dataset = SyntheticImages(10, 4)
+    labels = build_loader(dataset, 4, collate_fn=lambda items: [label for _, label in items])
+    assert list(labels) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # the given collate, not collate_images
+    assert build_loader(dataset, 4).generator is not None and build_loader(dataset, 4, seed=None).generator is None
+    orders = []
+    for global_seed in (0, 0, 1):  # seed=None: the order comes from the global torch RNG
+        torch.manual_seed(global_seed)
+        orders.append(next(iter(build_loader(dataset, 10, shuffle=True, seed=None))).labels.tolist())
+    assert orders[0] == orders[1] != orders[2]
+
+
 def test_collate_and_batch_helpers() -> None:
     good = (torch.ones(3, 2, 2), 7)
     bad = BadSample("x.jpg", "corrupt", "boom")

@@ -163,6 +163,14 @@ def test_a_teacher_checkpoint_is_loaded_frozen_and_not_saved(
     ckpt = load_training_checkpoint(run / "checkpoints" / "last.pt")
     assert "teacher" not in ckpt  # real teachers are loaded from their own file on resume
     assert ckpt["config"]["model"]["teacher"]["checkpoint"] == str(tmp_path / "teacher.pt")
+    # ... and rebuilt as the run built them (its exact architecture is stored)
+    from milan.checkpoint import describe_tower, load_milan, load_teacher
+
+    used = load_teacher(tmp_path / "teacher.pt")
+    assert ckpt["teacher_spec"] == describe_tower(used.model).to_dict()
+    rebuilt = load_milan(run / "checkpoints" / "last.pt").teacher
+    images = torch.randn(2, 3, 32, 32)
+    assert rebuilt is not None and torch.equal(rebuilt(images).features, used(images).features)
 
 
 def test_tar_shards_through_webdataset(tmp_path: Path, image_dir: Path) -> None:

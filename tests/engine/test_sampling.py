@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from milan.data import BadSample, collate_images
-from milan.engine.sampling import EpochSampler, SeededSamples, keyed_collate, sample_seed
+from milan.engine.config import ConfigError
+from milan.engine.sampling import EpochSampler, SeededSamples, keyed_collate, sample_seed, seeded_loader
 from milan.masking import attention_masking, random_masking
 
 
@@ -95,6 +96,25 @@ def test_keyed_collate_keeps_noise_aligned_with_good_images() -> None:
     assert len(batch) == 3 and len(batch.skipped) == 1
     assert torch.equal(noise, torch.stack([items[i].noise for i in (0, 2, 3)]))
     assert batch.labels.tolist() == [0, 2, 3]
+
+
+def test_seeded_loader_yields_the_keyed_samples_in_sampler_order() -> None:
+    cpu = torch.device("cpu")
+    loader, sampler, batches = seeded_loader(Augmented(), batch_size=3, seed=5, noise_len=4, device=cpu, key="data.x")
+    assert batches == 2 and loader.generator is None  # every sample seeds itself; the tail of 2 is dropped
+    sampler.set_epoch(1)
+    reference = EpochSampler(8, seed=5)
+    reference.set_epoch(1)
+    keys = list(reference)
+    ds = SeededSamples(Augmented(), seed=5, noise_len=4)
+    got = list(loader)
+    assert len(got) == 2
+    for b, (batch, noise) in enumerate(got):
+        want, want_noise = keyed_collate(collate_images)([ds[k] for k in keys[3 * b : 3 * b + 3]])
+        assert torch.equal(batch.images, want.images) and torch.equal(batch.labels, want.labels)
+        assert torch.equal(noise, want_noise) and noise.shape == (3, 4)
+    with pytest.raises(ConfigError, match=r"data\.x has 8 images: fewer than batch_size=9"):
+        seeded_loader(Augmented(), batch_size=9, seed=0, device=cpu, key="data.x")
 
 
 def test_noise_masking_draws_rowwise_and_follows_the_weights() -> None:

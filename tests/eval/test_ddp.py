@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from milan.engine.config import load_config
 from milan.engine.evaluate import evaluate_checkpoint
 from milan.engine.knn import knn
 from milan.eval.config import KnnConfig
 from tests.eval.conftest import job_overrides
+from tests.eval.ddp_jobs import gather_cases
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,6 +41,13 @@ def test_two_processes_evaluate_like_one(tmp_path, cifar, tiny_encoder_ckpt):
     data = {"train": cifar["train_small"], "val": cifar["val"]}
     single = knn(_knn_cfg(tmp_path / "knn1", tiny_encoder_ckpt, data))
     assert got["knn"] == pytest.approx(single.metrics[5], abs=1 / 3 + 1e-6)  # at most one image of 300 differs
+    # the row gather: every process gets the shards concatenated in rank order, whatever their sizes
+    expected = {k: torch.cat([gather_cases(0)[k], gather_cases(1)[k]]) for k in ("rows", "labels")}
+    expected |= {"features": torch.ones(2, 4), "none": torch.zeros(0, 5)}
+    for rank in (0, 1):
+        gathered = torch.load(tmp_path / f"gathered{rank}.pt", weights_only=True)
+        for key, want in expected.items():
+            assert gathered[key].dtype == want.dtype and torch.equal(gathered[key], want), (rank, key)
 
 
 def _knn_cfg(out: Path, ckpt: Path, data: dict[str, Path]) -> KnnConfig:

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by ``milan linprobe``, ``milan finetune`` and ``milan knn``."""
+"""Command-line plumbing shared by the jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``knn``)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,24 @@ from milan.engine.loop import NonFiniteLossError
 C = TypeVar("C")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, example: str, *, resume: bool = True) -> None:
-    """``--config FILE``, ``KEY=VALUE`` overrides, ``--resume auto|FILE`` and ``--print-config``."""
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    example: str,
+    *,
+    resume: bool = True,
+    overrides_example: str = "encoder.pretrained=runs/demo/checkpoints/last.pt batch_size=64",
+) -> None:
+    """``--config FILE``, ``KEY=VALUE`` overrides, ``--resume auto|FILE`` and ``--print-config``.
+
+    Args:
+        parser: The subcommand's parser.
+        example: A preset named in the ``--config`` help.
+        resume: Add ``--resume``.
+        overrides_example: Overrides named in their help.
+    """
     parser.add_argument("--config", "-c", metavar="FILE", help=f"YAML preset, e.g. {example}")
     parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted config overrides, e.g. encoder.pretrained=runs/demo/checkpoints/last.pt batch_size=64",
+        "overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted config overrides, e.g. {overrides_example}"
     )
     if resume:
         parser.add_argument(
@@ -40,6 +50,13 @@ def run_job(
     args: argparse.Namespace,
 ) -> int:
     """Loads and checks the config, then runs the job; clean one-line errors and exit codes.
+
+    Args:
+        name: The subcommand (message prefix ``milan NAME:``).
+        cls: The config dataclass.
+        check: Its value checks.
+        job: ``(config, args) -> anything``: runs the job.
+        args: Parsed arguments (``config``, ``overrides``, ``print_config``).
 
     Returns:
         0 on success, 2 for a config/checkpoint/data error, 1 for a non-finite loss.

@@ -1,0 +1,142 @@
+"""What ``milan linprobe`` and ``milan finetune`` share on top of the engine's :class:`~milan.engine.trainer.Trainer`.
+
+The engine runs the epochs, the periodic validation (:class:`~milan.engine.trainer.Evaluation`), logging,
+checkpoints and resume. This module adds the classifier parts: the step function over labelled batches, the
+BatchNorm statistics sync before evaluation, the labelled splits, and the end of a run: the export of the
+deliverable (``classifier.pt``), the ``"summary"`` record, ``results.json`` and the one-line summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from milan import distributed as dist
+from milan.data import Batch, ImageFolderDataset, ImagePipeline, SkipReport
+from milan.engine.loop import StepFn, TrainState, data_step
+from milan.engine.trainer import Metrics, Trainer
+from milan.eval.config import ClassifyDataConfig
+from milan.eval.data import eval_pipeline, image_folder, num_classes_of
+
+
+def classifier_step(
+    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]],
+    module: nn.Module,
+    device: torch.device,
+    report: SkipReport,
+) -> StepFn:
+    """A step function for :func:`~milan.engine.loop.train_one_epoch` over labelled ``(Batch, noise)`` batches.
+
+    Args:
+        forward: ``(images, labels) -> (mean loss, batch size used)`` on ``device``.
+        module: The trained module (for the zero loss of an all-bad batch).
+        device: Where to compute.
+        report: Receives each batch's unreadable files.
+
+    Returns:
+        The step function.
+    """
+
+    def step(data: Batch, noise: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        images = data.images.to(device, non_blocking=True)  # (B, 3, H, W)
+        labels = data.labels.to(device, non_blocking=True)  # (B,)
+        return forward(images, labels)
+
+    return data_step(step, module, device, report)
+
+
+@torch.no_grad()
+def sync_batchnorm_stats(module: nn.Module) -> None:
+    """Averages BatchNorm running statistics over processes (no-op in a single process).
+
+    Each process's BatchNorm sees only its own batches; averaging before evaluation and saving makes every process
+    (and the checkpoint) use the same statistics.
+    """
+    if dist.world_size() == 1:
+        return
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
+            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
+            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
+
+
+def labelled_splits(
+    data: ClassifyDataConfig, train_pipeline: ImagePipeline, img_size: int, num_classes: int | None
+) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
+    """The training split (with the job's view) and the validation split (evaluation view, the same classes).
+
+    Returns:
+        ``(train, val, head width)``; the width is ``num_classes``, or the number of training class folders.
+    """
+    train = image_folder(data.train, data.train_per_class, train_pipeline, "data.train", data)
+    val = image_folder(
+        data.val, data.val_per_class, eval_pipeline(data, img_size), "data.val", data, classes=train.classes
+    )
+    return train, val, num_classes_of(train, num_classes)
+
+
+def describe_topk(metrics: Metrics) -> str:
+    """``"top-1 78.90  top-5 94.10"``."""
+    return f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}"
+
+
+@dataclass
+class FitResult:
+    """What a classifier job returns."""
+
+    run_dir: Path
+    state: TrainState
+    final: Metrics  # the last evaluation (at the final step)
+    history: list[Metrics]  # every evaluation, in order
+    summary: Metrics  # the summary record written to results.json
+    checkpoint: Path | None
+
+
+def train_classifier(
+    trainer: Trainer,
+    job: str,
+    export: Callable[[Metrics], Metrics],
+    t_start: float,
+    *,
+    after_step: Callable[[TrainState], None] | None = None,
+) -> FitResult:
+    """Trains (the trainer evaluates ``top1``/``top5``), exports the classifier and writes the summary.
+
+    Args:
+        trainer: The job's trainer, with an evaluation returning ``top1`` and ``top5``; closed at the end.
+        job: ``"linprobe"`` or ``"finetune"`` (the summary's ``job``).
+        export: Called once with the final metrics; writes the deliverable (e.g. ``classifier.pt``) on the main
+            process and returns more summary fields.
+        t_start: When the job started (``time.perf_counter()``).
+        after_step: Called after every optimizer step (e.g. an EMA update).
+
+    Returns:
+        The result (on every process).
+    """
+    if trainer.evaluation is None:
+        raise ValueError("train_classifier needs a Trainer with an evaluation (top1/top5)")
+    with trainer:
+        state = trainer.fit(after_step=after_step)
+        final = trainer.eval_history[-1]  # fit() ends with an evaluation of the last step
+        fields = export(final)
+        dist.barrier()  # the exported files exist for every process once this returns
+        wall = time.perf_counter() - t_start
+        history = trainer.eval_history
+        summary: Metrics = {
+            "job": job, "top1": final["top1"], "top5": final["top5"], "max_top1": max(h["top1"] for h in history),
+            "epoch": state.epoch, "step": state.step, "images_seen": state.images_seen, "wall_time": wall, **fields,
+        }  # fmt: skip
+        trainer.finish(
+            summary,
+            f"done: {job} top-1 {final['top1']:.2f}  top-5 {final['top5']:.2f} (best epoch top-1 "
+            f"{summary['max_top1']:.2f}) after epoch {state.epoch}, step {state.step}, in {wall:.1f} s; "
+            f"{trainer.run_report.summary()}; results {trainer.run_dir / 'results.json'}",
+            results=True,
+        )
+    last = trainer.checkpointer.last
+    return FitResult(trainer.run_dir, state, final, list(history), summary, last if last.exists() else None)
