@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from milan.checkpoint.io import CheckpointError
 from milan.models.decoder import MAEDecoder, PromptingDecoder
-from milan.models.factory import EncoderConfig
+from milan.models.factory import DecoderConfig, EncoderConfig, build_decoder, build_encoder
 from milan.models.vit import VIT_ARCHS, VisionTransformer
 from milan.pos_embed import PosEmbedLayout, sincos_2d
 
@@ -120,21 +120,15 @@ class EncoderArch(ViTShape):
 
     def build(self, drop_path_rate: float = 0.0) -> VisionTransformer:
         """A randomly initialised encoder of this shape (load the weights next); ``drop_path_rate`` for fine-tuning."""
-        layout: PosEmbedLayout = "mae" if self.pos_embed_layout == "mae" else "mmpretrain"
-        return VisionTransformer(**_vit_shape(self), drop_path_rate=drop_path_rate, pos_embed_layout=layout)
+        return build_encoder(self.to_config(drop_path_rate))
 
     def to_config(self, drop_path_rate: float = 0.0) -> EncoderConfig:
         """This shape as the model factory's :class:`~milan.models.factory.EncoderConfig`.
 
-        ``EncoderConfig`` describes the standard encoder: 3 input channels, qkv bias, a fixed sin-cos position table
-        (a learned table is described as ``mmpretrain``; loading the weights restores it).
+        A learned position table is described as ``mmpretrain``: loading the weights restores it.
         """
         layout: PosEmbedLayout = "mae" if self.pos_embed_layout == "mae" else "mmpretrain"
-        return EncoderConfig(
-            img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, pos_embed_layout=layout,
-            drop_path_rate=drop_path_rate,
-        )  # fmt: skip
+        return EncoderConfig(**_vit_shape(self), pos_embed_layout=layout, drop_path_rate=drop_path_rate)
 
 
 def infer_encoder(sd: StateDict, num_heads: int | None = None) -> EncoderArch:
@@ -191,17 +185,9 @@ class DecoderArch:
     mlp_ratio: float = 4.0
 
     def build(self) -> PromptingDecoder | MAEDecoder:
-        """A randomly initialised decoder of this shape."""
-        cls = PromptingDecoder if self.kind == "prompting" else MAEDecoder
-        return cls(
-            (self.grid, self.grid),
-            in_dim=self.in_dim,
-            out_dim=self.out_dim,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-        )
+        """A randomly initialised decoder of this shape (the stored position table replaces the fresh one)."""
+        cfg = DecoderConfig(self.kind, self.embed_dim, self.depth, self.num_heads, self.mlp_ratio)
+        return build_decoder(cfg, (self.grid, self.grid), self.in_dim, self.out_dim, "mmpretrain")
 
 
 def infer_decoder(sd: StateDict, num_heads: int | None = None) -> DecoderArch:

@@ -20,10 +20,12 @@ class EncoderConfig:
 
     img_size: int = 224  # input resolution (square)
     patch_size: int = 16
+    in_chans: int = 3
     embed_dim: int = 768  # ViT-B
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    qkv_bias: bool = True
     pos_embed_layout: PosEmbedLayout = "mmpretrain"  # sin-cos channel layout, see milan.pos_embed
     drop_path_rate: float = 0.0  # 0 for pretraining (MAE/MILAN)
 
@@ -51,7 +53,11 @@ class TeacherConfig:
     img_size: int = 224
     out_dim: int = 512  # width of CLIP's proj; MILAN's prediction width
     input_norm: TeacherInputNorm = "imagenet"  # the references feed the ImageNet-normalised view
-    checkpoint: str | None = None  # a local weights file; format and architecture are inferred
+    checkpoint: str | None = None  # a local weights file/folder; format and architecture are inferred
+    # Hints for `checkpoint` (see milan.checkpoint.teachers.load_teacher); the fields above describe a random teacher.
+    format: str = "auto"  # openai-clip | open-clip | hf | timm | milan | mmpretrain | auto
+    model_name: str | None = None  # timm model name, for timm / OpenCLIP `visual.trunk` checkpoints
+    act: Literal["quick_gelu", "gelu", "gelu_tanh"] | None = None  # MLP activation, when the format's default is wrong
 
 
 @dataclass
@@ -67,14 +73,37 @@ class ModelConfig:
     restore_order: bool = False  # compute the loss in spatial order (slower, same value)
 
 
-def build_teacher(cfg: TeacherConfig) -> Teacher | None:
-    """Builds the frozen teacher from its config (``None`` for pixel targets)."""
+def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) -> Teacher | None:
+    """Builds the frozen teacher from its config (``None`` for pixel targets).
+
+    Args:
+        cfg: Teacher config.
+        grid_size: The student's patch grid. A teacher loaded from ``cfg.checkpoint`` whose own grid differs (e.g. a
+            ViT-L/14 teacher for a /16 student) is run at ``grid * its patch size`` pixels so the grids match.
+
+    Returns:
+        The teacher, or ``None``.
+    """
     if cfg.kind == "none":
         return None
     if cfg.checkpoint:
         from milan.checkpoint.teachers import load_teacher  # local import: file formats are not needed otherwise
 
-        return load_teacher(cfg.checkpoint, input_norm=cfg.input_norm)
+        teacher = load_teacher(
+            cfg.checkpoint, input_norm=cfg.input_norm, fmt=cfg.format, model_name=cfg.model_name, act=cfg.act
+        )
+        if grid_size is None or teacher.grid_size == grid_size:
+            return teacher
+        if grid_size[0] != grid_size[1]:
+            raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
+        return load_teacher(
+            cfg.checkpoint,
+            input_norm=cfg.input_norm,
+            fmt=cfg.format,
+            model_name=cfg.model_name,
+            act=cfg.act,
+            grid_size=grid_size[0],
+        )
     tower = clip_vision_tower(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -91,12 +120,33 @@ def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
     return VisionTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
         embed_dim=cfg.embed_dim,
         depth=cfg.depth,
         num_heads=cfg.num_heads,
         mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
         drop_path_rate=cfg.drop_path_rate,
         pos_embed_layout=cfg.pos_embed_layout,
+    )
+
+
+def build_decoder(
+    cfg: DecoderConfig, grid_size: tuple[int, int], in_dim: int, out_dim: int, pos_embed_layout: PosEmbedLayout
+) -> PromptingDecoder | MAEDecoder:
+    """Builds the decoder for an encoder of width ``in_dim`` on ``grid_size``, predicting ``out_dim`` per token."""
+    if cfg.kind not in ("prompting", "mae"):
+        raise ValueError(f"model.decoder.kind must be 'prompting' or 'mae', got {cfg.kind!r}")
+    decoder_cls = PromptingDecoder if cfg.kind == "prompting" else MAEDecoder
+    return decoder_cls(
+        grid_size,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        pos_embed_layout=pos_embed_layout,
     )
 
 
@@ -112,21 +162,10 @@ def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
     """
     encoder = build_encoder(cfg.encoder)
     if teacher is None:
-        teacher = build_teacher(cfg.teacher)
+        teacher = build_teacher(cfg.teacher, encoder.grid_size)
     out_dim = teacher.out_dim if teacher is not None else cfg.encoder.patch_size**2 * 3
-    if cfg.decoder.kind not in ("prompting", "mae"):
-        raise ValueError(f"model.decoder.kind must be 'prompting' or 'mae', got {cfg.decoder.kind!r}")
-    decoder_cls = PromptingDecoder if cfg.decoder.kind == "prompting" else MAEDecoder
-    decoder: PromptingDecoder | MAEDecoder = decoder_cls(
-        encoder.grid_size,
-        in_dim=cfg.encoder.embed_dim,
-        out_dim=out_dim,
-        embed_dim=cfg.decoder.embed_dim,
-        depth=cfg.decoder.depth,
-        num_heads=cfg.decoder.num_heads,
-        mlp_ratio=cfg.decoder.mlp_ratio,
-        pos_embed_layout=cfg.encoder.pos_embed_layout,
-    )
+    layout = cfg.encoder.pos_embed_layout
+    decoder = build_decoder(cfg.decoder, encoder.grid_size, cfg.encoder.embed_dim, out_dim, layout)
     masking = cfg.masking if teacher is not None else "random"
     return MILAN(encoder, decoder, teacher, cfg.mask_ratio, masking, cfg.loss_on, cfg.restore_order)
 

@@ -317,3 +317,17 @@ def test_a_training_checkpoint_rebuilds_its_teacher_from_the_stored_spec(tmp_pat
     inferred = load_milan(tmp_path / "old.pt").teacher
     assert inferred is not None and inferred.model.blocks[-1].attn.num_heads == 2  # the file's default reading
     assert not torch.allclose(inferred(images).cls_attention, want.cls_attention)
+
+
+def test_config_teacher_file_is_run_on_the_student_grid(tmp_path: Path) -> None:
+    """A /4 CLIP teacher file for a /8 student at 32 px: build_milan runs the teacher at 16 px (4 x 4 grid)."""
+
+    clip = open_clip_model(width=64, patch=4, image=32)  # native 8 x 8 grid
+    torch.save(clip.state_dict(), tmp_path / "clip_p4.pth")
+    cfg = model_config("milan_test_tiny")  # student: 32 px, patch 8 -> 4 x 4
+    cfg.teacher.checkpoint = str(tmp_path / "clip_p4.pth")
+    model = build_milan(cfg)
+    assert model.teacher is not None and model.teacher.grid_size == (4, 4)
+    assert model.decoder.out_dim == model.teacher.out_dim == 32
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.target.shape == (2, 17, 32) and torch.isfinite(out.loss)
