@@ -1,0 +1,112 @@
+"""Frozen-feature evaluation: weighted k-NN and a linear probe on cached CLS features.
+
+Features are extracted once per model (:func:`milan.eval.features.extract_features`): the CLS token after the
+encoder's final LayerNorm for a student, and the CLS embedding (after ``ln_post`` and the projection, CLIP's image
+embedding) for the teacher. k-NN is :func:`milan.eval.knn.knn_scores` (cosine, ``exp(s / T)`` votes). The linear
+probe is the MAE/MILAN probe head (``BatchNorm1d(affine=False) -> Linear``) trained on the cached features with the
+engine's loop, so it sees no augmentation (a fast, standard variant of the probe; the same for every arm).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.weight_init import trunc_normal_
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.proxy.settings import EvalBudget
+from milan.data import Batch
+from milan.engine.config import OptimConfig
+from milan.engine.loop import StepOutput, TrainState, fit_epochs, train_one_epoch
+from milan.engine.optim import build_adamw, param_groups
+from milan.engine.schedule import CosineSchedule
+from milan.eval.features import extract_features
+from milan.eval.knn import knn_scores
+from milan.eval.metrics import topk_correct
+
+
+def features(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """(N, D) features of in-memory images (``fn``: images on ``device`` -> (B, D))."""
+    batches = [Batch(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    kwargs = {"autocast": autocast} if autocast is not None else {}
+    feats, _ = extract_features(fn, batches, device, progress=False, **kwargs)
+    return feats
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 in percent."""
+    return 100.0 * float(topk_correct(logits, labels, (1,))[0]) / max(len(labels), 1)
+
+
+def knn_top1(
+    train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor, budget: EvalBudget
+) -> float:
+    """Weighted k-NN top-1 (%)."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_scores(train, train_labels, test, num_classes, k=budget.knn_k, temperature=budget.knn_temperature)
+    return accuracy(scores, test_labels)
+
+
+def probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The linear-probe head of :class:`milan.models.classifier.LinearProbe`: affine-free BatchNorm, then Linear."""
+    fc = nn.Linear(dim, num_classes)
+    trunc_normal_(fc.weight, std=0.01)
+    nn.init.zeros_(fc.bias)
+    return nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc=fc))
+
+
+def linear_probe_top1(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    budget: EvalBudget,
+    *,
+    seed: int = 0,
+) -> float:
+    """Trains the probe head on cached train features (AdamW, cosine schedule) and returns test top-1 (%)."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    torch.manual_seed(seed)
+    head = probe_head(train.shape[1], num_classes)
+    loader = DataLoader(
+        TensorDataset(train.float(), train_labels),
+        batch_size=min(budget.probe_batch_size, len(train)),
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    steps = len(loader)
+    optim_cfg = OptimConfig(betas=(0.9, 0.999), weight_decay=budget.probe_weight_decay)
+    device = torch.device("cpu")  # a Linear on a few thousand cached vectors: the CPU is fastest
+    optimizer = build_adamw(param_groups(head, budget.probe_weight_decay), optim_cfg, budget.probe_lr, device)
+    schedule = CosineSchedule(budget.probe_lr, steps * budget.probe_epochs, warmup_steps=0)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+        x, y = batch
+        return StepOutput(F.cross_entropy(head(x), y), x.shape[0])
+
+    def run_epoch(state: TrainState) -> TrainState:
+        head.train()
+        return train_one_epoch(step, loader, optimizer, schedule, state, num_batches=steps)
+
+    fit_epochs(
+        run_epoch,
+        TrainState(),
+        epochs=budget.probe_epochs,
+        batches_per_epoch=steps,
+        stop_step=steps * budget.probe_epochs,
+    )
+    head.eval()
+    with torch.no_grad():
+        return accuracy(head(test.float()), test_labels)

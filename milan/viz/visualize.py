@@ -1,0 +1,457 @@
+"""``milan visualize``: what a MILAN model sees, hides and predicts, one row per image.
+
+Columns of the grid:
+
+1. the input (after the evaluation transform at the model's image size);
+2. the teacher's CLS-to-patch attention (the masking importance), min-max scaled per image, upsampled and
+   overlaid on the input (the peak, as a multiple of uniform attention, is written underneath);
+3. the sampled mask: visible patches as they are, masked patches greyed out;
+4. the per-patch cosine similarity between the prediction and the target (visible patches outlined), with the
+   mean over masked and over visible patches underneath;
+5. and 6. the target and the predicted patch features mapped to RGB by one PCA basis (fitted on the
+   L2-normalised target features of every image in the grid), so equal colours mean similar directions.
+
+A pixel-target model (the MAE ablation, no teacher) shows its reconstruction instead of the PCA views: the
+predicted patches (un-normalised with each target patch's own mean and variance, as MAE's ``norm_pix`` figure
+does), and the same with the visible patches pasted back.
+
+Library use: :func:`compute_views` runs the model, :func:`render` draws the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from milan.checkpoint.io import CheckpointError
+from milan.models.milan import MILAN, Masking, patchify
+from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+
+CELL_INCHES = 2.2  # side of one panel
+DPI = 100
+COLUMNS = (
+    "input",
+    "teacher CLS attention",
+    "visible / masked patches",
+    "cos(prediction, target)",
+    "target features (PCA)",
+    "predicted features (PCA)",
+)
+PIXEL_COLUMNS = (*COLUMNS[:4], "predicted pixels", "reconstruction + visible")
+
+
+@dataclass
+class Views:
+    """Everything one grid shows, for B images (CPU tensors).
+
+    Attributes:
+        images: (B, 3, H, W) display images in [0, 1].
+        importance: (B, L) the teacher's CLS attention, ``None`` for pixel targets.
+        mask: (B, L) 1 = masked, 0 = visible, spatial order.
+        cosine: (B, L) cosine similarity of prediction and target per patch.
+        target: (B, L, D) patch targets (teacher features, or per-patch normalised pixels).
+        pred: (B, L, D) patch predictions.
+        grid: Patch grid (rows, columns).
+        patch_size: Patch side in pixels.
+        pixel_targets: Whether the model predicts pixels (no teacher).
+        masking: The masking rule used.
+        mask_ratio: The mask ratio used.
+        loss: The model's loss on this batch with this mask.
+    """
+
+    images: torch.Tensor
+    importance: torch.Tensor | None
+    mask: torch.Tensor
+    cosine: torch.Tensor
+    target: torch.Tensor
+    pred: torch.Tensor
+    grid: tuple[int, int]
+    patch_size: int
+    pixel_targets: bool
+    masking: str
+    mask_ratio: float
+    loss: float
+
+    def mean_cosine(self, index: int, masked: bool) -> float:
+        """Mean cosine similarity of image ``index`` over its masked (or visible) patches."""
+        keep = self.mask[index] == (1.0 if masked else 0.0)
+        return float(self.cosine[index][keep].mean()) if bool(keep.any()) else float("nan")
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B, 3, H, W) -> display images in [0, 1]."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0.0, 1.0)
+
+
+def _norm_pix(patches: torch.Tensor) -> torch.Tensor:
+    """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1.0e-6) ** 0.5
+
+
+@torch.no_grad()
+def compute_views(
+    model: MILAN,
+    images: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    mask_ratio: float | None = None,
+    masking: Masking | None = None,
+) -> Views:
+    """Runs the model once on a batch and collects what the grid shows.
+
+    Args:
+        model: A MILAN model (its teacher, if any, gives the targets and the importance).
+        images: (B, 3, H, W) ImageNet-normalised images at the model's resolution, on the model's device.
+        generator: RNG for the mask draw (on the images' device).
+        mask_ratio: Override the model's mask ratio.
+        masking: Override the model's masking rule (``"attention"`` needs a teacher).
+
+    Returns:
+        The views (on the CPU).
+
+    Raises:
+        ValueError: Attention masking asked of a model without a teacher, or images of the wrong size.
+    """
+    encoder = model.encoder
+    gh, gw = encoder.grid_size
+    size = (gh * encoder.patch_size, gw * encoder.patch_size)
+    if images.ndim != 4 or tuple(images.shape[-2:]) != size:
+        raise ValueError(f"images must be (B, 3, {size[0]}, {size[1]}) for this model, got {tuple(images.shape)}")
+    masking = masking or model.masking
+    if masking == "attention" and model.teacher is None:
+        raise ValueError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
+    saved = (model.mask_ratio, model.masking, model.training)
+    model.mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
+    model.masking = masking
+    model.eval()
+    try:
+        out = model(images, generator=generator)
+    finally:
+        model.mask_ratio, model.masking = saved[0], saved[1]
+        model.train(saved[2])
+    pred = out.pred[:, 1:].float()  # (B, L, D) spatial order, cls dropped
+    target = out.target[:, 1:].float()  # (B, L, D)
+    pixel_targets = model.teacher is None
+    if pixel_targets and model.norm_pix:
+        target = _norm_pix(target)
+    cosine = F.cosine_similarity(pred, target, dim=-1)  # (B, L)
+    importance = out.importance.float().cpu() if out.importance is not None else None
+    return Views(
+        images=denormalize(images.float()).cpu(),
+        importance=importance,
+        mask=out.mask.binary_mask().cpu(),
+        cosine=cosine.cpu(),
+        target=target.cpu(),
+        pred=pred.cpu(),
+        grid=(gh, gw),
+        patch_size=encoder.patch_size,
+        pixel_targets=pixel_targets,
+        masking=masking,
+        mask_ratio=model.mask_ratio if mask_ratio is None else mask_ratio,
+        loss=float(out.loss),
+    )
+
+
+def pca_rgb(target: torch.Tensor, pred: torch.Tensor, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (B, L, D) target and predicted features to RGB with one PCA basis fitted on the targets.
+
+    Each token is L2-normalised first (``normalize``; the MILAN loss compares directions only). The three leading
+    principal directions of the targets (all images together) are the colour axes; each axis is scaled so that the
+    targets' 1st-99th percentiles span [0, 1], and the same scaling is applied to the predictions.
+
+    Args:
+        target: (B, L, D) targets.
+        pred: (B, L, D) predictions.
+        normalize: L2-normalise each token before the PCA.
+
+    Returns:
+        (B, L, 3) target colours and (B, L, 3) prediction colours in [0, 1].
+    """
+    if target.shape != pred.shape:
+        raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
+    b, n, d = target.shape
+    t = target.reshape(b * n, d).double()
+    p = pred.reshape(b * n, d).double()
+    if normalize:
+        t, p = F.normalize(t, dim=1), F.normalize(p, dim=1)
+    mean = t.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(t - mean, full_matrices=False)  # rows of vh: principal directions
+    k = min(3, vh.shape[0])
+    basis = vh[:k].T  # (D, k)
+    tp, pp = (t - mean) @ basis, (p - mean) @ basis  # (N, k)
+    if k < 3:
+        tp, pp = F.pad(tp, (0, 3 - k)), F.pad(pp, (0, 3 - k))
+    lo, hi = torch.quantile(tp, 0.01, dim=0), torch.quantile(tp, 0.99, dim=0)
+    scale = (hi - lo).clamp_min(1e-8)
+    t_rgb = ((tp - lo) / scale).clamp(0, 1).float().reshape(b, n, 3)
+    p_rgb = ((pp - lo) / scale).clamp(0, 1).float().reshape(b, n, 3)
+    return t_rgb, p_rgb
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(B, L, p * p * 3) patches (pixels ordered (p, p, C), as :func:`milan.models.milan.patchify`) -> (B, 3, H, W)."""
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, patch_size, patch_size, 3)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, gh * patch_size, gw * patch_size)
+
+
+def reconstruction(views: Views, normalized_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-target models: predicted images, and the same with the visible patches pasted back.
+
+    The prediction is per-patch normalised; it is mapped back with each target patch's own mean and standard
+    deviation (MAE's visualisation), then to display range.
+
+    Args:
+        views: From :func:`compute_views` of a pixel-target model.
+        normalized_images: (B, 3, H, W) the ImageNet-normalised input images (CPU).
+
+    Returns:
+        (B, 3, H, W) predicted images and pasted images, in [0, 1].
+    """
+    patches = patchify(normalized_images.float(), views.patch_size)  # (B, L, P)
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+    pred = views.pred * std + mean  # (B, L, P) ImageNet-normalised pixels
+    pasted = torch.where(views.mask.unsqueeze(-1) > 0, pred, patches)
+    images = [denormalize(unpatchify(x, views.grid, views.patch_size)) for x in (pred, pasted)]
+    return images[0], images[1]
+
+
+def _patch_map(values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(L,) or (L, C) per-patch values -> (H, W) or (H, W, C) image ('nearest' blocks or 'bilinear' smooth)."""
+    gh, gw = grid
+    x = values.reshape(gh, gw, -1).permute(2, 0, 1).unsqueeze(0).float()  # (1, C, gh, gw)
+    up = F.interpolate(x, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    out = up[0].permute(1, 2, 0)
+    return out[..., 0] if values.ndim == 1 else out
+
+
+def figure_size(rows: int) -> tuple[int, int]:
+    """Pixel size (width, height) of a grid with ``rows`` images."""
+    width_in, height_in = _figure_inches(rows)
+    return round(width_in * DPI), round(height_in * DPI)
+
+
+def _figure_inches(rows: int) -> tuple[float, float]:
+    return len(COLUMNS) * CELL_INCHES + 0.6, rows * CELL_INCHES + 0.8
+
+
+def render(
+    views: Views,
+    out: str | os.PathLike[str],
+    *,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+    normalized_images: torch.Tensor | None = None,
+) -> Path:
+    """Draws the grid (one row per image) into a PNG of :func:`figure_size` pixels.
+
+    Args:
+        views: From :func:`compute_views`.
+        out: The PNG to write.
+        names: Row labels (e.g. file names).
+        title: Figure title.
+        normalized_images: The ImageNet-normalised inputs; needed for pixel-target reconstructions.
+
+    Returns:
+        ``out``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    b = views.images.shape[0]
+    h, w = views.images.shape[-2:]
+    p = views.patch_size
+    gh, gw = views.grid
+    columns = PIXEL_COLUMNS if views.pixel_targets else COLUMNS
+    fig, axes = plt.subplots(b, len(columns), figsize=_figure_inches(b), dpi=DPI, squeeze=False, layout="constrained")
+    if views.pixel_targets:
+        if normalized_images is None:
+            raise ValueError("render: pass normalized_images to draw a pixel-target model's reconstruction")
+        recon, pasted = reconstruction(views, normalized_images.cpu())
+    else:
+        t_rgb, p_rgb = pca_rgb(views.target, views.pred)
+    for i in range(b):
+        img = views.images[i].permute(1, 2, 0).numpy()  # (H, W, 3)
+        row = axes[i]
+        row[0].imshow(img, interpolation="nearest")
+        if names is not None:
+            row[0].set_ylabel(names[i], fontsize=8)
+        if views.importance is not None:
+            imp = views.importance[i]
+            lo, hi = imp.min(), imp.max()
+            heat = _patch_map((imp - lo) / (hi - lo).clamp_min(1e-12), views.grid, (h, w), "bilinear").numpy()
+            row[1].imshow(img, interpolation="nearest")
+            row[1].imshow(heat, cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0, interpolation="bilinear")
+            peak = float(hi / imp.sum().clamp_min(1e-12)) * imp.numel()  # 1.0 = uniform attention
+            row[1].set_xlabel(f"min-max scaled; peak {peak:.1f}x uniform", fontsize=8)
+        else:
+            row[1].text(0.5, 0.5, "no teacher\n(pixel targets)", ha="center", va="center", fontsize=9)
+        mask = _patch_map(views.mask[i], views.grid, (h, w), "nearest").unsqueeze(-1)  # (H, W, 1)
+        greyed = views.images[i].permute(1, 2, 0) * (1 - 0.85 * mask) + 0.5 * 0.85 * mask
+        row[2].imshow(greyed.numpy(), interpolation="nearest")
+        row[2].set_xlabel(f"{views.masking} masking, {int(views.mask[i].sum())}/{gh * gw} masked", fontsize=8)
+        cos = _patch_map(views.cosine[i], views.grid, (h, w), "nearest").numpy()
+        im = row[3].imshow(cos, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        for j in torch.nonzero(views.mask[i] == 0).flatten().tolist():  # outline the visible patches
+            r, c = divmod(j, gw)
+            row[3].add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, edgecolor="white", lw=0.6))
+        masked, visible = views.mean_cosine(i, True), views.mean_cosine(i, False)
+        row[3].set_xlabel(f"masked {masked:.2f} / visible {visible:.2f}", fontsize=8)
+        fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.02, extend="min")
+        if views.pixel_targets:
+            row[4].imshow(recon[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            row[5].imshow(pasted[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        else:
+            row[4].imshow(_patch_map(t_rgb[i], views.grid, (h, w), "nearest").numpy(), interpolation="nearest")
+            row[5].imshow(_patch_map(p_rgb[i], views.grid, (h, w), "nearest").numpy(), interpolation="nearest")
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, name in zip(axes[0], columns, strict=True):
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(
+        title
+        or f"{views.masking} masking, ratio {views.mask_ratio:g}; loss {views.loss:.4f}; PCA basis fitted on targets",
+        fontsize=10,
+    )
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def load_images(sources: Sequence[str], img_size: int, crop_pct: float, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """Reads images (files, folders searched recursively, file lists or ``builtin:samples``) with the eval transform.
+
+    Args:
+        sources: Image sources.
+        img_size: The model's resolution.
+        crop_pct: Center-crop fraction of the evaluation transform.
+        limit: At most this many images (the first ones in order).
+
+    Returns:
+        (B, 3, img_size, img_size) ImageNet-normalised images and their file names.
+
+    Raises:
+        FileNotFoundError: A source is missing or holds no images.
+        milan.data.ImageDecodeError: An image cannot be decoded (the message names the file).
+    """
+    from milan.data import ImageDecodeError, collect_image_paths, eval_transform, open_image, resolve_source
+
+    paths = collect_image_paths([resolve_source(s) for s in sources])[:limit]
+    pipeline = eval_transform(img_size, crop_pct=crop_pct)
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(pipeline(open_image(path.read_bytes())))
+        except ImageDecodeError as e:
+            raise ImageDecodeError(e.reason, f"{path}: {e.detail}") from None
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):  # e.g. class folders of equally named files: show the folder too
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+    return torch.stack(tensors), names
+
+
+def visualize(
+    checkpoint: str | os.PathLike[str],
+    images: Sequence[str],
+    out: str | os.PathLike[str],
+    *,
+    teacher: str | None = None,
+    seed: int = 0,
+    mask_ratio: float | None = None,
+    masking: Masking | None = None,
+    crop_pct: float = 0.875,
+    max_images: int = 8,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Loads a pretraining checkpoint and draws the grid for some images.
+
+    Args:
+        checkpoint: A pretraining checkpoint (ours, mmpretrain or original MILAN; see
+            :func:`milan.checkpoint.load_milan`).
+        images: Image files, folders or ``builtin:samples``.
+        out: The PNG to write.
+        teacher: Teacher weights, when the checkpoint neither holds them nor names an existing file.
+        seed: Seed of the mask draw.
+        mask_ratio: Override the checkpoint's mask ratio.
+        masking: Override the checkpoint's masking rule.
+        crop_pct: Center-crop fraction of the evaluation transform.
+        max_images: At most this many rows.
+        device: Where to run the model.
+
+    Returns:
+        ``out``.
+    """
+    from milan.checkpoint import load_milan
+
+    dev = torch.device(device)
+    model = load_milan(checkpoint, teacher=teacher).to(dev).eval()
+    x, names = load_images(images, model.encoder.grid_size[0] * model.encoder.patch_size, crop_pct, max_images)
+    generator = torch.Generator(dev).manual_seed(seed)
+    views = compute_views(model, x.to(dev), generator=generator, mask_ratio=mask_ratio, masking=masking)
+    title = (
+        f"{Path(checkpoint).name}: {views.masking} masking, ratio {views.mask_ratio:g}, seed {seed}; "
+        f"loss {views.loss:.4f}" + ("" if views.pixel_targets else "; PCA basis fitted on the targets")
+    )
+    return render(views, out, names=names, title=title, normalized_images=x)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Adds ``milan visualize``'s arguments."""
+    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders, lists or builtin:samples")
+    parser.add_argument("--checkpoint", "-c", required=True, metavar="CKPT", help="a pretraining checkpoint")
+    parser.add_argument("--out", "-o", required=True, metavar="FILE.png", help="output image")
+    parser.add_argument("--teacher", metavar="FILE", help="teacher weights, if the checkpoint does not provide them")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask draw (default 0)")
+    parser.add_argument("--mask-ratio", type=float, help="override the checkpoint's mask ratio")
+    parser.add_argument("--masking", choices=("attention", "random"), help="override the checkpoint's masking rule")
+    parser.add_argument("--crop-pct", type=float, default=0.875, help="eval center-crop fraction (default 0.875)")
+    parser.add_argument("--max-images", type=int, default=8, help="at most this many rows (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``milan visualize``; returns the exit status."""
+    from milan.data import ImageDecodeError
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.max_images < 1:
+        print("milan visualize: --max-images must be >= 1", file=sys.stderr)
+        return 2
+    kwargs: dict[str, Any] = dict(
+        teacher=args.teacher,
+        seed=args.seed,
+        mask_ratio=args.mask_ratio,
+        masking=args.masking,
+        crop_pct=args.crop_pct,
+        max_images=args.max_images,
+        device=device,
+    )
+    try:
+        written = visualize(args.checkpoint, args.images, args.out, **kwargs)
+    except (CheckpointError, FileNotFoundError, ImageDecodeError, ValueError) as e:
+        print(f"milan visualize: {e}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
