@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import QuickGELU
 from timm.layers.attention import Attention
+from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
@@ -86,6 +87,29 @@ def clip_vision_tower(
     return tower
 
 
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block's MLP in the teacher's inference pass.
+
+    For timm's ``Mlp`` with ``QuickGELU`` (CLIP), ``h * sigmoid(1.702 h)`` is computed as ``silu(1.702 h) / 1.702``
+    in place on the fc1 output (a fresh tensor owned here): the same function, but one vectorised SiLU pass and two
+    cheap scalings instead of a slow sigmoid and two allocating passes (about 2.3x faster on CPUs, where QuickGELU
+    otherwise costs half as much as the fc1 matmul). Other MLPs run as they are.
+    """
+    if type(mlp) is not Mlp or type(mlp.act) is not QuickGELU:
+        return cast(torch.Tensor, mlp(x))
+    h = F.silu(mlp.fc1(x).mul_(1.702), inplace=True).div_(1.702)  # (B, N, hidden)
+    return cast(torch.Tensor, mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h)))))
+
+
+def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A teacher block (inference): timm's ``Block`` with the fast MLP above, any other block as it is."""
+    if type(block) is not Block:
+        return cast(torch.Tensor, block(x))
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    out: torch.Tensor = x + block.drop_path2(block.ls2(_mlp(block.mlp, block.norm2(x))))
+    return out
+
+
 def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs a timm ``Block`` and also returns its CLS-query attention row over the patch keys.
 
@@ -109,7 +133,7 @@ def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) ->
     cls_attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]  # (B, L)
     out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1)))
     x = x + block.drop_path1(block.ls1(out))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x = x + block.drop_path2(block.ls2(_mlp(block.mlp, block.norm2(x))))
     return x, cls_attention
 
 
@@ -185,7 +209,7 @@ class Teacher(nn.Module):
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))  # (B, P + L, C)
         for blk in m.blocks[:-1]:
-            x = blk(x)
+            x = _block(blk, x)
         x, cls_attention = _block_with_cls_attention(cast(Block, m.blocks[-1]), x, self.num_prefix_tokens)
         x = m.head(m.norm(x))  # ln_post on every token, then proj: (B, P + L, D_out)
         if self.num_prefix_tokens > 1:  # drop register tokens, keep cls
