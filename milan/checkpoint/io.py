@@ -226,8 +226,9 @@ def _explain(path: Path, pickled: bytes, error: Exception) -> CheckpointError:
         return CheckpointError(
             f"refusing to load {path}: unpickling it would import and call {', '.join(unsafe[:8])}"
             f"{' ...' if len(unsafe) > 8 else ''}, which can run arbitrary code; weights_only=True allows only tensors "
-            "and plain containers. If you trust the file, re-save its weights once with trusted code, e.g. "
-            "torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth'), or as .safetensors."
+            "and plain containers. If you trust the file, re-save its weights once with trusted code: load it in a "
+            "session where you allow full unpickling (weights_only off) and save only its tensors, e.g. "
+            "torch.save(ckpt['state_dict'], 'weights.pth'), or as .safetensors."
         )
     return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_line(error)}")
 
