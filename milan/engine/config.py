@@ -35,6 +35,14 @@ from milan.models.factory import ModelConfig, list_models, model_config
 T = TypeVar("T")
 
 
+# ``torch.compile``'s modes (``runtime.compile_mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# ``runtime.teacher_dtype`` (see milan.engine.pretrain.teacher_compute_dtype).
+TeacherDtype = Literal["auto", "fp32", "bf16", "fp16"]
+
+
 class ConfigError(ValueError):
     """An invalid configuration: unknown key, wrong type, bad value or unreadable file."""
 
@@ -56,7 +64,9 @@ class OptimConfig:
     # Biases and norm weights (all 1-D tensors) are never decayed.
     wd_exempt_tokens: bool = True
     clip_grad: float | None = None  # max global grad norm; None = no clipping (the reference)
-    fused: bool | None = None  # fused AdamW kernel; None = on CUDA when available
+    # Fused AdamW kernel (one kernel for all parameters; differs from the for-loop AdamW at float rounding level).
+    # None = fused wherever torch supports it for the parameters' device (CUDA, and CPU with torch >= 2.4).
+    fused: bool | None = None
 
 
 @dataclass
@@ -75,7 +85,12 @@ class RuntimeConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the student (falls back to eager with a warning if it fails)
+    compile: bool = False  # torch.compile the trained model (pretraining: the student); eager fallback with a warning
+    compile_mode: str | None = None  # torch.compile mode with compile=true; "reduce-overhead" = CUDA graphs
+    compile_teacher: bool = False  # with compile=true, also compile the teacher's forward
+    # The teacher's weights and compute dtype (cast once after its weights are loaded; autocast off inside it).
+    # auto: the run's compute dtype on CUDA when it is bf16/fp16 (runtime.precision), fp32 (no cast) on CPU.
+    teacher_dtype: TeacherDtype = "auto"
     grad_checkpointing: bool = False  # recompute encoder blocks in backward (saves memory)
     channels_last: bool = False  # channels-last input images
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
@@ -216,6 +231,14 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"schedule.warmup_epochs must be in [0, epochs], got {cfg.schedule.warmup_epochs}")
     if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
         raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {cfg.schedule.max_steps}")
+    rt = cfg.runtime
+    if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"
+        )
+    if not rt.compile and (rt.compile_mode is not None or rt.compile_teacher):
+        key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
+        raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
     ckpt = cfg.checkpoint
     for key, v in {"every_epochs": ckpt.every_epochs, "every_steps": ckpt.every_steps, "keep": ckpt.keep}.items():
         if v < 0:

@@ -36,6 +36,7 @@ from milan.eval.data import describe_split, eval_loader, finetune_pipeline
 from milan.eval.jobs import FitResult, classifier_step, describe_topk, labelled_splits, train_classifier
 from milan.eval.pretrained import input_size, load_pretrained_encoder
 from milan.models.classifier import FinetuneClassifier
+from milan.models.compile import compile_method
 
 
 def mixup_and_criterion(aug: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:
@@ -87,14 +88,14 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         groups = param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.layer_decay)
         optimizer = build_adamw(groups, cfg.optim, d.lr, device)
         train_module = dist.wrap_ddp(model, device)
-        if cfg.runtime.compile:
-            train_module = torch.compile(train_module)  # type: ignore[assignment]
         mixup, criterion = mixup_and_criterion(cfg.aug, num_classes)
         ema = None
         if cfg.ema.enabled:
             from timm.utils.model_ema import ModelEmaV3
 
             ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+        if cfg.runtime.compile:  # the model's forward, inside DDP, after the EMA copy (which stays eager)
+            compile_method(model, "forward", mode=cfg.runtime.compile_mode)
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
         report = SkipReport()
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,13 +21,14 @@ from milan import distributed as dist
 from milan.checkpoint.arch import describe_tower
 from milan.data import Batch, SkipReport, build_loader, build_pretrain_dataset
 from milan.engine.cli import add_run_arguments, run_job
-from milan.engine.config import ConfigError, PretrainConfig, check_pretrain, derive
+from milan.engine.config import ConfigError, PretrainConfig, TeacherDtype, check_pretrain, derive
 from milan.engine.loop import StepFn, TrainState, data_step
 from milan.engine.optim import build_adamw, param_groups
 from milan.engine.run import RunContext, seed_everything, start_run
 from milan.engine.sampling import EpochSampler, seeded_loader
 from milan.engine.trainer import Trainer, _is_sharded
 from milan.flops import pretrain_flops
+from milan.models.compile import compile_milan
 from milan.models.factory import build_milan
 from milan.models.milan import MILAN
 
@@ -68,18 +68,21 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         report = SkipReport()
         teacher = model.teacher
         random_teacher = teacher is not None and not cfg.model.teacher.checkpoint
+        teacher_dtype = teacher_compute_dtype(cfg.runtime.teacher_dtype, device, dtype)
+        fp32_teacher: dict[str, torch.Tensor] = {}  # a random teacher's fp32 weights, kept when it is cast below
 
         def teacher_state() -> dict[str, Any]:
             if teacher is None:
                 return {}
             # teacher_spec: the exact architecture, which milan.checkpoint.load_milan rebuilds. A random teacher's
-            # weights are saved too (a resumed smoke run is then exact); real ones are read from their file again.
+            # weights are saved too, always in fp32 (a resumed smoke run is then exact whatever runtime.teacher_dtype
+            # is); real ones are read from their file again.
             state: dict[str, Any] = {"teacher_spec": describe_tower(teacher.model).to_dict()}
-            return {"teacher": teacher.state_dict(), **state} if random_teacher else state
+            return {"teacher": fp32_teacher or teacher.state_dict(), **state} if random_teacher else state
 
         def load_teacher_state(ckpt: dict[str, Any]) -> None:
             if "teacher" in ckpt and teacher is not None:
-                teacher.load_state_dict(ckpt["teacher"])
+                teacher.load_state_dict(ckpt["teacher"])  # still fp32 here: the cast comes after the restore
 
         step_fn = milan_step(model, student, device, report, channels_last=cfg.runtime.channels_last)
         trainer = Trainer(
@@ -88,7 +91,14 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             device=device, dtype=dtype, resume_from=run.resume_from, flops_per_image=pretrain_flops(cfg.model).total,
             extra_state=teacher_state, load_extra_state=load_teacher_state,
         )  # fmt: skip
-        _log_model(trainer, run, cfg, model, random_teacher)
+        # The teacher's weights are final now (built from its file, or restored from the run's checkpoint).
+        if teacher is not None and teacher_dtype != torch.float32:
+            if random_teacher:
+                fp32_teacher.update({k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()})
+            teacher.to_compute_dtype(teacher_dtype)
+        if cfg.runtime.compile:  # after DDP/FSDP wrapping and the teacher's cast; compilation happens at the first step
+            compile_milan(model, mode=cfg.runtime.compile_mode, teacher=cfg.runtime.compile_teacher)
+        _log_model(trainer, run, cfg, model, random_teacher, optimizer)
         with trainer:
             state = trainer.fit()
         return _finish(cfg, trainer, state, run.t_start)
@@ -105,7 +115,8 @@ def milan_step(
 
     Args:
         model: MILAN (teacher, masking, loss).
-        student: The module to call for the student (``model.student`` or its DDP/FSDP/compiled wrapper).
+        student: The module to call for the student (``model.student`` or its DDP/FSDP wrapper; compilation is
+            installed inside ``model.student`` by :func:`milan.models.compile.compile_milan`).
         device: Where to compute.
         report: Receives each batch's skipped files.
         channels_last: Channels-last images.
@@ -114,25 +125,13 @@ def milan_step(
         ``batch -> StepOutput``; a batch is ``(Batch, noise (B, L))`` from :class:`SeededSamples` or a plain
         :class:`~milan.data.Batch` (shards: masks from the global RNG).
     """
-    fallback = [student]  # torch.compile failures fall back to the eager module (checked on the first call)
 
     def forward(data: Batch, noise: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         images = data.images.to(device, non_blocking=True)  # (B, 3, H, W)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         noise = noise.to(device, non_blocking=True) if noise is not None else None  # (B, L)
-        try:
-            out = model(images, noise=noise, student=fallback[0])
-        except Exception as e:
-            if fallback[0] is student and hasattr(student, "_orig_mod") and not isinstance(e, torch.OutOfMemoryError):
-                print(
-                    f"WARNING: torch.compile failed ({type(e).__name__}: {e}); continuing in eager mode",
-                    file=sys.stderr,
-                )
-                fallback[0] = cast(nn.Module, student._orig_mod)  # the module torch.compile wrapped
-                out = model(images, noise=noise, student=fallback[0])
-            else:
-                raise
+        out = model(images, noise=noise, student=student)
         return out.loss, images.shape[0]
 
     return data_step(forward, model.student, device, report)
@@ -140,6 +139,24 @@ def milan_step(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up helpers
+
+
+def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the teacher computes in (``runtime.teacher_dtype``); ``torch.float32`` means no cast.
+
+    Args:
+        choice: ``"auto"``: the run's compute dtype on CUDA when it is bf16 or fp16, else fp32 (on CPU: no change);
+            ``"bf16"``/``"fp16"``: that dtype on any device (a bf16 teacher is about 3.8x faster on CPUs with AMX);
+            ``"fp32"``: fp32 weights, run under the run's autocast (the references' behaviour).
+        device: The run's device.
+        dtype: The run's compute dtype (:func:`milan.engine.loop.resolve_dtype`).
+
+    Returns:
+        The teacher's dtype.
+    """
+    if choice == "auto":
+        return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 def _build_model(cfg: PretrainConfig, device: torch.device) -> MILAN:
@@ -151,7 +168,12 @@ def _build_model(cfg: PretrainConfig, device: torch.device) -> MILAN:
 
 
 def _wrap_student(cfg: PretrainConfig, model: MILAN, dtype: torch.dtype) -> nn.Module:
-    """DDP (or FSDP2) around the student only; the teacher stays outside. Optionally ``torch.compile``."""
+    """DDP (or FSDP2) around the student only; the teacher stays outside.
+
+    ``runtime.compile`` is applied afterwards inside ``model.student`` (its ``forward`` only, see
+    :mod:`milan.models.compile`): the wrapper calls the compiled forward, the state-dict keys do not change, DDP's
+    gradient hooks stay on the parameters and dynamo splits the graph at DDP's buckets as when compiling the wrapper.
+    """
     student: nn.Module = model.student
     device = next(student.parameters()).device
     if cfg.runtime.strategy == "fsdp" and dist.is_enabled():
@@ -159,8 +181,6 @@ def _wrap_student(cfg: PretrainConfig, model: MILAN, dtype: torch.dtype) -> nn.M
         student = dist.apply_fsdp(student, blocks, dtype if dtype != torch.float32 else None)
     else:
         student = dist.wrap_ddp(student, device)
-    if cfg.runtime.compile:
-        student = torch.compile(student)  # type: ignore[assignment]
     return student
 
 
@@ -187,12 +207,35 @@ def _build_loader(
     )  # fmt: skip
 
 
-def _log_model(trainer: Trainer, run: RunContext, cfg: PretrainConfig, model: MILAN, random_teacher: bool) -> None:
-    log = trainer.log
+def _log_model(
+    trainer: Trainer,
+    run: RunContext,
+    cfg: PretrainConfig,
+    model: MILAN,
+    random_teacher: bool,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    log, rt = trainer.log, cfg.runtime
     n_student = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     n_teacher = sum(p.numel() for p in model.teacher.parameters()) if model.teacher is not None else 0
     flops = pretrain_flops(cfg.model)
-    log.info(run.header("pretrain"))
+    teacher = model.teacher
+    details = []
+    if teacher is not None:
+        weights = str(next(teacher.parameters()).dtype).removeprefix("torch.")
+        under = str(run.dtype).removeprefix("torch.")
+        autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
+        details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
+    log.info(run.header("pretrain", details))
+    compiled = "off"
+    if rt.compile:
+        compiled = "student" + (" + teacher" if rt.compile_teacher and teacher is not None else "")
+        compiled += f", mode {rt.compile_mode}" if rt.compile_mode is not None else ""
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    log.info(
+        f"speed options: compile {compiled}; {'fused' if fused else 'unfused'} AdamW; "
+        f"channels_last {rt.channels_last}; grad_checkpointing {rt.grad_checkpointing}"
+    )
     log.info(
         f"model {cfg.model_name or 'custom'}: student {n_student / 1e6:.2f} M trainable params, teacher "
         f"{n_teacher / 1e6:.2f} M frozen; {flops.total / 1e9:.3g} GFLOP per training image"

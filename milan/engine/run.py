@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +43,11 @@ class RunContext:
     resume_from: Path | None
     t_start: float
 
-    def header(self, job: str) -> str:
-        """The job's first log line: ``milan JOB -> RUN_DIR  (device, dtype, N process(es))``."""
+    def header(self, job: str, details: Sequence[str] = ()) -> str:
+        """The job's first log line: ``milan JOB -> RUN_DIR  (device, dtype, N process(es)[, details...])``."""
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"milan {job} -> {self.run_dir}  ({self.device}, {dtype}, {dist.world_size()} process(es))"
+        parts = [str(self.device), dtype, f"{dist.world_size()} process(es)", *details]
+        return f"milan {job} -> {self.run_dir}  ({', '.join(parts)})"
 
 
 @contextmanager

@@ -49,15 +49,23 @@ class EagerFallback:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # any compile-stack error; a genuine model error re-raises eagerly below
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                cause = exc.__cause__ or getattr(exc, "inner_exception", None)  # dynamo wraps backend errors
+                if isinstance(cause, BaseException):
+                    reason += f" {type(cause).__name__}: {_first_line(cause)}"
                 warnings.warn(
-                    f"torch.compile of {self.what} failed ({type(exc).__name__}: {first_line[:300]}); "
-                    "running it eagerly",
+                    f"torch.compile of {self.what} failed ({reason}); running it eagerly",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 self.compiled = None
         return self.eager(*args, **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 300 characters."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def compile_method(module: nn.Module, name: str = "forward", **compile_kwargs: Any) -> EagerFallback:

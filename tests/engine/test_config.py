@@ -58,6 +58,8 @@ def test_unknown_key_suggests_the_close_one() -> None:
         ("data.scale=[0.2, x]", "data.scale[1]", "float"),
         ("optim.clip_grad=[1]", "optim.clip_grad", "float | null"),
         ("model.encoder=3", "model.encoder", "EncoderConfig"),
+        ("runtime.teacher_dtype=fp8", "runtime.teacher_dtype", "one of 'auto', 'fp32', 'bf16', 'fp16'"),
+        ("runtime.compile_teacher=yes please", "runtime.compile_teacher", "bool"),
     ],
 )
 def test_wrong_type_is_named(override: str, key: str, expects: str) -> None:
@@ -190,9 +192,28 @@ def test_derive_lr_rule_and_steps() -> None:
         ("data.scale=[0.9, 0.2]", "data.scale"),
         ("model.teacher.patch_size=4", "model.teacher grid"),
         ("checkpoint.keep=-1", "checkpoint.keep"),
+        ("runtime.compile_mode=fast", "runtime.compile_mode must be null or one of default, reduce-overhead"),
+        ("runtime.compile_mode=reduce-overhead", "runtime.compile_mode is set but runtime.compile is false"),
+        ("runtime.compile_teacher=true", "runtime.compile_teacher is set but runtime.compile is false"),
     ],
 )
 def test_value_checks_name_the_key(override: str, message: str) -> None:
     cfg = load("model_name=milan_test_tiny", override)
     with pytest.raises(ConfigError, match=message):
         check_pretrain(cfg)
+
+
+def test_speed_options_default_and_round_trip(tmp_path: Path) -> None:
+    default = load("model_name=milan_test_tiny")
+    rt = default.runtime
+    assert (rt.teacher_dtype, rt.compile, rt.compile_mode, rt.compile_teacher) == ("auto", False, None, False)
+    assert default.optim.fused is None  # fused AdamW wherever torch has it
+    cfg = load(
+        "model_name=milan_test_tiny", "runtime.teacher_dtype=bf16", "runtime.compile=true",
+        "runtime.compile_mode=reduce-overhead", "runtime.compile_teacher=true",
+    )  # fmt: skip
+    check_pretrain(cfg)
+    assert (cfg.runtime.teacher_dtype, cfg.runtime.compile_mode, cfg.runtime.compile_teacher) == (
+        "bf16", "reduce-overhead", True,
+    )  # fmt: skip
+    assert load_config(PretrainConfig, save_config(cfg, tmp_path / "config.yaml")) == cfg

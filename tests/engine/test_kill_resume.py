@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from milan.engine.checkpointing import Checkpointer
 from milan.engine.pretrain import pretrain
 from tests.engine.conftest import assert_same_weights, student_state, tiny_config, tiny_overrides
@@ -31,11 +33,15 @@ def last_step(metrics: Path) -> int:
     return max(steps)
 
 
-def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path: Path, image_dir: Path) -> None:
+@pytest.mark.parametrize("teacher_dtype", ["auto", "bf16"])  # bf16: the random teacher is restored in fp32, then cast
+def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(
+    tmp_path: Path, image_dir: Path, teacher_dtype: str
+) -> None:
+    settings = {**SETTINGS, "runtime.teacher_dtype": teacher_dtype}
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "milan", "pretrain", *tiny_overrides(run, image_dir, SETTINGS)],
+        [sys.executable, "-m", "milan", "pretrain", *tiny_overrides(run, image_dir, settings)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -51,7 +57,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path: Path
     killed_at = found[1]["state"]
     assert 0 < killed_at["batch_in_epoch"] < 16 and killed_at["epoch"] == 0  # a mid-epoch position
 
-    quiet = {**SETTINGS, "checkpoint.every_steps": 0}  # checkpoint frequency does not change the training
+    quiet = {**settings, "checkpoint.every_steps": 0}  # checkpoint frequency does not change the training
     resumed = pretrain(tiny_config(run, image_dir, quiet), resume="auto")
     assert resumed.state.step == 64 and resumed.state.images_seen == 64
     straight = pretrain(tiny_config(tmp_path / "straight", image_dir, quiet))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from milan.engine.config import OptimConfig
-from milan.engine.optim import build_adamw, no_weight_decay, param_groups
+from milan.engine.config import ConfigError, OptimConfig
+from milan.engine.optim import build_adamw, fused_adamw_supported, no_weight_decay, param_groups
 from milan.engine.schedule import CosineSchedule
 from milan.models import create_model
 
@@ -98,3 +98,17 @@ def test_schedule_apply_respects_lr_scale() -> None:
     lr = CosineSchedule(1.0, 10, 0).apply(opt, 0)
     assert lr == 1.0
     assert [g["lr"] for g in opt.param_groups] == [1.0, pytest.approx(0.1)]
+
+
+def test_fused_adamw_by_default_where_torch_has_it() -> None:
+    model = create_model("milan_test_tiny")
+    cpu = torch.device("cpu")
+    assert fused_adamw_supported(model.student.parameters())  # torch >= 2.4: CPUs have the kernel
+    for fused, expected in ((None, True), (True, True), (False, False)):
+        opt = build_adamw(param_groups(model.student, 0.05), OptimConfig(fused=fused), 1e-3, cpu)
+        assert [g["fused"] for g in opt.param_groups] == [expected, expected]
+    assert not fused_adamw_supported([torch.zeros(2, dtype=torch.long)]) and not fused_adamw_supported([])
+    meta = [{"params": [nn.Parameter(torch.empty(2, 2, device="meta"))]}]  # no fused kernel for this device
+    assert build_adamw(meta, OptimConfig(), 1e-3, torch.device("meta")).param_groups[0]["fused"] is False
+    with pytest.raises(ConfigError, match=r"optim\.fused=true.*no fused AdamW"):
+        build_adamw(meta, OptimConfig(fused=True), 1e-3, torch.device("meta"))

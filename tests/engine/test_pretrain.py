@@ -14,7 +14,7 @@ from milan.engine.checkpointing import load_training_checkpoint
 from milan.engine.config import ConfigError, PretrainConfig, load_config
 from milan.engine.logging import read_metrics
 from milan.engine.loop import NonFiniteLossError, StepOutput
-from milan.engine.pretrain import pretrain
+from milan.engine.pretrain import pretrain, teacher_compute_dtype
 from tests.data.conftest import BOMB_LIMIT, bad_images, good_images, write_files
 from tests.engine.conftest import assert_same_weights, student_state, tiny_config, tiny_overrides
 
@@ -186,24 +186,40 @@ def test_tar_shards_through_webdataset(tmp_path: Path, image_dir: Path) -> None:
         pretrain(tiny_config(tmp_path / "run2", tmp_path / "train-000.tar"))
 
 
+def _failing_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+    raise RuntimeError("inductor: no C++ compiler")
+
+
 def test_compile_failure_falls_back_to_eager(
     tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    class FailsToCompile(torch.nn.Module):
-        def __init__(self, module: torch.nn.Module) -> None:
-            super().__init__()
-            self._orig_mod = module
+    """runtime.compile goes through milan.models.compile: real dynamo tracing with a backend that fails (as inductor
+    does without a C++ compiler) warns once per compiled function, runs eagerly, and trains exactly like eager."""
+    real_compile = torch.compile
+    calls: list[tuple[str, str | None]] = []
 
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("inductor: no C++ compiler")
+    def compile_with_failing_backend(fn: Any, **kwargs: Any) -> Any:
+        calls.append((getattr(fn, "__qualname__", "?"), kwargs.pop("mode", None)))
+        return real_compile(fn, **{**kwargs, "backend": _failing_backend})
 
-    monkeypatch.setattr(torch, "compile", FailsToCompile)
-    summary = pretrain(tiny_config(tmp_path / "run", image_dir, {"runtime.compile": True, "schedule.max_steps": 2}))
+    monkeypatch.setattr(torch, "compile", compile_with_failing_backend)
+    settings: dict[str, object] = {"schedule.max_steps": 2, "checkpoint.every_epochs": 0}
+    compiled = {**settings, "runtime.compile": True, "runtime.compile_teacher": True}
+    mode = compiled["runtime.compile_mode"] = "max-autotune-no-cudagraphs"
+    with pytest.warns(RuntimeWarning, match="running it eagerly") as record:
+        summary = pretrain(tiny_config(tmp_path / "compiled", image_dir, compiled))
     assert summary.state.step == 2
-    assert (
-        "torch.compile failed (RuntimeError: inductor: no C++ compiler); continuing in eager mode"
-        in capsys.readouterr().err
-    )
+    assert calls == [("MaskedStudent.forward", mode), ("Teacher._forward", mode)]
+    warned = [str(w.message) for w in record if "torch.compile of" in str(w.message)]
+    assert len(warned) == 2  # once for each, not once per step
+    assert warned[0].startswith("torch.compile of Teacher._forward failed")  # the teacher runs first in a step
+    assert warned[1].startswith("torch.compile of MaskedStudent.forward failed")
+    assert all("no C++ compiler" in w for w in warned)
+    assert f"speed options: compile student + teacher, mode {mode}; fused AdamW" in capsys.readouterr().out
+    eager = pretrain(tiny_config(tmp_path / "eager", image_dir, settings))
+    losses = [[r["loss"] for r in read_metrics(s.run_dir / "metrics.jsonl")] for s in (summary, eager)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    assert_same_weights(student_state(summary.checkpoint), student_state(eager.checkpoint))
 
 
 def test_activation_checkpointing_gives_the_same_training(tmp_path: Path, image_dir: Path) -> None:
@@ -211,3 +227,53 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path: Path, image_
     plain = pretrain(tiny_config(tmp_path / "a", image_dir, settings))
     ckpt = pretrain(tiny_config(tmp_path / "b", image_dir, {**settings, "runtime.grad_checkpointing": True}))
     assert_same_weights(student_state(plain.checkpoint), student_state(ckpt.checkpoint), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_teacher_dtype_resolution() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert teacher_compute_dtype("auto", cpu, fp32) == fp32  # CPU: no change
+    assert teacher_compute_dtype("auto", cuda, bf16) == bf16 and teacher_compute_dtype("auto", cuda, fp16) == fp16
+    assert teacher_compute_dtype("auto", cuda, fp32) == fp32
+    assert teacher_compute_dtype("fp32", cuda, bf16) == fp32  # fp32 weights under the run's autocast
+    assert teacher_compute_dtype("bf16", cpu, fp32) == bf16 and teacher_compute_dtype("fp16", cpu, fp32) == fp16
+
+
+def test_bf16_teacher_on_cpu_and_exact_resume(
+    tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """runtime.teacher_dtype=bf16 on CPU: the teacher computes in bf16 while the student and its AdamW state stay
+    fp32; checkpoints keep the random teacher in fp32 (restored, then cast), so a resumed run is bit-identical to an
+    uninterrupted one."""
+    models: list[Any] = []
+    real_step = pretrain_module.milan_step
+
+    def spy(model: Any, *args: Any, **kwargs: Any) -> Any:
+        models.append(model)
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "milan_step", spy)
+    bf16: dict[str, object] = {"runtime.teacher_dtype": "bf16", "checkpoint.every_epochs": 0}
+    run = tmp_path / "run"
+    first = pretrain(tiny_config(run, image_dir, {**bf16, "schedule.max_steps": 3}))  # stops mid-epoch
+    assert "(cpu, float32, 1 process(es), teacher bfloat16)" in capsys.readouterr().out
+    teacher, student = models[0].teacher, models[0].student
+    assert teacher.compute_dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    ckpt = load_training_checkpoint(first.checkpoint)
+    assert all(v.dtype == torch.float32 for v in ckpt["teacher"].values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in ckpt["optimizer"]["state"].values())
+
+    resumed = pretrain(tiny_config(run, image_dir, bf16), resume="auto")
+    assert resumed.state.step == 8 and models[1].teacher.compute_dtype == torch.bfloat16
+    for name, value in models[1].teacher.state_dict().items():
+        assert torch.equal(value, teacher.state_dict()[name]), name
+    straight = pretrain(tiny_config(tmp_path / "straight", image_dir, bf16))
+    assert_same_weights(student_state(run / "checkpoints" / "last.pt"), student_state(straight.checkpoint))
+    fp32 = pretrain(tiny_config(tmp_path / "fp32", image_dir, {"checkpoint.every_epochs": 0}))
+    assert models[3].teacher.compute_dtype is None  # auto on CPU: the fp32 teacher, unchanged
+    assert_same_weights(load_training_checkpoint(straight.checkpoint)["teacher"], ckpt["teacher"])
+    assert_same_weights(load_training_checkpoint(fp32.checkpoint)["teacher"], ckpt["teacher"])
+    losses = [[r["loss"] for r in read_metrics(s.run_dir / "metrics.jsonl")] for s in (straight, fp32)]
+    assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], abs=1e-2)  # bf16 targets: close, not equal

@@ -15,6 +15,7 @@ from milan.engine.evaluate import evaluate_checkpoint
 from milan.engine.finetune import finetune
 from milan.engine.knn import encoder_features, knn
 from milan.engine.linprobe import linprobe
+from milan.engine.logging import read_metrics
 from milan.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
 from milan.eval.knn import knn_scores
 from milan.eval.pretrained import load_pretrained_encoder
@@ -122,3 +123,29 @@ def test_knn_beats_chance_caches_and_matches_direct_computation(tmp_path, cifar,
     (tf, ty), (vf, vy) = feats(cifar["train"]), feats(cifar["val"])
     scores = knn_scores(tf, ty, vf, 10, k=5, temperature=0.07)
     assert 100 * float((scores.argmax(1) == vy).float().mean()) == pytest.approx(first.metrics[5]["top1"])
+
+
+def _failing_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+    raise RuntimeError("inductor: no C++ compiler")
+
+
+def test_finetune_compile_falls_back_to_eager(tmp_path, cifar, tiny_encoder_ckpt, monkeypatch):
+    """runtime.compile in fine-tuning goes through milan.models.compile (inside DDP, after the EMA copy): a failing
+    backend warns, runs eagerly, and gives eager's losses, weights and EMA weights."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=_failing_backend))
+    settings = {"optim.lr": 1e-3, "schedule.epochs": 1, "schedule.warmup_epochs": 0, "schedule.max_steps": 2, **QUIET}
+    settings.update({"ema.enabled": True, "log.every_steps": 1})
+
+    def run(name: str, compile_: bool) -> object:
+        overrides = job_overrides(tmp_path / name, tiny_encoder_ckpt, cifar, batch_size=50, **settings)
+        return finetune(load_config(FinetuneConfig, overrides=[*overrides, f"runtime.compile={compile_}"]))
+
+    with pytest.warns(RuntimeWarning, match="torch.compile of FinetuneClassifier.forward failed"):
+        compiled = run("compiled", True)
+    results = [run("eager", False), compiled]
+    losses = [[r["loss"] for r in read_metrics(r.run_dir / "metrics.jsonl")] for r in results]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    for file in ("classifier.pt", "classifier_ema.pt"):
+        a, b = (torch.load(r.run_dir / file, weights_only=True)["model"] for r in results)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,42 @@ def test_gpu_check_script_commands_parse() -> None:
             args = step.parse_args(argv[argv.index("benchmarks/step.py") + 1 :])
             assert args.device == ("cpu" if smoke == "1" else "cuda")
         assert any("benchmarks/data.py" in line for line in lines)
+
+
+def test_gpu_check_skips_the_reference_without_wheels(tmp_path: Path) -> None:
+    """A fresh checkout has no dist/device-wheels: with mmpretrain not installed (simulated by a Python without its
+    site-packages), the script says so and runs ours without --reference instead of failing."""
+    bare = tmp_path / "python-without-site-packages"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    (tmp_path / "wheels").mkdir()
+    outputs = {}
+    for name, python in (("absent", str(bare)), ("present", sys.executable)):
+        env = {**os.environ, "DRY_RUN": "1", "SMOKE": "1", "WHEELS": str(tmp_path / "wheels"), "PYTHON": python}
+        outputs[name] = subprocess.run(
+            ["bash", str(REPO / "benchmarks" / "gpu_check.sh")], check=True, capture_output=True, text=True, env=env,
+            timeout=120,
+        ).stdout  # fmt: skip
+    steps = {k: [line for line in v.splitlines() if "benchmarks/step.py" in line] for k, v in outputs.items()}
+    assert len(steps["absent"]) == len(steps["present"]) == 5
+    assert not any("--reference" in line for line in steps["absent"])
+    assert "SKIPPING the mmpretrain --reference comparisons" in outputs["absent"]
+    assert "fetch_device_wheels.sh" in outputs["absent"]
+    if all(importlib.util.find_spec(m) is not None for m in ("mmpretrain", "mmengine", "mmcv")):  # the parity extra
+        assert sum("--reference" in line for line in steps["present"]) == 3  # bf16, bf16 compiled, fp16
+        assert "SKIPPING" not in outputs["present"]
+
+
+def test_fetch_device_wheels_names_the_pins() -> None:
+    """The wheels gpu_check.sh installs on the device (dry run: no download); `gpu_check.sh prepare` is the same."""
+    script = REPO / "benchmarks" / "fetch_device_wheels.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {**os.environ, "DRY_RUN": "1"}
+    out = subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True, env=env).stdout
+    argv = shlex.split(out.splitlines()[0])
+    assert argv[argv.index("-d") + 1] == "dist/device-wheels" and "--no-deps" in argv
+    pins = {a.split("==")[0]: a.split("==")[1] for a in argv if "==" in a}
+    assert pins["mmpretrain"] == "1.2.0" and pins["mmengine"] == "0.10.7" and pins["mmcv-lite"] == "2.2.0"
+    assert pins["timm"] == "1.0.31" and len(pins) == 13
+    prepare = [str(REPO / "benchmarks" / "gpu_check.sh"), "prepare"]
+    assert subprocess.run(["bash", *prepare], check=True, capture_output=True, text=True, env=env).stdout == out
