@@ -119,6 +119,10 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
         return _load_safetensors(path)
     if magic == b"PK\x03\x04":
         return _load_zip(path)
+    if not magic.startswith(b"\x80"):  # legacy torch.save files are pickles with a protocol >= 2 header
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file (it starts with {magic!r})"
+        )
     return _load_legacy(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 
@@ -129,14 +130,20 @@ def test_corrupt_bytes_fail_the_crc_check(tmp_path: Path) -> None:
         safe_load(path)
 
 
+def _random_bytes(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
 @pytest.mark.parametrize(
     ("content", "pattern"),
     [
-        (os.urandom(4096), "not a PyTorch, safetensors or TorchScript file"),
+        (_random_bytes(0, 4096), "not a PyTorch, safetensors or TorchScript file"),
+        (b"C" + _random_bytes(1, 4095), "not a PyTorch, safetensors or TorchScript file"),  # a pickle opcode
+        (b"\x80\x04" + _random_bytes(2, 4094), "not a PyTorch, safetensors or TorchScript file"),  # pickle header
         (b"hello, not a checkpoint\n" * 3, "not a PyTorch, safetensors or TorchScript file"),
         (b"", "empty"),
     ],
-    ids=["random-bytes", "text", "empty"],
+    ids=["random-bytes", "random-bytes-opcode", "random-bytes-pickle-header", "text", "empty"],
 )
 def test_garbage_files(tmp_path: Path, content: bytes, pattern: str) -> None:
     path = tmp_path / "c.pth"
