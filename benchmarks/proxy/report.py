@@ -108,7 +108,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"ViT student (dim {results['models']['student']['embed_dim']}, depth {results['models']['student']['depth']}, "
         f"32 px, 4 px patches) pretrained on {results['data']['pretrain_images']:,} CIFAR-10 train images "
         f"(labels unused) for {results['budget']['student']['epochs']} epoch(s), the same budget in every arm; "
-        f"evaluated on frozen CLS features of {results['data']['test_images']:,} CIFAR-10 test images "
+        f"evaluated on frozen CLS features of {results['data']['test_images']:,} "
+        f"{results['data'].get('evaluated_on', 'CIFAR-10 test images')} "
         f"(k-NN k={results['budget']['eval']['knn_k']} with {results['data']['probe_train_images']:,} labelled train "
         f"images as the bank; linear probe trained on the same images). Mean ± std over seeds {list(seeds)}.",
         "",
@@ -128,12 +129,29 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_pm(entry['linprobe_top1_mean'], entry['linprobe_top1_std'], entry['n'])} "
             f"| {f'{wall:.0f} s' if wall is not None else '-'} | {f'{loss:.4f}' if loss is not None else '-'} |"
         )
+    tasks = hw.get("parallel_tasks", 1)
+    timing = results.get("timing", {})
+    phases = [
+        f"{name} {timing[key] / 60:.1f} min"
+        for key, name in (
+            ("data_s", "data"),
+            ("teacher_s", "teacher training"),
+            ("teacher_eval_s", "teacher evaluation"),
+            ("tasks_s", "pretraining and evaluation of the arms"),
+        )
+        if key in timing
+    ] or [f"teacher training {teacher['wall_time'] / 60:.1f} min"]
+    loads = [
+        f"load average {when} {hw[key][0]:.2f}"
+        for key, when in (("load_average_at_start", "at start"), ("load_average_at_end", "at the end"))
+        if key in hw
+    ]
     lines += [
         "",
-        f"Hardware: {hw['device']} ({hw['cpu']}, {hw['cpu_count']} cores, {hw['threads']} torch threads); torch "
-        f"{results['versions']['torch']}. Total wall time {results['total_wall_s'] / 60:.1f} min (teacher training "
-        f"{teacher['wall_time'] / 60:.1f} min), CPU time {results['total_cpu_s'] / 60:.1f} min"
-        + (f"; load average at start {hw['load_average_at_start'][0]:.1f}" if "load_average_at_start" in hw else "")
+        f"Hardware: {hw['device']} ({hw['cpu']}, {hw['cpu_count']} cores; {tasks} task(s) in parallel x "
+        f"{hw['threads']} torch thread(s) each); torch {results['versions']['torch']}. Total wall time "
+        f"{results['total_wall_s'] / 60:.1f} min ({', '.join(phases)}), CPU time {results['total_cpu_s'] / 60:.1f} min"
+        + (f"; {', '.join(loads)}" if loads else "")
         + ". Losses are not comparable across target types (cosine for features, MSE for pixels).",
         "",
         "Paper's ordering (MILAN > its ablations > pixel MAE > no pretraining), checked pair by pair "

@@ -33,6 +33,8 @@ class TeacherBudget:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    patch_drop: float = 0.0  # fraction of patch tokens dropped while training (FLIP-style; 0: off)
+    full_token_epochs: int = 0  # the last epochs train on all tokens (with patch_drop > 0)
     per_class: int | None = None  # images per class used (None: all 100)
     val_per_class: int = 10  # held out from those, to report the teacher's own accuracy
 
@@ -80,8 +82,7 @@ class Budget:
     teacher: TeacherBudget = field(default_factory=TeacherBudget)
     student: StudentBudget = field(default_factory=StudentBudget)
     eval: EvalBudget = field(default_factory=EvalBudget)
-    num_workers: int = 0
-    threads: int | None = None
+    num_workers: int = 0  # DataLoader workers of each pretraining job
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,8 +108,9 @@ MODES: dict[str, Budget] = {
         ),
         eval=EvalBudget(train_per_class=10, test_per_class=5, knn_k=5, probe_epochs=2, probe_batch_size=32),
     ),
-    # About 30 minutes on 2 idle CPU cores.
-    "quick": Budget(mode="quick", seeds=(0, 1)),
+    # Under 30 minutes on 2 idle CPU cores. The teacher drops half its patch tokens (FLIP-style) in 8 of its 10
+    # epochs: 10.5 % held-out top-1 in 5.8 min, against 9.1 % for 6 full-token epochs in 5.1 min.
+    "quick": Budget(mode="quick", seeds=(0, 1), teacher=TeacherBudget(epochs=10, patch_drop=0.5, full_token_epochs=2)),
     # About 10 minutes on one recent GPU: all of CIFAR-10, more epochs, 3 seeds, the full test set.
     "full": Budget(
         mode="full",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,22 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import PatchDropout
 from timm.layers.weight_init import trunc_normal_
-from torch.utils.data import Subset
 
-from benchmarks.proxy.data import load_tensors, split_per_class, tiny_root
+from benchmarks.proxy.data import folder_tensors, random_resized_crop, resize, split_per_class, tiny_root
 from benchmarks.proxy.settings import IMG_SIZE, PATCH, TeacherBudget
 from milan.checkpoint import Checkpoint, load_teacher, save_canonical
 from milan.checkpoint.arch import describe_tower
-from milan.data import Batch, ImageFolderDataset, build_loader, eval_transform, pretrain_transform
+from milan.data import Batch
 from milan.engine.config import OptimConfig
 from milan.engine.loop import StepOutput, TrainState, autocast_context, fit_epochs, train_one_epoch
 from milan.engine.optim import build_adamw, param_groups
 from milan.engine.schedule import CosineSchedule
 from milan.eval.metrics import topk_correct
 from milan.models.teacher import Teacher, clip_vision_tower
+
+TINY_SIZE = 64  # the Tiny-ImageNet images' native size (decoded once at it, cropped to 32 px in batches)
 
 
 class CosineClassifier(nn.Module):
@@ -100,29 +103,30 @@ def train_teacher(
     device: torch.device,
     *,
     seed: int = 0,
-    num_workers: int = 0,
     log: Any = print,
 ) -> TeacherResult:
     """Trains the stand-in teacher and saves its tower.
+
+    The Tiny-ImageNet images are decoded once into a cached uint8 tensor (64 px) and augmented in batches
+    (:func:`benchmarks.proxy.data.random_resized_crop` to 32 px), so training costs only the model's compute.
 
     Args:
         budget: Size and schedule.
         data_root: The shared data folder.
         out_path: Where to write the tower (``.pt``).
         device: Where to train.
-        seed: Seed of the weights and the data order.
-        num_workers: DataLoader workers.
+        seed: Seed of the weights, the data order and the augmentation.
         log: Progress printer.
 
     Returns:
         Where it was saved and how well it classifies held-out Tiny-ImageNet images.
     """
     t0 = time.perf_counter()
-    root = tiny_root(data_root, budget.per_class)
-    train_set = ImageFolderDataset(root, pretrain_transform(IMG_SIZE, scale=budget.crop_scale))
-    val_set = ImageFolderDataset(root, eval_transform(IMG_SIZE, crop_pct=1.0))
-    train_idx, val_idx = split_per_class(train_set, budget.val_per_class)
-    num_classes = len(train_set.classes)
+    images, labels = folder_tensors(tiny_root(data_root, budget.per_class), TINY_SIZE)  # (N, 3, 64, 64) uint8
+    train_idx, val_idx = split_per_class(labels, budget.val_per_class)
+    num_classes = int(labels.max()) + 1
+    images = images.to(device)
+    labels = labels.to(device)
 
     torch.manual_seed(seed)
     tower = clip_vision_tower(
@@ -138,32 +142,35 @@ def train_teacher(
         head.bias.requires_grad_(False)  # CLIP's projection has no bias: keep it at zero
     model = TowerClassifier(tower, budget.out_dim, num_classes).to(device)
 
-    loader = build_loader(
-        Subset(train_set, train_idx),  # type: ignore[arg-type]
-        budget.batch_size,
-        shuffle=True,
-        drop_last=True,
-        seed=seed,
-        num_workers=num_workers,
-    )
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(train_idx) // budget.batch_size
     total = steps_per_epoch * budget.epochs
     optim_cfg = OptimConfig(betas=(0.9, 0.999), weight_decay=budget.weight_decay)
     optimizer = build_adamw(param_groups(model, budget.weight_decay), optim_cfg, budget.lr, device)
     schedule = CosineSchedule(budget.lr, total, round(budget.warmup_epochs * steps_per_epoch))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     losses = _LossLog()
+    g = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[Batch]:
+        order = train_idx[torch.randperm(len(train_idx), generator=g)]
+        for i in range(steps_per_epoch):
+            idx = order[i * budget.batch_size : (i + 1) * budget.batch_size].to(device)
+            views = random_resized_crop(
+                images[idx], IMG_SIZE, scale=budget.crop_scale, hflip=0.5, generator=g
+            )  # (B, 3, 32, 32)
+            yield Batch(views, labels[idx])
 
     def step(batch: Batch) -> StepOutput:
-        images = batch.images.to(device, non_blocking=True)
-        labels = batch.labels.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(images), labels, label_smoothing=budget.label_smoothing)
-        return StepOutput(loss, images.shape[0], len(batch.skipped))
+        loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=budget.label_smoothing)
+        return StepOutput(loss, batch.images.shape[0])
 
     def run_epoch(state: TrainState) -> TrainState:
         model.train()
+        # FLIP-style token dropping (timm's PatchDropout) in the first epochs: cheaper steps, more epochs.
+        dropping = budget.patch_drop > 0 and state.epoch < budget.epochs - budget.full_token_epochs
+        tower.patch_drop = PatchDropout(budget.patch_drop, num_prefix_tokens=1) if dropping else nn.Identity()
         state = train_one_epoch(
-            step, loader, optimizer, schedule, state, num_batches=steps_per_epoch,
+            step, batches(), optimizer, schedule, state, num_batches=steps_per_epoch,
             ctx=autocast_context(device, dtype), logger=losses,
         )  # fmt: skip
         recent = losses.losses[-steps_per_epoch:]
@@ -173,18 +180,19 @@ def train_teacher(
     state = fit_epochs(
         run_epoch, TrainState(), epochs=budget.epochs, batches_per_epoch=steps_per_epoch, stop_step=total
     )
+    tower.patch_drop = nn.Identity()
     train_time = time.perf_counter() - t0
 
     model.eval()
     val_top1 = float("nan")
-    if val_idx:
-        images, labels = load_tensors(Subset(val_set, val_idx))  # type: ignore[arg-type]
+    if len(val_idx):
         correct = 0
         with torch.no_grad(), autocast_context(device, dtype):
-            for i in range(0, len(images), 512):
-                logits = model(images[i : i + 512].to(device))
-                correct += int(topk_correct(logits.float().cpu(), labels[i : i + 512], (1,))[0])
-        val_top1 = 100.0 * correct / len(labels)
+            for i in range(0, len(val_idx), 512):
+                idx = val_idx[i : i + 512].to(device)
+                logits = model(resize(images[idx], IMG_SIZE))
+                correct += int(topk_correct(logits.float().cpu(), labels[idx].cpu(), (1,))[0])
+        val_top1 = 100.0 * correct / len(val_idx)
 
     save_tower(tower.cpu(), out_path)
     check_roundtrip(tower, out_path)

@@ -1,5 +1,6 @@
-"""benchmarks/proxy: the arms' configs, the teacher's save/load round trip, the evaluation oracles, the report, and
-the whole pipeline in its smoke mode on the shared data (skipped where that data is absent)."""
+"""benchmarks/proxy: the arms' configs, the teacher's save/load round trip, the tensor cache and batched augmentation,
+the evaluation oracles, the report, and the whole pipeline in its smoke mode on the shared data (skipped where that
+data is absent)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.proxy import probe, report
+from benchmarks.proxy import data, probe, report
 from benchmarks.proxy.data import DEFAULT_DATA
 from benchmarks.proxy.settings import ARMS, MODES, EvalBudget, model_config
 from benchmarks.proxy.teacher import check_roundtrip, save_tower
 from milan.checkpoint import load_teacher
+from milan.data import ImageFolderDataset, eval_transform
 from milan.engine.config import PretrainConfig, check_pretrain
 from milan.models import build_milan
 from milan.models.teacher import clip_vision_tower
@@ -89,6 +91,73 @@ def test_knn_and_probe_on_separable_features() -> None:
     # and chance level on features that carry no label information
     noise = torch.randn(80, 16, generator=g)
     assert probe.knn_top1(train, train_y, noise, test_y, budget) < 60.0
+
+
+def _image_tree(root: Path, sizes: dict[str, list[tuple[int, int]]]) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for cls, shapes in sizes.items():
+        (root / cls).mkdir(parents=True)
+        for i, (w, h) in enumerate(shapes):
+            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(root / cls / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def test_tensor_cache_equals_the_eval_transform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MILAN_CACHE", str(tmp_path / "cache"))
+    root = _image_tree(tmp_path / "tree", {"a": [(32, 32), (64, 64)], "b": [(50, 40), (32, 32), (40, 64)]})
+    images, labels = data.folder_tensors(root, 32)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1, 1]
+    reference = ImageFolderDataset(root, eval_transform(32, crop_pct=1.0))
+    expected = torch.stack([reference[i][0] for i in range(len(reference))])  # type: ignore[index]
+    torch.testing.assert_close(data.normalize(images), expected, rtol=0, atol=1e-6)
+    cached = tmp_path / "cache" / "proxy" / "tensors" / "tree-32px.pt"
+    assert cached.is_file()
+    again, _ = data.folder_tensors(root, 32)  # read back from the cache
+    assert torch.equal(again, images)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(root / "b" / "0003.jpg")  # a changed folder is decoded again
+    grown, grown_labels = data.folder_tensors(root, 32)
+    assert grown.shape[0] == 6 and grown_labels.tolist() == [0, 0, 1, 1, 1, 1]
+    assert (data.normalize(grown[5:]) - data.normalize(torch.tensor([255, 0, 0]).view(1, 3, 1, 1))).abs().max() < 0.1
+
+
+def test_batched_random_resized_crop() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g)
+
+    def crops(hflip: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        return data.random_resized_crop(images, 32, scale=(0.35, 1.0), hflip=hflip, generator=g)
+
+    kept, flipped = crops(0.0), crops(1.0)
+    assert kept.shape == (6, 3, 32, 32) and kept.dtype == torch.float32
+    torch.testing.assert_close(flipped, kept.flip(-1))  # the same crops, mirrored
+    assert not torch.allclose(kept[0], data.resize(images[:1], 32)[0], atol=0.1)  # a crop, not the whole image
+    flat = torch.full((2, 3, 64, 64), 128, dtype=torch.uint8)  # any crop of a flat image is that flat image
+    out = data.random_resized_crop(flat, 32, scale=(0.1, 0.5), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out, data.normalize(flat[:, :, :32, :32]))
+    # the whole image, resized: a bicubic anti-aliased reduction equals the 2 x 2 mean of smooth images
+    smooth = torch.linspace(0, 255, 64).round().to(torch.uint8).expand(1, 3, 64, 64).contiguous()
+    whole = data.random_resized_crop(smooth, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    torch.testing.assert_close(whole, data.normalize(smooth).view(1, 3, 32, 2, 32, 2).mean((3, 5)), atol=0.02, rtol=0)
+
+
+def test_per_class_splits() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
+    train, held = data.split_per_class(labels, 1)
+    assert train.tolist() == [0, 1, 3, 4, 5, 7] and held.tolist() == [2, 6]  # a class too small to split: all train
+    assert data.subset_per_class(labels, 2).tolist() == [0, 1, 3, 4, 7]
+    assert data.subset_per_class(labels, None).tolist() == list(range(8))
+
+
+def test_parallelism_defaults() -> None:
+    from benchmarks.proxy.run import parallelism
+
+    assert parallelism(torch.device("cuda"), 10, None, None) == (1, None)
+    jobs, threads = parallelism(torch.device("cpu"), 10, None, None)
+    assert jobs >= 1 and threads is not None and threads >= 1
+    assert parallelism(torch.device("cpu"), 1, None, 1) == (1, 1)  # never more processes than tasks
+    assert parallelism(torch.device("cpu"), 10, 3, 2) == (3, 2)
 
 
 def _fake_runs() -> list[dict[str, object]]:
