@@ -29,28 +29,30 @@ time spent waiting for data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import importlib.metadata
 import io
 import json
 import math
 import os
 import platform
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: import `benchmarks.*` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 from PIL import Image, ImageFilter, features
 
+from benchmarks.environment import cpu_name, git_state, package_version
 from milan.data import SkipReport, build_loader, build_pretrain_dataset, extract_archive_subset, find_images
 from milan.models import create_model, model_config
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared/data")
 CIFAR_TRAIN = SHARED / "cifar10_jpg" / "train.tar.gz"
 TINY_TRAIN = SHARED / "tiny_imagenet_subset" / "train100.tar.gz"
@@ -61,44 +63,19 @@ TINY_TRAIN = SHARED / "tiny_imagenet_subset" / "train100.tar.gz"
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git() -> dict[str, Any]:
-    def run(*cmd: str) -> str:
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-
-    try:
-        return {"commit": run("git", "rev-parse", "HEAD"), "dirty": bool(run("git", "status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": os.environ.get("MILAN_GIT_COMMIT", "unknown"), "dirty": None}
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     """Hardware, versions, date and commit."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "pillow", "pillow-simd", "numpy", "webdataset"):
-        version = _version(dist)
+        version = package_version(dist)
         if version is not None:
             versions[dist] = version
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git(),
+        "git": git_state(),
         "hardware": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cpu_cores": os.cpu_count(),
             "usable_cores": usable,
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

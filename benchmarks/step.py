@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,15 +40,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: import `benchmarks.*` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 import torch.nn as nn
 
+from benchmarks.environment import REPO, cpu_name, git_state, package_version
 from milan.flops import peak_flops, pretrain_flops
 from milan.masking import attention_masking, from_permutation
 from milan.models import MILAN, build_milan, model_config
 from milan.models.compile import compile_milan
 
-REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("fused", "foreach", "forloop", "stock")
 ADAMW = {"lr": 1.5e-4, "betas": (0.9, 0.95), "weight_decay": 0.05}  # MILAN's recipe (lr before the batch scaling)
@@ -60,39 +61,10 @@ ADAMW = {"lr": 1.5e-4, "betas": (0.9, 0.95), "weight_decay": 0.05}  # MILAN's re
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git() -> dict[str, Any]:
-    def run(*cmd: str) -> str:
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-
-    try:
-        return {"commit": run("git", "rev-parse", "HEAD"), "dirty": bool(run("git", "status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):  # no git, or a copy of the tree without .git (device machine)
-        dirty = os.environ.get("MILAN_GIT_DIRTY")
-        return {
-            "commit": os.environ.get("MILAN_GIT_COMMIT", "unknown"),
-            "dirty": None if dirty is None else dirty == "1",
-        }
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """Hardware, versions, date and commit, for the JSON record."""
     hw: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -109,10 +81,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         )
     versions = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "timm", "mmpretrain", "mmengine", "mmcv-lite", "mmcv", "numpy"):
-        versions[dist] = _version(dist)
+        versions[dist] = package_version(dist)
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git(),
+        "git": git_state(),
         "hardware": hw,
         "versions": {k: v for k, v in versions.items() if v is not None},
     }

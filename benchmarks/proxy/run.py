@@ -29,7 +29,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -44,9 +43,9 @@ if __package__ in (None, ""):  # run as a script: import `benchmarks.proxy` from
 
 import torch
 
+from benchmarks.environment import cpu_name, git_state
 from benchmarks.proxy import probe, report
 from benchmarks.proxy.data import (
-    REPO,
     cifar_eval_tensors,
     cifar_root,
     data_dir,
@@ -203,17 +202,9 @@ def cpu_seconds() -> float:
 
 
 def hardware(device: torch.device, jobs: int, threads: int | None) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": threads or torch.get_num_threads(),  # per task
         "parallel_tasks": jobs,
@@ -222,17 +213,6 @@ def hardware(device: torch.device, jobs: int, threads: int | None) -> dict[str, 
     with contextlib.suppress(OSError):
         info["load_average_at_start"] = list(os.getloadavg())
     return info
-
-
-def git_commit() -> tuple[str, bool]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
-        return sha.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
 
 
 def evaluate(
@@ -304,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     main_threads = jobs * threads if threads else None  # the teacher runs alone, on every core the tasks share
     if main_threads:
         torch.set_num_threads(main_threads)
-    commit, dirty = git_commit()
+    git = git_state()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     hw = hardware(device, jobs, threads)
     load = hw.get("load_average_at_start")
@@ -349,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": budget.mode,
         "statement": report.TEACHER_NOTE,
         "date": started,
-        "git_commit": commit + ("-dirty" if dirty else ""),
+        "git_commit": git["commit"][:7] + ("-dirty" if git["dirty"] else ""),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "hardware": hw,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -115,3 +116,18 @@ def test_fetch_device_wheels_names_the_pins() -> None:
     assert pins["timm"] == "1.0.31" and len(pins) == 13
     prepare = [str(REPO / "benchmarks" / "gpu_check.sh"), "prepare"]
     assert subprocess.run(["bash", *prepare], check=True, capture_output=True, text=True, env=env).stdout == out
+
+
+def test_git_state_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import environment
+
+    assert len(environment.git_state()["commit"]) == 40  # this checkout
+    monkeypatch.setattr(environment, "REPO", tmp_path)  # a copy of the tree without .git (the device machine)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv("MILAN_GIT_COMMIT", "abc1234")
+    monkeypatch.setenv("MILAN_GIT_DIRTY", "1")
+    assert environment.git_state() == {"commit": "abc1234", "dirty": True}
+    monkeypatch.delenv("MILAN_GIT_DIRTY")
+    assert environment.git_state() == {"commit": "abc1234", "dirty": None}
+    assert environment.package_version("torch") == importlib.metadata.version("torch")
+    assert environment.package_version("no-such-distribution") is None
