@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from milan.data.datasets import ImageDataset, ImageFolderDataset, UnlabelledImages
 from milan.data.decode import DEFAULT_MAX_PIXELS
+from milan.data.encoded import EncodedImages
 from milan.data.shards import ShardImages, is_shard_source
 from milan.data.sources import BUILTIN_SAMPLES, sample_images_dir
 from milan.data.transforms import DEFAULT_CROP_PCT, ImagePipeline, Interpolation, eval_transform, pretrain_transform
@@ -116,10 +118,13 @@ def build_pretrain_dataset(
     shuffle_buffer: int = 1000,
     seed: int = 0,
     num_samples: int | None = None,
-) -> ImageDataset | ShardImages:
+    decode: Literal["cpu", "device"] = "cpu",
+) -> ImageDataset | ShardImages | EncodedImages:
     """The pretraining dataset: unlabelled images with the MILAN view (:func:`pretrain_transform`).
 
-    Class folders, if any, are ignored: every image found is used, with label ``-1``.
+    Class folders, if any, are ignored: every image found is used, with label ``-1``. With ``decode="device"``
+    the items are the encoded files (:class:`~milan.data.encoded.EncodedImages`), to be decoded and augmented on
+    the training device by :func:`milan.data.encoded.decode_batch`.
 
     Args:
         source: See the module docstring.
@@ -133,13 +138,24 @@ def build_pretrain_dataset(
         shuffle_buffer: Shards only: sample shuffle buffer (shard order is shuffled too).
         seed: Shards only: shuffle seed.
         num_samples: Shards only: the number of samples, if known.
+        decode: ``"cpu"``: decode and augment in the dataset; ``"device"``: only read the files (not for shards).
 
     Returns:
-        Items ``(image (3, img_size, img_size), -1)`` or :class:`BadSample`.
+        Items ``(image (3, img_size, img_size), -1)`` or :class:`BadSample` (``decode="device"``: ``(Encoded,
+        -1)`` or :class:`BadSample`).
+
+    Raises:
+        ValueError: ``decode="device"`` with tar shards.
     """
     pipeline = pretrain_transform(
         img_size, scale=scale, ratio=ratio, interpolation=interpolation, hflip=hflip, draft=draft
     )
+    if decode == "device":
+        if is_shard_source(_entries(source)):
+            raise ValueError("data.decode='device' does not support tar shards; use data.decode=cpu")
+        images = build_image_dataset(source, pipeline, labelled=False, max_pixels=max_pixels)
+        assert isinstance(images, ImageDataset)
+        return EncodedImages(images)
     return build_image_dataset(
         source,
         pipeline,

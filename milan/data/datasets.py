@@ -62,19 +62,27 @@ class ImageDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Item:
+    def read(self, index: int) -> tuple[bytes, int] | BadSample:
+        """The encoded file of sample ``index`` and its label, or why it cannot be read (no decoding)."""
         path, label = self.samples[index]
         try:
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
                 return BadSample(str(path), "too large", f"{size} bytes > {MAX_FILE_BYTES}")
-            data = path.read_bytes()
+            return path.read_bytes(), label
         except FileNotFoundError:
             return BadSample(str(path), "missing", "file not found")
         except IsADirectoryError:
             return BadSample(str(path), "not an image", "is a folder")
         except OSError as err:  # permissions, I/O errors
             return BadSample(str(path), "unreadable", f"{type(err).__name__}: {err.strerror or err}")
+
+    def __getitem__(self, index: int) -> Item:
+        read = self.read(index)
+        if isinstance(read, BadSample):
+            return read
+        data, label = read
+        path = self.samples[index][0]
         try:
             image = self.pipeline(open_image(data, max_pixels=self.max_pixels))
         except ImageDecodeError as err:

@@ -150,6 +150,9 @@ class PretrainDataConfig:
     num_workers: int = 8  # DataLoader workers per process
     max_image_pixels: int | None = 89_478_485  # decompression-bomb guard: larger images are skipped (Pillow's limit)
     num_samples: int | None = None  # tar shards only: images per epoch (folders and lists are counted)
+    # cpu: workers decode and augment; device: workers only read the files; JPEGs are decoded in batches on the
+    # training device (nvJPEG on CUDA) and augmented there (folders and file lists only, not tar shards)
+    decode: Literal["cpu", "device"] = "cpu"
 
 
 @dataclass

@@ -19,10 +19,12 @@ from torch.utils.data import Dataset, IterableDataset
 
 from milan import distributed as dist
 from milan.checkpoint.arch import describe_tower
-from milan.data import Batch, SkipReport, build_loader, build_pretrain_dataset
+from milan.data import Batch, SkipReport, build_loader, build_pretrain_dataset, collate_images
+from milan.data.device_augment import DeviceAugment
+from milan.data.encoded import EncodedBatch, EncodedImages, collate_encoded, decode_batch
 from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import ConfigError, PretrainConfig, TeacherDtype, check_pretrain, derive
-from milan.engine.loop import StepFn, TrainState, data_step
+from milan.engine.loop import StepFn, StepOutput, TrainState, data_step
 from milan.engine.optim import build_adamw, param_groups
 from milan.engine.run import RunContext, seed_everything, start_run
 from milan.engine.sampling import EpochSampler, seeded_loader
@@ -85,6 +87,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
                 teacher.load_state_dict(ckpt["teacher"])  # still fp32 here: the cast comes after the restore
 
         step_fn = milan_step(model, student, device, report, channels_last=cfg.runtime.channels_last)
+        if cfg.data.decode == "device":
+            step_fn = decode_then(step_fn, _device_augment(cfg), device)
         trainer = Trainer(
             cfg, derived, run.run_dir, model=student if _is_sharded(student) else model.student,
             train_module=student, optimizer=optimizer, step_fn=step_fn, loader=loader, sampler=sampler, report=report,
@@ -137,8 +141,36 @@ def milan_step(
     return data_step(forward, model.student, device, report)
 
 
+def decode_then(step: StepFn, augment: DeviceAugment, device: torch.device) -> StepFn:
+    """Wraps a step function for ``data.decode: device``: decodes and augments each batch on ``device`` first.
+
+    Args:
+        step: Takes ``(Batch, noise)`` pairs (:func:`milan_step`).
+        augment: The view.
+        device: Where to decode (CUDA: batched nvJPEG).
+
+    Returns:
+        ``(EncodedBatch, noise (B, L)) -> StepOutput``; files that fail to decode join the batch's skipped
+        samples (and so the run's skip report), and their noise rows are dropped.
+    """
+
+    def fn(batch: tuple[EncodedBatch, torch.Tensor]) -> StepOutput:
+        encoded, noise = batch
+        data, keep = decode_batch(encoded, augment, device)
+        return step((data, noise[keep]))  # noise: (B_ok, L)
+
+    return fn
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up helpers
+
+
+def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
+    d = cfg.data
+    return DeviceAugment(
+        cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation, hflip=d.hflip
+    )
 
 
 def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -192,7 +224,7 @@ def _build_loader(
     try:
         dataset: Dataset[Any] = build_pretrain_dataset(
             d.path, cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation,
-            hflip=d.hflip, max_pixels=d.max_image_pixels, seed=cfg.seed, num_samples=d.num_samples,
+            hflip=d.hflip, max_pixels=d.max_image_pixels, seed=cfg.seed, num_samples=d.num_samples, decode=d.decode,
         )  # fmt: skip
     except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         raise ConfigError(f"data.path={d.path!r}: {e}") from e
@@ -204,6 +236,7 @@ def _build_loader(
     return seeded_loader(
         dataset, batch_size=cfg.batch_size, seed=cfg.seed, noise_len=model.encoder.num_patches,
         num_workers=d.num_workers, device=device, key=f"data.path={d.path!r}",
+        collate=collate_encoded if isinstance(dataset, EncodedImages) else collate_images,
     )  # fmt: skip
 
 

@@ -181,6 +181,7 @@ def seeded_loader(
     num_workers: int = 0,
     device: torch.device,
     key: str,
+    collate: Callable[[list[Any]], Any] = collate_images,
 ) -> tuple[DataLoader[Any], EpochSampler, int]:
     """The resumable training loader of a map-style dataset, sharded over the processes.
 
@@ -195,6 +196,7 @@ def seeded_loader(
         num_workers: DataLoader workers.
         device: Where batches go (pinned memory for CUDA).
         key: The data's config key and value, for the error message (``"data.train"``).
+        collate: The dataset's collate function (e.g. :func:`milan.data.encoded.collate_encoded`).
 
     Returns:
         ``(loader, sampler, batches per epoch on each process)``; batches are ``(Batch, noise (B, noise_len))``.
@@ -214,7 +216,7 @@ def seeded_loader(
         batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=keyed_collate(collate_images),
+        collate_fn=keyed_collate(collate),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         seed=None,  # every sample seeds itself: the workers' seeds do not matter
