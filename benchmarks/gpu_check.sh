@@ -25,7 +25,8 @@
 #   3. step_fp16.json     ours (eager) vs mmpretrain, fp16 autocast + GradScaler
 #   4. step_data.json     ours (compiled) fed from a folder of generated 500x375 JPEGs (16 workers) vs synthetic
 #   5. data.json          benchmarks/data.py loader throughput on the same JPEGs (DATA engineer's benchmark)
-#   6. step_bf16_cudagraphs  ours with torch.compile mode=reduce-overhead (CUDA graphs)
+#   6. step_data_device  as 4, with --decode device (workers only read files; batched nvJPEG + augmentation on GPU)
+#   7. step_bf16_cudagraphs  ours with torch.compile mode=reduce-overhead (CUDA graphs)
 # plus gpu_check.log (everything printed). Copy the JSON files into benchmarks/results/ afterwards.
 #
 # SMOKE=1 runs the same sequence on the CPU with the tiny test model in about a minute (to test this script);
@@ -186,6 +187,8 @@ step data_step 240 "${STEP[@]}" --precision bf16 "${COMPILE[@]}" --data "$JPEGS"
   --json "$OUT/step_data.json"
 step data_loader 120 "$PY" benchmarks/data.py --datasets imagenet_like --work-dir "$WORK" \
   --workers "$WORKERS" --num-images "$DATA_N" --batch-size "$BS" --draft on --json "$OUT/data.json"
+step data_step_device 240 "${STEP[@]}" --precision bf16 "${COMPILE[@]}" --data "$JPEGS" --workers "$WORKERS" \
+  --decode device --json "$OUT/step_data_device.json"
 step bf16_cudagraphs 240 "${STEP[@]}" --precision bf16 "${GRAPHS[@]}" --json "$OUT/step_bf16_cudagraphs.json"
 
 if [ "$DRY_RUN" != 1 ]; then

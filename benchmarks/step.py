@@ -290,12 +290,16 @@ class JpegBatches:
     """Batches of the MILAN pretraining view from a JPEG folder (``milan.data``), endlessly, timing the waits."""
 
     def __init__(self, folder: Path, img_size: int, args: argparse.Namespace, device: torch.device) -> None:
-        from milan.data import build_loader, build_pretrain_dataset
+        from milan.data import build_loader, build_pretrain_dataset, collate_images
+        from milan.data.device_augment import DeviceAugment
+        from milan.data.encoded import collate_encoded
 
-        dataset = build_pretrain_dataset(folder, img_size)
+        dataset = build_pretrain_dataset(folder, img_size, decode=args.decode)
         self.loader = build_loader(
-            dataset, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True, seed=args.seed
-        )
+            dataset, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True, seed=args.seed,
+            collate_fn=collate_encoded if args.decode == "device" else collate_images,
+        )  # fmt: skip
+        self.augment = DeviceAugment(img_size) if args.decode == "device" else None
         self.device = device
         self.channels_last = args.channels_last
         self.wait = 0.0
@@ -307,12 +311,20 @@ class JpegBatches:
         while True:
             yield from self.loader
 
+    def _next(self) -> Any:
+        batch = next(self._stream)
+        if self.augment is None:
+            return batch
+        from milan.data.encoded import decode_batch
+
+        return decode_batch(batch, self.augment, self.device)[0]
+
     def __call__(self) -> torch.Tensor:
         start = time.perf_counter()
-        batch = next(self._stream)
+        batch = self._next()
         while batch.empty:
-            batch = next(self._stream)
-        self.wait += time.perf_counter() - start
+            batch = self._next()
+        self.wait += time.perf_counter() - start  # with --decode device: includes decoding and augmenting
         self.images += len(batch)
         x: torch.Tensor = batch.images.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -623,6 +635,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", action="store_true", help="also time mmpretrain 1.2.0's MILAN (`parity` extra)")
     p.add_argument("--data", type=Path, default=None, help="also time our step fed from this JPEG folder")
     p.add_argument("--workers", type=int, default=8, help="data-loader workers for --data")
+    p.add_argument(
+        "--decode",
+        choices=("cpu", "device"),
+        default="cpu",
+        help="--data: decode in the workers (cpu) or in batches on the device (data.decode=device: nvJPEG on CUDA)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per model (>= 2)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (each model once per round)")
     p.add_argument("--steps", type=int, default=5, help="consecutive steps per model per round")

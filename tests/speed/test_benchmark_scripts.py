@@ -50,13 +50,15 @@ def test_step_benchmark_against_reference(tmp_path: Path) -> None:
     assert 0 < record["ours"]["mfu"] < 1
 
 
-def test_step_benchmark_from_jpegs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_step_benchmark_from_jpegs(tmp_path: Path, decode: str) -> None:
     from PIL import Image
 
     for i in range(8):
         Image.new("RGB", (48 + i, 40), (10 * i, 80, 160)).save(tmp_path / f"{i}.jpg")
     out = tmp_path / "r.json"
-    args = [*TINY, *FAST, "--precision", "fp32", "--data", str(tmp_path), "--workers", "0", "--json", str(out)]
+    args = [*TINY, *FAST, "--precision", "fp32", "--data", str(tmp_path), "--workers", "0", "--decode", decode]
+    args += ["--json", str(out)]
     assert step.main(args) == 0
     data = json.loads(out.read_text())["data"]
     assert data["images"] == 8 and data["img_per_s"] > 0 and 0 <= data["data_wait_fraction"] < 1
@@ -72,7 +74,8 @@ def test_gpu_check_script_commands_parse() -> None:
             ["bash", str(script)], check=True, capture_output=True, text=True, env=env, timeout=60
         ).stdout.splitlines()
         commands = [shlex.split(line) for line in lines if "benchmarks/step.py" in line]
-        assert len(commands) == 5
+        assert len(commands) == 6
+        assert sum(step.parse_args(c[c.index("benchmarks/step.py") + 1 :]).decode == "device" for c in commands) == 1
         for argv in commands:
             args = step.parse_args(argv[argv.index("benchmarks/step.py") + 1 :])
             assert args.device == ("cpu" if smoke == "1" else "cuda")
@@ -94,7 +97,7 @@ def test_gpu_check_skips_the_reference_without_wheels(tmp_path: Path) -> None:
             timeout=120,
         ).stdout  # fmt: skip
     steps = {k: [line for line in v.splitlines() if "benchmarks/step.py" in line] for k, v in outputs.items()}
-    assert len(steps["absent"]) == len(steps["present"]) == 5
+    assert len(steps["absent"]) == len(steps["present"]) == 6
     assert not any("--reference" in line for line in steps["absent"])
     assert "SKIPPING the mmpretrain --reference comparisons" in outputs["absent"]
     assert "fetch_device_wheels.sh" in outputs["absent"]
