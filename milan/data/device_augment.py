@@ -1,21 +1,18 @@
 """The pretraining view on the training device: random resized crop + flip + normalise, per-sample seeded.
 
-Each image's random choices come from its own :class:`torch.Generator` seeded with the sample's seed, and are the
-draws torchvision makes, in the same order: :meth:`torchvision.transforms.RandomResizedCrop.get_params` (10 tries,
-then the central crop) then ``RandomHorizontalFlip`` (flip when ``rand < p``). A generator seeded with ``s`` gives
-the same numbers as the global generator after ``torch.manual_seed(s)``, so the crop box and the flip equal the
-CPU path's for the same seed (the CPU path may decode through JPEG draft mode and resamples with Pillow, so the
-pixels differ slightly).
+Each image's random choices are torchvision's own draws seeded with the sample's seed, in the CPU path's order:
+:meth:`torchvision.transforms.RandomResizedCrop.get_params` then the flip (``rand < p``), so the crop box and the
+flip equal the CPU path's for the same seed (the CPU path may decode through JPEG draft mode and resamples with
+Pillow, so the pixels differ slightly).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
@@ -24,44 +21,30 @@ CropBox = tuple[int, int, int, int]
 """``(top, left, height, width)``, torchvision's order."""
 
 
-def random_crop_box(
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
-) -> CropBox:
-    """The crop box of torchvision's ``RandomResizedCrop.get_params``, drawn from ``generator`` (not the global one).
+def view_params(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: float, seed: int
+) -> tuple[CropBox, bool]:
+    """The crop box and flip of a sample seeded with ``seed``: the CPU path's draws, made by torchvision itself.
+
+    ``RandomResizedCrop.get_params`` and then the flip draw run on the global generator seeded with ``seed`` inside
+    :func:`torch.random.fork_rng`, so the caller's random state is left as it was.
 
     Args:
         height: Image height.
         width: Image width.
         scale: Range of the crop area as a fraction of the image area.
         ratio: Range of the crop aspect ratio (width / height).
-        generator: A CPU generator.
+        hflip: Probability of a horizontal flip.
+        seed: The sample's seed.
 
     Returns:
-        The crop box ``(top, left, height, width)``.
+        ``((top, left, height, width), flip)``.
     """
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator).item())
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-            return top, left, h, w
-    in_ratio = width / height  # fallback: the central crop, clamped to the ratio range
-    if in_ratio < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = RandomResizedCrop.get_params(torch.empty(0, height, width), list(scale), list(ratio))
+        flip = torch.rand(1).item() < hflip
+    return (top, left, h, w), flip
 
 
 @dataclass(frozen=True)
@@ -88,12 +71,12 @@ class DeviceAugment:
 
     def view(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """One image's crop and flip: ``(3, H, W)`` uint8 -> ``(3, size, size)`` uint8, on the same device."""
-        g = torch.Generator().manual_seed(seed)
-        top, left, h, w = random_crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio, g)
+        height, width = image.shape[-2:]
+        (top, left, h, w), flip = view_params(height, width, self.scale, self.ratio, self.hflip, seed)
         mode = InterpolationMode(self.interpolation.lower())
         size = [self.size, self.size]
         out: torch.Tensor = F.resized_crop(image, top, left, h, w, size, interpolation=mode, antialias=True)
-        if torch.rand(1, generator=g).item() < self.hflip:
+        if flip:
             out = F.horizontal_flip(out)
         return out
 
