@@ -11,8 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from milan.engine.config import ConfigError, LogConfig, OptimConfig, RunConfig, RuntimeConfig, ScheduleConfig, check_run
+from milan.engine.config import (
+    ConfigError,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    check_ranges,
+    check_run,
+)
 from milan.engine.lars import LarsVariant
+from milan.ranges import Range
 
 Interp = Literal["bicubic", "bilinear"]
 
@@ -176,11 +186,15 @@ def _check_classifier_run(cfg: LinprobeConfig | FinetuneConfig) -> None:
     check_encoder(cfg.encoder)
     if cfg.eval_every < 1:
         raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
+    check_ranges(cfg, {"num_classes": Range(1)})
 
 
 def check_linprobe(cfg: LinprobeConfig) -> None:
     """Value checks of a linear-probe config."""
     _check_classifier_run(cfg)
+    nonneg, fraction, positive = Range(0), Range(0, 1, hi_open=True), Range(0, lo_open=True)
+    ranges = {"optim.blr": nonneg, "optim.weight_decay": nonneg, "optim.momentum": fraction}
+    check_ranges(cfg, {**ranges, "optim.trust_coefficient": positive})
     if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
         raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
 
@@ -202,10 +216,12 @@ def check_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"mixup/cutmix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    check_ranges(cfg, {"aug.re_count": Range(1), "aug.color_jitter": Range(0)})
 
 
 def check_knn(cfg: KnnConfig) -> None:
     """Value checks of a k-NN config."""
+    check_ranges(cfg)  # the runtime and log sections' declared ranges
     check_data(cfg.data)
     check_encoder(cfg.encoder)
     if cfg.batch_size < 1 or cfg.query_chunk < 1 or (cfg.train_chunk is not None and cfg.train_chunk < 1):

@@ -279,3 +279,25 @@ def test_speed_options_default_and_round_trip(tmp_path: Path) -> None:
         "bf16", "reduce-overhead", True,
     )  # fmt: skip
     assert load_config(PretrainConfig, save_config(cfg, tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize(
+    ("job", "override", "message"),
+    [
+        ("linprobe", "optim.momentum=1.0", r"optim.momentum must be in \[0, 1\), got 1.0"),
+        ("linprobe", "optim.trust_coefficient=0", r"optim.trust_coefficient must be > 0"),
+        ("linprobe", "optim.blr=-0.1", r"optim.blr must be >= 0"),
+        ("linprobe", "num_classes=0", r"num_classes must be >= 1"),
+        ("finetune", "optim.lr=-1", r"optim.lr must be >= 0"),
+        ("finetune", "aug.re_count=0", r"aug.re_count must be >= 1"),
+        ("knn", "runtime.cpu_threads=0", r"runtime.cpu_threads must be >= 1"),
+    ],
+)
+def test_evaluation_jobs_check_their_ranges(job: str, override: str, message: str) -> None:
+    from milan.eval import config as eval_config
+
+    cls = {"linprobe": eval_config.LinprobeConfig, "finetune": eval_config.FinetuneConfig}.get(job)
+    cls = cls or eval_config.KnnConfig
+    check = getattr(eval_config, f"check_{job}")
+    with pytest.raises(ConfigError, match=message):
+        check(load_config(cls, overrides=["encoder.model_name=milan_test_tiny", override]))  # type: ignore[arg-type]
