@@ -279,3 +279,23 @@ def test_presets_are_package_data(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for preset in (REPO / "configs").glob("*/*.yaml"):
         assert f"milan/configs/{preset.parent.name}/{preset.name}" in names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documentation that stands on its own (issue 10 §7)
+
+
+def test_docs_and_presets_cite_nothing_outside_the_repository() -> None:
+    """Before: README, presets and docstrings cited a reference document (``../shared/docs/milan_reference.md``)
+    that is not in the repository."""
+    import re
+
+    files = [REPO / "README.md", *(REPO / "configs").glob("*/*.yaml"), *(REPO / "milan").rglob("*.py")]
+    offenders = [
+        f"{path.relative_to(REPO)}: {hit}"
+        for path in files
+        for hit in re.findall(r"\.\./shared\S*|milan_reference\.md|shared/docs\S*", path.read_text())
+    ]
+    assert offenders == []
+    links = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", (REPO / "README.md").read_text())
+    assert links and [link for link in links if not (REPO / link).exists()] == []

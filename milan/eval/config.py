@@ -2,7 +2,8 @@
 
 They extend the engine's :class:`~milan.engine.config.RunConfig` (batch, optimizer, schedule, runtime, checkpoints,
 logging), so presets, dotted overrides, validation and the saved ``config.yaml`` work exactly as for pretraining.
-Defaults are the MILAN ViT-B/16 ImageNet-1K recipes of ``milan_reference.md`` sections 3 and 4; the presets in
+Defaults are the MILAN ViT-B/16 ImageNet-1K recipes (the original code, github.com/zejiangh/MILAN, and mmpretrain
+1.2.0's ``configs/milan/benchmarks/``); the presets in
 ``configs/{linprobe,finetune,knn}/`` repeat them with their sources.
 """
 

@@ -134,10 +134,23 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert isinstance(again.data.scale, tuple)
 
 
-@pytest.mark.parametrize("name", ["milan_vit_base_patch16_in1k_400e", "milan_vit_large_patch16_in1k_400e", "demo_cpu"])
-def test_presets_load_and_validate(name: str) -> None:
-    cfg = load(path=PRESETS / f"{name}.yaml")
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_load_and_validate(path: Path) -> None:
+    cfg = load(path=path)
     check_pretrain(cfg)
+
+
+def test_single_gpu_small_preset_keeps_the_recipe_batch() -> None:
+    cfg = load(path=PRESETS / "milan_vit_small_patch16_in1k_100e_1gpu.yaml")
+    assert cfg.model.encoder == model_config("milan_vit_small_patch16").encoder
+    assert cfg.model.decoder == model_config("milan_vit_base_patch16").decoder  # the paper's decoder
+    d = derive(cfg, world_size=1, batches_per_epoch=1281167 // cfg.batch_size)
+    assert d.effective_batch == 4096 and d.lr == pytest.approx(2.4e-3) and d.steps_per_epoch == 312
+    assert (cfg.schedule.epochs, d.warmup_steps) == (100, 10 * 312)
+    text = (PRESETS / "milan_vit_small_patch16_in1k_100e_1gpu.yaml").read_text()
+    for line in text.splitlines():  # every value carries its reason
+        if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, line
 
 
 def test_paper_preset_matches_the_reference() -> None:
