@@ -2,8 +2,10 @@
 
 The merge is validated against the dataclass annotations: an unknown key or a value of the wrong type (including
 ``Literal`` choices, ``Optional``, tuples, lists and nested dataclasses) raises :class:`ConfigError` naming the full
-dotted key. The resolved config is plain data (:func:`to_dict`), written next to the run and stored in every
-checkpoint, and loads back to the same object.
+dotted key, and so does a value outside the range its field declares (``mask_ratio: Fraction``, see
+:mod:`milan.ranges`). A field's description is the comment beside (or right above) it: ``milan config JOB`` prints
+them (:mod:`milan.engine.schema`), so keep one on every field. The resolved config is plain data (:func:`to_dict`),
+written next to the run and stored in every checkpoint, and loads back to the same object.
 
 Shared sections (:class:`OptimConfig`, :class:`ScheduleConfig`, :class:`RuntimeConfig`, :class:`CheckpointConfig`,
 :class:`LogConfig`, gathered in :class:`RunConfig`) are reused by the evaluation jobs; :class:`PretrainConfig` adds
