@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from milan.errors import UserError
+
 
 def is_enabled() -> bool:
     """Whether a process group is initialised."""
@@ -48,14 +50,20 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+class DeviceUnavailableError(UserError, RuntimeError):
+    """The configured device is not available (one line at the command line)."""
+
+
 def resolve_device(kind: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device:
     """The device this process trains on: ``cuda:LOCAL_RANK`` or ``cpu``.
 
     Raises:
-        RuntimeError: ``kind="cuda"`` without a visible GPU.
+        DeviceUnavailableError: ``kind="cuda"`` without a visible GPU.
     """
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
+        raise DeviceUnavailableError(
+            "runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu (or auto)"
+        )
     if kind == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank() % torch.cuda.device_count())

@@ -10,7 +10,8 @@ One MILAN image = teacher forward on all ``1 + L`` tokens + 3 x student forward 
 the forward) minus the patch embedding's input gradient (images need none), where the student forward is the
 patch embedding of all ``L`` patches, the encoder on the ``1 + K`` visible tokens, and the decoder. For the
 ViT-B/16 recipe (224 px, L = 196, K = 49, CLIP ViT-B/16 teacher, 512-d 8-block prompting decoder) this gives
-35.3 (teacher) + 3 x 17.3 (student) - 0.2 = 86.8 GFLOP per image.
+35.3 (teacher) + 3 x 17.3 (student) - 0.2 = 86.8 GFLOP per image. A teacher loaded from a file is counted from its
+own shape at the resolution it runs at (:func:`teacher_shape`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from milan.masking import num_visible
 from milan.models.factory import ModelConfig
+from milan.models.teacher import Teacher
 
 # Dense bf16/fp16 tensor-core peak, TFLOP/s per GPU (vendor spec sheets, without sparsity). Matched by substring of
 # torch.cuda.get_device_name(), first match wins (so the longer names come first).
@@ -80,11 +82,64 @@ class PretrainFlops:
         return self.teacher + 3 * self.student_forward - self.patch_embed
 
 
-def pretrain_flops(cfg: ModelConfig) -> PretrainFlops:
+@dataclass(frozen=True)
+class TowerShape:
+    """What the teacher's FLOPs depend on.
+
+    Attributes:
+        width: Token width.
+        depth: Blocks.
+        patch_size: Patch side in pixels.
+        grid: Patches per side at the resolution it runs at.
+        out_dim: Width of the output projection (0: none).
+        mlp_ratio: MLP hidden width / width.
+        prefix_tokens: Class (and register) tokens.
+    """
+
+    width: int
+    depth: int
+    patch_size: int
+    grid: int
+    out_dim: int
+    mlp_ratio: float = 4.0
+    prefix_tokens: int = 1
+
+
+def teacher_shape(teacher: Teacher) -> TowerShape:
+    """The shape of a built teacher (e.g. one loaded from a file, whose config fields describe another)."""
+    tower = teacher.model
+    block = tower.blocks[0]
+    fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
+    width = int(tower.embed_dim)
+    hidden = fc1.out_features if isinstance(fc1, torch.nn.Linear) else 4 * width
+    head = tower.head
+    return TowerShape(
+        width=width,
+        depth=len(tower.blocks),
+        patch_size=teacher.patch_size,
+        grid=teacher.grid_size[0],
+        out_dim=head.out_features if isinstance(head, torch.nn.Linear) else 0,
+        mlp_ratio=hidden / width,
+        prefix_tokens=teacher.num_prefix_tokens,
+    )
+
+
+def teacher_flops(shape: TowerShape) -> float:
+    """Forward FLOPs per image of a teacher: patch embedding, blocks on every token, output projection."""
+    patches = shape.grid**2
+    tokens = shape.prefix_tokens + patches
+    flops = 2.0 * patches * 3 * shape.patch_size**2 * shape.width
+    flops += shape.depth * block_flops(tokens, shape.width, shape.mlp_ratio)
+    return flops + 2 * tokens * shape.width * shape.out_dim
+
+
+def pretrain_flops(cfg: ModelConfig, teacher: Teacher | None = None) -> PretrainFlops:
     """Analytic FLOPs per image of a MILAN pretraining step (see the module docstring).
 
     Args:
         cfg: The model config.
+        teacher: The built teacher, whose shape then replaces ``cfg.teacher``'s (pass it for a teacher loaded from
+            ``model.teacher.checkpoint``: the config's architecture fields describe a random teacher only).
 
     Returns:
         Teacher and student FLOPs.
@@ -95,26 +150,27 @@ def pretrain_flops(cfg: ModelConfig) -> PretrainFlops:
         86.8
     """
     enc, dec, tea = cfg.encoder, cfg.decoder, cfg.teacher
-    num_patches = (enc.img_size // enc.patch_size) ** 2
+    grid = enc.img_size // enc.patch_size
+    num_patches = grid**2
     keep = num_visible(num_patches, cfg.mask_ratio)
     patch_dim = 3 * enc.patch_size**2
     stem = 2.0 * num_patches * patch_dim * enc.embed_dim  # patch embedding of every patch (masking comes after)
     encoder = stem + enc.depth * block_flops(1 + keep, enc.embed_dim, enc.mlp_ratio)
-    pixel_targets = tea.kind == "none"
-    out_dim = patch_dim if pixel_targets else tea.out_dim
+    shape: TowerShape | None = None
+    if teacher is not None:
+        shape = teacher_shape(teacher)
+    elif tea.kind != "none":
+        t_grid = tea.img_size // tea.patch_size if tea.img_size is not None else grid  # null: follows the student
+        shape = TowerShape(tea.width, tea.depth, tea.patch_size, t_grid, tea.out_dim)
+    out_dim = patch_dim if shape is None else (shape.out_dim or shape.width)
     tokens = 1 + num_patches
     decoder = 2.0 * (1 + keep) * enc.embed_dim * dec.embed_dim + 2.0 * tokens * dec.embed_dim * out_dim
     if dec.kind == "prompting":
         decoder += dec.depth * prompt_block_flops(num_patches - keep, tokens, dec.embed_dim, dec.mlp_ratio)
     else:
         decoder += dec.depth * block_flops(tokens, dec.embed_dim, dec.mlp_ratio)
-    teacher = 0.0
-    if not pixel_targets:
-        t_patches = (tea.img_size // tea.patch_size) ** 2
-        teacher = 2.0 * t_patches * 3 * tea.patch_size**2 * tea.width
-        teacher += tea.depth * block_flops(1 + t_patches, tea.width)
-        teacher += 2 * (1 + t_patches) * tea.width * tea.out_dim
-    return PretrainFlops(teacher=teacher, student_forward=encoder + decoder, patch_embed=stem)
+    teacher_total = teacher_flops(shape) if shape is not None else 0.0
+    return PretrainFlops(teacher=teacher_total, student_forward=encoder + decoder, patch_embed=stem)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from milan.checkpoint.io import CheckpointError
 from milan.engine.config import ConfigError, load_config, to_yaml
 from milan.engine.loop import NonFiniteLossError
+from milan.errors import traceback_requested
 
 C = TypeVar("C")
 
@@ -65,6 +66,8 @@ def run_job(
         cfg = load_config(cls, args.config, args.overrides)
         check(cfg)
     except ConfigError as e:
+        if traceback_requested():  # milan --traceback / MILAN_TRACEBACK=1
+            raise
         print(f"milan {name}: config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -73,9 +76,13 @@ def run_job(
     try:
         job(cfg, args)
     except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+        if traceback_requested():
+            raise
         print(f"milan {name}: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
+        if traceback_requested():
+            raise
         print(f"milan {name}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -2,8 +2,10 @@
 
 The merge is validated against the dataclass annotations: an unknown key or a value of the wrong type (including
 ``Literal`` choices, ``Optional``, tuples, lists and nested dataclasses) raises :class:`ConfigError` naming the full
-dotted key. The resolved config is plain data (:func:`to_dict`), written next to the run and stored in every
-checkpoint, and loads back to the same object.
+dotted key, and so does a value outside the range its field declares (``mask_ratio: Fraction``, see
+:mod:`milan.ranges`). A field's description is the comment beside (or right above) it: ``milan config JOB`` prints
+them (:mod:`milan.engine.schema`), so keep one on every field. The resolved config is plain data (:func:`to_dict`),
+written next to the run and stored in every checkpoint, and loads back to the same object.
 
 Shared sections (:class:`OptimConfig`, :class:`ScheduleConfig`, :class:`RuntimeConfig`, :class:`CheckpointConfig`,
 :class:`LogConfig`, gathered in :class:`RunConfig`) are reused by the evaluation jobs; :class:`PretrainConfig` adds
@@ -26,11 +28,14 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, cast
+from typing import Annotated, Any, Literal, TypeVar, Union, cast
 
 import yaml
 
-from milan.models.factory import ModelConfig, list_models, model_config
+from milan.engine.presets import resolve_preset
+from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
+from milan.models.factory import ModelConfig, check_model, list_models, model_config
+from milan.ranges import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range, range_of
 
 T = TypeVar("T")
 
@@ -43,10 +48,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 TeacherDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class ConfigError(ValueError):
-    """An invalid configuration: unknown key, wrong type, bad value or unreadable file."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Shared sections
 
@@ -55,15 +56,15 @@ class ConfigError(ValueError):
 class OptimConfig:
     """AdamW with MAE's learning-rate scaling rule."""
 
-    blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256
-    lr: float | None = None  # absolute peak lr; when set, blr is ignored
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
+    blr: NonNegativeFloat = 1.5e-4  # base lr: lr = blr * effective batch / 256
+    lr: NonNegativeFloat | None = None  # absolute peak lr; when set, blr is ignored
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)  # AdamW's moving-average factors of the gradient and its square
+    eps: PositiveFloat = 1e-8  # AdamW's denominator term
+    weight_decay: NonNegativeFloat = 0.05  # decoupled (AdamW) weight decay
     # True: no decay on cls/mask tokens and pos embeds (mmpretrain); False: decay cls/mask tokens (original repo).
     # Biases and norm weights (all 1-D tensors) are never decayed.
     wd_exempt_tokens: bool = True
-    clip_grad: float | None = None  # max global grad norm; None = no clipping (the reference)
+    clip_grad: PositiveFloat | None = None  # max global grad norm; None = no clipping (the reference)
     # Fused AdamW kernel (one kernel for all parameters; differs from the for-loop AdamW at float rounding level).
     # None = fused wherever torch supports it for the parameters' device (CUDA, and CPU with torch >= 2.4).
     fused: bool | None = None
@@ -73,10 +74,10 @@ class OptimConfig:
 class ScheduleConfig:
     """Per-iteration linear warm-up from 0, then half-cycle cosine to ``min_lr``."""
 
-    epochs: int = 400
-    warmup_epochs: float = 40.0
-    min_lr: float = 0.0
-    max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs); the schedule is unchanged
+    epochs: Positive = 400  # length of the schedule (passes over the data)
+    warmup_epochs: NonNegativeFloat = 40.0  # linear warm-up from lr 0, in epochs (may be fractional; <= epochs)
+    min_lr: NonNegativeFloat = 0.0  # the lr the cosine ends at
+    max_steps: Positive | None = None  # stop after this many optimizer steps (smoke runs); the schedule is unchanged
 
 
 @dataclass
@@ -95,26 +96,26 @@ class RuntimeConfig:
     channels_last: bool = False  # channels-last input images
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
     tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
-    cpu_threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
-    peak_tflops: float | None = None  # accelerator peak for MFU; None = look up by GPU name
+    cpu_threads: Positive | None = None  # torch.set_num_threads on CPU; None = torch's default
+    peak_tflops: PositiveFloat | None = None  # accelerator peak for MFU; None = look up by GPU name
 
 
 @dataclass
 class CheckpointConfig:
     """When to save and how many to keep. Every save refreshes ``last.pt``; the end of a run always saves."""
 
-    every_epochs: int = 1  # save every N epochs: last.pt plus a numbered copy epoch_NNNN.pt; 0 = only at the end
-    every_steps: int = 0  # also refresh last.pt every N optimizer steps (mid-epoch resume points); 0 = off
-    keep: int = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt
+    every_epochs: NonNegative = 1  # save every N epochs: last.pt and a numbered copy epoch_NNNN.pt; 0 = only at the end
+    every_steps: NonNegative = 0  # also refresh last.pt every N optimizer steps (mid-epoch resume points); 0 = off
+    keep: NonNegative = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt
 
 
 @dataclass
 class LogConfig:
     """Console, JSONL, TensorBoard."""
 
-    every_steps: int = 20  # JSONL / TensorBoard record every N optimizer steps
+    every_steps: Positive = 20  # JSONL / TensorBoard record every N optimizer steps
     progress: bool = True  # tqdm progress bar on the main process
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard scalars in the run folder's tb/ (tensorboard --logdir RUN_DIR)
     plot: bool = True  # save plot.png (loss, lr, throughput) into the run folder at the end
 
 
@@ -123,9 +124,9 @@ class RunConfig:
     """Everything a training job shares; jobs subclass it and add their model and data sections."""
 
     out_dir: str = "runs/milan"  # run folder: config.yaml, metrics.jsonl, tb/, checkpoints/
-    seed: int = 0
-    batch_size: int = 256  # per process
-    accum_steps: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # seeds the weights, the crops, flips and masks (each sample's from (seed, epoch, index))
+    batch_size: Positive = 256  # per process
+    accum_steps: Positive = 1  # micro-batches per optimizer step
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -224,16 +225,17 @@ def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
 
 
 def check_run(cfg: RunConfig) -> None:
-    """Value checks shared by every job (types are checked on load); raises :class:`ConfigError`."""
-    positive = {"batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps, "schedule.epochs": cfg.schedule.epochs}
-    positive["log.every_steps"] = cfg.log.every_steps
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if cfg.schedule.warmup_epochs < 0 or cfg.schedule.warmup_epochs > cfg.schedule.epochs:
-        raise ConfigError(f"schedule.warmup_epochs must be in [0, epochs], got {cfg.schedule.warmup_epochs}")
-    if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
-        raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {cfg.schedule.max_steps}")
+    """Value checks shared by every job; raises :class:`ConfigError` naming the key and the fix.
+
+    The ranges declared on the fields (:mod:`milan.ranges`) are checked here too, for configs built in Python.
+    """
+    check_ranges(cfg)
+    sch = cfg.schedule
+    if sch.warmup_epochs > sch.epochs:
+        raise ConfigError(
+            f"schedule.warmup_epochs={_num(sch.warmup_epochs)} is longer than schedule.epochs={sch.epochs}: "
+            f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
+        )
     rt = cfg.runtime
     if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
         raise ConfigError(
@@ -242,16 +244,13 @@ def check_run(cfg: RunConfig) -> None:
     if not rt.compile and (rt.compile_mode is not None or rt.compile_teacher):
         key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
         raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
-    ckpt = cfg.checkpoint
-    for key, v in {"every_epochs": ckpt.every_epochs, "every_steps": ckpt.every_steps, "keep": ckpt.keep}.items():
-        if v < 0:
-            raise ConfigError(f"checkpoint.{key} must be >= 0, got {v}")
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:
-    """Value checks of a pretraining config; raises :class:`ConfigError` naming the key."""
+    """Value checks of a pretraining config; raises :class:`ConfigError` naming the key and the fix."""
     check_run(cfg)
-    enc, teacher = cfg.model.encoder, cfg.model.teacher
+    check_model(cfg.model, prefix="model.")
+    enc = cfg.model.encoder
     if cfg.data.img_size is not None and cfg.data.img_size != enc.img_size:
         raise ConfigError(
             f"data.img_size={cfg.data.img_size} differs from model.encoder.img_size={enc.img_size} "
@@ -264,11 +263,75 @@ def check_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(f"data.hflip is a probability, got {cfg.data.hflip}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    if teacher.kind != "none" and teacher.img_size // teacher.patch_size != enc.img_size // enc.patch_size:
-        raise ConfigError(
-            f"model.teacher grid ({teacher.img_size}/{teacher.patch_size}) must equal the student grid "
-            f"({enc.img_size}/{enc.patch_size})"
-        )
+
+
+def check_ranges(cfg: Any, extra: Mapping[str, Range] | None = None, prefix: str = "") -> None:
+    """Checks every field whose annotation declares a :class:`~milan.ranges.Range`, in nested sections too.
+
+    Args:
+        cfg: A config dataclass instance.
+        extra: More ranges by dotted key (e.g. ``{"optim.momentum": Range(0, 1, hi_open=True)}``), for fields
+            declared without one.
+        prefix: Dotted prefix of ``cfg``'s keys in messages.
+
+    Raises:
+        ConfigError: A value outside its range (the message names the key, the range and a valid value).
+    """
+    defaults = _defaults(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, tp, key = getattr(cfg, f.name), field_types(type(cfg))[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, prefix=f"{key}.")
+        else:
+            _check_value(value, tp, key, defaults.get(f.name))
+    for key, rng in (extra or {}).items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        rng.check(node, f"{prefix}{key}")
+
+
+def _check_value(value: Any, tp: Any, key: str, default: Any = None) -> None:
+    """The range checks of one (converted) value against its annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        rng = range_of(tuple(tp.__metadata__))
+        if rng is not None:
+            rng.check(value, key, default)
+        _check_value(value, args[0], key, default)
+    elif origin in (Union, types.UnionType):
+        if value is not None:
+            for arg in args:
+                if arg is not type(None) and _matches(value, arg):
+                    _check_value(value, arg, key, default)
+                    return
+    elif origin is tuple and isinstance(value, tuple) and not (len(args) == 2 and args[1] is Ellipsis):
+        for i, (v, a) in enumerate(zip(value, args, strict=False)):
+            d = default[i] if isinstance(default, tuple) and len(default) > i else None
+            _check_value(v, a, f"{key}[{i}]", d)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a converted value is of (the base type of) ``tp``: picks the branch of a union to check."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp) or tp
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The class defaults of a dataclass's plain fields (suggested in range errors)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+    return out
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,16 +353,19 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
 
     Args:
         cls: The config dataclass.
-        path: A YAML file (a mapping of the dataclass's fields); ``None`` for defaults only.
+        path: A YAML file (a mapping of the dataclass's fields), or the name of a preset installed with the package
+            (``demo_cpu``, ``pretrain/demo_cpu``, ``configs/pretrain/demo_cpu.yaml``; see
+            :func:`milan.engine.presets.resolve_preset`); ``None`` for defaults only.
         overrides: ``dotted.key=value`` strings; values are parsed as YAML (``null``, ``[0.2, 1.0]``, ``1e-4``).
 
     Returns:
         The validated config.
 
     Raises:
-        ConfigError: Unreadable file, unknown key or wrong type (the message names the dotted key).
+        ConfigError: Unreadable file, unknown key, wrong type or a value outside its declared range (the message
+            names the dotted key).
     """
-    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    raw: dict[str, Any] = read_yaml(resolve_preset(path, _job_of(cls))) if path is not None else {}
     raw = _deep_merge(raw, parse_overrides(overrides))
     factory = getattr(cls, "defaults_from", None)
     base = cast(T, factory(raw) if factory is not None else cls())
@@ -351,7 +417,7 @@ def update(cfg: T, data: Mapping[str, Any], prefix: str = "") -> T:
         raise TypeError(f"update() needs a dataclass instance, got {type(cfg).__name__}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_describe(data)}")
-    hints = _hints(type(cfg))
+    hints = field_types(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
     changes: dict[str, Any] = {}
     for key, value in data.items():
@@ -397,8 +463,15 @@ def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def field_types(cls: type) -> dict[str, Any]:
+    """A config dataclass's field annotations, resolved, with their declared ranges (``Annotated``) kept."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _job_of(cls: type) -> str | None:
+    """The preset folder of a config class: ``PretrainConfig`` -> ``pretrain`` (``None`` if not a ``*Config``)."""
+    name = cls.__name__
+    return name.removesuffix("Config").lower() if name.endswith("Config") and name != "Config" else None
 
 
 def _describe(value: Any) -> str:
@@ -413,14 +486,18 @@ def _accepts_str(tp: Any) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """An annotation in words: ``float in [0, 1)``, ``int >= 1 | null``, ``one of 'cpu', 'device'``."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        rng = range_of(tuple(tp.__metadata__))
+        return type_name(typing.get_args(tp)[0]) + (f" {rng}" if rng is not None else "")
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
     if tp is Ellipsis:
         return "..."
     return getattr(tp, "__name__", str(tp))
@@ -440,7 +517,7 @@ def _plain(value: Any) -> Any:
 def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     """Validates/coerces one value against annotation ``tp``; raises :class:`ConfigError` naming ``key``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    wrong = ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {_describe(value)}")
+    wrong = ConfigError(f"config key {key!r} expects {type_name(tp)}, got {_describe(value)}")
     if isinstance(value, _Override):
         try:
             return _convert(value.parsed, tp, key, current)
@@ -450,6 +527,10 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
             raise
     if tp is Any:
         return _plain(value)
+    if origin is Annotated:  # a base type plus a declared range (milan.ranges)
+        converted = _convert(value, args[0], key, current)
+        _check_value(converted, tp, key, current)
+        return converted
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         base = current if isinstance(current, tp) else tp()
         if not isinstance(value, Mapping):
@@ -459,10 +540,13 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
+            base = typing.get_args(arg)[0] if typing.get_origin(arg) is Annotated else arg
             try:
-                return _convert(value, arg, key, current)
+                converted = _convert(value, base, key, current)
             except ConfigError:
                 continue
+            _check_value(converted, arg, key, current)  # a range error is reported as such, not as a wrong type
+            return converted
         raise wrong
     if origin is Literal:
         for choice in args:
@@ -474,8 +558,11 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
             raise wrong
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
-                raise ConfigError(f"config key {key!r} expects {len(args)} values ({_type_name(tp)}), got {value!r}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+                raise ConfigError(f"config key {key!r} expects {len(args)} values ({type_name(tp)}), got {value!r}")
+            olds = current if isinstance(current, tuple) and len(current) == len(args) else (None,) * len(args)
+            return tuple(
+                _convert(v, a, f"{key}[{i}]", old) for i, (v, a, old) in enumerate(zip(value, args, olds, strict=True))
+            )
         items = [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:

@@ -4,7 +4,8 @@ Reads any classifier :func:`milan.checkpoint.load_classifier` understands, conve
 
 * ours: ``RUN/classifier.pt`` of ``milan linprobe`` / ``milan finetune`` (and a fine-tuning run's checkpoints);
 * the official mmpretrain / MMSelfSup MILAN classifiers (``vit-base-p16_linear-8xb2048-coslr-100e_in1k_*.pth``,
-  78.9 %, and ``vit-base-p16_ft-8xb128-coslr-100e_in1k-milan_*.pth``, 85.3 %), ``milan_reference.md`` §5.3;
+  78.9 %, and ``vit-base-p16_ft-8xb128-coslr-100e_in1k-milan_*.pth``, 85.3 %; mmpretrain 1.2.0's
+  ``configs/milan/metafile.yml`` lists them), in mmpretrain's ``ImageClassifier`` key layout;
 * original MILAN / MAE fine-tuned and linear-probe checkpoints.
 
 The view is the references' evaluation transform: Resize(``img_size / 0.875``, bicubic) + CenterCrop(``img_size``)

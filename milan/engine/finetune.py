@@ -1,4 +1,7 @@
-"""``milan finetune``: end-to-end fine-tuning of a pretrained encoder (MAE / MILAN recipe, ``milan_reference.md`` §4).
+"""``milan finetune``: end-to-end fine-tuning of a pretrained encoder (the MAE / MILAN recipe).
+
+Sources: the original MILAN code (github.com/zejiangh/MILAN ``main_finetune.py``, ``FINETUNE.sh``,
+``util/lr_decay.py``) and mmpretrain 1.2.0's ``configs/milan/benchmarks/vit-base-p16_8xb128-coslr-100e_in1k.py``.
 
 Model: :class:`~milan.models.classifier.FinetuneClassifier`: the mean of the patch tokens (CLS excluded), a new
 LayerNorm, a Linear head (init std 0.02); the pretrained final norm is dropped; drop path 0.1 (ViT-L 0.2).

@@ -1,4 +1,7 @@
-"""``milan linprobe``: linear probe of a frozen pretrained encoder (MAE / MILAN recipe, ``milan_reference.md`` §3).
+"""``milan linprobe``: linear probe of a frozen pretrained encoder (the MAE / MILAN recipe).
+
+Sources: the original MILAN code (github.com/zejiangh/MILAN ``main_linprobe.py``, ``models_probe.py``,
+``util/lars.py``) and mmpretrain 1.2.0's ``configs/milan/benchmarks/vit-base-p16_8xb2048-linear-coslr-100e_in1k.py``.
 
 Feature: the CLS token after the encoder's final LayerNorm. Head: ``BatchNorm1d(affine=False, eps=1e-6)`` then a
 Linear (init ``trunc_normal(std=0.01)``). Optimizer: LARS (momentum 0.9, trust coefficient 0.001, weight decay 0),

@@ -62,6 +62,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
     with start_run(cfg.out_dir, cfg.runtime, resume) as run:
         device, dtype = run.device, run.dtype
         model = _build_model(cfg, device)
+        flops = pretrain_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
         loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
         derived = derive(cfg, dist.world_size(), batches_per_epoch)
         student = _wrap_student(cfg, model, dtype)
@@ -92,7 +93,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         trainer = Trainer(
             cfg, derived, run.run_dir, model=student if _is_sharded(student) else model.student,
             train_module=student, optimizer=optimizer, step_fn=step_fn, loader=loader, sampler=sampler, report=report,
-            device=device, dtype=dtype, resume_from=run.resume_from, flops_per_image=pretrain_flops(cfg.model).total,
+            device=device, dtype=dtype, resume_from=run.resume_from, flops_per_image=flops.total,
             extra_state=teacher_state, load_extra_state=load_teacher_state,
         )  # fmt: skip
         # The teacher's weights are final now (built from its file, or restored from the run's checkpoint).
@@ -191,6 +192,24 @@ def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: tor
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+def precision_note(precision: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """One line when the run computes in another precision than ``runtime.precision`` asked for, else ``None``.
+
+    Args:
+        precision: ``runtime.precision``.
+        device: The run's device.
+        dtype: The compute dtype it resolved to (:func:`milan.engine.loop.resolve_dtype`).
+    """
+    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(precision)
+    if asked is None or asked == dtype:
+        return None
+    got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    return (
+        f"runtime.precision={precision} runs in {got} on {device.type}: mixed precision is used on CUDA only; "
+        f"set runtime.precision=auto (or {got}) to silence this"
+    )
+
+
 def _build_model(cfg: PretrainConfig, device: torch.device) -> MILAN:
     seed_everything(cfg.seed)  # the same initial weights on every process
     model = build_milan(cfg.model).to(device)
@@ -251,7 +270,7 @@ def _log_model(
     log, rt = trainer.log, cfg.runtime
     n_student = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     n_teacher = sum(p.numel() for p in model.teacher.parameters()) if model.teacher is not None else 0
-    flops = pretrain_flops(cfg.model)
+    flops = pretrain_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
     teacher = model.teacher
     details = []
     if teacher is not None:
@@ -260,6 +279,9 @@ def _log_model(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
+    note = precision_note(rt.precision, run.device, run.dtype)
+    if note is not None:
+        log.warning(note)
     compiled = "off"
     if rt.compile:
         compiled = "student" + (" + teacher" if rt.compile_teacher and teacher is not None else "")

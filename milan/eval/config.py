@@ -2,7 +2,8 @@
 
 They extend the engine's :class:`~milan.engine.config.RunConfig` (batch, optimizer, schedule, runtime, checkpoints,
 logging), so presets, dotted overrides, validation and the saved ``config.yaml`` work exactly as for pretraining.
-Defaults are the MILAN ViT-B/16 ImageNet-1K recipes of ``milan_reference.md`` sections 3 and 4; the presets in
+Defaults are the MILAN ViT-B/16 ImageNet-1K recipes (the original code, github.com/zejiangh/MILAN, and mmpretrain
+1.2.0's ``configs/milan/benchmarks/``); the presets in
 ``configs/{linprobe,finetune,knn}/`` repeat them with their sources.
 """
 
@@ -11,8 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from milan.engine.config import ConfigError, LogConfig, OptimConfig, RunConfig, RuntimeConfig, ScheduleConfig, check_run
+from milan.engine.config import (
+    ConfigError,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    check_ranges,
+    check_run,
+)
 from milan.engine.lars import LarsVariant
+from milan.ranges import Range
 
 Interp = Literal["bicubic", "bilinear"]
 
@@ -176,11 +187,15 @@ def _check_classifier_run(cfg: LinprobeConfig | FinetuneConfig) -> None:
     check_encoder(cfg.encoder)
     if cfg.eval_every < 1:
         raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
+    check_ranges(cfg, {"num_classes": Range(1)})
 
 
 def check_linprobe(cfg: LinprobeConfig) -> None:
     """Value checks of a linear-probe config."""
     _check_classifier_run(cfg)
+    nonneg, fraction, positive = Range(0), Range(0, 1, hi_open=True), Range(0, lo_open=True)
+    ranges = {"optim.blr": nonneg, "optim.weight_decay": nonneg, "optim.momentum": fraction}
+    check_ranges(cfg, {**ranges, "optim.trust_coefficient": positive})
     if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
         raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
 
@@ -202,10 +217,12 @@ def check_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"mixup/cutmix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    check_ranges(cfg, {"aug.re_count": Range(1), "aug.color_jitter": Range(0)})
 
 
 def check_knn(cfg: KnnConfig) -> None:
     """Value checks of a k-NN config."""
+    check_ranges(cfg)  # the runtime and log sections' declared ranges
     check_data(cfg.data)
     check_encoder(cfg.encoder)
     if cfg.batch_size < 1 or cfg.query_chunk < 1 or (cfg.train_chunk is not None and cfg.train_chunk < 1):

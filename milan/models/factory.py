@@ -7,27 +7,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from milan.errors import ConfigError
+from milan.masking import num_visible
 from milan.models.decoder import MAEDecoder, PromptingDecoder
 from milan.models.milan import MILAN, LossOn, Masking
 from milan.models.teacher import Teacher, TeacherInputNorm, clip_vision_tower
 from milan.models.vit import VisionTransformer
 from milan.pos_embed import PosEmbedLayout
+from milan.ranges import Fraction, Positive, PositiveFloat
 
 
 @dataclass
 class EncoderConfig:
     """Student ViT."""
 
-    img_size: int = 224  # input resolution (square)
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768  # ViT-B
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    pos_embed_layout: PosEmbedLayout = "mmpretrain"  # sin-cos channel layout, see milan.pos_embed
-    drop_path_rate: float = 0.0  # 0 for pretraining (MAE/MILAN)
+    img_size: Positive = 224  # input resolution in pixels (square); the image size knob: data and teacher follow it
+    patch_size: Positive = 16  # side of a patch in pixels; img_size / patch_size patches per side (the grid)
+    in_chans: Positive = 3  # input channels (RGB)
+    embed_dim: Positive = 768  # token width (ViT-B: 768)
+    depth: Positive = 12  # transformer blocks
+    num_heads: Positive = 12  # attention heads (divides embed_dim)
+    mlp_ratio: PositiveFloat = 4.0  # MLP hidden width / embed_dim
+    qkv_bias: bool = True  # biases in the attention's q, k, v projections
+    pos_embed_layout: PosEmbedLayout = "mmpretrain"  # sin-cos channel layout: mmpretrain or mae (see milan.pos_embed)
+    drop_path_rate: Fraction = 0.0  # stochastic depth rate; 0 for pretraining (MAE/MILAN)
 
 
 @dataclass
@@ -35,24 +38,30 @@ class DecoderConfig:
     """Decoder on top of the encoder."""
 
     kind: Literal["prompting", "mae"] = "prompting"  # MILAN's prompting decoder, or MAE's (ablation)
-    embed_dim: int = 512
-    depth: int = 8
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
+    embed_dim: Positive = 512  # decoder token width
+    depth: Positive = 8  # decoder blocks
+    num_heads: Positive = 16  # attention heads (divides embed_dim)
+    mlp_ratio: PositiveFloat = 4.0  # MLP hidden width / embed_dim
 
 
 @dataclass
 class TeacherConfig:
-    """Frozen teacher. ``kind='clip'`` builds an OpenAI-CLIP-shaped tower (random unless ``checkpoint``)."""
+    """Frozen teacher. ``kind='clip'`` builds an OpenAI-CLIP-shaped tower (random unless ``checkpoint``).
+
+    With ``checkpoint`` the architecture comes from the file and the fields from ``width`` to ``out_dim`` are not
+    used; the teacher always runs on the student's patch grid.
+    """
 
     kind: Literal["clip", "none"] = "clip"  # "none": pixel targets (MAE ablation)
-    width: int = 768  # CLIP ViT-B/16 image tower
-    depth: int = 12
-    num_heads: int = 12
-    patch_size: int = 16
-    img_size: int = 224
-    out_dim: int = 512  # width of CLIP's proj; MILAN's prediction width
-    input_norm: TeacherInputNorm = "imagenet"  # the references feed the ImageNet-normalised view
+    width: Positive = 768  # random teacher: token width (CLIP ViT-B/16 image tower: 768)
+    depth: Positive = 12  # random teacher: blocks
+    num_heads: Positive = 12  # random teacher: attention heads
+    patch_size: Positive = 16  # random teacher: patch size
+    # random teacher: input resolution; null follows the student (student grid x patch_size); if set, it must give
+    # the student's grid
+    img_size: Positive | None = None
+    out_dim: Positive = 512  # random teacher: width of CLIP's proj (MILAN's prediction width)
+    input_norm: TeacherInputNorm = "imagenet"  # the references feed the ImageNet-normalised view; "clip" renormalises
     checkpoint: str | None = None  # a local weights file/folder; format and architecture are inferred
     # Hints for `checkpoint` (see milan.checkpoint.teachers.load_teacher); the fields above describe a random teacher.
     format: str = "auto"  # openai-clip | open-clip | hf | timm | milan | mmpretrain | auto
@@ -67,10 +76,19 @@ class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    mask_ratio: float = 0.75
+    mask_ratio: Fraction = 0.75  # share of the patches hidden from the encoder (MILAN: 75 %)
     masking: Masking = "attention"  # semantic-aware (MILAN) or "random"
     loss_on: LossOn = "all"  # the references average over all 1 + L tokens
     restore_order: bool = False  # compute the loss in spatial order (slower, same value)
+
+
+def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
+    """A random teacher's input resolution: ``model.teacher.img_size``, or the student's grid x its patch size."""
+    if cfg.img_size is not None:
+        return cfg.img_size
+    if grid_size[0] != grid_size[1]:
+        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
+    return grid_size[0] * cfg.patch_size
 
 
 def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) -> Teacher | None:
@@ -78,8 +96,9 @@ def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) 
 
     Args:
         cfg: Teacher config.
-        grid_size: The student's patch grid. A teacher loaded from ``cfg.checkpoint`` whose own grid differs (e.g. a
-            ViT-L/14 teacher for a /16 student) is run at ``grid * its patch size`` pixels so the grids match.
+        grid_size: The student's patch grid. A random teacher's resolution follows it unless ``cfg.img_size`` is
+            set; a teacher loaded from ``cfg.checkpoint`` whose own grid differs (e.g. a ViT-L/14 teacher for a /16
+            student) is run at ``grid * its patch size`` pixels so the grids match (:func:`match_teacher_grid`).
 
     Returns:
         The teacher, or ``None``.
@@ -104,8 +123,14 @@ def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) 
             act=cfg.act,
             grid_size=grid_size[0],
         )
+    if grid_size is not None:
+        img_size = teacher_img_size(cfg, grid_size)
+    elif cfg.img_size is not None:
+        img_size = cfg.img_size
+    else:
+        raise ValueError("teacher img_size is None (it follows the student): pass the student's grid_size")
     tower = clip_vision_tower(
-        img_size=cfg.img_size,
+        img_size=img_size,
         patch_size=cfg.patch_size,
         width=cfg.width,
         depth=cfg.depth,
@@ -113,6 +138,83 @@ def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) 
         out_dim=cfg.out_dim,
     )
     return Teacher(tower, input_norm=cfg.input_norm)
+
+
+def match_teacher_grid(teacher: Teacher, grid_size: tuple[int, int]) -> Teacher:
+    """The teacher run on the student's patch grid, as the command line builds it from a file.
+
+    A teacher whose grid differs (e.g. CLIP ViT-B/16 at 224 px, 14 x 14, for a 64 px /8 student, 8 x 8) is rebuilt
+    at ``grid * its patch size`` pixels: the position table is resampled (bicubic) and the images it is given are
+    resized to that resolution, exactly as ``load_teacher(path, grid_size=...)`` does.
+
+    Args:
+        teacher: A teacher, e.g. from :func:`milan.checkpoint.load_teacher`.
+        grid_size: The student's patch grid.
+
+    Returns:
+        ``teacher`` itself when its grid already matches, else a new teacher with the same weights.
+    """
+    if teacher.grid_size == grid_size:
+        return teacher
+    if grid_size[0] != grid_size[1]:
+        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
+    # Local imports: the checkpoint package builds towers from specs (and itself imports this module).
+    from milan.checkpoint.arch import describe_tower
+    from milan.checkpoint.teachers import build_tower
+
+    spec = describe_tower(teacher.model)
+    spec = dataclasses.replace(spec, img_size=grid_size[0] * spec.patch_size, resize_input=True)
+    weights = {k: v.detach().float() for k, v in teacher.model.state_dict().items()}
+    device = next(teacher.parameters()).device
+    matched = Teacher(build_tower(spec, weights), input_norm=teacher.input_norm).to(device)
+    if teacher.compute_dtype is not None:
+        matched.to_compute_dtype(teacher.compute_dtype)
+    return matched
+
+
+def check_model(cfg: ModelConfig, prefix: str = "") -> None:
+    """Checks that the model's sizes fit together; raises :class:`~milan.errors.ConfigError` naming the key and the fix.
+
+    The ranges of single values are declared on the fields (:mod:`milan.ranges`) and checked when a config is read.
+
+    Args:
+        cfg: The model config.
+        prefix: The model section's dotted prefix in messages (``model.`` in a pretraining config).
+    """
+    enc, dec, tea = cfg.encoder, cfg.decoder, cfg.teacher
+    if enc.img_size % enc.patch_size:
+        lower = enc.img_size // enc.patch_size * enc.patch_size
+        raise ConfigError(
+            f"{prefix}encoder.img_size={enc.img_size} is not a multiple of {prefix}encoder.patch_size="
+            f"{enc.patch_size}: use e.g. {prefix}encoder.img_size={lower or enc.patch_size} or "
+            f"{lower + enc.patch_size}"
+        )
+    pairs = [("encoder", enc.embed_dim, enc.num_heads), ("decoder", dec.embed_dim, dec.num_heads)]
+    if tea.kind != "none" and not tea.checkpoint:
+        pairs.append(("teacher", tea.width, tea.num_heads))
+    for part, width, heads in pairs:
+        if width % heads:
+            width_key = "width" if part == "teacher" else "embed_dim"
+            raise ConfigError(
+                f"{prefix}{part}.{width_key}={width} is not divisible by {prefix}{part}.num_heads={heads}: "
+                f"choose a number of heads that divides the width"
+            )
+    grid = enc.img_size // enc.patch_size
+    keep = num_visible(grid * grid, cfg.mask_ratio)
+    if keep < 1:
+        raise ConfigError(
+            f"{prefix}mask_ratio={cfg.mask_ratio} leaves no visible patch of the {grid * grid}: "
+            f"lower {prefix}mask_ratio"
+        )
+    if tea.kind != "none" and not tea.checkpoint and tea.img_size is not None:
+        t_grid = tea.img_size // tea.patch_size
+        if tea.img_size % tea.patch_size or t_grid != grid:
+            raise ConfigError(
+                f"{prefix}teacher.img_size={tea.img_size} with {prefix}teacher.patch_size={tea.patch_size} does not "
+                f"give the student's {grid} x {grid} patch grid ({prefix}encoder.img_size={enc.img_size} / "
+                f"patch_size={enc.patch_size}): leave {prefix}teacher.img_size null to follow the student, or set "
+                f"it to {grid * tea.patch_size}"
+            )
 
 
 def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
@@ -155,7 +257,8 @@ def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
 
     Args:
         cfg: Model config.
-        teacher: Use this teacher instead of building one from ``cfg.teacher``.
+        teacher: Use this teacher instead of building one from ``cfg.teacher``; one on another patch grid is run on
+            the student's (:func:`match_teacher_grid`), as the command line does with ``model.teacher.checkpoint``.
 
     Returns:
         The model (student randomly initialised MAE-style, teacher frozen).
@@ -163,6 +266,8 @@ def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
     encoder = build_encoder(cfg.encoder)
     if teacher is None:
         teacher = build_teacher(cfg.teacher, encoder.grid_size)
+    else:
+        teacher = match_teacher_grid(teacher, encoder.grid_size)
     out_dim = teacher.out_dim if teacher is not None else cfg.encoder.patch_size**2 * 3
     layout = cfg.encoder.pos_embed_layout
     decoder = build_decoder(cfg.decoder, encoder.grid_size, cfg.encoder.embed_dim, out_dim, layout)
@@ -209,7 +314,7 @@ def milan_test_tiny() -> ModelConfig:
     return ModelConfig(
         encoder=EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
         decoder=DecoderConfig(embed_dim=32, depth=2, num_heads=4),
-        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, img_size=32, out_dim=32),
+        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, out_dim=32),
     )
 
 
@@ -218,7 +323,7 @@ def milan_demo_small() -> ModelConfig:
     return ModelConfig(
         encoder=EncoderConfig(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
         decoder=DecoderConfig(embed_dim=64, depth=2, num_heads=4),
-        teacher=TeacherConfig(width=128, depth=4, num_heads=2, patch_size=8, img_size=64, out_dim=64),
+        teacher=TeacherConfig(width=128, depth=4, num_heads=2, patch_size=8, out_dim=64),
     )
 
 
@@ -250,7 +355,8 @@ def create_model(name: str, *, teacher: Teacher | None = None, **overrides: Any)
 
     Args:
         name: One of :func:`list_models`.
-        teacher: Use this teacher instead of the variant's.
+        teacher: Use this teacher instead of the variant's (e.g. ``milan.checkpoint.load_teacher(path)``); one on
+            another patch grid is run on the student's, as ``milan pretrain`` runs ``model.teacher.checkpoint``.
         **overrides: Top-level :class:`ModelConfig` fields (e.g. ``mask_ratio=0.5``, ``masking="random"``).
 
     Returns:

@@ -13,7 +13,7 @@ q and k (one query row, never the full L x L map), while every block keeps fused
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch.utils.hooks import RemovableHandle
 
 TeacherInputNorm = Literal["imagenet", "clip"]
 
@@ -137,6 +138,15 @@ def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) ->
     return x, cls_attention
 
 
+def _cast_input(dtype: torch.dtype) -> Any:
+    """A forward pre-hook casting a module's (first) input to ``dtype``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0].to(dtype), *args[1:])
+
+    return hook
+
+
 class Teacher(nn.Module):
     """Frozen ViT teacher returning per-token targets and the CLS-to-patch attention.
 
@@ -178,6 +188,7 @@ class Teacher(nn.Module):
         self.register_buffer("in_scale", (std_in / std_clip).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", ((mean_in - mean_clip) / std_clip).view(1, 3, 1, 1), persistent=False)
         self.compute_dtype: torch.dtype | None = None  # None: the weights' dtype, under the caller's autocast
+        self._cast_hook: RemovableHandle | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -185,9 +196,11 @@ class Teacher(nn.Module):
         """Casts the tower's weights to ``dtype`` once and runs it in that dtype with autocast off.
 
         A speed option for GPUs (e.g. ``torch.bfloat16``): no per-step weight casts, no fp32 LayerNorm round
-        trips, half the weight traffic. The input is normalised in fp32 and then cast; the CLS attention is
-        still computed in fp32; the features come out in ``dtype`` (the loss normalises them in fp32). Casting
-        back to fp32 later cannot restore the rounded weights: load the weights first, then call this.
+        trips, half the weight traffic. The input is normalised in fp32, and resized in fp32 when the tower runs at
+        another resolution than the images (CPU resampling kernels have no bf16 version), then cast as it enters
+        the patch embedding; the CLS attention is still computed in fp32; the features come out in ``dtype`` (the
+        loss normalises them in fp32). Casting back to fp32 later cannot restore the rounded weights: load the
+        weights first, then call this.
 
         Args:
             dtype: The floating-point dtype to compute in.
@@ -199,6 +212,10 @@ class Teacher(nn.Module):
             raise ValueError(f"teacher compute dtype must be floating point, got {dtype}")
         self.model.to(dtype)
         self.compute_dtype = dtype
+        if self._cast_hook is not None:
+            self._cast_hook.remove()
+        # After the tower's own input hooks (e.g. the resize of a teacher run at another resolution), which run first.
+        self._cast_hook = self.model.patch_embed.register_forward_pre_hook(_cast_input(dtype))
         return self
 
     def train(self, mode: bool = True) -> Teacher:
@@ -232,7 +249,7 @@ class Teacher(nn.Module):
                 out = self._forward(images)
             else:
                 with torch.autocast(images.device.type, enabled=False):
-                    out = self._forward(images.to(self.compute_dtype))
+                    out = self._forward(images)  # cast to compute_dtype as it enters the patch embedding
         if torch.is_inference_mode_enabled():
             return out
         return TeacherOutput(out.features.clone(), out.cls_attention.clone())

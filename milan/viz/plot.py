@@ -1,4 +1,8 @@
-"""``milan plot RUN_DIR --out FILE.png``: loss, learning-rate and throughput curves of a run's ``metrics.jsonl``."""
+"""``milan plot RUN_DIR --out FILE.png``: loss, learning-rate and throughput curves of a run's ``metrics.jsonl``.
+
+A run without training records (an evaluation-only run such as ``milan knn``) gets what its log holds instead:
+the accuracy of each evaluation, or the top-1 / top-5 accuracy for each ``k`` of a k-NN run.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +63,64 @@ def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], titl
     return out
 
 
+def save_eval_plot(
+    metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str | None = None
+) -> tuple[Path | None, str]:
+    """Draws what an evaluation-only run logged: accuracy per evaluation, or per ``k`` of a k-NN summary.
+
+    Args:
+        metrics: A ``metrics.jsonl`` file (or the run folder holding it).
+        out: The PNG to write.
+        title: Figure title (default: the run folder's name).
+
+    Returns:
+        ``(out, what was drawn)``, or ``(None, what the log holds)`` when there is nothing to draw.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(metrics)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    records = read_metrics(path, event=None)
+    evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get("top1"), (int, float))]
+    by_k = next((r["by_k"] for r in reversed(records) if isinstance(r.get("by_k"), dict) and r["by_k"]), None)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    if evals:
+        xs = [float(r.get("epoch", i + 1)) for i, r in enumerate(evals)]
+        for key, colour in (("top1", "tab:blue"), ("top5", "tab:orange")):
+            if all(isinstance(r.get(key), (int, float)) for r in evals):
+                ys = [float(r[key]) for r in evals]
+                ax.plot(xs, ys, marker="o", color=colour, label=key.replace("top", "top-"))
+        ax.set_xlabel("epoch")
+        what = f"accuracy of {len(evals)} evaluation(s) against the epoch"
+    elif by_k is not None:
+        ks = sorted(by_k, key=lambda k: int(k) if str(k).isdigit() else str(k))
+        pos = range(len(ks))
+        for offset, key, colour in ((-0.2, "top1", "tab:blue"), (0.2, "top5", "tab:orange")):
+            ys = [float(by_k[k].get(key, 0.0)) for k in ks]
+            ax.bar([p + offset for p in pos], ys, width=0.4, color=colour, label=key.replace("top", "top-"))
+        ax.set_xticks(list(pos), [str(k) for k in ks])
+        ax.set_xlabel("k (neighbours)")
+        what = f"k-NN top-1 / top-5 for k = {', '.join(str(k) for k in ks)}"
+    else:
+        plt.close(fig)
+        kinds = sorted({str(r.get("event", "train")) for r in records})
+        held = f"records of kind {', '.join(kinds)}" if kinds else "no records"
+        return None, f"{path} holds {held}: no training curves and no accuracies to draw"
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(title if title is not None else path.parent.name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out, what
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds ``milan plot``'s arguments."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (with metrics.jsonl) or the file itself")
@@ -75,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"milan plot: {e}", file=sys.stderr)
         return 2
-    if written is None:
-        print(f"milan plot: {source} has no training records yet", file=sys.stderr)
-        return 1
+    if written is None:  # an evaluation-only run (or a run that has not logged a step yet)
+        drawn, what = save_eval_plot(source, out, args.title)
+        if drawn is None:
+            print(f"milan plot: {what}", file=sys.stderr)
+            return 1
+        print(f"{source} has no training records (an evaluation-only run); drew the {what} instead: {drawn}")
+        return 0
     print(written)
     return 0

@@ -56,7 +56,7 @@ def test_unknown_key_suggests_the_close_one() -> None:
         ("model.masking=topk", "model.masking", "one of 'attention', 'random'"),
         ("data.scale=[0.2]", "data.scale", "2 values"),
         ("data.scale=[0.2, x]", "data.scale[1]", "float"),
-        ("optim.clip_grad=[1]", "optim.clip_grad", "float | null"),
+        ("optim.clip_grad=[1]", "optim.clip_grad", "float > 0 | null"),
         ("model.encoder=3", "model.encoder", "EncoderConfig"),
         ("runtime.teacher_dtype=fp8", "runtime.teacher_dtype", "one of 'auto', 'fp32', 'bf16', 'fp16'"),
         ("runtime.compile_teacher=yes please", "runtime.compile_teacher", "bool"),
@@ -134,10 +134,23 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert isinstance(again.data.scale, tuple)
 
 
-@pytest.mark.parametrize("name", ["milan_vit_base_patch16_in1k_400e", "milan_vit_large_patch16_in1k_400e", "demo_cpu"])
-def test_presets_load_and_validate(name: str) -> None:
-    cfg = load(path=PRESETS / f"{name}.yaml")
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_load_and_validate(path: Path) -> None:
+    cfg = load(path=path)
     check_pretrain(cfg)
+
+
+def test_single_gpu_small_preset_keeps_the_recipe_batch() -> None:
+    cfg = load(path=PRESETS / "milan_vit_small_patch16_in1k_100e_1gpu.yaml")
+    assert cfg.model.encoder == model_config("milan_vit_small_patch16").encoder
+    assert cfg.model.decoder == model_config("milan_vit_base_patch16").decoder  # the paper's decoder
+    d = derive(cfg, world_size=1, batches_per_epoch=1281167 // cfg.batch_size)
+    assert d.effective_batch == 4096 and d.lr == pytest.approx(2.4e-3) and d.steps_per_epoch == 312
+    assert (cfg.schedule.epochs, d.warmup_steps) == (100, 10 * 312)
+    text = (PRESETS / "milan_vit_small_patch16_in1k_100e_1gpu.yaml").read_text()
+    for line in text.splitlines():  # every value carries its reason
+        if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, line
 
 
 def test_paper_preset_matches_the_reference() -> None:
@@ -187,10 +200,13 @@ def test_derive_lr_rule_and_steps() -> None:
     ("override", "message"),
     [
         ("batch_size=0", "batch_size must be >= 1"),
-        ("schedule.warmup_epochs=500", "warmup_epochs"),
+        ("schedule.warmup_epochs=500", "warmup_epochs=500 is longer than schedule.epochs=400: lower"),
         ("data.img_size=64", "data.img_size=64 differs from model.encoder.img_size"),
         ("data.scale=[0.9, 0.2]", "data.scale"),
-        ("model.teacher.patch_size=4", "model.teacher grid"),
+        ("model.teacher.img_size=64", r"model.teacher.img_size=64 .* does not give the student's 4 x 4 patch grid"),
+        ("model.encoder.img_size=36", r"model.encoder.img_size=36 is not a multiple of .* use e.g. .*=32 or 40"),
+        ("model.decoder.num_heads=3", "model.decoder.embed_dim=32 is not divisible by model.decoder.num_heads=3"),
+        ("model.mask_ratio=0.99", "mask_ratio=0.99 leaves no visible patch of the 16"),
         ("checkpoint.keep=-1", "checkpoint.keep"),
         ("runtime.compile_mode=fast", "runtime.compile_mode must be null or one of default, reduce-overhead"),
         ("runtime.compile_mode=reduce-overhead", "runtime.compile_mode is set but runtime.compile is false"),
@@ -198,9 +214,68 @@ def test_derive_lr_rule_and_steps() -> None:
     ],
 )
 def test_value_checks_name_the_key(override: str, message: str) -> None:
-    cfg = load("model_name=milan_test_tiny", override)
     with pytest.raises(ConfigError, match=message):
+        check_pretrain(load("model_name=milan_test_tiny", override))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.mask_ratio=1.0", r"model.mask_ratio must be in \[0, 1\), got 1.0; e.g. model.mask_ratio=0.75"),
+        ("model.mask_ratio=-0.1", r"model.mask_ratio must be in \[0, 1\)"),
+        ("optim.lr=-1", r"optim.lr must be >= 0, got -1.0; set optim.lr to a value >= 0"),
+        ("optim.blr=-1e-4", r"optim.blr must be >= 0"),
+        ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\] must be in \[0, 1\), got 1.0"),
+        ("optim.eps=0", r"optim.eps must be > 0"),
+        ("optim.weight_decay=-0.05", r"optim.weight_decay must be >= 0"),
+        ("optim.clip_grad=0", r"optim.clip_grad must be > 0"),
+        ("schedule.epochs=0", r"schedule.epochs must be >= 1"),
+        ("schedule.min_lr=-1", r"schedule.min_lr must be >= 0"),
+        ("schedule.max_steps=0", r"schedule.max_steps must be >= 1"),
+        ("runtime.cpu_threads=0", r"runtime.cpu_threads must be >= 1"),
+        ("checkpoint.every_steps=-1", r"checkpoint.every_steps must be >= 0"),
+        ("log.every_steps=0", r"log.every_steps must be >= 1"),
+        ("accum_steps=0", r"accum_steps must be >= 1"),
+        ("model.encoder.drop_path_rate=1.0", r"model.encoder.drop_path_rate must be in \[0, 1\)"),
+        ("model.encoder.patch_size=0", r"model.encoder.patch_size must be >= 1"),
+        ("model.decoder.depth=0", r"model.decoder.depth must be >= 1"),
+        ("model.teacher.out_dim=0", r"model.teacher.out_dim must be >= 1"),
+        ("model.teacher.img_size=0", r"model.teacher.img_size must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_rejected_when_read(override: str, message: str) -> None:
+    """Issue 11 §1/§5: a value outside its declared range stops when the config is read (not deep in the run),
+    naming the key, the range and a valid value."""
+    with pytest.raises(ConfigError, match=message):
+        load("model_name=milan_test_tiny", override)
+
+
+def test_ranges_are_checked_for_configs_built_in_python() -> None:
+    cfg = load("model_name=milan_test_tiny")
+    cfg.model.mask_ratio = 1.0
+    with pytest.raises(ConfigError, match=r"model.mask_ratio must be in \[0, 1\)"):
         check_pretrain(cfg)
+    cfg = load("model_name=milan_test_tiny")
+    cfg.optim.betas = (0.9, 1.5)
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\] must be in \[0, 1\)"):
+        check_pretrain(cfg)
+
+
+def test_valid_edges_of_the_ranges_load() -> None:
+    cfg = load("model_name=milan_test_tiny", "model.mask_ratio=0", "optim.lr=0", "optim.betas=[0, 0.999]")
+    check_pretrain(cfg)
+    assert cfg.model.mask_ratio == 0.0 and cfg.optim.lr == 0.0
+
+
+def test_one_image_size_knob_the_teacher_follows_the_student() -> None:
+    """Issue 10 §5: model.encoder.img_size alone changes the resolution; the random teacher follows its grid."""
+    cfg = load("model_name=milan_demo_small", "model.encoder.img_size=128")
+    check_pretrain(cfg)
+    assert cfg.model.teacher.img_size is None
+    from milan.models import build_milan
+
+    model = build_milan(cfg.model)
+    assert model.teacher is not None and model.teacher.grid_size == model.encoder.grid_size == (16, 16)
 
 
 def test_speed_options_default_and_round_trip(tmp_path: Path) -> None:
@@ -217,3 +292,25 @@ def test_speed_options_default_and_round_trip(tmp_path: Path) -> None:
         "bf16", "reduce-overhead", True,
     )  # fmt: skip
     assert load_config(PretrainConfig, save_config(cfg, tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize(
+    ("job", "override", "message"),
+    [
+        ("linprobe", "optim.momentum=1.0", r"optim.momentum must be in \[0, 1\), got 1.0"),
+        ("linprobe", "optim.trust_coefficient=0", r"optim.trust_coefficient must be > 0"),
+        ("linprobe", "optim.blr=-0.1", r"optim.blr must be >= 0"),
+        ("linprobe", "num_classes=0", r"num_classes must be >= 1"),
+        ("finetune", "optim.lr=-1", r"optim.lr must be >= 0"),
+        ("finetune", "aug.re_count=0", r"aug.re_count must be >= 1"),
+        ("knn", "runtime.cpu_threads=0", r"runtime.cpu_threads must be >= 1"),
+    ],
+)
+def test_evaluation_jobs_check_their_ranges(job: str, override: str, message: str) -> None:
+    from milan.eval import config as eval_config
+
+    cls = {"linprobe": eval_config.LinprobeConfig, "finetune": eval_config.FinetuneConfig}.get(job)
+    cls = cls or eval_config.KnnConfig
+    check = getattr(eval_config, f"check_{job}")
+    with pytest.raises(ConfigError, match=message):
+        check(load_config(cls, overrides=["encoder.model_name=milan_test_tiny", override]))  # type: ignore[arg-type]

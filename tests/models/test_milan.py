@@ -104,7 +104,7 @@ def test_patchify_layout() -> None:
 
 def test_shape_mismatches_are_clear_errors() -> None:
     cfg = model_config("milan_test_tiny")
-    cfg.teacher.patch_size = 16  # 2 x 2 teacher grid vs 4 x 4 student grid
+    cfg.teacher.patch_size, cfg.teacher.img_size = 16, 32  # explicitly a 2 x 2 teacher grid vs the 4 x 4 student's
     with pytest.raises(ValueError, match="grid"):
         build_milan(cfg)
     with pytest.raises(KeyError, match="milan_test_tiny"):

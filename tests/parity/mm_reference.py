@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from milan.checkpoint import mmpretrain_milan_to_milan, openai_clip_to_timm
 from milan.models import MILAN
-from milan.models.factory import ModelConfig
+from milan.models.factory import ModelConfig, teacher_img_size
 
 
 def _quiet() -> None:
@@ -44,7 +44,7 @@ def build_reference(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     def clip_state_dict(*_a: Any, **_k: Any) -> dict[str, torch.Tensor]:
         clip = CLIP(
             embed_dim=tch.out_dim,
-            image_resolution=tch.img_size,
+            image_resolution=teacher_img_size(tch, (enc.img_size // enc.patch_size,) * 2),  # null: follows the student
             vision_layers=tch.depth,
             vision_width=tch.width,
             vision_patch_size=tch.patch_size,

@@ -1,0 +1,34 @@
+"""Errors a user can fix, and the switch that shows their tracebacks.
+
+The ``milan`` command prints a :class:`UserError` (a :class:`ConfigError` among them), a checkpoint error or an
+operating-system error (a missing file, a folder that cannot be written, a full disk) as one line,
+``milan: error: MESSAGE``, and exits non-zero: 2 for a usage error (a bad command line or config value), 1 for a
+failure. ``milan --traceback ...`` or the environment variable ``MILAN_TRACEBACK=1`` shows the full traceback
+instead; anything else (a bug) always prints its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+TRACEBACK_ENV = "MILAN_TRACEBACK"
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message names it and the fix. ``exit_code``: 2 usage, 1 failure."""
+
+    exit_code: int = 1
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration: unknown key, wrong type, bad value or unreadable file."""
+
+    exit_code = 2
+
+
+def traceback_requested() -> bool:
+    """Whether the user asked for full tracebacks (``milan --traceback`` or ``MILAN_TRACEBACK=1``)."""
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+__all__ = ["TRACEBACK_ENV", "ConfigError", "UserError", "traceback_requested"]
