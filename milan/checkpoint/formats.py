@@ -45,7 +45,8 @@ from milan.checkpoint.arch import (
     infer_encoder,
     infer_tower,
 )
-from milan.checkpoint.io import CheckpointError, read_safetensors_metadata, safe_load
+from milan.checkpoint.errors import CheckpointError
+from milan.checkpoint.io import read_safetensors_metadata, safe_load
 from milan.checkpoint.keymaps import (
     hf_vit_to_encoder,
     milan_orig_to_milan,
@@ -234,13 +235,32 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
     if weights is None:
         raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
     if weights.name.endswith(".index.json"):
-        index = json.loads(weights.read_text()).get("weight_map", {})
         merged: dict[str, Any] = {}
-        for shard in sorted(set(index.values())):
+        for shard in _index_shards(weights):
             merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
         return merged, configs, {}
     meta = read_safetensors_metadata(weights) if _is_safetensors(weights) else {}
     return safe_load(weights), configs, meta
+
+
+def _index_shards(index_path: Path) -> list[str]:
+    """The shard files a sharded-weights index (``model.safetensors.index.json``) names, each inside its folder."""
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot parse the weights index {index_path}: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"weights index {index_path} has no 'weight_map' of tensor names to shard files")
+    shards = sorted({str(v) for v in weight_map.values()})
+    for shard in shards:
+        # Checked by name, not resolved: Hugging Face cache folders hold symlinks into a blob store next to them.
+        if not shard or Path(shard).is_absolute() or ".." in Path(shard).parts or "\\" in shard:
+            raise CheckpointError(
+                f"weights index {index_path} names the shard {shard!r}, which is outside its folder; shards must be "
+                "relative paths inside it"
+            )
+    return shards
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -34,13 +34,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from milan.checkpoint.arch import Act, StateDict, TowerSpec, load_strict
+from milan.checkpoint.arch import Act, StateDict, TowerSpec, build_strict
+from milan.checkpoint.errors import CheckpointError
 from milan.checkpoint.formats import Checkpoint, read_checkpoint
-from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.towers import fit_pos_embed, openai_tower, timm_tower
 from milan.models.teacher import Teacher, TeacherInputNorm
 
@@ -164,12 +165,12 @@ def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer
         TypeError: Not a timm ``VisionTransformer`` with standard blocks (e.g. EVA).
         ValueError: No class token (e.g. SigLIP).
     """
-    model = spec.build()
-    _check_supported(model)
+    with torch.device("meta"):
+        skeleton = spec.build()
+    _check_supported(skeleton)
     # timm's own filter converts/resamples for named models; ours resamples the position table for inferred ones.
-    state_dict = checkpoint_filter_fn(dict(state_dict), model) if spec.timm_name else fit_pos_embed(state_dict, spec)
-    load_strict(model, state_dict, "teacher tower")
-    return model
+    fit = checkpoint_filter_fn(dict(state_dict), skeleton) if spec.timm_name else fit_pos_embed(state_dict, spec)
+    return build_strict(spec.build, fit, "teacher tower")
 
 
 def _check_supported(model: nn.Module) -> None:

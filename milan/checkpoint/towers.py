@@ -24,7 +24,7 @@ import torch
 from timm.layers.pos_embed import resample_abs_pos_embed
 
 from milan.checkpoint.arch import Act, StateDict, TowerSpec, infer_tower, square_grid
-from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.errors import CheckpointError
 from milan.checkpoint.keymaps import hf_clip_to_timm, openai_clip_to_timm
 
 _HF_ACTS: dict[str, Act] = {
