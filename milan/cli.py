@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import warnings
 from collections.abc import Sequence
 
 # name -> (module, one-line help)
@@ -28,8 +29,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """Warnings of milan's own categories as one line without the source location; others as Python prints them."""
+    if category.__module__.startswith("milan."):
+        return f"milan: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``milan`` CLI."""
+    warnings.formatwarning = _format_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="milan", description="MILAN pretraining, evaluation and export.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
