@@ -17,6 +17,7 @@ import importlib.util
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Sequence
 
 from milan.errors import TRACEBACK_ENV, UserError, traceback_requested
@@ -57,8 +58,21 @@ def version_line() -> str:
     return f"milan-pretrain {__version__} ({', '.join(parts)}, Python {platform.python_version()})"
 
 
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """Warnings of milan's own categories as one line without the source location; others as Python prints them."""
+    if category.__module__.startswith("milan."):
+        return f"milan: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``milan`` CLI; user-fixable errors become one line and a non-zero exit status."""
+    warnings.formatwarning = _format_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--traceback" in argv[: argv.index("--") if "--" in argv else len(argv)]:
         argv.remove("--traceback")

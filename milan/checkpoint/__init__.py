@@ -7,13 +7,17 @@ Entry points:
 * :func:`load_milan`, :func:`load_student`, :func:`load_encoder`, :func:`load_classifier`: our modules from
   mmpretrain / MMSelfSup, original MILAN / MAE, timm or our own checkpoints.
 * :func:`export_timm`, :func:`export_hf`, :func:`save_canonical`: backbones out.
-* :func:`safe_load`, :func:`atomic_save`: file I/O that never runs pickled code / never leaves partial files.
+* :func:`safe_load`, :func:`atomic_save`: file I/O that never runs pickled code / never leaves partial files, and
+  never allocates more than a file really holds.
+* :class:`CheckpointError` (a file that cannot be used, one line) and :class:`CheckpointWarning` (a value the file
+  does not record was assumed: which, why, and the option that sets it).
 """
 
 from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec, describe_tower
+from milan.checkpoint.errors import CheckpointError, CheckpointWarning
 from milan.checkpoint.export import Exported, export_hf, export_timm, save_canonical
 from milan.checkpoint.formats import FORMATS, Checkpoint, read_checkpoint
-from milan.checkpoint.io import CheckpointError, atomic_save, safe_load, save_safetensors
+from milan.checkpoint.io import atomic_save, safe_load, save_safetensors
 from milan.checkpoint.keymaps import (
     encoder_to_hf_vit,
     hf_clip_to_timm,
@@ -31,6 +35,7 @@ __all__ = [
     "FORMATS",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWarning",
     "DecoderArch",
     "EncoderArch",
     "Exported",

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.errors import CheckpointError
 from milan.models.decoder import MAEDecoder, PromptingDecoder
 from milan.models.factory import DecoderConfig, EncoderConfig, build_decoder, build_encoder
 from milan.models.vit import VIT_ARCHS, VisionTransformer
@@ -37,6 +38,8 @@ from milan.pos_embed import PosEmbedLayout, sincos_2d
 StateDict = dict[str, torch.Tensor]
 Act = Literal["quick_gelu", "gelu", "gelu_tanh"]
 PosLayout = Literal["mmpretrain", "mae", "learned"]
+
+M = TypeVar("M", bound=nn.Module)
 
 _TOWER_HEADS = {1280: 16, 1408: 16, 1664: 16}  # OpenCLIP ViT-H/14 (head width 80), g/14 (88), bigG/14 (104)
 
@@ -402,6 +405,37 @@ def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
 
 def load_strict(model: nn.Module, state_dict: StateDict, what: str) -> None:
     """``load_state_dict(strict=True)`` that reports every missing, unexpected and mis-shaped key in one error."""
+    check_fit(model, state_dict, what)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_strict(build: Callable[[], M], state_dict: StateDict, what: str) -> M:
+    """Builds a module and loads ``state_dict`` strictly, checking the fit on the meta device first.
+
+    The architecture was inferred from the tensors' shapes; a file whose tensors do not all fit it (e.g. block keys
+    that imply a huge depth, with tiny tensors behind them) is refused before the real module is allocated.
+
+    Args:
+        build: Builds the module (called twice: once on the meta device, then for real).
+        state_dict: The weights.
+        what: Names the module in the error.
+
+    Returns:
+        The module with the weights loaded.
+
+    Raises:
+        CheckpointError: Missing, unexpected or mis-shaped keys (all named).
+    """
+    with torch.device("meta"):
+        skeleton = build()
+    check_fit(skeleton, state_dict, what)
+    model = build()
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def check_fit(model: nn.Module, state_dict: StateDict, what: str) -> None:
+    """Raises one :class:`CheckpointError` naming every missing, unexpected and mis-shaped key (nothing is copied)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -419,4 +453,3 @@ def load_strict(model: nn.Module, state_dict: StateDict, what: str) -> None:
         if shapes:
             parts.append(f"shape mismatch {shapes[:6]}")
         raise CheckpointError(f"{what}: the weights do not fit the inferred architecture: {'; '.join(parts)}")
-    model.load_state_dict(state_dict, strict=True)

@@ -45,13 +45,15 @@ from milan.checkpoint.arch import (
     infer_encoder,
     infer_tower,
 )
-from milan.checkpoint.io import CheckpointError, read_safetensors_metadata, safe_load
+from milan.checkpoint.errors import CheckpointError, warn_assumption
+from milan.checkpoint.io import read_safetensors_metadata, safe_load
 from milan.checkpoint.keymaps import (
     hf_vit_to_encoder,
     milan_orig_to_milan,
     mmpretrain_classifier_to_milan,
     mmpretrain_milan_to_milan,
 )
+from milan.checkpoint.torchscript import torchscript_classes
 from milan.checkpoint.towers import hf_clip_tower, open_clip_tower, openai_tower, timm_tower
 
 FORMATS = ("milan", "mmpretrain", "milan-orig", "openai-clip", "open-clip", "hf", "timm")
@@ -161,6 +163,7 @@ def read_checkpoint(
     if fmt != "auto" and fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
     obj, configs, file_meta = _read_raw(Path(path))
+    script_act = _torchscript_act(Path(path))
     sd, meta = _unwrap(obj, path)
     teacher = meta.pop("teacher", None)  # training checkpoints keep a random teacher next to the student
     if isinstance(teacher, dict) and teacher and all(isinstance(v, torch.Tensor) for v in teacher.values()):
@@ -193,17 +196,46 @@ def read_checkpoint(
         kind, ck.state_dict, _ = milan_orig_to_milan(sd)
         ck.kind = kind  # type: ignore[assignment]
     elif fmt == "openai-clip":
-        timm_sd, ck.tower, ck.dropped = openai_tower(sd, num_heads=main_heads, **tower_opts)
+        if act is None and script_act is None:
+            _assumed_act(
+                ck.source,
+                "a state dict in OpenAI CLIP key layout",
+                "quick_gelu",
+                "as OpenAI's CLIP weights, the paper's teacher; OpenCLIP models trained with GELU have the same keys",
+                ", or put the model's open_clip_config.json next to the file",
+            )
+        opts = {**tower_opts, "act": act or script_act}  # OpenAI's TorchScript archive names its activation class
+        timm_sd, ck.tower, ck.dropped = openai_tower(sd, num_heads=main_heads, **opts)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     elif fmt == "open-clip":
+        oc_config = configs.get("open_clip_config.json")
+        trunk = any(k.startswith("visual.trunk.") for k in sd)
+        if act is None and oc_config is None and not trunk:
+            _assumed_act(
+                ck.source,
+                "an OpenCLIP checkpoint without its open_clip_config.json",
+                "gelu",
+                "open_clip's default for the models it trains; OpenAI-pretrained and '-quickgelu' models use QuickGELU",
+                ", or put the model's open_clip_config.json next to the file",
+            )
         timm_sd, ck.tower, ck.dropped = open_clip_tower(
-            sd, configs.get("open_clip_config.json"), num_heads=main_heads, model_name=model_name, **tower_opts
+            sd, oc_config, num_heads=main_heads, model_name=model_name, **tower_opts
         )
+        if trunk and ck.tower.timm_name is None:
+            _check_inferred_timm_tower(ck, timm_sd, tower_opts)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     elif fmt == "hf" and not any(k.startswith("vision_model.") for k in sd):  # a ViTModel (e.g. our export)
         _read_hf_vit(ck, sd, configs.get("config.json") or {})
     elif fmt == "hf":
         hf_config = configs.get("config.json")
+        if act is None and hf_config is None:
+            _assumed_act(
+                ck.source,
+                "a Hugging Face CLIP weights file without its config.json",
+                "quick_gelu",
+                "transformers' CLIP default, as OpenAI's CLIP weights",
+                ", or put the model's config.json next to the file",
+            )
         timm_sd, ck.tower, ck.dropped = hf_clip_tower(sd, hf_config, num_heads=main_heads, **tower_opts)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     else:
@@ -234,13 +266,42 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
     if weights is None:
         raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
     if weights.name.endswith(".index.json"):
-        index = json.loads(weights.read_text()).get("weight_map", {})
         merged: dict[str, Any] = {}
-        for shard in sorted(set(index.values())):
+        for shard in _index_shards(weights):
             merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
         return merged, configs, {}
     meta = read_safetensors_metadata(weights) if _is_safetensors(weights) else {}
     return safe_load(weights), configs, meta
+
+
+def _torchscript_act(path: Path) -> Act | None:
+    """The activation a TorchScript archive's module tree names (its ``QuickGELU`` / ``GELU`` modules), if one."""
+    if not path.is_file():
+        return None
+    names = {name.rpartition(".")[2] for name in torchscript_classes(path)}
+    candidates: tuple[tuple[Act, str], ...] = (("quick_gelu", "QuickGELU"), ("gelu", "GELU"))
+    found = [act for act, cls in candidates if cls in names]
+    return found[0] if len(found) == 1 else None
+
+
+def _index_shards(index_path: Path) -> list[str]:
+    """The shard files a sharded-weights index (``model.safetensors.index.json``) names, each inside its folder."""
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot parse the weights index {index_path}: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"weights index {index_path} has no 'weight_map' of tensor names to shard files")
+    shards = sorted({str(v) for v in weight_map.values()})
+    for shard in shards:
+        # Checked by name, not resolved: Hugging Face cache folders hold symlinks into a blob store next to them.
+        if not shard or Path(shard).is_absolute() or ".." in Path(shard).parts or "\\" in shard:
+            raise CheckpointError(
+                f"weights index {index_path} names the shard {shard!r}, which is outside its folder; shards must be "
+                "relative paths inside it"
+            )
+    return shards
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -357,10 +418,44 @@ def _compatible(given: str, detected: str) -> bool:
 # Per-format readers (fill ``ck`` in place)
 
 
+_ACT_NAMES = {"quick_gelu": "QuickGELU", "gelu": "GELU", "gelu_tanh": "tanh-approximated GELU"}
+
+
+def _assumed_act(source: str, what: str, chosen: Act, why: str, also: str = "") -> None:
+    """Warns (once) that the teacher's activation was assumed: which, why, and how to choose the other."""
+    other: Act = "gelu" if chosen == "quick_gelu" else "quick_gelu"
+    warn_assumption(
+        f"{source}: {what} does not record the teacher's MLP activation; using {_ACT_NAMES[chosen]} ({why}). If it "
+        f"was trained with {_ACT_NAMES[other]}, set model.teacher.act={other} (milan inspect/export/convert: --act "
+        f"{other}; Python: act={other!r}){also}."
+    )
+
+
+def _check_inferred_timm_tower(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str, Any]) -> None:
+    """Warns when a CLIP-style timm tower (it has CLIP's ``norm_pre``) was inferred without a timm model name."""
+    if tower_opts.get("act") is None and "norm_pre.weight" in tower_sd and ck.tower is not None:
+        _assumed_act(
+            ck.source,
+            "a timm-layout CLIP tower without a timm model name",
+            ck.tower.act,
+            f"as OpenAI's CLIP weights, the paper's teacher; LayerNorm eps {ck.tower.norm_eps:g} as in CLIP",
+            "; or give the timm model name, which settles both: model.teacher.model_name=NAME (--model-name; "
+            "Python: model_name=), e.g. vit_base_patch16_clip_quickgelu_224.openai or "
+            "vit_base_patch16_clip_224.laion2b",
+        )
+
+
 def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str, Any]) -> TowerSpec:
     """Spec of a teacher stored in our own layout: stored metadata first, else CLIP conventions if it has ln_pre."""
     stored = ck.hints.get("tower")
     clip_like = "norm_pre.weight" in tower_sd
+    if stored is None and clip_like and not tower_opts.get("act"):
+        _assumed_act(
+            ck.source,
+            "a teacher in our key layout without its stored spec",
+            "quick_gelu",
+            "as OpenAI's CLIP weights, the paper's teacher",
+        )
     act: Act = tower_opts.get("act") or (stored or {}).get("act") or ("quick_gelu" if clip_like else "gelu")
     eps = tower_opts.get("norm_eps") or (stored or {}).get("norm_eps") or (1e-5 if clip_like else 1e-6)
     heads = ck.hints.get("teacher_num_heads") or (stored or {}).get("num_heads")
@@ -405,7 +500,7 @@ def _read_mmpretrain(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) 
         else:
             ck.state_dict = {"student.encoder." + k: v for k, v in encoder.items()}
             ck.state_dict.update({"student.decoder." + k: v for k, v in decoder.items()})
-        if clip:
+        if clip:  # mmpretrain's MILAN teacher is its own CLIP with QuickGELU: openai_tower's default is exact
             heads = ck.hints.get("teacher_num_heads")
             timm_sd, ck.tower, ck.dropped = openai_tower(clip, num_heads=heads, **tower_opts)
             ck.dropped = ["target_generator.tokenizer." + k for k in ck.dropped]
@@ -427,6 +522,8 @@ def _read_timm(
         timm_sd, ck.tower = timm_tower(sd, model_name=model_name, num_heads=heads, head=head, **tower_opts)
         if "tower" in ck.hints and model_name is None:  # our own export: its stored spec is exact
             ck.tower = _tower_from_hints(ck, timm_sd, tower_opts)
+        elif model_name is None:
+            _check_inferred_timm_tower(ck, timm_sd, tower_opts)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
         return
     if "fc_norm.weight" in sd:

@@ -4,35 +4,46 @@ What :func:`safe_load` accepts:
 
 * ``torch.save`` files (zip or legacy format), read with ``weights_only=True``: tensors and plain containers only
   (plus ``argparse.Namespace``, which the original MILAN/MAE checkpoints use for their ``args``);
+* training checkpoints of OpenMMLab's mmengine (mmpretrain, MMSelfSup 1.x): their weights and plain metadata load as
+  above; the bookkeeping objects pickled next to them (the ``message_hub`` history, numpy arrays) come back as inert
+  :class:`~milan.checkpoint.inert.Inert` records. mmengine is not imported and nothing named in the file is called;
 * ``.safetensors`` files (recognised by their header, whatever the suffix);
 * TorchScript archives (e.g. OpenAI's ``ViT-B-16.pt``): their tensors are read by a restricted unpickler that never
   runs TorchScript (see :mod:`milan.checkpoint.torchscript`), and come back as a flat ``{name: tensor}`` dict.
 
+Before anything is materialised, every tensor's claimed size is checked against the bytes in the file (stride-0
+views, storage records shorter than their tensors, compressed records that would inflate beyond them: see
+:mod:`milan.checkpoint.bounds`).
+
 Anything else raises :class:`CheckpointError` with a message naming the file and the problem: missing, empty,
-truncated (no zip directory), corrupt (CRC mismatch), not a checkpoint at all, or a pickle that would import and
-call Python objects (the message lists them; nothing is imported or run).
+truncated (no zip directory), corrupt (CRC mismatch), not a checkpoint at all, lying about its size, or a pickle
+that would import and call Python objects (the message lists them; nothing is imported or run).
+
+Files are written atomically (a temporary file in the same folder, renamed over the destination) and, like any file
+a program creates, with the permissions the user's umask allows.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import pickletools
+import secrets
 import struct
-import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from milan.checkpoint.bounds import check_legacy, check_tensors, check_zip, read_record
+from milan.checkpoint.errors import CheckpointError
+from milan.checkpoint.inert import inert_allowed, pickle_globals, python3_name, standins
+from milan.checkpoint.torchscript import read_torchscript
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read safely (missing, truncated, corrupt or unsafe)."""
+__all__ = ["CheckpointError", "atomic_save", "read_safetensors_metadata", "safe_load", "save_safetensors"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -133,14 +144,23 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
 def _atomic_path(path: Path) -> Iterator[Path]:
     """A temporary file next to ``path`` for the block to write; then fsynced and renamed over ``path``.
 
-    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    The file ends with mode 0o666 less the umask, as ``open()`` creates files (``tempfile.mkstemp`` would give 0o600,
+    and so do writers that replace the file with their own temporary one, e.g. safetensors). If the block raises,
+    the temporary file is removed and ``path`` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies here
+        except FileExistsError:
+            continue
+        mode = os.fstat(fd).st_mode & 0o777
+        os.close(fd)
+        break
     try:
         yield tmp
+        os.chmod(tmp, mode)
         with tmp.open("r+b") as f:  # the data reaches the disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -182,44 +202,69 @@ def _load_zip(path: Path) -> Any:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
+            check_zip(path, zf)  # before anything is inflated: records sized as the tensors need
             bad = zf.testzip()  # CRC-checks every record
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt zip archive ({e})") from e
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
     if any(n.split("/")[-1] == "constants.pkl" and n.count("/") == 1 for n in names):
-        from milan.checkpoint.torchscript import read_torchscript
-
         return read_torchscript(path)
-    try:
-        return _torch_load(path)
-    except Exception as e:  # anything torch raises on a bad file becomes one clear message
+
+    def pickled() -> bytes:
         pkl = next((n for n in names if n.split("/")[-1] == "data.pkl" and n.count("/") == 1), None)
-        data = b""
-        if pkl is not None:
-            with zipfile.ZipFile(path) as zf:
-                data = zf.read(pkl)
-        raise _explain(path, data, e) from e
+        if pkl is None:
+            return b""
+        with zipfile.ZipFile(path) as zf:
+            return read_record(zf, pkl)
 
-
-def _torch_load(path: Path) -> Any:
-    # argparse.Namespace is a plain attribute bag (the original MILAN/MAE checkpoints store their args as one);
-    # building it runs no code from the file.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return _torch_load(path, pickled)
 
 
 def _load_legacy(path: Path) -> Any:
+    check_legacy(path)
+    return _torch_load(path, path.read_bytes)
+
+
+def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
+    """``torch.load(weights_only=True)``, then the size checks of every loaded tensor.
+
+    A file refused only for training bookkeeping (see :func:`~milan.checkpoint.inert.inert_allowed`) is loaded again
+    with those objects as inert records.
+    """
     try:
-        return _torch_load(path)
-    except Exception as e:
-        raise _explain(path, path.read_bytes(), e) from e
+        obj = _weights_only_load(path, [])
+    except Exception as e:  # anything torch raises on a bad file becomes one clear message
+        data = pickled()
+        try:
+            names = dict.fromkeys(python3_name(*g) for g in pickle_globals(data))
+            unsafe = [g for g in names if ".".join(g) not in _allowed_globals()]
+        except Exception:  # not a pickle stream at all
+            unsafe = []
+        if not unsafe or not all(inert_allowed(*g) for g in unsafe):
+            raise _explain(path, data, e) from e
+        try:
+            obj = _weights_only_load(path, standins(unsafe))
+        except Exception as again:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: its {', '.join('.'.join(g) for g in unsafe[:6])} objects could not "
+                f"be read as inert records ({type(again).__name__}: {_first_line(again)})"
+            ) from again
+    check_tensors(obj, path)
+    return obj
+
+
+def _weights_only_load(path: Path, inert: list[Any]) -> Any:
+    # argparse.Namespace is a plain attribute bag (the original MILAN/MAE checkpoints store their args as one);
+    # building it runs no code from the file. The inert stand-ins only record what the pickle gives them.
+    with torch.serialization.safe_globals([argparse.Namespace, *inert]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _explain(path: Path, pickled: bytes, error: Exception) -> CheckpointError:
     """Turns a failed ``weights_only`` load into a readable error: unsafe globals, or not a checkpoint."""
     try:
-        names = list(dict.fromkeys(_pickle_globals(pickled)))
+        names = list(dict.fromkeys(".".join(python3_name(*g)) for g in pickle_globals(pickled)))
     except Exception:  # not a pickle stream at all
         return CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file, or corrupt "
@@ -250,30 +295,3 @@ def _allowed_globals() -> set[str]:
         return set(_get_allowed_globals()) | {"argparse.Namespace"}
     except (ImportError, AttributeError):  # private API moved: report every global
         return {"argparse.Namespace"}
-
-
-def _pickle_globals(data: bytes) -> Iterator[str]:
-    """Names of the globals referenced by the pickle stream(s) in ``data``, found without unpickling anything.
-
-    Legacy ``torch.save`` files are several pickles in a row followed by raw storage bytes; the scan stops at the
-    first byte that is not a pickle.
-    """
-    stream = io.BytesIO(data)
-    strings: list[str] = []
-    first = True
-    while stream.tell() < len(data):
-        start = stream.tell()
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                    yield arg.replace(" ", ".")
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    yield f"{strings[-2]}.{strings[-1]}"
-                elif isinstance(arg, str):
-                    strings.append(arg)
-        except Exception:
-            if first:
-                raise
-            stream.seek(start)
-            break
-        first = False

@@ -18,9 +18,9 @@ from typing import Any, cast
 
 import torch.nn as nn
 
-from milan.checkpoint.arch import TowerSpec, load_strict
+from milan.checkpoint.arch import TowerSpec, build_strict
+from milan.checkpoint.errors import CheckpointError
 from milan.checkpoint.formats import Checkpoint, read_checkpoint
-from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.teachers import teacher_from_checkpoint
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.models.milan import MILAN, MaskedStudent
@@ -49,11 +49,15 @@ def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> V
     Returns:
         The encoder with the stored weights, including the stored position table.
     """
-    encoder = ck.encoder_arch().build(drop_path_rate=drop_path_rate)
-    if ck.kind == "finetune":
-        encoder.norm = nn.Identity()  # type: ignore[assignment]
-    load_strict(encoder, ck.encoder_state(), f"{ck.source}: student encoder")
-    return encoder
+    arch = ck.encoder_arch()
+
+    def build() -> VisionTransformer:
+        encoder = arch.build(drop_path_rate=drop_path_rate)
+        if ck.kind == "finetune":
+            encoder.norm = nn.Identity()  # type: ignore[assignment]
+        return encoder
+
+    return build_strict(build, ck.encoder_state(), f"{ck.source}: student encoder")
 
 
 def load_encoder(src: Source, *, fmt: str = "auto", num_heads: int | None = None) -> VisionTransformer:
@@ -85,8 +89,7 @@ def load_student(
         The student.
     """
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
-    decoder = ck.decoder_arch().build()
-    load_strict(decoder, ck.part("student.decoder."), f"{ck.source}: decoder")
+    decoder = build_strict(ck.decoder_arch().build, ck.part("student.decoder."), f"{ck.source}: decoder")
     return MaskedStudent(encoder_from_checkpoint(ck), decoder)
 
 
@@ -171,12 +174,13 @@ def load_classifier(
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads)
     if ck.kind not in ("linear_probe", "finetune"):
         raise CheckpointError(f"{ck.source}: a {ck.format} {ck.kind} checkpoint, not a classifier")
-    encoder = ck.encoder_arch().build()
-    model: LinearProbe | FinetuneClassifier
-    if ck.kind == "linear_probe":
-        model = LinearProbe(encoder, num_classes=int(ck.state_dict["head.fc.weight"].shape[0]))
-    else:
+    arch = ck.encoder_arch()
+
+    def build() -> LinearProbe | FinetuneClassifier:
+        if ck.kind == "linear_probe":
+            return LinearProbe(arch.build(), num_classes=int(ck.state_dict["head.fc.weight"].shape[0]))
         pool = cast(Any, ck.hints.get("global_pool", "avg"))
-        model = FinetuneClassifier(encoder, int(ck.state_dict["head.weight"].shape[0]), global_pool=pool)
-    load_strict(model, ck.state_dict, f"{ck.source}: {ck.kind.replace('_', ' ')} classifier")
+        return FinetuneClassifier(arch.build(), int(ck.state_dict["head.weight"].shape[0]), global_pool=pool)
+
+    model = build_strict(build, ck.state_dict, f"{ck.source}: {ck.kind.replace('_', ' ')} classifier")
     return model.eval()

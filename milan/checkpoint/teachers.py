@@ -3,18 +3,25 @@
 Supported (all from local paths, nothing is downloaded):
 
 1. OpenAI's TorchScript archive (``ViT-B-16.pt``): read without running TorchScript
-   (:mod:`milan.checkpoint.torchscript`); QuickGELU, LayerNorm eps 1e-5, ``width // 64`` heads.
-2. A plain state dict with OpenAI key names (MMSelfSup's ``clip_vit_base_16.pth.tar``); same conventions.
+   (:mod:`milan.checkpoint.torchscript`); the activation is the one its module tree names (QuickGELU for OpenAI's
+   files), LayerNorm eps 1e-5, ``width // 64`` heads.
+2. A plain state dict with OpenAI key names (MMSelfSup's ``clip_vit_base_16.pth.tar``). Its keys do not tell
+   QuickGELU (OpenAI's weights, the paper's teacher) from GELU (CLIPs trained by OpenCLIP, e.g.
+   ``open_clip.create_model('ViT-B-16').state_dict()``): QuickGELU is used and a warning says so; pass
+   ``act="gelu"`` (config ``model.teacher.act=gelu``, CLI ``--act gelu``) for a GELU model, or put its
+   ``open_clip_config.json`` next to it. Eps 1e-5 and ``width // 64`` heads as above.
 3. OpenCLIP checkpoints (``.bin`` / ``.pt`` / ``.safetensors``, training checkpoints with ``module.`` too), native
    (OpenAI key names) or timm-backed (``visual.trunk.*``). OpenCLIP models differ in activation: OpenAI-pretrained
    and ``*-quickgelu`` models use QuickGELU, most LAION/DataComp models GELU. Put the hub's
-   ``open_clip_config.json`` next to the weights (it is read), or pass ``act="quick_gelu"`` / ``act="gelu"``;
-   without either GELU is assumed (open_clip's default).
+   ``open_clip_config.json`` next to the weights (it is read), or pass ``act="quick_gelu"`` / ``act="gelu"``; an
+   OpenCLIP training checkpoint without either is read with GELU (open_clip's default), with a warning.
 4. A Hugging Face transformers CLIP folder (``config.json`` + weights; ``hidden_act``, ``layer_norm_eps`` and
-   ``num_attention_heads`` come from the config) or its weights file alone (transformers' CLIP defaults).
+   ``num_attention_heads`` come from the config) or its weights file alone (transformers' CLIP defaults, QuickGELU,
+   with a warning).
 5. Bring your own teacher: any timm ``VisionTransformer`` checkpoint. Pass ``model_name`` (e.g.
    ``"vit_base_patch14_reg4_dinov2"``) to build it with timm's exact settings, or let the architecture be inferred
-   (timm defaults: GELU, eps 1e-6, ``width // 64`` heads). DINOv2's original layout is converted by timm's rules.
+   (timm defaults: GELU, eps 1e-6, ``width // 64`` heads; a CLIP tower, recognised by CLIP's ``norm_pre``, gets
+   QuickGELU as OpenAI's CLIP and eps 1e-5, with a warning). DINOv2's original layout is converted by timm's rules.
    The output width is the Linear ``head``'s width if the checkpoint has one (``head=False`` drops a classifier
    head), else ``embed_dim``; the MILAN decoder then predicts that width (``build_milan`` reads ``teacher.out_dim``).
    Register tokens are handled (their features are dropped, the CLS attention is taken over patch keys only).
@@ -34,13 +41,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from milan.checkpoint.arch import Act, StateDict, TowerSpec, load_strict
+from milan.checkpoint.arch import Act, StateDict, TowerSpec, build_strict
+from milan.checkpoint.errors import CheckpointError
 from milan.checkpoint.formats import Checkpoint, read_checkpoint
-from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.towers import fit_pos_embed, openai_tower, timm_tower
 from milan.models.teacher import Teacher, TeacherInputNorm
 
@@ -164,12 +172,12 @@ def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer
         TypeError: Not a timm ``VisionTransformer`` with standard blocks (e.g. EVA).
         ValueError: No class token (e.g. SigLIP).
     """
-    model = spec.build()
-    _check_supported(model)
+    with torch.device("meta"):
+        skeleton = spec.build()
+    _check_supported(skeleton)
     # timm's own filter converts/resamples for named models; ours resamples the position table for inferred ones.
-    state_dict = checkpoint_filter_fn(dict(state_dict), model) if spec.timm_name else fit_pos_embed(state_dict, spec)
-    load_strict(model, state_dict, "teacher tower")
-    return model
+    fit = checkpoint_filter_fn(dict(state_dict), skeleton) if spec.timm_name else fit_pos_embed(state_dict, spec)
+    return build_strict(spec.build, fit, "teacher tower")
 
 
 def _check_supported(model: nn.Module) -> None:

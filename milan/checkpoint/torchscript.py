@@ -24,7 +24,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.bounds import MAX_INFLATED_METADATA, check_tensors, check_zip, read_record
+from milan.checkpoint.errors import CheckpointError
+from milan.checkpoint.inert import pickle_globals
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "FloatStorage": torch.float32,
@@ -59,7 +61,16 @@ class _StorageType(NamedTuple):
 def _rebuild_tensor(
     storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
 ) -> torch.Tensor:
-    """``torch._utils._rebuild_tensor_v2`` over a flat tensor holding the storage's bytes."""
+    """``torch._utils._rebuild_tensor_v2`` over a flat tensor holding the storage's bytes (a view: nothing copied)."""
+    values = [offset, *size, *stride]
+    if not all(isinstance(v, int) and v >= 0 for v in values) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"malformed tensor view: offset {offset!r}, shape {size!r}, strides {stride!r}")
+    if 0 not in size:
+        extent = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1
+        if extent > storage.numel():
+            raise pickle.UnpicklingError(
+                f"a tensor view of shape {tuple(size)} reaches element {extent} of a storage of {storage.numel()}"
+            )
     return torch.as_strided(storage, tuple(size), tuple(stride), int(offset))
 
 
@@ -110,17 +121,27 @@ class _ArchiveUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unknown storage type {storage_type!r:.80}")
+        if not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"malformed storage size {numel!r:.80}")
         cache_key = f"{key}:{storage_type.dtype}"
         if cache_key not in self._storages:
             record = f"{self._prefix}/data/{key}"
             try:
-                raw = self._zf.read(record)
+                info = self._zf.getinfo(record)
             except KeyError as e:
                 raise CheckpointError(f"TorchScript archive {self._path} lacks the tensor record {record!r}") from e
-            itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
-            if len(raw) < int(numel) * itemsize:
-                raise CheckpointError(f"TorchScript archive {self._path}: record {record!r} is shorter than its tensor")
             dtype = storage_type.dtype
+            need = numel * torch.empty((), dtype=dtype).element_size()
+            if info.file_size < need:
+                raise CheckpointError(f"TorchScript archive {self._path}: record {record!r} is shorter than its tensor")
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > need:
+                raise CheckpointError(
+                    f"TorchScript archive {self._path}: compressed record {record!r} would inflate to "
+                    f"{info.file_size} bytes but its tensor needs {need}; refusing to inflate it"
+                )
+            raw = read_record(self._zf, info, need)  # never more than the tensor needs, whatever the record claims
+            if len(raw) < need:
+                raise CheckpointError(f"TorchScript archive {self._path}: record {record!r} is truncated")
             flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             self._storages[cache_key] = flat
         return self._storages[cache_key]
@@ -143,17 +164,19 @@ def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf:
+            check_zip(path, zf)
             pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
             if len(pkls) != 1 or f"{pkls[0].split('/')[0]}/constants.pkl" not in zf.namelist():
                 raise CheckpointError(f"{path} is not a TorchScript archive (no <name>/data.pkl + constants.pkl)")
             prefix = pkls[0].split("/")[0]
             order = f"{prefix}/byteorder"
-            if order in zf.namelist() and zf.read(order).decode().strip() != sys.byteorder:
-                raise CheckpointError(f"{path}: stored with {zf.read(order).decode()} byte order; not supported here")
-            root = _ArchiveUnpickler(zf.read(pkls[0]), zf, prefix, path).load()
+            stored_order = read_record(zf, order, 16).decode().strip() if order in zf.namelist() else sys.byteorder
+            if stored_order != sys.byteorder:
+                raise CheckpointError(f"{path}: stored with {stored_order} byte order; not supported here")
+            root = _ArchiveUnpickler(read_record(zf, pkls[0]), zf, prefix, path).load()
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # incl. malformed views (see _rebuild_tensor)
         raise CheckpointError(f"refusing to read TorchScript archive {path}: {e}") from e
     except Exception as e:  # zip/pickle structure errors on a damaged file
         raise CheckpointError(f"cannot read TorchScript archive {path} (truncated or corrupt?): {e}") from e
@@ -161,7 +184,25 @@ def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     _flatten(root, "", out, set())
     if not out:
         raise CheckpointError(f"TorchScript archive {path} holds no tensors")
+    check_tensors(out, path)  # no stride-0 view expands into more than the file holds
     return {k: v.clone() for k, v in out.items()}  # own storage: no views into the whole record buffers
+
+
+def torchscript_classes(path: str | os.PathLike[str]) -> list[str]:
+    """The qualified names of the TorchScript classes in an archive's module tree (``__torch__....QuickGELU`` ...).
+
+    Read from the pickle's opcodes: nothing is unpickled. An empty list if ``path`` is not a TorchScript archive.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pkls) != 1:
+                return []
+            data = read_record(zf, pkls[0], MAX_INFLATED_METADATA)
+        names = {f"{m}.{n}" for m, n in pickle_globals(data)}
+    except Exception:  # damaged: the reader reports it
+        return []
+    return sorted(n for n in names if n.startswith("__torch__."))
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:

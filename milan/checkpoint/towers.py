@@ -5,15 +5,22 @@ What the weights do not record, and where it comes from:
 =============  ==============================  =================  ======================================
 format         activation                      LayerNorm eps      heads
 =============  ==============================  =================  ======================================
-OpenAI CLIP    QuickGELU (how OpenAI trained)  1e-5               width // 64
+OpenAI CLIP    the TorchScript archive's       1e-5               width // 64
+               activation class; a state dict:
+               QuickGELU (OpenAI's weights)*
 OpenCLIP       ``open_clip_config.json`` next  1e-5               ``vision_cfg.head_width`` from that
                to the weights (``quick_gelu``)                    file, else :func:`arch.tower_heads`
-               else GELU (open_clip's default)
+               else GELU (open_clip's default)*
 HF CLIP        ``config.json`` ``hidden_act``  ``layer_norm_eps``  ``num_attention_heads``
-timm ViT       the timm model's (``model_name``), else GELU / 1e-6 / ``width // 64``
+               (no config: QuickGELU)*
+mmpretrain     QuickGELU (its CLIP teacher)    1e-5               width // 64
+timm ViT       the timm model's (``model_name``), else GELU / 1e-6 / ``width // 64``; a CLIP tower (``norm_pre``)
+               without ``model_name``: QuickGELU* / 1e-5
 =============  ==============================  =================  ======================================
 
-Every value can be overridden (``act=``, ``norm_eps=``, ``num_heads=``).
+Every value can be overridden (``act=``, ``norm_eps=``, ``num_heads=``). (*) The weights alone cannot tell QuickGELU
+from GELU (OpenAI's CLIP and the CLIPs trained with GELU by OpenCLIP share their key layout);
+:func:`milan.checkpoint.read_checkpoint` then warns which one it used, why, and how to choose the other.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from timm.layers.pos_embed import resample_abs_pos_embed
 
 from milan.checkpoint.arch import Act, StateDict, TowerSpec, infer_tower, square_grid
-from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.errors import CheckpointError
 from milan.checkpoint.keymaps import hf_clip_to_timm, openai_clip_to_timm
 
 _HF_ACTS: dict[str, Act] = {
@@ -184,7 +191,8 @@ def timm_tower(
         sd: timm keys; DINOv2's original layout (``mask_token``, ``register_tokens``) is converted by timm's rules.
         model_name: A timm model name; the tower is then built by ``timm.create_model`` (its activation, norm and
             heads) and the weights pass through timm's own ``checkpoint_filter_fn``. Without it the architecture is
-            inferred from the shapes with timm's defaults (GELU, eps 1e-6, ``width // 64`` heads).
+            inferred from the shapes with timm's defaults (GELU, eps 1e-6, ``width // 64`` heads), except for CLIP
+            towers (they have CLIP's ``norm_pre``): QuickGELU as OpenAI's CLIP, eps 1e-5 as every CLIP.
         act: Override the activation (inferred architectures only).
         norm_eps: Override the LayerNorm epsilon (inferred architectures only).
         num_heads: Override the head count (inferred architectures only).
@@ -201,10 +209,11 @@ def timm_tower(
         sd = _convert_dinov2(dict(sd), None)  # type: ignore[arg-type]
     if not head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    clip_like = model_name is None and "norm_pre.weight" in sd  # CLIP's ln_pre: timm's *_clip_* towers
     spec = infer_tower(
         sd,
-        act=act or "gelu",
-        norm_eps=norm_eps if norm_eps is not None else 1e-6,
+        act=act or ("quick_gelu" if clip_like else "gelu"),
+        norm_eps=norm_eps if norm_eps is not None else (1e-5 if clip_like else 1e-6),
         num_heads=num_heads,
         img_size=img_size,
     )

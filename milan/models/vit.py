@@ -64,7 +64,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(
             sincos_2d(self.grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
         )  # (1, 1 + L, D)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # CPU: also built on the meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)  # type: ignore[arg-type]
             for i in range(depth)

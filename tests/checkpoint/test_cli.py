@@ -93,3 +93,20 @@ def test_python_m_milan_inspect_fresh_process(milan_ckpt: tuple[Path, torch.nn.M
     )
     assert proc.returncode == 0, proc.stderr
     assert "format:      milan" in proc.stdout and "... 4 more groups" in proc.stdout
+
+
+def test_an_assumed_teacher_activation_is_one_warning_line(tmp_path: Path) -> None:
+    """The CLI prints milan's warnings as one line, without Python's source location."""
+    torch.save(open_clip_model(quick_gelu=False).state_dict(), tmp_path / "clip.pth")
+    proc = subprocess.run(
+        [sys.executable, "-m", "milan", "inspect", str(tmp_path / "clip.pth"), "--groups", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("milan: warning: ") and "using QuickGELU" in lines[0] and "--act gelu" in lines[0]
+    assert ".py:" not in lines[0] and "CheckpointWarning" not in lines[0]

@@ -38,6 +38,19 @@ def test_atomic_save_roundtrip_and_no_temp_left(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Like any file a program creates (today: always 0600, the temporary file's mode)."""
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "c.pth")
+        save_safetensors(_state(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pth").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == mode
+
+
 def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +201,92 @@ def test_mmpretrain_classifiers(tmp_path: Path, images: torch.Tensor, kind: str)
     with torch.no_grad():
         logits = reference(images, mode="tensor")
     torch.testing.assert_close(ours(images), logits, atol=1e-5, rtol=0)
+
+
+class _MakeDir:
+    """Pickled as a call of mmengine's ``mkdir_or_exist(marker)``: were it ever called, the folder would exist."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        from mmengine.utils import mkdir_or_exist
+
+        return (mkdir_or_exist, (str(self.marker),))
+
+
+@pytest.mark.parity
+def test_an_mmengine_training_checkpoint_loads_without_mmengine(tmp_path: Path, images: torch.Tensor) -> None:
+    """A user's own mmpretrain fine-tuning checkpoint as mmengine's Runner writes it (meta, state_dict, the
+    MessageHub's state with its HistoryBuffers of numpy arrays, the optimizer's and the schedulers' states), saved by
+    mmengine's own save_checkpoint. Today: "refusing to load ... would import and call mmengine...". Now its weights
+    load in a fresh process that never imports mmengine, and nothing named in the file is called."""
+    pytest.importorskip("mmpretrain", reason="needs the `parity` extra")
+    import mmengine
+    from mmengine.logging import MessageHub
+    from mmengine.optim import CosineAnnealingLR, OptimWrapper
+    from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+
+    model = _mm_classifier("finetune")
+    optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    scheduler = CosineAnnealingLR(optim, T_max=10, by_epoch=False)
+    hub = MessageHub.get_instance("milan_test_mmengine_checkpoint")
+    model.train()
+    for step in range(2):
+        loss = model(images, mode="tensor").pow(2).mean()
+        optim.update_params(loss)
+        scheduler.step()
+        hub.update_scalar("train/loss", float(loss))
+        hub.update_scalar("train/lr", scheduler.get_last_value()[0])
+        hub.update_info("iter", step + 1)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images, mode="tensor")
+    meta = dict(
+        epoch=1, iter=2, cfg="model = dict(type='ImageClassifier')", seed=0, experiment_name="ft",
+        mmengine_version=mmengine.__version__, dataset_meta=dict(classes=tuple("abcdefg")),
+    )  # fmt: skip
+    checkpoint = {
+        "meta": meta,
+        "state_dict": weights_to_cpu(model.state_dict()),
+        "message_hub": hub.state_dict(),
+        "optimizer": optim.state_dict(),
+        "param_schedulers": [scheduler.state_dict()],
+    }
+    marker = tmp_path / "PWNED"
+    checkpoint["message_hub"]["runtime_info"]["payload"] = _MakeDir(marker)  # an mmengine call that must never run
+    path = tmp_path / "epoch_1.pth"
+    save_checkpoint(checkpoint, str(path))
+    assert not marker.exists()
+    torch.save(images, tmp_path / "images.pt")
+    code = f"""
+import json, sys, torch
+from milan.checkpoint import load_classifier, safe_load
+from milan.checkpoint.inert import Inert
+raw = safe_load({str(path)!r})
+model = load_classifier({str(path)!r}, num_heads=4)
+torch.save(model(torch.load({str(tmp_path / "images.pt")!r})), {str(tmp_path / "ours.pt")!r})
+payload = raw["message_hub"]["runtime_info"]["payload"]
+loss = raw["message_hub"]["log_scalars"]["train/loss"]
+print(json.dumps({{
+    "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("mmengine", "mmpretrain", "mmcv")),
+    "meta": {{k: raw["meta"][k] for k in ("epoch", "iter", "seed", "mmengine_version")}},
+    "payload": [isinstance(payload, Inert), payload.qualified_name, list(payload.args)],
+    "history": [isinstance(loss, Inert), loss.qualified_name],
+    "optimizer_state": sorted(raw["optimizer"]["state"][0]),
+}}))
+"""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=root, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["imported"] == []
+    assert report["meta"] == {"epoch": 1, "iter": 2, "seed": 0, "mmengine_version": mmengine.__version__}
+    assert report["payload"] == [True, "mmengine.utils.path.mkdir_or_exist", [str(marker)]]
+    assert report["history"] == [True, "mmengine.logging.history_buffer.HistoryBuffer"]
+    assert report["optimizer_state"] == ["exp_avg", "exp_avg_sq", "step"]
+    assert not marker.exists()
+    torch.testing.assert_close(torch.load(tmp_path / "ours.pt"), expected, atol=1e-5, rtol=0)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from milan.checkpoint import CheckpointError, load_teacher, read_checkpoint, save_safetensors
+from milan.checkpoint import CheckpointError, CheckpointWarning, load_teacher, read_checkpoint, save_safetensors
 from milan.models import Teacher, build_milan, model_config
+from milan.models.factory import TeacherConfig, build_teacher
 from tests.checkpoint.conftest import IMG, open_clip_model, open_clip_reference, randomize_
 
 pytest.importorskip("open_clip")
@@ -45,6 +49,77 @@ def test_openai_torchscript_archive(tmp_path: Path, images: torch.Tensor) -> Non
     ck = read_checkpoint(tmp_path / "ViT-T-8.pt")
     assert (ck.format, ck.kind) == ("openai-clip", "teacher")
     _check_open_clip(load_teacher(tmp_path / "ViT-T-8.pt"), model, images)
+
+
+def _warned(load: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """``load()`` and the messages of the CheckpointWarnings it issued."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = load()
+    return result, [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+
+
+def test_an_openai_layout_state_dict_says_which_activation_it_assumed(tmp_path: Path, images: torch.Tensor) -> None:
+    """GELU weights in OpenAI's key layout (what open_clip.create_model('ViT-B-16').state_dict() gives): the file
+    cannot tell, QuickGELU (OpenAI's, the paper's teacher) is used and one warning says so and how to choose GELU.
+    Today: QuickGELU, silently."""
+    model = open_clip_model(quick_gelu=False)
+    path = tmp_path / "clip.pth"
+    torch.save(model.state_dict(), path)
+    assumed, warned = _warned(lambda: load_teacher(path))
+    assert len(warned) == 1, warned
+    assert "using QuickGELU (as OpenAI's CLIP weights, the paper's teacher" in warned[0]
+    assert all(s in warned[0] for s in ("model.teacher.act=gelu", "--act gelu", "act='gelu'", "open_clip_config.json"))
+    assert assumed.model.blocks[0].mlp.act.__class__.__name__ == "QuickGELU"
+    assert (assumed(images).features - open_clip_reference(model, images)[0]).abs().max() > 1e-3
+    # Each way the warning names settles it, silently: the argument, the config key, the config file.
+    by_argument, warned = _warned(lambda: load_teacher(path, act="gelu"))
+    assert warned == []
+    _check_open_clip(by_argument, model, images)
+    by_config, warned = _warned(lambda: build_teacher(TeacherConfig(checkpoint=str(path), act="gelu")))
+    assert warned == [] and by_config is not None
+    _check_open_clip(by_config, model, images)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": False}}))
+    by_file, warned = _warned(lambda: load_teacher(path))
+    assert warned == []
+    _check_open_clip(by_file, model, images)
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_a_torchscript_archive_names_its_activation(tmp_path: Path, images: torch.Tensor, quick_gelu: bool) -> None:
+    """The archive's module tree names its activation class (QuickGELU in OpenAI's files): no assumption, no
+    warning. Today a GELU archive is built with QuickGELU."""
+    model = open_clip_model(quick_gelu=quick_gelu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        torch.jit.save(
+            torch.jit.trace_module(model, {"encode_image": images}, check_trace=False), str(tmp_path / "a.pt")
+        )
+    teacher, warned = _warned(lambda: load_teacher(tmp_path / "a.pt"))
+    assert warned == []
+    assert read_checkpoint(tmp_path / "a.pt").tower.act == ("quick_gelu" if quick_gelu else "gelu")
+    _check_open_clip(teacher, model, images)
+
+
+def test_a_timm_clip_tower_without_model_name_says_what_it_assumed(tmp_path: Path, images: torch.Tensor) -> None:
+    """A timm-layout CLIP tower (CLIP's norm_pre) without a timm model name: QuickGELU and LayerNorm eps 1e-5 (as
+    OpenAI's CLIP), with one warning. Today: GELU and eps 1e-6, silently."""
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model(
+        "vit_base_patch16_clip_quickgelu_224", pretrained=False, img_size=IMG, patch_size=8, embed_dim=64, depth=2,
+        num_heads=1, num_classes=32,
+    )  # fmt: skip
+    ref = randomize_(ref).eval()
+    save_safetensors(ref.state_dict(), tmp_path / "model.safetensors")
+    teacher, warned = _warned(lambda: load_teacher(tmp_path / "model.safetensors"))
+    assert len(warned) == 1 and "timm-layout CLIP tower without a timm model name" in warned[0], warned
+    assert "using QuickGELU" in warned[0] and "eps 1e-05" in warned[0] and "model.teacher.model_name=" in warned[0]
+    feats, attention = _timm_reference(ref, images)
+    out = teacher(images)
+    torch.testing.assert_close(out.features, feats, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.cls_attention, attention, atol=1e-6, rtol=0)
+    _, warned = _warned(lambda: load_teacher(tmp_path / "model.safetensors", act="gelu"))
+    assert warned == []
 
 
 @pytest.mark.parametrize(
@@ -154,9 +229,12 @@ def test_hf_clip_model_weights_file_alone(tmp_path: Path, images: torch.Tensor) 
     model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")  # model.safetensors.index.json + shards
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     tokens, attention = _hf_reference(model, images)
-    torch.testing.assert_close(load_teacher(tmp_path / "sharded")(images).features, tokens, atol=TOL, rtol=0)
-    ck = read_checkpoint(tmp_path / "clip.safetensors")
+    sharded, warned = _warned(lambda: load_teacher(tmp_path / "sharded"))  # with its config.json: nothing assumed
+    assert warned == []
+    torch.testing.assert_close(sharded(images).features, tokens, atol=TOL, rtol=0)
+    ck, warned = _warned(lambda: read_checkpoint(tmp_path / "clip.safetensors"))
     assert ck.format == "hf" and any(k.startswith("text_model.") for k in ck.dropped)
+    assert len(warned) == 1 and "without its config.json" in warned[0] and "using QuickGELU" in warned[0], warned
     teacher = load_teacher(tmp_path / "clip.safetensors")
     out = teacher(images)
     torch.testing.assert_close(out.features, tokens, atol=TOL, rtol=0)
