@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from milan.checkpoint.io import CheckpointError
+from milan.data import DataError
 from milan.engine.config import ConfigError, load_config, to_yaml
 from milan.engine.loop import NonFiniteLossError
 
@@ -59,7 +60,8 @@ def run_job(
         args: Parsed arguments (``config``, ``overrides``, ``print_config``).
 
     Returns:
-        0 on success, 2 for a config/checkpoint/data error, 1 for a non-finite loss.
+        0 on success, 2 for a config/checkpoint/data-source error, 1 for a non-finite loss or unusable data
+        (:class:`~milan.data.DataError`: no usable image, too many skipped).
     """
     try:
         cfg = load_config(cls, args.config, args.overrides)
@@ -75,7 +77,7 @@ def run_job(
     except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
         print(f"milan {name}: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, DataError) as e:
         print(f"milan {name}: {e}", file=sys.stderr)
         return 1
     return 0
