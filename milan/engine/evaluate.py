@@ -19,13 +19,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from milan import distributed as dist
 from milan.checkpoint import load_classifier
 from milan.checkpoint.io import CheckpointError, safe_load
-from milan.data import DataError, ImageFolderDataset, SkipReport, eval_transform
+from milan.data import DataError, ImageFolderDataset, SkipReport, describe_found, eval_transform
 from milan.engine.config import ConfigError
 from milan.engine.loop import autocast_context, resolve_dtype
 from milan.eval.classify import evaluate_heads
@@ -63,6 +64,7 @@ def evaluate_checkpoint(
     crop_pct: float = 0.875,
     interpolation: Literal["bicubic", "bilinear"] = "bicubic",
     progress: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Loads a classifier and measures its top-1 / top-5 accuracy.
 
@@ -79,6 +81,7 @@ def evaluate_checkpoint(
         crop_pct: Center-crop fraction.
         interpolation: Resize resampling.
         progress: Show a progress bar (on a terminal).
+        say: Receives the start-of-run line (``found N images (M classes) in DATA; B batches``) on the main process.
 
     Returns:
         ``{"top1", "top5", "count", "kind", "checkpoint", "data", "num_classes", "seconds"}``.
@@ -99,6 +102,9 @@ def evaluate_checkpoint(
         pipeline = eval_transform(size, crop_pct=crop_pct, interpolation=interpolation)
         root, keep = resolve_split(data, per_class, "--data")  # keep: a folder's per-class selection
         dataset = ImageFolderDataset(root, pipeline, per_class=keep)
+        if say is not None and dist.is_main():
+            batches = -(-len(dataset) // (batch_size * dist.world_size()))
+            say(describe_found(dataset, str(data), unit=f"{batches} batches of {batch_size} per process"))
         if len(dataset.classes) > num_classes:
             raise ConfigError(
                 f"{data} has {len(dataset.classes)} class folders but the classifier has {num_classes} outputs"
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
                 num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
-                progress=not args.no_progress,
+                progress=not args.no_progress, say=print,
             )  # fmt: skip
         except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
             print(f"milan evaluate: {e}", file=sys.stderr)

@@ -165,6 +165,19 @@ def test_knn_and_linprobe_on_the_corpus(tmp_path: Path, corpus: Path, capsys: py
     out = capsys.readouterr().out
     assert f"train: found {2 * PER_CLASS} images (2 classes) in {corpus}" in out and "steps per epoch" in out
 
+    classifier = tmp_path / "probe" / "classifier.pt"
+    evaluate = ["evaluate", "--checkpoint", str(classifier), "--data", str(corpus), "--device", "cpu",
+                "--num-workers", "0", "--batch-size", "4", "--no-progress",
+                "--out", str(tmp_path / "eval.json")]  # fmt: skip
+    assert cli(evaluate) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"found {2 * PER_CLASS} images (2 classes) in {corpus} (ignored 2 files")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["count"] == usable and result["skipped"] == 2 * sum(BAD.values())
+    assert cli([*evaluate[:5], "--per-class", "3", *evaluate[5:]]) == 0  # a folder's per-class subset
+    # the first 3 per class in name order: UPPER.PNG, alpha.png, anim.gif (all readable)
+    assert json.loads((tmp_path / "eval.json").read_text())["count"] == 6
+
 
 def test_finetune_on_the_corpus(tmp_path: Path, corpus: Path) -> None:
     args = [f"data.train={corpus}", f"data.val={corpus}", "data.num_workers=0", "runtime.device=cpu",
