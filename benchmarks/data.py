@@ -7,6 +7,8 @@ Measures the MILAN pretraining view (RandomResizedCrop(0.2-1, bicubic) + flip + 
 * ``tiny``: real Tiny-ImageNet JPEGs (64x64), a subset of the shared archive, view 64 px;
 * ``imagenet_like``: generated photo-like JPEGs of ImageNet's typical size (500x375, quality 90), view 224 px;
 * ``photo_2mp``: generated 1600x1200 JPEGs (quality 90; web/camera-sized originals), view 224 px;
+* ``camvid``: real photos, the shared CamVid train frames (480x360 JPEGs, quality 95; ImageNet-sized), view 224 px;
+* ``camvid_2x``: the same frames upscaled 2x (bicubic) to 960x720 and saved at quality 90 (larger originals);
 
 each with JPEG draft decoding on and off, for every ``--workers`` count (0 = in the main process). The
 worker start-up and the first batch are excluded from the timing; files are read once beforehand so that the
@@ -17,6 +19,14 @@ never happens for 500x375 images at 224 px (so draft on/off should measure the s
 larger originals or smaller views. ``img/s/worker`` is the total divided by
 ``max(1, workers)``; on a machine with fewer free cores than workers it understates the per-core speed.
 
+``--draft-effect`` measures what JPEG draft mode (``data.draft``) does to the views, on the chosen datasets: for
+each image and ``--draws`` random crops (the same seed with draft on and off) of the pretraining view (scale
+0.2-1, torchvision crop) and of the linear-probe training view (scale 0.08-1, the original's ``byol`` crop), the
+share of crops that draft decodes at a reduced scale, their mean and maximum absolute pixel difference (in 0-255
+units, on the 224 px crop before normalisation), and the decode stage's speed (open + crop + resize, one process)
+with and without draft in alternating rounds, per wall second and per CPU second of the process (the steadier
+measure on a shared machine), with the load average around the timing.
+
 ``--end-to-end MODEL`` additionally times training from a JPEG folder: the loader feeds
 ``milan.models.create_model(MODEL)`` forward + backward + AdamW steps; it reports img/s and the fraction of the
 time spent waiting for data.
@@ -24,6 +34,7 @@ time spent waiting for data.
     python benchmarks/data.py --workers 0 2 --num-images 256 --json benchmarks/results/data_cpu.json
     python benchmarks/data.py --datasets imagenet_like --workers 0 4 8 16 --num-images 4000
     python benchmarks/data.py --datasets --end-to-end milan_test_tiny --workers 2   # end-to-end only
+    python benchmarks/data.py --datasets camvid camvid_2x --workers 0 --draft-effect --num-images 200
 """
 
 from __future__ import annotations
@@ -50,12 +61,21 @@ import torch
 from PIL import Image, ImageFilter, features
 
 from benchmarks.environment import cpu_name, git_state, package_version
-from milan.data import SkipReport, build_loader, build_pretrain_dataset, extract_archive_subset, find_images
+from milan.data import (
+    RandomResizedCropDecode,
+    SkipReport,
+    build_loader,
+    build_pretrain_dataset,
+    extract_archive_subset,
+    find_images,
+    open_image,
+)
 from milan.models import create_model, model_config
 
 SHARED = Path("/work/shared/data")
 CIFAR_TRAIN = SHARED / "cifar10_jpg" / "train.tar.gz"
 TINY_TRAIN = SHARED / "tiny_imagenet_subset" / "train100.tar.gz"
+CAMVID_TRAIN = SHARED / "camvid" / "train.tar.gz"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,7 +148,113 @@ def prepare(name: str, n: int, work: Path, img_size: int) -> tuple[Path, int, st
         return generate_jpegs(work / "imagenet_like", n, 500, 375, 90), img_size, "500x375 q90 (generated)"
     if name == "photo_2mp":
         return generate_jpegs(work / "photo_2mp", n, 1600, 1200, 90), img_size, "1600x1200 q90 (generated)"
+    if name == "camvid":
+        root = extract_archive_subset(CAMVID_TRAIN, None, per_class=n, split="train", classes=["images"])
+        return root / "images", img_size, "480x360 q95 (CamVid, real)"
+    if name == "camvid_2x":
+        return (
+            upscaled(prepare("camvid", n, work, img_size)[0], work / "camvid_2x", 2, 90),
+            img_size,
+            ("960x720 q90 (CamVid upscaled 2x)"),
+        )
     raise ValueError(f"unknown dataset {name!r}")
+
+
+def upscaled(source: Path, folder: Path, factor: int, quality: int) -> Path:
+    """The JPEGs of ``source`` resized ``factor`` times (bicubic) and saved at ``quality`` (reused if there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in find_images(source):
+        out = folder / path.name
+        if not out.exists():
+            with Image.open(path) as img:
+                big = img.convert("RGB").resize((img.width * factor, img.height * factor), Image.Resampling.BICUBIC)
+            big.save(out, "JPEG", quality=quality)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Draft mode: pixels and decode speed
+# ---------------------------------------------------------------------------------------------------------------
+
+VIEWS = {  # name -> (scale, crop geometry)
+    "pretrain (scale 0.2-1, torchvision crop)": ((0.2, 1.0), "torchvision"),
+    "linprobe train (scale 0.08-1, byol crop)": ((0.08, 1.0), "byol"),
+}
+
+
+def draft_effect(folder: Path, view: int, *, n: int, draws: int, repeats: int) -> list[dict[str, Any]]:
+    """Per training view: how often draft changes the crop, by how much, and the decode stage's img/s on/off."""
+    files = [path.read_bytes() for path in find_images(folder)[:n]]
+    rows = []
+    for name, (scale, crop) in VIEWS.items():
+        on = RandomResizedCropDecode(view, scale=scale, draft=True, crop=crop)  # type: ignore[arg-type]
+        off = RandomResizedCropDecode(view, scale=scale, draft=False, crop=crop)  # type: ignore[arg-type]
+        drafted = changed = 0
+        diffs: list[float] = []
+        max_diff = 0
+        for i, data in enumerate(files):
+            for k in range(draws):
+                torch.manual_seed(i * 1000 + k)
+                img = open_image(data)
+                size = img.size
+                a = np.asarray(on(img), dtype=np.int16)  # (view, view, 3)
+                drafted += img.size != size  # Pillow's draft() shrinks the opened image's size
+                torch.manual_seed(i * 1000 + k)
+                b = np.asarray(off(open_image(data)), dtype=np.int16)
+                diff = np.abs(a - b)
+                if diff.any():
+                    changed += 1
+                    diffs.append(float(diff.mean()))
+                    max_diff = max(max_diff, int(diff.max()))
+        speed = decode_speed(files, {"draft_on": on, "draft_off": off}, repeats)
+        total = len(files) * draws
+        rows.append({
+            "view": name,
+            "crops": total,
+            "drafted_share": round(drafted / total, 4),
+            "changed_share": round(changed / total, 4),
+            "mean_abs_diff_of_changed_crops_255": round(float(np.mean(diffs)), 3) if diffs else 0.0,
+            "p90_mean_abs_diff_of_changed_crops_255": round(float(np.percentile(diffs, 90)), 3) if diffs else 0.0,
+            "max_abs_diff_255": max_diff,
+            "mean_abs_diff_all_crops_255": round(float(np.sum(diffs)) / total, 4),
+            "decode_speed": speed,
+            "speedup": speed["speedup_cpu_time"],
+        })  # fmt: skip
+    return rows
+
+
+def decode_speed(files: list[bytes], stages: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """img/s of each decode stage over ``files``, in alternating rounds (the order flips every round).
+
+    Both the wall clock and this process's CPU time are recorded: on a shared machine the CPU-time rate is the
+    steadier measure of the work per image; the speed-up is the median over rounds of the per-round ratio.
+    """
+    names = list(stages)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    loads = [os.getloadavg()[0]]
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            torch.manual_seed(r)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for data in files:
+                stages[name](open_image(data))
+            wall[name].append(len(files) / (time.perf_counter() - t0))
+            cpu[name].append(len(files) / (time.process_time() - c0))
+        loads.append(os.getloadavg()[0])
+    first, second = names
+    out: dict[str, Any] = {
+        name: {
+            "img_per_s_wall": round(float(np.median(wall[name])), 1),
+            "img_per_s_cpu_time": round(float(np.median(cpu[name])), 1),
+            "img_per_s_wall_runs": [round(x, 1) for x in wall[name]],
+        }
+        for name in names
+    }
+    out["speedup_wall"] = round(float(np.median(np.array(wall[first]) / np.array(wall[second]))), 3)
+    out["speedup_cpu_time"] = round(float(np.median(np.array(cpu[first]) / np.array(cpu[second]))), 3)
+    out["load_average_1m_min_max"] = [round(min(loads), 2), round(max(loads), 2)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +354,9 @@ def end_to_end(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="*", default=["cifar10", "tiny", "imagenet_like", "photo_2mp"])
+    parser.add_argument(
+        "--datasets", nargs="*", default=["cifar10", "tiny", "imagenet_like", "photo_2mp", "camvid", "camvid_2x"]
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--num-images", type=int, default=256, help="images per dataset and configuration")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -236,6 +364,8 @@ def main() -> None:
     parser.add_argument("--draft", choices=["both", "on", "off"], default="both")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where generated JPEGs go (default: a temp dir)")
+    parser.add_argument("--draft-effect", action="store_true", help="measure draft mode's pixel effect and speed")
+    parser.add_argument("--draws", type=int, default=10, help="--draft-effect: random crops per image")
     parser.add_argument("--end-to-end", metavar="MODEL", default=None, help="also time training, e.g. milan_test_tiny")
     parser.add_argument("--e2e-data", type=Path, default=None, help="JPEG folder for --end-to-end (default: tiny)")
     parser.add_argument("--e2e-steps", type=int, default=10)
@@ -271,6 +401,18 @@ def main() -> None:
                     print(
                         f"{name:<14} {what:<26} {view:>4} {'on' if draft else 'off':>5} {workers:>7} "
                         f"{row['img_per_s']:>9.1f} {row['img_per_s_per_worker']:>9.1f}"
+                    )
+            if args.draft_effect:
+                effect = draft_effect(folder, view, n=args.num_images, draws=args.draws, repeats=args.repeats)
+                record.setdefault("draft_effect", []).extend({"dataset": name, "source": what, **e} for e in effect)
+                for e in effect:
+                    print(
+                        f"draft effect {name} {e['view']}: {100 * e['changed_share']:.1f}% of crops changed, mean "
+                        f"|diff| {e['mean_abs_diff_of_changed_crops_255']:.2f}/255 (max {e['max_abs_diff_255']}); "
+                        f"decode {e['decode_speed']['draft_on']['img_per_s_cpu_time']:.0f} img/s on vs "
+                        f"{e['decode_speed']['draft_off']['img_per_s_cpu_time']:.0f} off per CPU second "
+                        f"({e['speedup']:.2f}x; wall {e['decode_speed']['speedup_wall']:.2f}x, load "
+                        f"{e['decode_speed']['load_average_1m_min_max']})"
                     )
         record["results"] = rows
         if args.end_to_end:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import warnings
 
+from milan.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be read safely (missing, truncated, corrupt, unsafe or lying about its size)."""
 
 

@@ -6,7 +6,7 @@ objects whose ``skipped`` field carries the bad samples to a :class:`SkipReport`
 """
 
 from milan.data.archive import default_cache_dir, extract_archive_subset
-from milan.data.batch import Batch, SkipReport, collate_images
+from milan.data.batch import DEFAULT_MAX_SKIP_FRACTION, Batch, DataError, SkipReport, collate_images
 from milan.data.builders import (
     Source,
     build_eval_dataset,
@@ -22,8 +22,11 @@ from milan.data.datasets import (
     SyntheticImages,
     UnlabelledImages,
     collect_image_paths,
+    describe_found,
+    scan_sources,
 )
 from milan.data.decode import (
+    DAMAGED_SHARD,
     DEFAULT_MAX_PIXELS,
     SKIP_REASONS,
     BadSample,
@@ -34,21 +37,28 @@ from milan.data.decode import (
     open_image,
     to_rgb,
 )
-from milan.data.loader import build_loader, loader_generator
-from milan.data.shards import ShardImages, is_shard_source
+from milan.data.loader import build_loader, default_num_workers, loader_generator, resolve_num_workers
+from milan.data.shards import ShardImages, is_shard_source, shell_sources
 from milan.data.sources import (
     BUILTIN_SAMPLES,
     IMAGE_EXTENSIONS,
+    ImageScan,
+    describe_ignored,
     find_classes,
     find_images,
     is_image_file,
     read_file_list,
     sample_images_dir,
+    scan_images,
 )
 from milan.data.transforms import (
+    CROP_GEOMETRIES,
+    CropGeometry,
     ImagePipeline,
     RandomResizedCropDecode,
     ResizeDecode,
+    byol_crop_box,
+    crop_box,
     draft_to,
     eval_transform,
     pretrain_transform,
@@ -56,16 +66,22 @@ from milan.data.transforms import (
 
 __all__ = [
     "BUILTIN_SAMPLES",
+    "CROP_GEOMETRIES",
+    "DAMAGED_SHARD",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SKIP_FRACTION",
     "IMAGE_EXTENSIONS",
     "SKIP_REASONS",
     "UNLABELLED",
     "BadSample",
     "Batch",
+    "CropGeometry",
+    "DataError",
     "ImageDataset",
     "ImageDecodeError",
     "ImageFolderDataset",
     "ImagePipeline",
+    "ImageScan",
     "Item",
     "RandomResizedCropDecode",
     "ResizeDecode",
@@ -79,10 +95,15 @@ __all__ = [
     "build_image_dataset",
     "build_loader",
     "build_pretrain_dataset",
+    "byol_crop_box",
     "collate_images",
     "collect_image_paths",
+    "crop_box",
     "decode_rgb",
     "default_cache_dir",
+    "default_num_workers",
+    "describe_found",
+    "describe_ignored",
     "draft_to",
     "eval_transform",
     "extract_archive_subset",
@@ -95,7 +116,11 @@ __all__ = [
     "open_image",
     "pretrain_transform",
     "read_file_list",
+    "resolve_num_workers",
     "resolve_source",
     "sample_images_dir",
+    "scan_images",
+    "scan_sources",
+    "shell_sources",
     "to_rgb",
 ]

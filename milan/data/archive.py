@@ -1,8 +1,8 @@
 """Unpacking a deterministic, class-balanced subset of a labelled image archive into an ImageFolder tree.
 
-Meant for the shared CIFAR-10 and Tiny-ImageNet archives (``/work/shared/data``)::
+Meant for labelled image archives such as a CIFAR-10 or Tiny-ImageNet tarball of JPEG class folders::
 
-    root = extract_archive_subset("/work/shared/data/cifar10_jpg/test.tar.gz", None, per_class=100)
+    root = extract_archive_subset("cifar10/test.tar.gz", None, per_class=100)
     dataset = ImageFolderDataset(root, eval_transform(32))
 
 Archive layout: ``[<split>/]<class>/<any sub-path>/<image>``. The subset holds, for every class, the first

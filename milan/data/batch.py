@@ -13,6 +13,10 @@ a :class:`SkipReport` and skips a batch whose images were all bad::
         loss = model(batch.images.to(device, non_blocking=True)).loss
         ...
     print(report.summary())  # "skipped 5 of 1000 images: 2 corrupt, 1 truncated, ..."
+    report.check("epoch 3")  # DataError: no usable image, or more skipped than max_skip_fraction
+
+A tar shard that cannot be read to its end arrives as a :class:`BadSample` with reason ``"damaged shard"``
+(:class:`milan.data.ShardImages`): it is counted as a damaged shard, not as an image.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from milan.data.decode import SKIP_REASONS, BadSample
+from milan.data.decode import DAMAGED_SHARD, SKIP_REASONS, BadSample
+from milan.errors import UserError
+
+DEFAULT_MAX_SKIP_FRACTION = 0.5
+"""Default of ``data.max_skip_fraction``: a run stops when more than half of an epoch's images were skipped."""
+
+
+class DataError(UserError, RuntimeError):
+    """The data cannot train or evaluate anything useful: no usable image, or too many skipped (one line)."""
 
 
 @dataclass
@@ -88,24 +100,50 @@ class SkipReport:
     """Counts the images seen and skipped over an epoch (or a whole run) and summarises why.
 
     Args:
-        max_examples: How many skipped samples to remember (the first ones).
+        max_examples: How many skipped samples (and damaged shards) to remember (the first ones).
+        max_skip_fraction: :meth:`check` fails when more than this share of the images seen was skipped
+            (``data.max_skip_fraction``; 1.0: only an epoch without any usable image fails).
+        expected: Samples the epoch should hold (a stream's ``data.num_samples``, whole batches), if known: the
+            summary then says how many were not read (a damaged shard's lost samples).
     """
 
-    def __init__(self, max_examples: int = 10) -> None:
+    def __init__(
+        self,
+        max_examples: int = 10,
+        *,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
+        expected: int | None = None,
+    ) -> None:
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.max_examples = max_examples
+        self.max_skip_fraction = max_skip_fraction
+        self.expected = expected
         self.seen = 0
         self.counts: Counter[str] = Counter()
         self.examples: list[BadSample] = []
+        self.damaged_shards = 0
+        self.shard_examples: list[BadSample] = []
 
     @property
     def skipped(self) -> int:
         """Number of skipped images."""
         return sum(self.counts.values())
 
+    @property
+    def usable(self) -> int:
+        """Number of images that were not skipped."""
+        return self.seen - self.skipped
+
     def add(self, bad: Iterable[BadSample], good: int = 0) -> None:
         """Records skipped samples and ``good`` usable ones."""
         self.seen += good
         for sample in bad:
+            if sample.reason == DAMAGED_SHARD:
+                self.damaged_shards += 1
+                if len(self.shard_examples) < self.max_examples:
+                    self.shard_examples.append(sample)
+                continue
             self.seen += 1
             self.counts[sample.reason] += 1
             if len(self.examples) < self.max_examples:
@@ -127,6 +165,8 @@ class SkipReport:
         self.seen = 0
         self.counts.clear()
         self.examples.clear()
+        self.damaged_shards = 0
+        self.shard_examples.clear()
 
     def merge(self, other: SkipReport) -> None:
         """Adds another report's counts (e.g. one epoch's into a run total)."""
@@ -134,6 +174,11 @@ class SkipReport:
         self.counts.update(other.counts)
         room = self.max_examples - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])
+        self.damaged_shards += other.damaged_shards
+        room = self.max_examples - len(self.shard_examples)
+        self.shard_examples.extend(other.shard_examples[: max(room, 0)])
+        if other.expected is not None:
+            self.expected = (self.expected or 0) + other.expected
 
     def all_reduce(self, device: torch.device | None = None) -> None:
         """Sums the counts over all ranks in place (no-op unless ``torch.distributed`` is initialised).
@@ -143,36 +188,74 @@ class SkipReport:
         """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        values = torch.tensor([self.seen, *(self.counts[r] for r in SKIP_REASONS)], dtype=torch.long, device=device)
+        counts = [self.counts[r] for r in SKIP_REASONS]
+        values = torch.tensor([self.seen, self.damaged_shards, *counts], dtype=torch.long, device=device)
         torch.distributed.all_reduce(values)
-        self.seen = int(values[0])
-        self.counts = Counter({r: int(v) for r, v in zip(SKIP_REASONS, values[1:].tolist(), strict=True) if v})
+        self.seen, self.damaged_shards = int(values[0]), int(values[1])
+        self.counts = Counter({r: int(v) for r, v in zip(SKIP_REASONS, values[2:].tolist(), strict=True) if v})
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready counts: ``{"seen", "skipped", "reasons": {reason: n}, "examples": [[path, reason, detail]]}``."""
-        return {
+        """JSON-ready counts: ``{"seen", "skipped", "reasons": {reason: n}, "examples": [[path, reason, detail]]}``.
+
+        Streams add ``"damaged_shards"`` and ``"shard_examples"`` (when a shard was damaged) and ``"expected"``.
+        """
+        out: dict[str, Any] = {
             "seen": self.seen,
             "skipped": self.skipped,
             "reasons": dict(self.counts),
             "examples": [list(example) for example in self.examples],
         }
+        if self.damaged_shards or self.shard_examples:
+            out["damaged_shards"] = self.damaged_shards
+            out["shard_examples"] = [list(example) for example in self.shard_examples]
+        if self.expected is not None:
+            out["expected"] = self.expected
+        return out
 
     def summary(self) -> str:
         """One line of counts, most frequent reason first, and the first skipped file.
 
         Example: ``skipped 5 of 1000 images: 2 corrupt, 1 truncated, 1 empty, 1 not an image (first: a/b.jpg:
-        corrupt, SyntaxError: broken PNG file)``.
+        corrupt, SyntaxError: broken PNG file)``; for streams also ``; 1 damaged shard (a-0003.tar: truncated after
+        7 samples, ...); used 995 of the 1000 samples expected``.
         """
         if not self.skipped:
-            return f"skipped 0 of {self.seen} images"
-        order: dict[str, int] = {reason: i for i, reason in enumerate(SKIP_REASONS)}
-        reasons = sorted(self.counts.items(), key=lambda kv: (-kv[1], order.get(kv[0], len(order))))
-        parts = ", ".join(f"{n} {reason}" for reason, n in reasons)
-        text = f"skipped {self.skipped} of {self.seen} images: {parts}"
-        if self.examples:
-            first = self.examples[0]
-            text += f" (first: {first.path}: {first.reason}, {first.detail})"
+            text = f"skipped 0 of {self.seen} images"
+        else:
+            order: dict[str, int] = {reason: i for i, reason in enumerate(SKIP_REASONS)}
+            reasons = sorted(self.counts.items(), key=lambda kv: (-kv[1], order.get(kv[0], len(order))))
+            parts = ", ".join(f"{n} {reason}" for reason, n in reasons)
+            text = f"skipped {self.skipped} of {self.seen} images: {parts}"
+            if self.examples:
+                first = self.examples[0]
+                text += f" (first: {first.path}: {first.reason}, {first.detail})"
+        if self.damaged_shards:
+            shards = "; ".join(f"{s.path}: {s.detail}" for s in self.shard_examples[:3])
+            more = ", ..." if self.damaged_shards > len(self.shard_examples[:3]) else ""
+            text += f"; {self.damaged_shards} damaged shard{'s' if self.damaged_shards != 1 else ''}"
+            text += f" ({shards}{more})" if shards else ""
+        if self.expected is not None and self.seen < self.expected:
+            text += f"; used {self.seen} of the {self.expected} samples expected"
         return text
+
+    def check(self, what: str = "the epoch") -> None:
+        """Raises :class:`DataError` when ``what`` had no usable image or skipped too many (after :meth:`all_reduce`).
+
+        Args:
+            what: Names the span in the message (``"epoch 3"``, ``"data.val"``).
+
+        Raises:
+            DataError: No usable image, or a skipped share above ``max_skip_fraction``.
+        """
+        if self.usable == 0:
+            raise DataError(f"{what} had no usable image: {self.summary()}")
+        share = self.skipped / self.seen
+        if share > self.max_skip_fraction:
+            raise DataError(
+                f"{what} skipped {share:.0%} of its images, more than data.max_skip_fraction="
+                f"{self.max_skip_fraction:g}: {self.summary()}. Repair or remove the files, or raise "
+                "data.max_skip_fraction"
+            )
 
     def __repr__(self) -> str:
         return f"SkipReport({self.summary()!r})"

@@ -6,7 +6,8 @@ Data source strings (``source`` below):
 * a folder: every image under it, at any depth (pretraining), or an ImageFolder class tree (labelled eval);
 * a text file: one image path per line (relative to the list's folder); an image file: just that image;
 * tar shards: ``*.tar`` paths, brace patterns like ``data/train-{000000..000127}.tar`` or a list of them
-  (webdataset format, optional ``webdataset`` package);
+  (webdataset format, optional ``webdataset`` package); ``pipe:CMD`` and remote URLs only with
+  ``allow_shell_pipes=True`` (webdataset runs shell commands for them);
 * a list/tuple of the above: their images concatenated (unlabelled only).
 """
 
@@ -20,9 +21,16 @@ from typing import Literal
 from milan.data.datasets import ImageDataset, ImageFolderDataset, UnlabelledImages
 from milan.data.decode import DEFAULT_MAX_PIXELS
 from milan.data.encoded import EncodedImages
-from milan.data.shards import ShardImages, is_shard_source
+from milan.data.shards import ShardImages, is_shard_source, shell_sources
 from milan.data.sources import BUILTIN_SAMPLES, sample_images_dir
-from milan.data.transforms import DEFAULT_CROP_PCT, ImagePipeline, Interpolation, eval_transform, pretrain_transform
+from milan.data.transforms import (
+    DEFAULT_CROP_PCT,
+    CropGeometry,
+    ImagePipeline,
+    Interpolation,
+    eval_transform,
+    pretrain_transform,
+)
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 """A data source: see the module docstring."""
@@ -59,6 +67,7 @@ def build_image_dataset(
     shuffle_buffer: int = 0,
     seed: int = 0,
     num_samples: int | None = None,
+    allow_shell_pipes: bool = False,
 ) -> ImageDataset | ShardImages:
     """Builds the dataset for a source with any pipeline (e.g. a timm fine-tuning transform).
 
@@ -71,19 +80,21 @@ def build_image_dataset(
         shuffle_buffer: Shards only: sample shuffle buffer.
         seed: Shards only: shuffle seed.
         num_samples: Shards only: the number of samples, if known.
+        allow_shell_pipes: Shards only: accept ``pipe:CMD`` sources and remote URLs (shell commands).
 
     Returns:
         A map-style dataset (folders, lists) or a :class:`ShardImages` stream.
 
     Raises:
         FileNotFoundError: A source that does not exist or holds no images.
-        ValueError: Labels requested from a source that has none.
+        ValueError: Labels requested from a source that has none; a shell source without ``allow_shell_pipes``.
     """
     entries = _entries(source)
     if not entries:
         raise ValueError("empty data source list")
-    if is_shard_source(entries):
-        urls = [os.fspath(resolve_source(e)) if not os.fspath(e).startswith("pipe:") else os.fspath(e) for e in entries]
+    if is_shard_source(entries) or shell_sources(entries):
+        commands = set(shell_sources(entries))
+        urls = [os.fspath(e) if os.fspath(e) in commands else os.fspath(resolve_source(e)) for e in entries]
         return ShardImages(
             urls[0] if len(urls) == 1 else urls,
             pipeline,
@@ -92,6 +103,7 @@ def build_image_dataset(
             seed=seed,
             num_samples=num_samples,
             max_pixels=max_pixels,
+            allow_shell_pipes=allow_shell_pipes,
         )
     paths = [resolve_source(entry) for entry in entries]
     if not labelled:
@@ -113,12 +125,14 @@ def build_pretrain_dataset(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     interpolation: Interpolation = "bicubic",
     hflip: float = 0.5,
-    draft: bool = True,
+    draft: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     shuffle_buffer: int = 1000,
     seed: int = 0,
     num_samples: int | None = None,
     decode: Literal["cpu", "device"] = "cpu",
+    crop: CropGeometry = "torchvision",
+    allow_shell_pipes: bool = False,
 ) -> ImageDataset | ShardImages | EncodedImages:
     """The pretraining dataset: unlabelled images with the MILAN view (:func:`pretrain_transform`).
 
@@ -133,12 +147,15 @@ def build_pretrain_dataset(
         ratio: RandomResizedCrop aspect-ratio range.
         interpolation: Crop resampling.
         hflip: Flip probability.
-        draft: JPEG draft decoding when the crop allows it.
+        draft: JPEG draft decoding when the crop allows it (not in the references; see
+            :mod:`milan.data.transforms`).
         max_pixels: Decompression-bomb guard (pixels).
         shuffle_buffer: Shards only: sample shuffle buffer (shard order is shuffled too).
         seed: Shards only: shuffle seed.
         num_samples: Shards only: the number of samples, if known.
         decode: ``"cpu"``: decode and augment in the dataset; ``"device"``: only read the files (not for shards).
+        crop: The crop box rule (:data:`~milan.data.transforms.CropGeometry`; MILAN pretraining: torchvision's).
+        allow_shell_pipes: Shards only: accept ``pipe:CMD`` sources and remote URLs (shell commands).
 
     Returns:
         Items ``(image (3, img_size, img_size), -1)`` or :class:`BadSample` (``decode="device"``: ``(Encoded,
@@ -148,7 +165,7 @@ def build_pretrain_dataset(
         ValueError: ``decode="device"`` with tar shards.
     """
     pipeline = pretrain_transform(
-        img_size, scale=scale, ratio=ratio, interpolation=interpolation, hflip=hflip, draft=draft
+        img_size, scale=scale, ratio=ratio, interpolation=interpolation, hflip=hflip, draft=draft, crop=crop
     )
     if decode == "device":
         if is_shard_source(_entries(source)):
@@ -165,6 +182,7 @@ def build_pretrain_dataset(
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         num_samples=num_samples,
+        allow_shell_pipes=allow_shell_pipes,
     )
 
 

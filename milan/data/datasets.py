@@ -11,6 +11,7 @@ Item contract (all datasets of :mod:`milan.data`, including the webdataset shard
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,15 @@ import torch
 from torch.utils.data import Dataset
 
 from milan.data.decode import DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image
-from milan.data.sources import IMAGE_EXTENSIONS, find_classes, find_images, is_image_file, read_file_list
+from milan.data.sources import (
+    IMAGE_EXTENSIONS,
+    ImageScan,
+    describe_ignored,
+    find_classes,
+    is_image_file,
+    read_file_list,
+    scan_images,
+)
 from milan.data.transforms import ImagePipeline
 from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
 
@@ -32,8 +41,12 @@ MAX_FILE_BYTES = 1 << 30
 """Files larger than this (1 GiB) are skipped as ``"too large"`` without being read."""
 
 
-def _no_images_error(where: str) -> FileNotFoundError:
-    return FileNotFoundError(f"no image files found in {where} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
+def _no_images_error(where: str, ignored: Counter[str] | None = None) -> FileNotFoundError:
+    found = describe_ignored(ignored or Counter()) or "no files at all"
+    accepted = ", ".join(IMAGE_EXTENSIONS[:8])
+    return FileNotFoundError(
+        f"no image files found in {where}: {found} (accepted: every format Pillow reads, e.g. {accepted})"
+    )
 
 
 class ImageDataset(Dataset[Item]):
@@ -44,6 +57,7 @@ class ImageDataset(Dataset[Item]):
         pipeline: Decode + transform applied to each image.
         classes: Class names indexed by label (empty for unlabelled data).
         max_pixels: Images larger than this are skipped as ``"too large"`` (decompression-bomb guard).
+        ignored: Files the scan left out for their extension, by extension (see :func:`describe_ignored`).
     """
 
     def __init__(
@@ -53,11 +67,14 @@ class ImageDataset(Dataset[Item]):
         *,
         classes: Sequence[str] = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        ignored: Counter[str] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.pipeline = pipeline
         self.classes = list(classes)
         self.max_pixels = max_pixels
+        self.ignored: Counter[str] = Counter(ignored or {})
+        self.source = ""  # where the samples come from, as the user named it (for messages)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -105,9 +122,12 @@ class ImageFolderDataset(ImageDataset):
         classes: Use these class names (and their order) instead of the sorted subfolders; images of other
             folders are left out.
         max_pixels: See :class:`ImageDataset`.
+        per_class: Keep the first ``per_class`` images of every class, in natural name order (``img_2`` before
+            ``img_10``; the rule :func:`milan.data.extract_archive_subset` applies to archives); ``None``: all.
 
     Raises:
         FileNotFoundError: No class folders, or no image files at all.
+        ValueError: ``per_class`` is not positive.
     """
 
     def __init__(
@@ -117,13 +137,23 @@ class ImageFolderDataset(ImageDataset):
         *,
         classes: Sequence[str] | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        per_class: int | None = None,
     ) -> None:
+        if per_class is not None and per_class < 1:
+            raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
         self.root = Path(root)
         names = list(classes) if classes is not None else find_classes(self.root)
-        samples = [(path, label) for label, name in enumerate(names) for path in find_images(self.root / name)]
+        samples: list[tuple[Path, int]] = []
+        ignored: Counter[str] = Counter()
+        for label, name in enumerate(names):
+            folder = self.root / name
+            scan = scan_images(folder) if folder.is_dir() else ImageScan([], Counter())
+            samples += [(path, label) for path in scan.paths[:per_class]]
+            ignored += scan.ignored
         if not samples:
-            raise _no_images_error(f"the class folders of {self.root}")
-        super().__init__(samples, pipeline, classes=names, max_pixels=max_pixels)
+            raise _no_images_error(f"the class folders of {self.root}", ignored)
+        super().__init__(samples, pipeline, classes=names, max_pixels=max_pixels, ignored=ignored)
+        self.source = os.fspath(root)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -131,33 +161,53 @@ class ImageFolderDataset(ImageDataset):
         return {name: label for label, name in enumerate(self.classes)}
 
 
-def collect_image_paths(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+def scan_sources(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> ImageScan:
     """Image paths from folders (scanned recursively), list files (one path per line) and image files.
 
     Args:
         source: One entry or a sequence of entries; each is a folder, an image file (by extension) or a text
-            file listing images (relative paths resolved against the list's folder).
+            file listing images (relative paths resolved against the list's folder; listed files are not checked
+            here, a missing one is a counted skip when it is loaded).
 
     Returns:
-        The paths, entry by entry (folders in sorted order, lists in file order).
+        The paths, entry by entry (folders in sorted order, lists in file order), and the folders' files ignored
+        for their extension.
 
     Raises:
         FileNotFoundError: An entry does not exist, or no image files were found at all.
     """
     entries = [source] if isinstance(source, str | os.PathLike) else list(source)
     paths: list[Path] = []
+    ignored: Counter[str] = Counter()
     for entry in entries:
         location = Path(entry)
         if location.is_dir():
-            paths += find_images(location)
+            scan = scan_images(location)
+            paths += scan.paths
+            ignored += scan.ignored
         elif location.is_file():
             paths += [location] if is_image_file(location) else read_file_list(location)
         else:
             raise FileNotFoundError(f"image source not found: {location}")
     if not paths:
         where = ", ".join(str(Path(e)) for e in entries) or "an empty source list"
-        raise _no_images_error(f"{where} (folders are searched recursively)")
-    return paths
+        raise _no_images_error(f"{where} (folders are searched recursively)", ignored)
+    return ImageScan(paths, ignored)
+
+
+def collect_image_paths(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The image paths of :func:`scan_sources` (without the ignored-file counts).
+
+    Args:
+        source: See :func:`scan_sources`.
+
+    Returns:
+        The paths.
+
+    Raises:
+        FileNotFoundError: An entry does not exist, or no image files were found at all.
+    """
+    return scan_sources(source).paths
 
 
 class UnlabelledImages(ImageDataset):
@@ -182,8 +232,31 @@ class UnlabelledImages(ImageDataset):
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        paths = collect_image_paths(source)
-        super().__init__([(path, UNLABELLED) for path in paths], pipeline, max_pixels=max_pixels)
+        paths, ignored = scan_sources(source)
+        super().__init__([(path, UNLABELLED) for path in paths], pipeline, max_pixels=max_pixels, ignored=ignored)
+        entries = [source] if isinstance(source, str | os.PathLike) else list(source)
+        self.source = ", ".join(os.fspath(e) for e in entries)
+
+
+def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
+    """The start-of-run line of a dataset: ``"found 1000 images (10 classes) in PATH"`` (+ ignored files).
+
+    Args:
+        dataset: The scanned dataset.
+        where: The data source as the user gave it (default: ``dataset.source``).
+        unit: Appended after a ``"; "`` (e.g. ``"31 steps per epoch"``).
+
+    Returns:
+        One line.
+    """
+    where = where if where is not None else dataset.source
+    n = len(dataset)
+    classes = f" ({len(dataset.classes)} class{'es' if len(dataset.classes) != 1 else ''})" if dataset.classes else ""
+    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {where}"
+    ignored = describe_ignored(dataset.ignored)
+    if ignored:
+        text += f" ({ignored})"
+    return text + (f"; {unit}" if unit else "")
 
 
 class SyntheticImages(Dataset[Item]):

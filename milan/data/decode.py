@@ -7,7 +7,9 @@ Decoding is split in two so that JPEG draft mode can be used (see :mod:`milan.da
    mode to 8-bit RGB.
 
 Both raise :class:`ImageDecodeError` carrying a :data:`SkipReason`; the datasets turn it into a
-:class:`BadSample` so that one bad file never stops a run.
+:class:`BadSample` so that one bad file never stops a run. Every exception Pillow raises while parsing or decoding
+one file is classified (a decompression bomb above Pillow's own hard limit is ``"too large"``, like one above
+``max_pixels``); only errors outside Pillow's parsing and decoding propagate.
 
 Mode conversion rules (:func:`to_rgb`):
 
@@ -23,17 +25,18 @@ Mode conversion rules (:func:`to_rgb`):
 from __future__ import annotations
 
 import io
-import struct
 import warnings
-import zlib
 from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-SkipReason = Literal["empty", "not an image", "corrupt", "truncated", "too large", "missing", "unreadable"]
+SkipReason = Literal[
+    "empty", "not an image", "corrupt", "truncated", "too large", "missing", "unreadable", "damaged shard"
+]
 """Why a sample was skipped. ``missing``/``unreadable`` come from the file system (listed file absent, no
-permission); the others from the bytes themselves."""
+permission); ``damaged shard`` marks a tar shard that could not be read to its end (it counts shards, not images);
+the others come from the bytes themselves."""
 
 SKIP_REASONS: tuple[SkipReason, ...] = (
     "corrupt",
@@ -44,6 +47,9 @@ SKIP_REASONS: tuple[SkipReason, ...] = (
     "missing",
     "unreadable",
 )
+"""The reasons an *image* is skipped (``damaged shard`` is counted apart, see :class:`milan.data.SkipReport`)."""
+
+DAMAGED_SHARD: SkipReason = "damaged shard"
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 """Largest accepted ``width * height``; Pillow's own warning threshold (~89.5 M pixels, 0.25 GiB as RGB)."""
@@ -51,16 +57,11 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 WHITE = (255, 255, 255)
 """Background that transparent pixels are composited onto."""
 
-# Errors Pillow raises (directly or from its codecs) for damaged data. Anything else is a bug and propagates.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    SyntaxError,  # PNG chunk errors ("broken PNG file")
-    ValueError,  # e.g. text chunk too large, bad BMP header fields
-    EOFError,
-    struct.error,
-    zlib.error,
-    IndexError,  # some truncated palettes and BMP colour tables
-)
+# Errors Pillow raises (directly or from its codecs) for damaged data: OSError, SyntaxError (PNG chunk errors),
+# ValueError (bad header fields), EOFError, struct.error, zlib.error, IndexError (truncated palettes), its
+# DecompressionBombError, and whatever a less common plugin raises. Inside Pillow's parsing and decoding of one
+# file, any Exception is that file's problem: it becomes a skip, never a crash of the run.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (Exception,)
 
 
 class BadSample(NamedTuple):
@@ -86,8 +87,14 @@ class ImageDecodeError(Exception):
         self.detail = detail
 
 
-# File signatures of the accepted formats: a file that starts like one of them but does not open is corrupt.
-_SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
+# File signatures of common formats: a file that starts like one of them but does not open is corrupt.
+_SIGNATURES: tuple[bytes, ...] = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    b"II*\x00",  # TIFF, little- and big-endian
+    b"MM\x00*",
+)
 
 
 def _has_image_signature(data: bytes) -> bool:
@@ -95,11 +102,11 @@ def _has_image_signature(data: bytes) -> bool:
 
 
 def _classify(err: BaseException, data: bytes = b"") -> ImageDecodeError:
-    if isinstance(err, Image.DecompressionBombError):
-        return ImageDecodeError("too large", str(err))
+    if isinstance(err, Image.DecompressionBombError | MemoryError):
+        return ImageDecodeError("too large", str(err) or type(err).__name__)
     if isinstance(err, UnidentifiedImageError):
         if _has_image_signature(data):
-            return ImageDecodeError("corrupt", "broken header of a JPEG/PNG/WebP/BMP file")
+            return ImageDecodeError("corrupt", "broken header of a JPEG/PNG/WebP/BMP/TIFF file")
         return ImageDecodeError("not an image", "not a recognised image format")
     message = str(err) or type(err).__name__
     if "truncated" in message.lower() or isinstance(err, EOFError):
@@ -113,7 +120,7 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
     Args:
         data: The encoded file contents.
         max_pixels: Reject images with more than this many pixels as ``"too large"`` (``None``: no limit of
-            ours; Pillow still refuses more than ``2 * PIL.Image.MAX_IMAGE_PIXELS``).
+            ours; Pillow still refuses more than ``2 * PIL.Image.MAX_IMAGE_PIXELS``, also as ``"too large"``).
 
     Returns:
         A lazily loaded Pillow image; call :func:`load_rgb` (optionally after ``draft``) to decode it.
@@ -131,6 +138,8 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
     except _DECODE_ERRORS as err:
         raise _classify(err, data) from None
     width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError("corrupt", f"image size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError("too large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
     return img

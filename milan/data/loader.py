@@ -11,6 +11,7 @@ sample themselves, such as :class:`milan.engine.sampling.SeededSamples`, where t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,27 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (``os.sched_getaffinity``: respects taskset, cgroups' cpusets, SLURM)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_num_workers() -> int:
+    """The DataLoader workers used when the config says ``null``: ``min(8, available cores)``."""
+    return min(MAX_DEFAULT_WORKERS, available_cores())
+
+
+def resolve_num_workers(num_workers: int | None) -> int:
+    """``num_workers``, or :func:`default_num_workers` for ``None``."""
+    return default_num_workers() if num_workers is None else num_workers
 
 
 def loader_generator(seed: int, rank: int = 0) -> torch.Generator:
@@ -46,7 +68,7 @@ def build_loader(
     batch_size: int,
     *,
     shuffle: bool = False,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     sampler: Sampler[Any] | None = None,
     drop_last: bool = False,
     seed: int | None = 0,
@@ -64,7 +86,7 @@ def build_loader(
             whatever ``collate_fn`` takes.
         batch_size: Samples per batch (before dropping bad ones).
         shuffle: Shuffle a map-style dataset (ignored when ``sampler`` is given; pass a shuffling sampler).
-        num_workers: Worker processes (0: load in the main process).
+        num_workers: Worker processes (0: load in the main process; ``None``: :func:`default_num_workers`).
         sampler: E.g. a ``DistributedSampler`` (call its ``set_epoch`` every epoch).
         drop_last: Drop the last incomplete batch.
         seed: Seed of shuffling and of the workers' augmentation randomness (``None``: the global ``torch`` RNG,
@@ -86,6 +108,7 @@ def build_loader(
     iterable = isinstance(dataset, IterableDataset)
     if iterable and (shuffle or sampler is not None):
         raise ValueError("an iterable dataset (e.g. webdataset shards) shuffles itself: pass shuffle=False, no sampler")
+    num_workers = resolve_num_workers(num_workers)
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     extra: dict[str, Any] = {}

@@ -3,13 +3,23 @@
 A shard is a tar file in which the files of one sample share a key: ``000123.jpg`` (the image; any of the
 accepted extensions) and optionally ``000123.cls`` (an integer label as text). Shards are split across
 distributed ranks first, then across DataLoader workers, then shuffled (shard order and a sample buffer).
+
+A shard that cannot be read to its end (truncated, corrupt, missing) does not stop the epoch: the samples read
+before the damage are used, and the stream carries a :class:`BadSample` with reason ``"damaged shard"`` naming the
+shard, the samples read from it and the error, which :class:`milan.data.SkipReport` counts apart from images.
+
+Shell commands. webdataset runs ``pipe:CMD`` sources in a shell and fetches remote URLs (``http://``, ``gs://``,
+...) with ``curl``/``gsutil`` commands; these sources are refused unless the caller opts in
+(``allow_shell_pipes=True``, the config key ``data.allow_shell_pipes``). Local shards are opened as files.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -18,11 +28,32 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from milan.data.datasets import UNLABELLED, Item
-from milan.data.decode import DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image
+from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image
 from milan.data.sources import IMAGE_EXTENSIONS
 from milan.data.transforms import ImagePipeline
 
 _IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two characters at least: "C:" is a drive letter
+_DAMAGE_KEY = "__damaged_shard__"
+
+
+def shell_sources(entries: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """The entries that webdataset would open by running a shell command: ``pipe:`` and remote URLs.
+
+    Args:
+        entries: Shard paths or URLs.
+
+    Returns:
+        Those with a scheme other than ``file:`` and ``builtin:`` (``pipe:``, ``http:``, ``https:``, ``gs:``, ...).
+    """
+    out = []
+    for entry in entries:
+        text = os.fspath(entry)
+        match = _SCHEME.match(text)
+        if match is not None and match.group(1).lower() not in ("file", "builtin"):
+            out.append(text)
+    return out
 
 
 def import_webdataset() -> ModuleType:
@@ -45,7 +76,10 @@ def import_webdataset() -> ModuleType:
 
 
 def is_shard_source(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> bool:
-    """Whether a data source names tar shards: ``*.tar`` paths, brace patterns (``a-{000..009}.tar``), ``pipe:``."""
+    """Whether a data source names tar shards: ``*.tar`` paths, brace patterns (``a-{000..009}.tar``), ``pipe:``.
+
+    Only the names are looked at (``pipe:`` commands are not run here).
+    """
     entries = [source] if isinstance(source, str | os.PathLike) else list(source)
     if not entries:
         return False
@@ -68,9 +102,12 @@ class ShardImages(IterableDataset[Item]):
         seed: Seed of the shard and sample shuffles (mixed with the epoch, rank and worker).
         num_samples: The number of samples, if known (``len()`` raises otherwise).
         max_pixels: Decompression-bomb guard, see :func:`milan.data.decode.open_image`.
+        allow_shell_pipes: Accept ``pipe:`` sources and remote URLs, which webdataset opens by running shell
+            commands (see the module docstring).
 
     Raises:
         ImportError: ``webdataset`` is not installed.
+        ValueError: A ``pipe:`` or remote source without ``allow_shell_pipes``.
     """
 
     def __init__(
@@ -84,9 +121,16 @@ class ShardImages(IterableDataset[Item]):
         seed: int = 0,
         num_samples: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_shell_pipes: bool = False,
     ) -> None:
         import_webdataset()  # fail early, in the main process
         self.urls: str | list[str] = urls if isinstance(urls, str) else [os.fspath(u) for u in urls]
+        commands = shell_sources([self.urls] if isinstance(self.urls, str) else self.urls)
+        if commands and not allow_shell_pipes:
+            raise ValueError(
+                f"{commands[0]!r} would run a shell command (webdataset opens pipe: sources and remote URLs with "
+                "one); set data.allow_shell_pipes=true to allow it"
+            )
         self.pipeline = pipeline
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_shards = shuffle_shards
@@ -118,19 +162,30 @@ class ShardImages(IterableDataset[Item]):
         wds = import_webdataset()
         seed = self._stream_seed()
         self._iterations += 1
+        errors: list[tuple[str | None, str]] = []  # (shard or None, message), filled by the handler
+
+        def handler(exn: Exception) -> bool:
+            errors.append(_shard_error(exn))
+            return True  # go on with the next shard
+
         dataset: Any = wds.WebDataset(
             self.urls,
             shardshuffle=100 if self.shuffle_shards else False,
             seed=seed,
             nodesplitter=wds.split_by_node,
             workersplitter=wds.split_by_worker,
-            handler=wds.warn_and_continue,  # an unreadable shard is warned about and skipped
+            handler=handler,  # a damaged shard becomes a "damaged shard" marker (_mark_damage)
             empty_check=False,  # fewer shards than workers leaves some workers without data
         )
+        dataset = dataset.compose(_mark_damage(errors))  # before the shuffle: counts in shard order
         if self.shuffle_buffer > 0:
             dataset = dataset.shuffle(self.shuffle_buffer, seed=seed)
         for sample in dataset:
-            yield self._decode(sample)
+            if _DAMAGE_KEY in sample:
+                url, detail = sample[_DAMAGE_KEY]
+                yield BadSample(url, DAMAGED_SHARD, detail)
+            else:
+                yield self._decode(sample)
 
     def _decode(self, sample: dict[str, Any]) -> Item:
         name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -149,3 +204,58 @@ class ShardImages(IterableDataset[Item]):
         except ImageDecodeError as err:
             return BadSample(f"{name}.{image_key}", err.reason, err.detail)
         return image, label
+
+
+_NAME_IN_REPR = re.compile(r"name='([^']*)'")
+
+
+def _shard_error(exn: Exception) -> tuple[str | None, str]:
+    """``(shard, message)`` of an exception webdataset hands to its handler (it appends the shard URL to ``args``).
+
+    webdataset's tar reader appends ``" @ <file object>"`` to the message and its shard expander appends
+    ``(stream, url)`` to ``args``; the URL is taken from there, else from the file object's name.
+    """
+    args = list(getattr(exn, "args", ()))
+    url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else None
+    message = str(args[0]) if args else ""
+    head, _, where = message.partition(" @ ")
+    if url is None and where:
+        found = _NAME_IN_REPR.search(where)
+        url = found.group(1) if found else None
+    return url, f"{type(exn).__name__}: {head or type(exn).__name__}"
+
+
+def _mark_damage(
+    errors: list[tuple[str | None, str]],
+) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """A webdataset pipeline stage that inserts one marker sample per damaged shard into the sample stream.
+
+    The marker (``{_DAMAGE_KEY: (shard, detail)}``) comes once the stream has moved past the damaged shard (its last
+    partial sample, which webdataset yields late, is counted with it) and says how many samples were read from it.
+    """
+
+    def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        read: Counter[str] = Counter()
+        damaged: dict[str, str] = {}  # shard -> first error, in order
+        reported: set[str] = set()
+        current: str | None = None
+
+        def markers(keep: str | None) -> Iterator[dict[str, Any]]:
+            while errors:
+                url, message = errors.pop(0)
+                damaged.setdefault(url or current or "?", message)
+            for url, message in damaged.items():
+                if url != keep and url not in reported:
+                    reported.add(url)
+                    n = read[url]
+                    detail = f"unreadable after {n} sample{'s' if n != 1 else ''} ({message}); the rest is lost"
+                    yield {_DAMAGE_KEY: (url, detail)}
+
+        for sample in samples:
+            current = str(sample.get("__url__", "?"))
+            yield from markers(keep=current)
+            read[current] += 1
+            yield sample
+        yield from markers(keep=None)
+
+    return stage

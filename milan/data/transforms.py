@@ -4,13 +4,26 @@ The MILAN pretraining view (ORIG and mmpretrain alike) is ``RandomResizedCrop(22
 + ``RandomHorizontalFlip`` + ``ToTensor`` + ImageNet ``Normalize``; evaluation is ``Resize(256, bicubic)`` +
 ``CenterCrop(224)`` + ``Normalize`` (crop_pct 0.875).
 
-JPEG draft mode. libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (it skips the high-frequency
-DCT coefficients), which makes decoding large photos several times faster. For a random resized crop the crop
-box is drawn first from the header size (exactly as :class:`torchvision.transforms.RandomResizedCrop` draws
-it), then the largest draft scale ``s`` is chosen with ``crop_w / s >= out_w`` and ``crop_h / s >= out_h``:
-the crop is never decoded at fewer pixels than the output needs, so draft only removes detail that the
-bicubic down-sampling would have removed anyway. Without draft (or when ``s == 1``) the result is exactly
-``torchvision.transforms.functional.resized_crop`` of the fully decoded image.
+Crop geometry (:data:`CropGeometry`). Two rules draw the random resized crop's box from the same ``scale`` and
+``ratio`` ranges:
+
+* ``"torchvision"``: :meth:`torchvision.transforms.RandomResizedCrop.get_params`: up to ten draws of (area,
+  log-aspect) until the box fits inside the image, then a centre crop of the whole image clamped to the ratio
+  range. MILAN pretraining (ORIG ``main_pretrain.py``, MMSelfSup, mmpretrain) and mmpretrain's linear probe.
+* ``"byol"``: the original MILAN linear probe's crop (ORIG ``util/crop.py``, MAE's TF/BYOL-style crop): **one**
+  draw of area and log-aspect, width and height rounded and then each clamped to the image, the box placed
+  uniformly; no retries, no centre-crop fallback (:func:`byol_crop_box`). Clamping makes large crops more common
+  than with torchvision's retries (a 500x375 image: mean crop area 0.52 of the image instead of 0.43).
+
+JPEG draft mode (``draft=True``; off by default: neither reference uses it). libjpeg can decode at 1/2, 1/4 or
+1/8 scale almost for free (it skips the high-frequency DCT coefficients), which makes decoding large photos
+several times faster. For a random resized crop the crop box is drawn first from the header size (with the same
+random draws as without draft), then the largest draft scale ``s`` is chosen with ``crop_w / s >= out_w`` and
+``crop_h / s >= out_h``: the crop is never decoded at fewer pixels than the output needs, so draft only removes
+detail that the bicubic down-sampling would mostly have removed anyway; the pixels still differ slightly (libjpeg's
+scaled IDCT is not a bicubic filter; ``benchmarks/data.py`` measures how much and how often). Without draft (or
+when ``s == 1``) the result is exactly ``torchvision.transforms.functional.resized_crop`` of the fully decoded
+image.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, cast
+from typing import Literal, TypeAlias, cast
 
 import torch
 from PIL import Image
@@ -33,6 +46,11 @@ Interpolation: TypeAlias = "str | InterpolationMode"
 """A torchvision interpolation mode or its name (``"bicubic"``, ``"bilinear"``, ...)."""
 
 DEFAULT_CROP_PCT = 0.875  # eval: Resize(img_size / 0.875) then CenterCrop(img_size), i.e. 256 -> 224
+
+CropGeometry: TypeAlias = Literal["torchvision", "byol"]
+"""How a random resized crop's box is drawn (see the module docstring)."""
+
+CROP_GEOMETRIES: tuple[CropGeometry, ...] = ("torchvision", "byol")
 
 
 def _interpolation(mode: Interpolation) -> InterpolationMode:
@@ -73,6 +91,49 @@ def draft_to(img: Image.Image, min_width: int, min_height: int) -> int:
     return round(width / box[2])
 
 
+def byol_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """The original MILAN linear probe's crop box (ORIG ``util/crop.py``): one draw, clamped, no retries.
+
+    The area fraction is uniform in ``scale`` and the aspect ratio (width / height) log-uniform in ``ratio``;
+    ``w = round(sqrt(area * aspect))`` and ``h = round(sqrt(area / aspect))`` are each clamped to the image (so a
+    clamped box is less elongated and smaller than drawn), then the box is placed uniformly. The random draws
+    come from the global ``torch`` generator in the original's order and precision (area, log-aspect in float32,
+    top, left), so the same seed gives the original's boxes. Unlike the original, a side that rounds to 0
+    (images of a few pixels) becomes 1.
+
+    Args:
+        width: Image width.
+        height: Image height.
+        scale: ``(min, max)`` area fraction.
+        ratio: ``(min, max)`` aspect ratio.
+
+    Returns:
+        ``(top, left, height, width)`` of the box, as :meth:`torchvision.transforms.RandomResizedCrop.get_params`.
+    """
+    area = width * height
+    target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_lo, log_hi = torch.log(torch.tensor([float(ratio[0]), float(ratio[1])])).tolist()  # float32, as the original
+    aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi)).item()
+    w = min(max(1, round(math.sqrt(target_area * aspect))), width)
+    h = min(max(1, round(math.sqrt(target_area / aspect))), height)
+    top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+    left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+    return top, left, h, w
+
+
+def crop_box(
+    img: Image.Image, scale: Sequence[float], ratio: Sequence[float], geometry: CropGeometry = "torchvision"
+) -> tuple[int, int, int, int]:
+    """A random resized crop's ``(top, left, height, width)`` for ``img`` (only its size is used) by ``geometry``."""
+    if geometry == "byol":
+        width, height = img.size
+        return byol_crop_box(width, height, scale, ratio)
+    if geometry != "torchvision":
+        raise ValueError(f"crop geometry must be one of {', '.join(CROP_GEOMETRIES)}, got {geometry!r}")
+    top, left, height, width = _RandomResizedCrop.get_params(img, list(scale), list(ratio))
+    return top, left, height, width
+
+
 @dataclass(frozen=True)
 class ImagePipeline:
     """Decode stage plus tensor transform; the datasets call ``transform(decode(opened_image))``.
@@ -93,7 +154,7 @@ class ImagePipeline:
 
 
 class RandomResizedCropDecode:
-    """Decode stage of the pretraining view: torchvision's random resized crop, optionally through draft.
+    """Decode stage of the training views: a random resized crop (either geometry), optionally through draft.
 
     Args:
         size: Output size, an int (square) or ``(height, width)``.
@@ -101,6 +162,7 @@ class RandomResizedCropDecode:
         ratio: Range of the crop aspect ratio (width / height).
         interpolation: Resampling of the crop to ``size``.
         draft: Decode JPEGs at a reduced scale when the crop allows it (see the module docstring).
+        crop: How the box is drawn: ``"torchvision"`` or ``"byol"`` (see the module docstring).
     """
 
     def __init__(
@@ -110,8 +172,11 @@ class RandomResizedCropDecode:
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         interpolation: Interpolation = "bicubic",
-        draft: bool = True,
+        draft: bool = False,
+        crop: CropGeometry = "torchvision",
     ) -> None:
+        if crop not in CROP_GEOMETRIES:
+            raise ValueError(f"crop must be one of {', '.join(CROP_GEOMETRIES)}, got {crop!r}")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
@@ -121,11 +186,12 @@ class RandomResizedCropDecode:
         self.ratio = ratio
         self.interpolation = _interpolation(interpolation)
         self.draft = draft
+        self.crop = crop
 
     def __call__(self, img: Image.Image) -> Image.Image:
         """Crops and resizes an opened image; returns an RGB image of ``size``."""
-        # Same random draws, in the same order, as torchvision.transforms.RandomResizedCrop.
-        top, left, height, width = _RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        # The same random draws, in the same order, as the geometry's reference (header size only).
+        top, left, height, width = crop_box(img, self.scale, self.ratio, self.crop)
         out_h, out_w = self.size
         s = 1
         if self.draft:
@@ -143,7 +209,7 @@ class RandomResizedCropDecode:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-            f"interpolation={self.interpolation.value}, draft={self.draft})"
+            f"interpolation={self.interpolation.value}, draft={self.draft}, crop={self.crop})"
         )
 
 
@@ -198,11 +264,14 @@ def pretrain_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     interpolation: Interpolation = "bicubic",
     hflip: float = 0.5,
-    draft: bool = True,
+    draft: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    crop: CropGeometry = "torchvision",
 ) -> ImagePipeline:
     """The MILAN/MAE pretraining view: RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize.
+
+    Also the linear probe's training view (with ``scale=(0.08, 1.0)`` and, for the original's, ``crop="byol"``).
 
     Args:
         img_size: Output side length.
@@ -210,9 +279,10 @@ def pretrain_transform(
         ratio: RandomResizedCrop aspect-ratio range.
         interpolation: Crop resampling (MILAN: bicubic).
         hflip: Probability of a horizontal flip.
-        draft: Use JPEG draft decoding when the crop allows it.
+        draft: Use JPEG draft decoding when the crop allows it (not in the references).
         mean: Normalisation mean (ImageNet, as the references; the teacher sees the same tensor).
         std: Normalisation std.
+        crop: Crop box rule (:data:`CropGeometry`).
 
     Returns:
         A pipeline producing ``(3, img_size, img_size)`` float tensors.
@@ -223,7 +293,9 @@ def pretrain_transform(
         >>> pipe(Image.new("RGB", (50, 40))).shape
         torch.Size([3, 32, 32])
     """
-    decode = RandomResizedCropDecode(img_size, scale=scale, ratio=ratio, interpolation=interpolation, draft=draft)
+    decode = RandomResizedCropDecode(
+        img_size, scale=scale, ratio=ratio, interpolation=interpolation, draft=draft, crop=crop
+    )
     transform = v2.Compose([v2.RandomHorizontalFlip(hflip), *to_normalized_tensor(mean, std)])
     return ImagePipeline(transform=transform, decode=decode)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from milan.checkpoint.io import CheckpointError
+from milan.data import DataError
 from milan.engine.config import ConfigError, load_config, to_yaml
 from milan.engine.loop import NonFiniteLossError
 from milan.errors import traceback_requested
@@ -60,7 +61,8 @@ def run_job(
         args: Parsed arguments (``config``, ``overrides``, ``print_config``).
 
     Returns:
-        0 on success, 2 for a config/checkpoint/data error, 1 for a non-finite loss.
+        0 on success, 2 for a config/checkpoint/data-source error, 1 for a non-finite loss or unusable data
+        (:class:`~milan.data.DataError`: no usable image, too many skipped).
     """
     try:
         cfg = load_config(cls, args.config, args.overrides)
@@ -80,7 +82,7 @@ def run_job(
             raise
         print(f"milan {name}: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, DataError) as e:
         if traceback_requested():
             raise
         print(f"milan {name}: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, cast
 
 import yaml
 
+from milan.data.shards import shell_sources
 from milan.engine.presets import resolve_preset
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
 from milan.models.factory import ModelConfig, check_model, list_models, model_config
@@ -142,18 +143,26 @@ class RunConfig:
 class PretrainDataConfig:
     """Unlabelled images and the recipe's augmentation."""
 
-    path: str = "builtin:samples"  # folder (ImageFolder or any tree), .txt file list, tar shards, builtin:samples
+    # folder (ImageFolder or any tree), .txt file list, tar shards, builtin:samples; null: must be given
+    path: str | None = "builtin:samples"
     img_size: int | None = None  # None = model.encoder.img_size
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range (torchvision default)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     hflip: float = 0.5  # horizontal flip probability
-    num_workers: int = 8  # DataLoader workers per process
+    # JPEG draft decoding (libjpeg decodes at 1/2, 1/4, 1/8 scale when the crop still covers the output size): faster
+    # decoding of large photos, slightly different pixels; off = the references' full decode (milan.data.transforms)
+    draft: bool = False
+    num_workers: int | None = None  # DataLoader workers per process; None = min(8, available CPU cores)
     max_image_pixels: int | None = 89_478_485  # decompression-bomb guard: larger images are skipped (Pillow's limit)
+    # stop the run when more than this share of an epoch's images was skipped (an epoch with none usable always stops)
+    max_skip_fraction: float = 0.5
     num_samples: int | None = None  # tar shards only: images per epoch (folders and lists are counted)
     # cpu: workers decode and augment; device: workers only read the files; JPEGs are decoded in batches on the
     # training device (nvJPEG on CUDA) and augmented there (folders and file lists only, not tar shards)
     decode: Literal["cpu", "device"] = "cpu"
+    # accept pipe:CMD sources and remote shard URLs, which webdataset opens by running shell commands
+    allow_shell_pipes: bool = False
 
 
 @dataclass
@@ -246,6 +255,34 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
 
 
+def check_pretrain_data(d: PretrainDataConfig) -> None:
+    """Value checks of the pretraining data section; raises :class:`ConfigError` naming the key."""
+    if d.path is None or not d.path.strip():
+        raise ConfigError(
+            "data.path is not set: pass data.path=PATH (a folder of images, a .txt list of image paths, or tar shards)"
+        )
+    lo, hi = d.scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(d.scale)}")
+    if not 0 < d.ratio[0] <= d.ratio[1]:
+        raise ConfigError(f"data.ratio must satisfy 0 < min <= max, got {list(d.ratio)}")
+    if not 0.0 <= d.hflip <= 1.0:
+        raise ConfigError(f"data.hflip is a probability, got {d.hflip}")
+    if d.num_workers is not None and d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {d.num_workers}")
+    if d.max_image_pixels is not None and d.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {d.max_image_pixels}")
+    if not 0.0 <= d.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {d.max_skip_fraction}")
+    if d.num_samples is not None and d.num_samples < 1:
+        raise ConfigError(f"data.num_samples must be >= 1 or null, got {d.num_samples}")
+    if shell_sources([d.path]) and not d.allow_shell_pipes:
+        raise ConfigError(
+            f"data.path={d.path!r} would run a shell command (webdataset opens pipe: sources and remote URLs with "
+            "one); set data.allow_shell_pipes=true to allow it"
+        )
+
+
 def check_pretrain(cfg: PretrainConfig) -> None:
     """Value checks of a pretraining config; raises :class:`ConfigError` naming the key and the fix."""
     check_run(cfg)
@@ -256,13 +293,7 @@ def check_pretrain(cfg: PretrainConfig) -> None:
             f"data.img_size={cfg.data.img_size} differs from model.encoder.img_size={enc.img_size} "
             "(the position embedding is fixed); set both, or leave data.img_size null"
         )
-    lo, hi = cfg.data.scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(cfg.data.scale)}")
-    if not 0.0 <= cfg.data.hflip <= 1.0:
-        raise ConfigError(f"data.hflip is a probability, got {cfg.data.hflip}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    check_pretrain_data(cfg.data)
 
 
 def check_ranges(cfg: Any, extra: Mapping[str, Range] | None = None, prefix: str = "") -> None:

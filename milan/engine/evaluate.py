@@ -20,13 +20,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from milan import distributed as dist
 from milan.checkpoint import load_classifier
 from milan.checkpoint.io import CheckpointError, safe_load
-from milan.data import ImageFolderDataset, SkipReport, eval_transform
+from milan.data import DataError, ImageFolderDataset, SkipReport, describe_found, eval_transform
 from milan.engine.config import ConfigError
 from milan.engine.loop import autocast_context, resolve_dtype
 from milan.eval.classify import evaluate_heads
@@ -56,7 +57,7 @@ def evaluate_checkpoint(
     *,
     per_class: int | None = None,
     batch_size: int = 256,
-    num_workers: int = 8,
+    num_workers: int | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
     fmt: str = "auto",
@@ -64,6 +65,7 @@ def evaluate_checkpoint(
     crop_pct: float = 0.875,
     interpolation: Literal["bicubic", "bilinear"] = "bicubic",
     progress: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Loads a classifier and measures its top-1 / top-5 accuracy.
 
@@ -72,7 +74,7 @@ def evaluate_checkpoint(
         data: Validation ImageFolder tree, or a ``.tar.gz`` archive (with ``per_class``).
         per_class: Archives: images per class (``None``: all).
         batch_size: Images per batch (per process).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (``None``: min(8, available cores)).
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: Autocast precision on CUDA (``auto``: bf16).
         fmt: Checkpoint format (``auto`` detects it).
@@ -80,6 +82,7 @@ def evaluate_checkpoint(
         crop_pct: Center-crop fraction.
         interpolation: Resize resampling.
         progress: Show a progress bar (on a terminal).
+        say: Receives the start-of-run line (``found N images (M classes) in DATA; B batches``) on the main process.
 
     Returns:
         ``{"top1", "top5", "count", "kind", "checkpoint", "data", "num_classes", "seconds"}``.
@@ -98,7 +101,11 @@ def evaluate_checkpoint(
         num_classes = int(head_weight.shape[0])
         size = int(model.encoder.patch_embed.img_size[0])
         pipeline = eval_transform(size, crop_pct=crop_pct, interpolation=interpolation)
-        dataset = ImageFolderDataset(resolve_split(data, per_class, "--data"), pipeline)
+        root, keep = resolve_split(data, per_class, "--data")  # keep: a folder's per-class selection
+        dataset = ImageFolderDataset(root, pipeline, per_class=keep)
+        if say is not None and dist.is_main():
+            batches = -(-len(dataset) // (batch_size * dist.world_size()))
+            say(describe_found(dataset, str(data), unit=f"{batches} batches of {batch_size} per process"))
         if len(dataset.classes) > num_classes:
             raise ConfigError(
                 f"{data} has {len(dataset.classes)} class folders but the classifier has {num_classes} outputs"
@@ -111,6 +118,7 @@ def evaluate_checkpoint(
             progress=progress and dist.is_main(), desc="evaluate",
         )  # fmt: skip
         report.all_reduce(dev if dev.type == "cuda" else None)
+        report.check(f"--data {data}")  # no usable image, or more than half skipped: DataError
     finally:
         if owns_process_group:
             dist.destroy()
@@ -133,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--data", required=True, metavar="VAL_DIR", help="validation ImageFolder (or a .tar.gz)")
     parser.add_argument("--per-class", type=int, metavar="N", help="archives only: the first N images per class")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: min(8, CPU cores))")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     parser.add_argument("--format", dest="fmt", default="auto", help="checkpoint format (default: detect)")
@@ -159,11 +167,14 @@ def run(args: argparse.Namespace) -> int:
                 args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
                 num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
-                progress=not args.no_progress,
+                progress=not args.no_progress, say=print,
             )  # fmt: skip
         except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
             print(f"milan evaluate: {e}", file=sys.stderr)
             return 2
+        except DataError as e:
+            print(f"milan evaluate: {e}", file=sys.stderr)
+            return 1
     finally:
         if owns_process_group:
             dist.destroy()

@@ -28,7 +28,7 @@ from milan.data import SkipReport
 from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import derive, to_dict
 from milan.engine.layer_decay import param_groups_layer_decay
-from milan.engine.loop import TrainState, autocast_context
+from milan.engine.loop import TrainState, autocast_context, zero_loss
 from milan.engine.optim import build_adamw
 from milan.engine.run import seed_everything, start_run
 from milan.engine.sampling import seeded_loader
@@ -36,7 +36,14 @@ from milan.engine.trainer import Evaluation, Metrics, Trainer
 from milan.eval.classify import evaluate_heads
 from milan.eval.config import AugmentConfig, FinetuneConfig, check_finetune
 from milan.eval.data import describe_split, eval_loader, finetune_pipeline
-from milan.eval.jobs import FitResult, classifier_step, describe_topk, labelled_splits, train_classifier
+from milan.eval.jobs import (
+    FitResult,
+    checked_val_report,
+    classifier_step,
+    describe_topk,
+    labelled_splits,
+    train_classifier,
+)
 from milan.eval.pretrained import input_size, load_pretrained_encoder
 from milan.models.classifier import FinetuneClassifier
 from milan.models.compile import compile_method
@@ -100,13 +107,15 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         if cfg.runtime.compile:  # the model's forward, inside DDP, after the EMA copy (which stays eager)
             compile_method(model, "forward", mode=cfg.runtime.compile_mode)
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-        report = SkipReport()
+        report = SkipReport(max_skip_fraction=data.max_skip_fraction)
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
             targets: torch.Tensor = labels
             if mixup is not None:
                 if images.shape[0] % 2:  # mixup pairs samples; an odd batch (unreadable files dropped) loses one
                     images, labels = images[:-1], labels[:-1]
+                if images.shape[0] == 0:  # one usable image: nothing to pair it with
+                    return zero_loss(model, device), 0
                 images, targets = mixup(images, labels)  # targets: (B, C) soft
             logits = train_module(images)  # (B, C)
             loss: torch.Tensor = criterion(logits, targets)
@@ -115,8 +124,11 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         def evaluate() -> Metrics:
             ctx = lambda: autocast_context(device, dtype)  # noqa: E731
             model.eval()
-            main = evaluate_heads(model, val, device, ctx=ctx)[0]
-            metrics: Metrics = {"top1": main["top1"], "top5": main["top5"]}
+            val_report = SkipReport(max_skip_fraction=data.max_skip_fraction)
+            main = evaluate_heads(model, val, device, ctx=ctx, report=val_report)[0]
+            checked_val_report(val_report, device)
+            metrics: Metrics = {"top1": main["top1"], "top5": main["top5"], "val_skipped": val_report.skipped,
+                                "val_data": val_report.as_dict()}  # fmt: skip
             if ema is not None:
                 averaged = evaluate_heads(ema.module, val, device, ctx=ctx)[0]
                 metrics.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
@@ -163,7 +175,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
             f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}, {cfg.global_pool} pooling, {size} px; "
             f"{n_params / 1e6:.2f} M trainable params"
         )
-        log.info(f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes")
+        log.info(f"train: {describe_split(train_set, f'{d.steps_per_epoch} steps per epoch')}")
+        log.info(f"val: {describe_split(val_set)}; {num_classes} classes")
         log.info(
             f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
             f"{len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, "

@@ -135,13 +135,15 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
     cache = FeatureCache(cfg.cache_dir, torch.float16 if cfg.cache_dtype == "float16" else torch.float32)
     weights = file_digest(cfg.encoder.pretrained) if cfg.encoder.pretrained else f"random:{cfg.encoder.model_name}"
     fn = encoder_features(encoder, cfg.feature)
-    report = SkipReport()
+    report = SkipReport(max_skip_fraction=data.max_skip_fraction)
     hits = 0
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
     log.info(run.header("knn"))
     log.info(f"encoder: {encoder_desc}; feature {cfg.feature}, {size} px")
-    log.info(f"train: {describe_split(train_set)}; val: {describe_split(val_set)}")
+    for name, split in (("train", train_set), ("val", val_set)):
+        batches = -(-len(split) // (cfg.batch_size * dist.world_size()))
+        log.info(f"{name}: {describe_split(split, f'{batches} batches of {cfg.batch_size} per process')}")
 
     def features(name: str, dataset: ImageFolderDataset) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal hits
@@ -160,9 +162,13 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
         loader = eval_loader(dataset, cfg.batch_size, data.num_workers, device)
         ctx = lambda: autocast_context(device, dtype)  # noqa: E731
         progress = cfg.log.progress and dist.is_main()
+        split_report = SkipReport(max_skip_fraction=data.max_skip_fraction)
         f, y = extract_features(
-            fn, loader, device, autocast=ctx, report=report, desc=f"{name} features", progress=progress
+            fn, loader, device, autocast=ctx, report=split_report, desc=f"{name} features", progress=progress
         )
+        split_report.all_reduce(device if device.type == "cuda" else None)
+        split_report.check(f"data.{name}")  # no usable image, or too many skipped: DataError
+        report.merge(split_report)
         f, y = dist.all_gather_rows(f.to(device)).cpu(), dist.all_gather_rows(y.to(device)).cpu()
         f = cache.round(f)
         if dist.is_main():
@@ -172,7 +178,6 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
 
     train = features("train", train_set)
     val = features("val", val_set)
-    report.all_reduce(device if device.type == "cuda" else None)
     if report.skipped:
         log.warning(report.summary())
     metrics = knn_accuracy(
@@ -186,7 +191,7 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
         "temperature": cfg.temperature, "feature": cfg.feature, "by_k": {str(k): v for k, v in metrics.items()},
         "num_train": int(train[0].shape[0]), "num_val": int(val[0].shape[0]), "cache_hits": hits, "wall_time": wall,
     }  # fmt: skip
-    log.write({"event": "summary", "step": 0, **summary})
+    log.write({"event": "summary", "step": 0, **summary, "data": report.as_dict()})
     if dist.is_main():
         (run_dir / "results.json").write_text(json.dumps({**summary, "config": to_dict(cfg)}, indent=2) + "\n")
     for k, m in metrics.items():

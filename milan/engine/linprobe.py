@@ -29,7 +29,7 @@ from milan.data import SkipReport
 from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import derive, to_dict
 from milan.engine.lars import LARS
-from milan.engine.loop import autocast_context
+from milan.engine.loop import autocast_context, zero_loss
 from milan.engine.run import seed_everything, start_run
 from milan.engine.sampling import seeded_loader
 from milan.engine.trainer import Evaluation, Metrics, Trainer
@@ -38,6 +38,7 @@ from milan.eval.config import LinprobeConfig, check_linprobe
 from milan.eval.data import describe_split, eval_loader, probe_pipeline
 from milan.eval.jobs import (
     FitResult,
+    checked_val_report,
     classifier_step,
     describe_topk,
     labelled_splits,
@@ -79,22 +80,28 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
             trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
         )  # fmt: skip
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-        report = SkipReport()
+        report = SkipReport(max_skip_fraction=data.max_skip_fraction)
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+            if images.shape[0] < 2:  # BatchNorm cannot train on one image (the rest of the batch was unreadable)
+                return zero_loss(model, device), 0
             logits = train_module(images)  # (K, B, C)
             return grid_cross_entropy(logits, labels), int(labels.shape[0])
 
         def evaluate() -> Metrics:
             sync_batchnorm_stats(model)  # every process (and the checkpoint) evaluates the same statistics
             model.eval()
+            val_report = SkipReport(max_skip_fraction=data.max_skip_fraction)
             heads = evaluate_heads(
-                model, val, device, num_heads=len(model.lr_scales), ctx=lambda: autocast_context(device, dtype)
-            )
+                model, val, device, num_heads=len(model.lr_scales), ctx=lambda: autocast_context(device, dtype),
+                report=val_report,
+            )  # fmt: skip
+            checked_val_report(val_report, device)
             best = max(range(len(heads)), key=lambda i: heads[i]["top1"])
             table = [{"lr": d.lr * s, **h} for s, h in zip(model.lr_scales, heads, strict=True)]
             return {"top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": d.lr * model.lr_scales[best],
-                    "best_head": best, "heads": table}  # fmt: skip
+                    "best_head": best, "heads": table, "val_skipped": val_report.skipped,
+                    "val_data": val_report.as_dict()}  # fmt: skip
 
         def export(final: Metrics) -> Metrics:
             best = int(final["best_head"])
@@ -120,7 +127,8 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         log = trainer.log
         log.info(run.header("linprobe"))
         log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
-        log.info(f"train: {describe_split(train_set)}; val: {describe_split(val_set)}; {num_classes} classes")
+        log.info(f"train: {describe_split(train_set, f'{d.steps_per_epoch} steps per epoch')}")
+        log.info(f"val: {describe_split(val_set)}; {num_classes} classes")
         log.info(
             f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
             f"lr grid {[f'{d.lr * s:.4g}' for s in model.lr_scales]} ({len(model.lr_scales)} head(s), one pass"

@@ -19,7 +19,16 @@ from torch.utils.data import Dataset, IterableDataset
 
 from milan import distributed as dist
 from milan.checkpoint.arch import describe_tower
-from milan.data import Batch, SkipReport, build_loader, build_pretrain_dataset, collate_images
+from milan.data import (
+    Batch,
+    ImageDataset,
+    SkipReport,
+    build_loader,
+    build_pretrain_dataset,
+    collate_images,
+    describe_found,
+    is_shard_source,
+)
 from milan.data.device_augment import DeviceAugment
 from milan.data.encoded import EncodedBatch, EncodedImages, collate_encoded, decode_batch
 from milan.engine.cli import add_run_arguments, run_job
@@ -65,10 +74,11 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         flops = pretrain_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
         loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
         derived = derive(cfg, dist.world_size(), batches_per_epoch)
+        found = _describe_data(cfg, loader, derived.steps_per_epoch)
         student = _wrap_student(cfg, model, dtype)
         groups = param_groups(model.student, cfg.optim.weight_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, derived.lr, device)
-        report = SkipReport()
+        report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction, expected=_expected_samples(cfg, derived))
         teacher = model.teacher
         random_teacher = teacher is not None and not cfg.model.teacher.checkpoint
         teacher_dtype = teacher_compute_dtype(cfg.runtime.teacher_dtype, device, dtype)
@@ -104,6 +114,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         if cfg.runtime.compile:  # after DDP/FSDP wrapping and the teacher's cast; compilation happens at the first step
             compile_milan(model, mode=cfg.runtime.compile_mode, teacher=cfg.runtime.compile_teacher)
         _log_model(trainer, run, cfg, model, random_teacher, optimizer)
+        trainer.log.info(found)
         with trainer:
             state = trainer.fit()
         return _finish(cfg, trainer, state, run.t_start)
@@ -240,10 +251,13 @@ def _build_loader(
 ) -> tuple[Iterable[Any], EpochSampler | None, int]:
     """The epoch loader, its sampler (map-style data) and the micro-batches per epoch on each process."""
     d = cfg.data
+    if d.path is None:
+        raise ConfigError("data.path is not set: pass data.path=PATH (a folder of images, a .txt list or tar shards)")
     try:
         dataset: Dataset[Any] = build_pretrain_dataset(
             d.path, cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation,
-            hflip=d.hflip, max_pixels=d.max_image_pixels, seed=cfg.seed, num_samples=d.num_samples, decode=d.decode,
+            hflip=d.hflip, draft=d.draft, max_pixels=d.max_image_pixels, seed=cfg.seed, num_samples=d.num_samples,
+            decode=d.decode, allow_shell_pipes=d.allow_shell_pipes,
         )  # fmt: skip
     except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         raise ConfigError(f"data.path={d.path!r}: {e}") from e
@@ -257,6 +271,24 @@ def _build_loader(
         num_workers=d.num_workers, device=device, key=f"data.path={d.path!r}",
         collate=collate_encoded if isinstance(dataset, EncodedImages) else collate_images,
     )  # fmt: skip
+
+
+def _describe_data(cfg: PretrainConfig, loader: Iterable[Any], steps_per_epoch: int) -> str:
+    """The start-of-run data line: ``found N images in PATH; E steps per epoch`` (streams: the announced count)."""
+    steps = f"{steps_per_epoch} steps per epoch"
+    dataset = getattr(loader, "dataset", None)
+    dataset = getattr(dataset, "dataset", dataset)  # SeededSamples wraps the dataset
+    dataset = getattr(dataset, "images", dataset)  # EncodedImages wraps it too
+    if isinstance(dataset, ImageDataset):
+        return describe_found(dataset, str(cfg.data.path), unit=steps)
+    return f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
+
+
+def _expected_samples(cfg: PretrainConfig, derived: Any) -> int | None:
+    """Streams: the samples an epoch's whole batches hold, over all processes (for the skip report)."""
+    if cfg.data.num_samples is None or not isinstance(cfg.data.path, str) or not is_shard_source(cfg.data.path):
+        return None
+    return int(derived.steps_per_epoch * cfg.accum_steps * cfg.batch_size * derived.world_size)
 
 
 def _log_model(

@@ -178,7 +178,7 @@ def seeded_loader(
     batch_size: int,
     seed: int,
     noise_len: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     device: torch.device,
     key: str,
     collate: Callable[[list[Any]], Any] = collate_images,
@@ -193,7 +193,7 @@ def seeded_loader(
         batch_size: Samples per batch on each process (incomplete batches are dropped).
         seed: Run seed.
         noise_len: Per-sample mask-noise length (number of patches; 0: none).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (``None``: ``min(8, available cores)``).
         device: Where batches go (pinned memory for CUDA).
         key: The data's config key and value, for the error message (``"data.train"``).
         collate: The dataset's collate function (e.g. :func:`milan.data.encoded.collate_encoded`).

@@ -273,13 +273,24 @@ class Trainer:
                 before_epoch(s)
             if self.sampler is not None:
                 self.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * cfg.batch_size)
-            return train_one_epoch(
+            s = train_one_epoch(
                 self.step_fn, _epoch_batches(self.loader, s), self.optimizer, self.schedule, s,
                 num_batches=num_batches, ctx=autocast_context(self.device, self.dtype), scaler=self.scaler,
                 accum_steps=cfg.accum_steps, clip_grad=cfg.optim.clip_grad,
                 ddp_module=self.train_module if d.world_size > 1 else None, logger=self.log, on_step=on_step,
                 stop_step=d.stop_step,
             )  # fmt: skip
+            if self.sampler is None and s.batch_in_epoch < num_batches and s.step < d.stop_step:
+                # A stream (tar shards) held fewer samples than announced, e.g. a damaged shard: the epoch ends
+                # with what could be read (the skip report names the damaged shards and the samples not read).
+                self.log.warning(
+                    f"epoch {s.epoch + 1}/{cfg.schedule.epochs} ended after {s.batch_in_epoch} of {num_batches} "
+                    "batches: the shards held fewer samples than data.num_samples announces; the epoch is closed "
+                    "with what could be read"
+                )
+                self.optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation is dropped
+                s.batch_in_epoch = num_batches
+            return s
 
         def epoch_end(s: TrainState) -> None:
             self.report.all_reduce(self.device if self.device.type == "cuda" else None)
@@ -292,6 +303,7 @@ class Trainer:
                 text = f"{loss:.4f}" if loss is not None else "n/a"
                 summary = self.report.summary()
                 self.log.info(f"epoch {s.epoch}/{cfg.schedule.epochs} (step {s.step}): loss {text}; {summary}")
+            self.report.check(f"epoch {s.epoch}")  # no usable image, or too many skipped: DataError, nothing saved
             self.report.reset()
             if self.evaluation is not None and (s.epoch % self.evaluation.every_epochs == 0 or s.step >= d.stop_step):
                 self.evaluate()

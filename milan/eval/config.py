@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from milan.data.transforms import CropGeometry
 from milan.engine.config import (
     ConfigError,
     LogConfig,
@@ -34,20 +35,28 @@ class ClassifyDataConfig:
 
     ``train`` and ``val`` are ImageFolder trees (``root/<class>/<image>``) or ``.tar``/``.tar.gz`` archives laid out
     as ``[<split>/]<class>/<image>``; an archive is unpacked once (the first ``*_per_class`` images of every class,
-    in natural name order) into the cache folder (``$MILAN_CACHE`` or ``~/.cache/milan``).
+    in natural name order) into the cache folder (``$MILAN_CACHE`` or ``~/.cache/milan``); a folder uses the same
+    first ``*_per_class`` images in place.
     """
 
-    train: str = "data/imagenet/train"
-    val: str = "data/imagenet/val"
-    train_per_class: int | None = None  # archives only: images per class (None: all)
+    train: str | None = None  # required: ImageFolder tree or archive (null in the presets: the data is yours)
+    val: str | None = None  # required
+    train_per_class: int | None = None  # the first N images per class, in natural name order (None: all)
     val_per_class: int | None = None
     img_size: int | None = None  # None = the encoder's input size (its position table is fixed)
     scale: tuple[float, float] = (0.08, 1.0)  # train RandomResizedCrop area range (torchvision default)
+    # linear probe's train crop box: byol = ORIG util/crop.py (one draw, sides clamped to the image, no retries);
+    # torchvision = RandomResizedCrop.get_params (10 tries, then a centre crop; mmpretrain). Fine-tuning uses timm's
+    crop_geometry: CropGeometry = "byol"
+    # linear probe's train view: JPEG draft decoding (faster on large photos, slightly different pixels; not in the
+    # references). Evaluation views always decode fully
+    draft: bool = False
     hflip: float = 0.5
     crop_pct: float = 0.875  # eval: Resize(img_size / crop_pct) + CenterCrop(img_size): 256 -> 224
     interpolation: Interp = "bicubic"  # train crop and eval resize (ORIG; MMSelfSup uses bilinear for the probe)
-    num_workers: int = 8
+    num_workers: int | None = None  # DataLoader workers per process; None = min(8, available CPU cores)
     max_image_pixels: int | None = 178_956_970  # decompression-bomb guard
+    max_skip_fraction: float = 0.5  # stop when more than this share of a split's (or an epoch's) images was skipped
 
 
 @dataclass
@@ -154,6 +163,17 @@ class KnnConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+def check_data_sources(data: ClassifyDataConfig) -> None:
+    """``data.train`` and ``data.val`` are given (checked last: the presets leave them to the user)."""
+    for key in ("train", "val"):
+        value = getattr(data, key)
+        if value is None or not str(value).strip():
+            raise ConfigError(
+                f"data.{key} is not set: pass data.{key}=PATH (an ImageFolder tree root/<class>/<image>, or a "
+                ".tar/.tar.gz archive of one)"
+            )
+
+
 def check_data(data: ClassifyDataConfig) -> None:
     """Value checks of the data section; raises :class:`ConfigError` naming the key."""
     lo, hi = data.scale
@@ -163,8 +183,12 @@ def check_data(data: ClassifyDataConfig) -> None:
         raise ConfigError(f"data.crop_pct must be in (0, 1], got {data.crop_pct}")
     if not 0 <= data.hflip <= 1:
         raise ConfigError(f"data.hflip is a probability, got {data.hflip}")
-    if data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {data.num_workers}")
+    if data.num_workers is not None and data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {data.num_workers}")
+    if data.max_image_pixels is not None and data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {data.max_image_pixels}")
+    if not 0.0 <= data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {data.max_skip_fraction}")
     for key in ("train_per_class", "val_per_class"):
         value = getattr(data, key)
         if value is not None and value < 1:
@@ -198,6 +222,7 @@ def check_linprobe(cfg: LinprobeConfig) -> None:
     check_ranges(cfg, {**ranges, "optim.trust_coefficient": positive})
     if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
         raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
+    check_data_sources(cfg.data)
 
 
 def check_finetune(cfg: FinetuneConfig) -> None:
@@ -218,6 +243,7 @@ def check_finetune(cfg: FinetuneConfig) -> None:
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
     check_ranges(cfg, {"aug.re_count": Range(1), "aug.color_jitter": Range(0)})
+    check_data_sources(cfg.data)
 
 
 def check_knn(cfg: KnnConfig) -> None:
@@ -231,3 +257,4 @@ def check_knn(cfg: KnnConfig) -> None:
         raise ConfigError(f"k must be a non-empty list of positive ints, got {cfg.k}")
     if cfg.temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
+    check_data_sources(cfg.data)

@@ -8,7 +8,6 @@ exact.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from milan.data import (
     ImagePipeline,
     SkipReport,
     build_loader,
+    describe_found,
     eval_transform,
     extract_archive_subset,
     pretrain_transform,
@@ -35,34 +35,36 @@ from milan.eval.config import AugmentConfig, ClassifyDataConfig
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
-def resolve_split(source: str, per_class: int | None, key: str) -> Path:
+def resolve_split(source: str | None, per_class: int | None, key: str) -> tuple[Path, int | None]:
     """An ImageFolder root for a split: the folder itself, or a class-balanced subset unpacked from an archive.
 
     Args:
         source: Folder or archive (see :class:`~milan.eval.config.ClassifyDataConfig`).
-        per_class: Archives: images per class (``None``: all). Must be ``None`` for a folder.
+        per_class: Images per class (``None``: all): an archive's subset is unpacked with it; a folder's is
+            selected when it is read (the same rule: the first ``per_class`` images in natural name order).
         key: The config key, for error messages (``data.train``).
 
     Returns:
-        The folder.
+        ``(folder, per_class still to apply when reading it)``: ``per_class`` for a folder, ``None`` for an
+        unpacked archive subset.
 
     Raises:
-        ConfigError: Missing source, or ``per_class`` with a folder.
+        ConfigError: Missing source.
     """
+    if source is None:
+        raise ConfigError(f"{key} is not set: pass {key}=PATH (an ImageFolder tree root/<class>/<image> or a .tar.gz)")
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(f"{key}={source!r}: not found (an ImageFolder tree root/<class>/<image> or a .tar.gz)")
     if path.is_file() and path.name.endswith(_ARCHIVE_SUFFIXES):
-        return extract_archive_subset(path, None, per_class=per_class)
+        return extract_archive_subset(path, None, per_class=per_class), None
     if not path.is_dir():
         raise ConfigError(f"{key}={source!r}: not a folder or a .tar/.tar.gz archive")
-    if per_class is not None:
-        raise ConfigError(f"{key}_per_class applies to archives only; {source!r} is a folder")
-    return path
+    return path, per_class
 
 
 def image_folder(
-    source: str,
+    source: str | None,
     per_class: int | None,
     pipeline: ImagePipeline,
     key: str,
@@ -70,16 +72,24 @@ def image_folder(
     classes: list[str] | None = None,
 ) -> ImageFolderDataset:
     """An :class:`~milan.data.ImageFolderDataset` for a split source, with a clear error for an empty tree."""
-    root = resolve_split(source, per_class, key)
+    root, keep = resolve_split(source, per_class, key)
     try:
-        return ImageFolderDataset(root, pipeline, classes=classes, max_pixels=cfg.max_image_pixels)
+        dataset = ImageFolderDataset(root, pipeline, classes=classes, max_pixels=cfg.max_image_pixels, per_class=keep)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(f"{key}={source!r}: {e}") from e
+    dataset.source = str(source)  # as the user gave it (an archive, not its unpacked subset)
+    return dataset
 
 
 def probe_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
-    """Linear-probe training view: RandomResizedCrop (``cfg.scale``, bicubic) + flip + ImageNet normalisation."""
-    return pretrain_transform(img_size, scale=cfg.scale, interpolation=cfg.interpolation, hflip=cfg.hflip)
+    """Linear-probe training view: RandomResizedCrop (``cfg.scale``, ``cfg.crop_geometry``, bicubic) + flip + norm.
+
+    JPEG draft decoding if ``cfg.draft``.
+    """
+    return pretrain_transform(
+        img_size, scale=cfg.scale, interpolation=cfg.interpolation, hflip=cfg.hflip, draft=cfg.draft,
+        crop=cfg.crop_geometry,
+    )  # fmt: skip
 
 
 def eval_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
@@ -163,7 +173,9 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
-def eval_loader(dataset: Dataset[Any], batch_size: int, num_workers: int, device: torch.device) -> DataLoader[Any]:
+def eval_loader(
+    dataset: Dataset[Any], batch_size: int, num_workers: int | None, device: torch.device
+) -> DataLoader[Any]:
     """A sharded, unshuffled loader of :class:`~milan.data.Batch` objects (no padding, no dropped tail)."""
     n = len(dataset)  # type: ignore[arg-type]
     return build_loader(
@@ -217,6 +229,6 @@ def num_classes_of(dataset: ImageFolderDataset, requested: int | None) -> int:
     return requested
 
 
-def describe_split(dataset: ImageFolderDataset) -> str:
-    """``"1000 images, 10 classes (root)"``."""
-    return f"{len(dataset)} images, {len(dataset.classes)} classes ({os.fspath(dataset.root)})"
+def describe_split(dataset: ImageFolderDataset, unit: str = "") -> str:
+    """``"found 1000 images (10 classes) in PATH"`` (the path as given; files ignored for their extension; ``unit``)."""
+    return describe_found(dataset, unit=unit)

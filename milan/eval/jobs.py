@@ -81,8 +81,21 @@ def labelled_splits(
 
 
 def describe_topk(metrics: Metrics) -> str:
-    """``"top-1 78.90  top-5 94.10"``."""
-    return f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}"
+    """``"top-1 78.90  top-5 94.10"`` (and the unreadable validation images, if any)."""
+    skipped = metrics.get("val_skipped")
+    return f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}" + (
+        f"; {skipped} unreadable val images skipped" if skipped else ""
+    )
+
+
+def checked_val_report(report: SkipReport, device: torch.device) -> None:
+    """Sums a validation pass's skip report over processes and checks it.
+
+    Raises:
+        DataError: data.val had no usable image, or skipped more than ``data.max_skip_fraction``.
+    """
+    report.all_reduce(device if device.type == "cuda" else None)
+    report.check("data.val")
 
 
 @dataclass

@@ -137,6 +137,8 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_presets_load_and_validate(path: Path) -> None:
     cfg = load(path=path)
+    if cfg.data.path is None:  # the paper presets leave the data location to the user
+        cfg = load("data.path=imagenet/train", path=path)
     check_pretrain(cfg)
 
 

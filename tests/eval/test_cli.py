@@ -21,7 +21,8 @@ JOBS = {"linprobe": (LinprobeConfig, check_linprobe), "finetune": (FinetuneConfi
 def test_presets_load_and_validate(path):
     cls, check = JOBS[path.parent.name]
     cfg = load_config(cls, path, ["encoder.pretrained=some.pt"])
-    check(cfg)
+    assert cfg.data.train is None and cfg.data.val is None  # data locations come from the user
+    check(load_config(cls, path, ["encoder.pretrained=some.pt", "data.train=train", "data.val=val"]))
 
 
 def test_reference_presets_hold_the_recipes():
@@ -29,6 +30,7 @@ def test_reference_presets_hold_the_recipes():
     assert (lp.batch_size * 8, lp.optim.blr * lp.batch_size * 8 / 256) == (16384, 3.2)
     assert (lp.schedule.epochs, lp.schedule.warmup_epochs, lp.optim.weight_decay) == (100, 10, 0.0)
     assert (lp.optim.momentum, lp.optim.trust_coefficient, lp.optim.lars_variant) == (0.9, 0.001, "mocov3")
+    assert (lp.data.crop_geometry, lp.data.draft) == ("byol", False)  # ORIG util/crop.py; full JPEG decoding
     ft = load_config(FinetuneConfig, CONFIGS / "finetune/milan_vit_base_patch16_in1k.yaml")
     assert ft.batch_size * 8 * ft.accum_steps * ft.optim.blr / 256 == pytest.approx(4e-4)
     assert (ft.layer_decay, ft.drop_path_rate, ft.schedule.min_lr, ft.schedule.warmup_epochs) == (0.65, 0.1, 1e-6, 5)
@@ -42,7 +44,10 @@ def test_reference_presets_hold_the_recipes():
 
 
 def test_print_config_and_config_errors(capsys):
-    assert main(["linprobe", "--config", str(CONFIGS / "linprobe/cifar10_tiny_cpu.yaml"), "--print-config"]) == 0
+    preset = str(CONFIGS / "linprobe/cifar10_tiny_cpu.yaml")
+    assert main(["linprobe", "--config", preset, "--print-config"]) == 2  # the data is the user's to give
+    assert "data.train is not set: pass data.train=PATH" in capsys.readouterr().err
+    assert main(["linprobe", "--config", preset, "data.train=a", "data.val=b", "--print-config"]) == 0
     assert "lr_grid" in capsys.readouterr().out
     assert main(["finetune", "layer_decay=1.5", "encoder.model_name=milan_test_tiny"]) == 2
     assert "layer_decay" in capsys.readouterr().err
@@ -55,8 +60,11 @@ def test_print_config_and_config_errors(capsys):
 
 def test_missing_data_is_a_clean_error(tmp_path, capsys, tiny_encoder_ckpt):
     code = main(["knn", f"encoder.pretrained={tiny_encoder_ckpt}", f"data.train={tmp_path / 'nope'}",
-                 f"out_dir={tmp_path / 'k'}", "runtime.device=cpu"])  # fmt: skip
+                 f"data.val={tmp_path / 'nope'}", f"out_dir={tmp_path / 'k'}", "runtime.device=cpu"])  # fmt: skip
     assert code == 2 and "data.train" in capsys.readouterr().err
+    code = main(["knn", f"encoder.pretrained={tiny_encoder_ckpt}", f"data.train={tmp_path / 'nope'}",
+                 f"out_dir={tmp_path / 'k'}", "runtime.device=cpu"])  # fmt: skip
+    assert code == 2 and "data.val is not set: pass data.val=PATH" in capsys.readouterr().err
 
 
 def test_commands_run_on_tiny_presets(tmp_path, cifar, tiny_encoder_ckpt, capsys):

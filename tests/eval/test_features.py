@@ -89,6 +89,8 @@ def test_finetune_pipeline_survives_max_magnitude():
 def test_resolve_split_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         resolve_split(str(tmp_path / "missing"), None, "data.train")
-    with pytest.raises(ConfigError, match="archives only"):
-        resolve_split(str(tmp_path), 5, "data.train")
-    assert resolve_split(str(tmp_path), None, "data.train") == tmp_path
+    with pytest.raises(ConfigError, match=r"data\.train is not set: pass data\.train=PATH"):
+        resolve_split(None, None, "data.train")
+    # A folder's per-class selection is applied when it is read (ImageFolderDataset(per_class=...)).
+    assert resolve_split(str(tmp_path), 5, "data.train") == (tmp_path, 5)
+    assert resolve_split(str(tmp_path), None, "data.train") == (tmp_path, None)
