@@ -8,6 +8,8 @@ Entry points:
   mmpretrain / MMSelfSup, original MILAN / MAE, timm or our own checkpoints.
 * :func:`export_timm`, :func:`export_hf`, :func:`save_canonical`: backbones out.
 * :func:`safe_load`, :func:`atomic_save`: file I/O that never runs pickled code / never leaves partial files.
+* :class:`ModelSpec`: what every checkpoint we write says about its model (:mod:`milan.checkpoint.spec`), and
+  :func:`resolve_spec`, which completes it for files that carry none, naming each assumption.
 """
 
 from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec, describe_tower
@@ -24,6 +26,7 @@ from milan.checkpoint.keymaps import (
     openai_clip_to_timm,
 )
 from milan.checkpoint.loaders import load_classifier, load_encoder, load_milan, load_student
+from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, TeacherSpec, resolve_spec
 from milan.checkpoint.teachers import load_teacher, teacher_from_checkpoint
 from milan.checkpoint.torchscript import read_torchscript
 
@@ -34,6 +37,10 @@ __all__ = [
     "DecoderArch",
     "EncoderArch",
     "Exported",
+    "HeadSpec",
+    "ModelSpec",
+    "Preprocessing",
+    "TeacherSpec",
     "TowerSpec",
     "atomic_save",
     "describe_tower",
@@ -53,6 +60,7 @@ __all__ = [
     "openai_clip_to_timm",
     "read_checkpoint",
     "read_torchscript",
+    "resolve_spec",
     "safe_load",
     "save_canonical",
     "save_safetensors",
