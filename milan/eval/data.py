@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,13 +20,17 @@ from tqdm import tqdm
 
 from milan import distributed as dist
 from milan.data import (
+    DEFAULT_MAX_PIXELS,
     Batch,
+    ImageDataset,
     ImageFolderDataset,
     ImagePipeline,
     SkipReport,
     build_loader,
     eval_transform,
     extract_archive_subset,
+    find_classes,
+    find_images,
     pretrain_transform,
 )
 from milan.engine.config import ConfigError
@@ -75,6 +79,63 @@ def image_folder(
         return ImageFolderDataset(root, pipeline, classes=classes, max_pixels=cfg.max_image_pixels)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(f"{key}={source!r}: {e}") from e
+
+
+def folder_by_names(
+    root: str | os.PathLike[str],
+    names: Sequence[str],
+    num_classes: int,
+    pipeline: ImagePipeline,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[ImageDataset, list[str]]:
+    """A labelled folder whose labels are a classifier's indices, matched by class name.
+
+    Args:
+        root: ``root/<class>/<image>`` tree.
+        names: The classifier's class names in index order (empty: unknown; the folder's sorted order is then
+            taken as the index order, and a note says so).
+        num_classes: The classifier's output width.
+        pipeline: The evaluation view.
+        max_pixels: Decompression-bomb guard.
+
+    Returns:
+        The dataset (``classes``: the classifier's names) and notes for the user: the assumed order, or the
+        classes the folder lacks (it is evaluated on those it has).
+
+    Raises:
+        ConfigError: A class folder the classifier does not know (named), or more folders than outputs.
+    """
+    root = Path(root)
+    folders = find_classes(root)
+    notes: list[str] = []
+    if names:
+        unknown = [f for f in folders if f not in names]
+        if unknown:
+            known = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"{root}: class folder(s) {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} unknown to "
+                f"the classifier, which knows {len(names)} classes ({known})"
+            )
+        missing = [n for n in names if n not in folders]
+        if missing:
+            notes.append(
+                f"{root} lacks {len(missing)} of the classifier's {len(names)} classes ({', '.join(missing[:8])}"
+                f"{', ...' if len(missing) > 8 else ''}): evaluated on the {len(folders)} it has, matched by name"
+            )
+        index = {name: i for i, name in enumerate(names)}
+    else:
+        if len(folders) > num_classes:
+            raise ConfigError(f"{root} has {len(folders)} class folders but the classifier has {num_classes} outputs")
+        notes.append(
+            f"class names: the classifier does not store them; the folder's sorted class order is assumed to be its "
+            f"output order ({folders[0]} = 0, {folders[-1]} = {len(folders) - 1})"
+        )
+        index = {name: i for i, name in enumerate(folders)}
+    samples = [(path, index[name]) for name in folders for path in find_images(root / name)]
+    if not samples:
+        raise ConfigError(f"{root}: no image files in its class folders")
+    return ImageDataset(samples, pipeline, classes=list(names) or folders, max_pixels=max_pixels), notes
 
 
 def probe_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
