@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, cast
 
 import torch.nn as nn
@@ -21,6 +22,7 @@ import torch.nn as nn
 from milan.checkpoint.arch import TowerSpec, load_strict
 from milan.checkpoint.formats import Checkpoint, read_checkpoint
 from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.spec import resolve_spec
 from milan.checkpoint.teachers import load_teacher, teacher_from_checkpoint
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.models.milan import MILAN, MaskedStudent
@@ -39,6 +41,16 @@ def _checkpoint(src: Source, **options: Any) -> Checkpoint:
     return read_checkpoint(src, **{k: v for k, v in options.items() if v is not None})
 
 
+def warn_assumed_heads(ck: Checkpoint, *, decoder: bool = False) -> None:
+    """One warning per head count a (foreign) file does not record, naming the argument that sets it."""
+    if "num_heads" in ck.hints and (not decoder or "decoder_num_heads" in ck.hints):
+        return
+    assumed = resolve_spec(ck, heads_flag="num_heads=N", decoder_heads_flag="decoder_num_heads=N").assumed
+    for key in ("decoder_heads",) if decoder else ("encoder_heads",):
+        if key in assumed:
+            warnings.warn(f"{ck.source}: {assumed[key]}", stacklevel=3)
+
+
 def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> VisionTransformer:
     """The student encoder of a canonical checkpoint (for a fine-tuned classifier: without its final norm).
 
@@ -49,6 +61,7 @@ def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> V
     Returns:
         The encoder with the stored weights, including the stored position table.
     """
+    warn_assumed_heads(ck)
     encoder = ck.encoder_arch().build(drop_path_rate=drop_path_rate)
     if ck.kind == "finetune":
         encoder.norm = nn.Identity()  # type: ignore[assignment]
@@ -85,6 +98,7 @@ def load_student(
         The student.
     """
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    warn_assumed_heads(ck, decoder=True)
     decoder = ck.decoder_arch().build()
     load_strict(decoder, ck.part("student.decoder."), f"{ck.source}: decoder")
     return MaskedStudent(encoder_from_checkpoint(ck), decoder)
@@ -180,6 +194,7 @@ def load_classifier(
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads)
     if ck.kind not in ("linear_probe", "finetune"):
         raise CheckpointError(f"{ck.source}: a {ck.format} {ck.kind} checkpoint, not a classifier")
+    warn_assumed_heads(ck)
     encoder = ck.encoder_arch().build()
     model: LinearProbe | FinetuneClassifier
     if ck.kind == "linear_probe":

@@ -268,6 +268,12 @@ class Resolved:
         """The lines of :attr:`assumed`."""
         return list(self.assumed.values())
 
+    def adopt(self, ck: Checkpoint) -> None:
+        """Records the resolved head counts in ``ck.hints``: once reported, the loaders build them without warning."""
+        ck.hints.setdefault("num_heads", self.spec.encoder.num_heads)
+        if self.spec.decoder is not None:
+            ck.hints.setdefault("decoder_num_heads", self.spec.decoder.num_heads)
+
 
 def stored_spec(ck: Checkpoint) -> ModelSpec | None:
     """The spec stored in a checkpoint read by :func:`~milan.checkpoint.formats.read_checkpoint`, if any."""
@@ -283,6 +289,7 @@ def resolve_spec(
     mean: RGB | None = None,
     std: RGB | None = None,
     heads_flag: str = "--num-heads N",
+    decoder_heads_flag: str = "--decoder-num-heads N",
 ) -> Resolved:
     """The spec of a checkpoint holding a student encoder: stored values first, then conventions (with notes).
 
@@ -294,6 +301,7 @@ def resolve_spec(
         mean: Override the normalisation mean.
         std: Override the normalisation std.
         heads_flag: How the caller's users set the encoder's heads (named in the note when they are assumed).
+        decoder_heads_flag: The same for the decoder's heads.
 
     Returns:
         The resolved spec.
@@ -319,7 +327,7 @@ def resolve_spec(
         if stored is None and "decoder_num_heads" not in ck.hints:
             notes["decoder_heads"] = (
                 f"decoder heads: {decoder.num_heads} assumed (width {decoder.embed_dim} / 32, MILAN's and MAE's "
-                "convention; the file does not record them); pass --decoder-num-heads N if different"
+                f"convention; the file does not record them); pass {decoder_heads_flag} if different"
             )
     teacher = stored.teacher if stored is not None else None
     if teacher is None and ck.tower is not None and ck.kind == "milan":

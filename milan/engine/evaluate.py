@@ -94,6 +94,7 @@ def evaluate_checkpoint(
         if ck.kind not in ("linear_probe", "finetune"):
             raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a classifier")
         resolved = resolve_spec(ck, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+        resolved.adopt(ck)  # its notes are reported below, once
         model: LinearProbe | FinetuneClassifier = load_classifier(ck).to(dev).eval()
         kind, pre, head = ck.kind, resolved.spec.preprocessing, resolved.spec.head
         assert head is not None  # a classifier's resolved spec always has one

@@ -44,13 +44,15 @@ def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) 
     ck = read_checkpoint(src.pretrained, num_heads=src.num_heads)
     if ck.kind not in _ENCODER_KINDS:
         raise CheckpointError(f"{src.pretrained}: a {ck.format} {ck.kind} checkpoint holds no student encoder")
+    resolved = resolve_spec(ck, heads_flag="encoder.num_heads=N")
+    resolved.adopt(ck)  # an assumed head count is reported in the description below
     encoder = encoder_from_checkpoint(ck, drop_path_rate=drop_path_rate)
     kind = ck.kind.replace("_", " ")
     desc = (
         f"{src.pretrained} ({kind} checkpoint, {ck.format} format): ViT {encoder.embed_dim}d x {len(encoder.blocks)} "
         f"blocks, {encoder.num_heads} heads, patch {encoder.patch_size}, {input_size(None, encoder)} px"
     )
-    assumed = resolve_spec(ck, heads_flag="encoder.num_heads=N").assumed.get("encoder_heads")
+    assumed = resolved.assumed.get("encoder_heads")
     return encoder, desc + (f"; WARNING {assumed}" if assumed else "")
 
 

@@ -420,6 +420,7 @@ def visualize(
 
     ck = read_checkpoint(checkpoint)
     resolved = resolve_spec(ck, crop_pct=crop_pct)
+    resolved.adopt(ck)  # reported here, once
     for note in resolved.notes:
         (warn or (lambda text: warnings.warn(text, stacklevel=3)))(note)
     spec = resolved.spec

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from milan.checkpoint import CheckpointError, read_checkpoint, safe_load
+from milan.checkpoint import CheckpointError, load_student, read_checkpoint, safe_load
 from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec
 from milan.checkpoint.export import export_timm, fold_batchnorm
 from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, TeacherSpec, milan_spec, resolve_spec
@@ -64,6 +65,15 @@ def test_resolve_spec_stored_values_win_and_assumptions_are_named(tmp_path: Path
     assert not resolved.stored and set(resolved.assumed) == {"encoder_heads", "decoder_heads", "preprocessing"}
     assert resolved.spec.encoder.num_heads == 1 and "--num-heads" in resolved.assumed["encoder_heads"]
     assert "--decoder-num-heads" in resolved.assumed["decoder_heads"]
+    # the Python loaders say the same, once per value, naming their argument; given the argument, nothing
+    with pytest.warns(UserWarning) as caught:
+        load_student(tmp_path / "bare.pth")
+    messages = sorted(str(w.message).split(": ", 1)[1] for w in caught)
+    assert [m[:22] for m in messages] == ["decoder heads: 1 assum", "encoder heads: 1 assum"]
+    assert "pass decoder_num_heads=N" in messages[0] and "pass num_heads=N" in messages[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_student(tmp_path / "bare.pth", num_heads=4, decoder_num_heads=4)
     # with the spec stored: nothing assumed, the heads are the spec's
     spec = milan_spec(model)
     torch.save({"model": model.state_dict(), "spec": spec.to_dict()}, tmp_path / "ours.pth")
