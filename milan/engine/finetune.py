@@ -144,7 +144,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
             out: Metrics = {"classifier": str(run_dir / "classifier.pt")}
             if dist.is_main():
                 metrics = {"top1": final["top1"], "top5": final["top5"]}
+                legacy = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
                 blob = {"model": model.state_dict(), "spec": spec, "config": to_dict(cfg), "metrics": metrics}
+                blob["milan"] = legacy  # what milan versions before the model spec read
                 atomic_save(blob, run_dir / "classifier.pt")
                 if ema is not None:
                     ema_metrics = {"top1": final["ema_top1"], "top5": final["ema_top5"]}

@@ -114,6 +114,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
                     {
                         "model": model.probe_state_dict(best),
                         "spec": spec(best, grid=False),
+                        "milan": {"num_heads": encoder.num_heads, "kind": "linear_probe"},  # pre-spec readers
                         "config": to_dict(cfg),
                         "metrics": {"top1": final["top1"], "top5": final["top5"], "lr": final["best_lr"]},
                     },
