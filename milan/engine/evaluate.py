@@ -2,19 +2,19 @@
 
 Reads any classifier :func:`milan.checkpoint.load_classifier` understands, converting on the fly:
 
-* ours: ``RUN/classifier.pt`` of ``milan linprobe`` / ``milan finetune`` and the runs' training checkpoints (a
-  linear-probe run's checkpoint: the best head of its last evaluation);
+* ours: ``RUN/classifier.pt`` of ``milan linprobe`` / ``milan finetune`` (and a fine-tuning run's checkpoints);
 * the official mmpretrain / MMSelfSup MILAN classifiers (``vit-base-p16_linear-8xb2048-coslr-100e_in1k_*.pth``,
-  78.9 %, and ``vit-base-p16_ft-8xb128-coslr-100e_in1k-milan_*.pth``, 85.3 %);
+  78.9 %, and ``vit-base-p16_ft-8xb128-coslr-100e_in1k-milan_*.pth``, 85.3 %), ``milan_reference.md`` §5.3;
 * original MILAN / MAE fine-tuned and linear-probe checkpoints.
 
 The view (size, resize and crop, resampling, mean and std) and the class names come from the checkpoint's model
-spec (:mod:`milan.checkpoint.spec`). The validation folder's classes are matched to the classifier's by name: a
-folder the classifier does not know is an error, a missing one a warning (the others are evaluated). Files without a
-spec get the references' evaluation view, Resize(``img_size / 0.875``, bicubic) + CenterCrop(``img_size``) +
-ImageNet normalisation (MMSelfSup's linear probe resized bilinearly: ``--interpolation bilinear``), and the folder's
-sorted class order (the standard ImageNet ``val/<wnid>/`` layout), with a warning for each assumption. Under
-``torchrun`` each process evaluates a shard and the counts are summed.
+spec (:mod:`milan.checkpoint.spec`); a linear-probe run's training checkpoint (a grid of heads) is read as the best
+head of its last evaluation. The validation folder's classes are matched to the classifier's by name: a folder the
+classifier does not know is an error, a missing one a warning (the others are evaluated). Files without a spec get
+the references' evaluation view, Resize(``img_size / 0.875``, bicubic) + CenterCrop(``img_size``) + ImageNet
+normalisation (MMSelfSup's linear probe resized bilinearly: ``--interpolation bilinear``), and the folder's sorted
+class order (the standard ImageNet ``val/<wnid>/`` layout), with a warning for each assumption. Under ``torchrun``
+each process evaluates a shard and the counts are summed.
 """
 
 from __future__ import annotations

@@ -63,10 +63,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
     with start_run(cfg.out_dir, cfg.runtime, resume) as run:
         device, dtype = run.device, run.dtype
         model = _build_model(cfg, device)
-        # The model spec (milan.checkpoint.spec) every checkpoint carries; taken before any DDP/FSDP wrapping.
-        spec = milan_spec(model, interpolation=cfg.data.interpolation, teacher_weights=cfg.model.teacher.checkpoint)
         loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
         derived = derive(cfg, dist.world_size(), batches_per_epoch)
+        # The model spec (milan.checkpoint.spec) every checkpoint carries; taken before any DDP/FSDP wrapping.
+        spec = milan_spec(model, interpolation=cfg.data.interpolation, teacher_weights=cfg.model.teacher.checkpoint)
         student = _wrap_student(cfg, model, dtype)
         groups = param_groups(model.student, cfg.optim.weight_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, derived.lr, device)
