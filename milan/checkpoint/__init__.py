@@ -11,6 +11,8 @@ Entry points:
   never allocates more than a file really holds.
 * :class:`CheckpointError` (a file that cannot be used, one line) and :class:`CheckpointWarning` (a value the file
   does not record was assumed: which, why, and the option that sets it).
+* :class:`ModelSpec`: what every checkpoint we write says about its model (:mod:`milan.checkpoint.spec`), and
+  :func:`resolve_spec`, which completes it for files that carry none, naming each assumption.
 """
 
 from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec, describe_tower
@@ -28,6 +30,7 @@ from milan.checkpoint.keymaps import (
     openai_clip_to_timm,
 )
 from milan.checkpoint.loaders import load_classifier, load_encoder, load_milan, load_student
+from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, TeacherSpec, resolve_spec
 from milan.checkpoint.teachers import load_teacher, teacher_from_checkpoint
 from milan.checkpoint.torchscript import read_torchscript
 
@@ -39,6 +42,10 @@ __all__ = [
     "DecoderArch",
     "EncoderArch",
     "Exported",
+    "HeadSpec",
+    "ModelSpec",
+    "Preprocessing",
+    "TeacherSpec",
     "TowerSpec",
     "atomic_save",
     "describe_tower",
@@ -58,6 +65,7 @@ __all__ = [
     "openai_clip_to_timm",
     "read_checkpoint",
     "read_torchscript",
+    "resolve_spec",
     "safe_load",
     "save_canonical",
     "save_safetensors",

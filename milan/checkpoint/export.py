@@ -1,12 +1,16 @@
-"""Writing checkpoints out: timm backbones, Hugging Face ``ViTModel`` folders, and our own canonical files.
+"""Writing checkpoints out: timm models, Hugging Face ``ViTModel`` folders, and our own canonical files.
+
+Every export carries the model spec (:mod:`milan.checkpoint.spec`) of what it holds in its metadata, and the values
+it had to assume for a file without one are reported (:attr:`Exported.assumed`).
 
 * :func:`export_timm`: the encoder in timm ``VisionTransformer`` keys (our encoder's keys already are), as
-  ``.safetensors`` (and/or ``.pth``). For ViT-B/16 at 224 px it loads with
-  ``timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,
-  pretrained_cfg_overlay=dict(file=FILE))``; other sizes name their timm model (or ``vit_base_patch16_224`` plus
-  size overrides) in the file's metadata and in :attr:`Exported.snippet`. A fine-tuned classifier exports with its
-  ``fc_norm`` and ``head`` (timm ``global_pool='avg'``); a linear probe exports its encoder only (timm has no BN head).
-  A teacher exports as a timm tower (e.g. ``vit_base_patch16_clip_quickgelu_224`` layout).
+  ``.safetensors`` (and/or ``.pth``); :attr:`Exported.snippet` is the ``timm.create_model`` call that loads it, with
+  a ``pretrained_cfg_overlay`` holding the file, the class count, the class names and the evaluation view (size,
+  mean, std, interpolation, crop fraction), so that ``timm.data.resolve_model_data_config(model)`` gives the
+  transform the model was trained for. A fine-tuned classifier exports with its ``fc_norm`` and ``head`` (timm
+  ``global_pool='avg'``); a linear probe with its BatchNorm folded into its Linear head, after the encoder's final
+  norm on the CLS token (timm ``global_pool='token'``). A teacher exports as a timm tower (e.g.
+  ``vit_base_patch16_clip_quickgelu_224`` layout).
 * :func:`export_hf`: a folder with ``config.json`` (``ViTConfig``: GELU, LayerNorm eps 1e-6, qkv bias),
   ``model.safetensors`` and ``preprocessor_config.json``; ``ViTModel.from_pretrained(folder,
   add_pooling_layer=False)`` gives ``last_hidden_state`` equal to our ``forward_features`` (HF's final
@@ -23,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from milan.checkpoint.arch import EncoderArch, StateDict, TowerSpec
 from milan.checkpoint.formats import Checkpoint, read_checkpoint
 from milan.checkpoint.io import CheckpointError, atomic_save, save_safetensors
 from milan.checkpoint.keymaps import encoder_to_hf_vit
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from milan.checkpoint.spec import ModelSpec, Resample, resolve_spec, stored_spec
 
 _VIT_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large"}
 _VIT_SIZES[(1280, 32, 16)] = "huge"
@@ -36,31 +42,58 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 
 @dataclass
 class Exported:
-    """What an export wrote and how to load it."""
+    """What an export wrote and how to load it.
+
+    Attributes:
+        path: The weights file.
+        kind: ``encoder``, ``finetune``, ``linear_probe`` or ``teacher``.
+        timm_model: The timm model name that builds it (``None``: none does).
+        model_args: ``timm.create_model`` keyword arguments (sizes, ``num_classes``, ``global_pool``).
+        pretrained_cfg: timm ``pretrained_cfg`` fields: the evaluation view (``input_size``, ``mean``, ``std``,
+            ``interpolation``, ``crop_pct``) and the class names (``label_names``), so that
+            ``timm.data.resolve_model_data_config(model)`` gives the transform the model was trained for.
+        extra_paths: Other files written.
+        notes: Facts about the export (e.g. what was left out).
+        assumed: Values the source file did not record and the export assumed (each names its flag).
+    """
 
     path: Path
     kind: str
     timm_model: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
     extra_paths: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)
 
     @property
     def cfg_overlay(self) -> dict[str, Any]:
-        """Timm ``pretrained_cfg_overlay``: the file, and the class count (else timm drops a classifier head)."""
+        """Timm ``pretrained_cfg_overlay``: the file, the class count (else timm drops a classifier head), the view."""
         overlay: dict[str, Any] = {"file": str(self.path)}
         if self.model_args.get("num_classes"):
             overlay["num_classes"] = self.model_args["num_classes"]
+        overlay.update(self.pretrained_cfg)
         return overlay
 
-    @property
-    def snippet(self) -> str:
-        """Python that loads the export in timm (empty if no timm model describes it)."""
+    def snippet(self, max_labels: int = 32) -> str:
+        """Python that loads the export in timm and builds its evaluation transform (empty if no timm model does).
+
+        Args:
+            max_labels: Class names beyond this count are left out of the text (they stay in :attr:`cfg_overlay`
+                and in the file's metadata).
+        """
         if self.timm_model is None:
             return ""
+        overlay = dict(self.cfg_overlay)
+        if len(overlay.get("label_names", ())) > max_labels:
+            del overlay["label_names"]
         args = "".join(f", {k}={v!r}" for k, v in self.model_args.items())
-        overlay = ", ".join(f"{k}={v!r}" for k, v in self.cfg_overlay.items())
-        return f"timm.create_model({self.timm_model!r}, pretrained=True{args}, pretrained_cfg_overlay=dict({overlay}))"
+        cfg = ", ".join(f"{k}={v!r}" for k, v in overlay.items())
+        load = f"model = timm.create_model({self.timm_model!r}, pretrained=True{args}, "
+        load += f"pretrained_cfg_overlay=dict({cfg}))"
+        if self.kind == "teacher":
+            return load
+        return f"{load}\ntransform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))"
 
 
 def timm_encoder_model(arch: EncoderArch, num_classes: int = 0) -> tuple[str, dict[str, Any]]:
@@ -118,31 +151,69 @@ def timm_tower_model(spec: TowerSpec) -> tuple[str | None, dict[str, Any]]:
     return "vit_base_patch16_224", args
 
 
-def timm_state_dict(ck: Checkpoint, head: bool = True) -> tuple[StateDict, str | None, dict[str, Any], dict[str, Any]]:
-    """(state_dict in timm keys, timm model, its overrides, our metadata) for any checkpoint kind."""
-    meta: dict[str, Any] = {"source_format": ck.format}
-    if ck.kind == "teacher":
-        assert ck.tower is not None
-        sd = ck.part("model.")
-        name, args = timm_tower_model(ck.tower)
-        meta.update(kind="teacher", tower=ck.tower.to_dict())
-        return sd, name, args, meta
-    arch = ck.encoder_arch()
-    meta.update(kind="encoder", num_heads=arch.num_heads, pos_embed_layout=arch.pos_embed_layout)
-    sd = ck.encoder_state()
+def fold_batchnorm(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Linear(BatchNorm(x))`` with an affine-free BatchNorm in eval mode, as one ``Linear``.
+
+    ``W (x - m) / s + b = (W / s) x + (b - (W / s) m)`` with ``s = sqrt(var + eps)``; computed in float64.
+
+    Args:
+        weight: (C, D) the Linear's weight.
+        bias: (C,) its bias.
+        running_mean: (D,) the BatchNorm's running mean.
+        running_var: (D,) its running variance.
+        eps: Its epsilon (the probe's: 1e-6).
+
+    Returns:
+        The folded (C, D) weight and (C,) bias, in ``weight``'s dtype.
+    """
+    scale = (running_var.double() + eps).rsqrt()  # (D,)
+    w = weight.double() * scale  # (C, D)
+    b = bias.double() - w @ running_mean.double()  # (C,)
+    return w.to(weight.dtype), b.to(bias.dtype)
+
+
+def timm_state_dict(
+    ck: Checkpoint, spec: ModelSpec, head: bool = True
+) -> tuple[StateDict, str, dict[str, Any], ModelSpec]:
+    """(state_dict in timm keys, timm model, its overrides, the exported file's spec) for a student checkpoint.
+
+    Args:
+        ck: A checkpoint holding a student encoder (``milan``, ``encoder``, ``linear_probe`` or ``finetune``).
+        spec: Its resolved spec (:func:`~milan.checkpoint.spec.resolve_spec`).
+        head: Keep a classifier's head.
+
+    Returns:
+        What :func:`export_timm` writes.
+    """
+    sd, arch = ck.encoder_state(), spec.encoder
+    out = ModelSpec("encoder", arch, spec.preprocessing)
+    classes = spec.head.num_classes if spec.head is not None and head else 0
     if ck.kind == "finetune":  # blocks + fc_norm (+ head): timm's global_pool='avg' layout (its norm is Identity)
-        pool = ck.hints.get("global_pool", "avg")
+        pool = spec.head.global_pool if spec.head is not None else "avg"
         keep = ("fc_norm.", "head.") if head else ("fc_norm.",)
         sd = {**sd, **{k: v for k, v in ck.state_dict.items() if k.startswith(keep)}}
-        classes = int(ck.state_dict["head.weight"].shape[0]) if head else 0
         name, args = timm_encoder_model(arch, num_classes=classes)
         args["global_pool"] = pool
         if pool == "token":
             args["fc_norm"] = True
-        meta.update(kind="finetune", global_pool=pool)
-        return sd, name, args, meta
+        out = dataclasses.replace(out, kind="finetune", head=spec.head if head else None)
+        return sd, name, args, out
+    if ck.kind == "linear_probe" and head:  # the final norm, the CLS token, the BatchNorm folded into the Linear
+        h = ck.part("head.")
+        w, b = fold_batchnorm(h["fc.weight"], h["fc.bias"], h["bn.running_mean"], h["bn.running_var"])
+        name, args = timm_encoder_model(arch, num_classes=classes)
+        args["global_pool"] = "token"
+        assert spec.head is not None  # a linear probe's resolved spec always has its head
+        out = dataclasses.replace(out, head=dataclasses.replace(spec.head, kind="linear", grid_index=None))
+        return {**sd, "head.weight": w, "head.bias": b}, name, args, out
     name, args = timm_encoder_model(arch)
-    return sd, name, args, meta
+    return sd, name, args, out
 
 
 def export_timm(
@@ -151,40 +222,75 @@ def export_timm(
     *,
     pth: bool = False,
     head: bool = True,
+    crop_pct: float | None = None,
+    interpolation: Resample | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     **read_options: Any,
 ) -> Exported:
-    """Writes a timm-compatible backbone.
+    """Writes a timm-compatible model: an encoder, a classifier with its head, or a teacher tower.
+
+    The file's metadata holds our model spec; :attr:`Exported.cfg_overlay` carries the evaluation view and the
+    class names into timm's ``pretrained_cfg``.
 
     Args:
         src: Any checkpoint :func:`milan.checkpoint.read_checkpoint` understands (or one already read).
-        out: Destination; ``.safetensors`` (default for other suffixes too) or ``.pth``/``.pt``/``.bin``.
+        out: Destination; ``.safetensors`` (default for other suffixes too) or ``.pth``/``.pt``/``.bin``. A
+            missing folder is created.
         pth: Also write a ``.pth`` next to a ``.safetensors`` output.
-        head: Keep a fine-tuned classifier's ``head`` (without it the export gives its pooled, ``fc_norm``-ed
-            features: timm ``num_classes=0``).
+        head: Keep a classifier's head: a fine-tuned classifier's ``fc_norm`` + ``head`` (timm
+            ``global_pool='avg'``), a linear probe's BatchNorm + Linear folded into one ``head`` (timm
+            ``global_pool='token'``). Without it: the pooled features (timm ``num_classes=0``).
+        crop_pct: Override the evaluation crop fraction (default: the checkpoint's spec, else 0.875).
+        interpolation: Override the evaluation resampling (default: the spec's, else bicubic).
+        mean: Override the normalisation mean (default: the spec's, else ImageNet's).
+        std: Override the normalisation std (default: the spec's, else ImageNet's).
         **read_options: Passed to :func:`~milan.checkpoint.read_checkpoint` (``num_heads`` ...).
 
     Returns:
         What was written and the timm call that loads it.
     """
     ck = src if isinstance(src, Checkpoint) else read_checkpoint(src, **read_options)
-    sd, name, args, meta = timm_state_dict(ck, head=head)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     out = Path(out)
-    result = Exported(out, str(meta["kind"]), name, args)
-    if ck.kind == "linear_probe":
-        result.notes.append("the linear probe's BatchNorm + linear head has no timm equivalent: encoder only")
-    if name is None:
-        result.notes.append("no timm model builds this tower exactly; load it with milan.checkpoint.load_teacher")
+    meta: dict[str, Any] = {"source_format": ck.format, "kind": ck.kind}
+    if ck.kind == "teacher":
+        assert ck.tower is not None
+        tower_name, tower_args = timm_tower_model(ck.tower)
+        meta["tower"] = ck.tower.to_dict()
+        result = Exported(out, "teacher", tower_name, tower_args)
+        if tower_name is None:
+            result.notes.append("no timm model builds this tower exactly; load it with milan.checkpoint.load_teacher")
+        _write(ck.part("model."), out, pth, result, meta)
+        return result
+    resolved = resolve_spec(ck, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    sd, name, args, spec = timm_state_dict(ck, resolved.spec, head=head)
+    kind = "encoder" if spec.kind == "encoder" and spec.head is None else ck.kind
+    result = Exported(out, kind, name, args, assumed=resolved.notes)
+    result.pretrained_cfg = spec.preprocessing.timm_cfg()
+    if spec.head is not None and spec.head.class_names:
+        result.pretrained_cfg["label_names"] = list(spec.head.class_names)
+    if ck.kind == "linear_probe" and head:
+        result.notes.append("the probe's BatchNorm is folded into its Linear head (timm global_pool='token')")
+    meta.update(kind=spec.kind, num_heads=spec.encoder.num_heads, pos_embed_layout=spec.encoder.pos_embed_layout)
+    if spec.head is not None:
+        meta["global_pool"] = spec.head.global_pool
+    meta["spec"] = spec.to_dict()
+    _write(sd, out, pth, result, meta)
+    return result
+
+
+def _write(sd: StateDict, out: Path, pth: bool, result: Exported, meta: dict[str, Any]) -> None:
+    """The weights (float32) as ``.safetensors`` with our metadata and timm's model arguments, or as a torch file."""
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     if out.suffix in _TORCH_SUFFIXES:
         atomic_save(sd, out)
-        return result
+        return
     metadata = {"milan": json.dumps(meta)}
-    if name:
-        metadata.update(timm_model=name, timm_model_args=json.dumps(args))
+    if result.timm_model:
+        metadata.update(timm_model=result.timm_model, timm_model_args=json.dumps(result.model_args))
     save_safetensors(sd, out, metadata)
     if pth:
         result.extra_paths.append(atomic_save(sd, out.with_suffix(".pth")))
-    return result
 
 
 def export_hf(
@@ -206,7 +312,8 @@ def export_hf(
             f"{ck.source}: Hugging Face ViTModel export needs an encoder with its final norm; a {ck.kind} checkpoint "
             "has none (fine-tuned classifiers pool first: export them to timm instead)"
         )
-    arch = ck.encoder_arch()
+    resolved = resolve_spec(ck)
+    arch, pre = resolved.spec.encoder, resolved.spec.preprocessing
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
@@ -232,18 +339,20 @@ def export_hf(
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
         "size": {"height": arch.img_size, "width": arch.img_size},
-        "resample": 3,  # bicubic
+        "resample": 3 if pre.interpolation == "bicubic" else 2,  # PIL codes
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     sd = {k: v.float() for k, v in encoder_to_hf_vit(ck.encoder_state()).items()}
-    weights = save_safetensors(sd, folder / "model.safetensors")
-    return Exported(weights, "encoder", extra_paths=[folder / "config.json", folder / "preprocessor_config.json"])
+    spec = ModelSpec("encoder", arch, pre)
+    weights = save_safetensors(sd, folder / "model.safetensors", {"milan": json.dumps({"spec": spec.to_dict()})})
+    extra = [folder / "config.json", folder / "preprocessor_config.json"]
+    return Exported(weights, "encoder", extra_paths=extra, assumed=resolved.notes)
 
 
 def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
@@ -262,6 +371,8 @@ def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
         meta["global_pool"] = ck.hints.get("global_pool", "avg")
     if ck.tower is not None:
         meta["tower"] = ck.tower.to_dict()
+    if ck.kind != "teacher" and stored_spec(ck) is not None:  # a spec travels; assumed values stay facts above
+        meta["spec"] = resolve_spec(ck).spec.to_dict()
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ck.state_dict.items()}
     dst = Path(dst)
     if dst.suffix == ".safetensors":

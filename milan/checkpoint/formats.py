@@ -53,6 +53,7 @@ from milan.checkpoint.keymaps import (
     mmpretrain_classifier_to_milan,
     mmpretrain_milan_to_milan,
 )
+from milan.checkpoint.spec import spec_hints
 from milan.checkpoint.torchscript import torchscript_classes
 from milan.checkpoint.towers import hf_clip_tower, open_clip_tower, openai_tower, timm_tower
 
@@ -358,6 +359,7 @@ def _hints(meta: dict[str, Any], file_meta: dict[str, str]) -> dict[str, Any]:
         hints.update(ours)
     if isinstance(meta.get("teacher_spec"), dict):  # training checkpoints: the teacher's exact architecture
         hints["tower"] = hints["teacher_spec"] = meta["teacher_spec"]
+    hints.update(spec_hints(meta.get("spec", hints.get("spec"))))  # our model spec, when stored: it decides
     return {k: v for k, v in hints.items() if v is not None}
 
 
@@ -477,6 +479,8 @@ def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> No
         ck.kind, ck.state_dict = "milan", {"student." + k: v for k, v in sd.items()}
     elif "head.bn.running_mean" in sd:
         ck.kind, ck.state_dict = "linear_probe", dict(sd)
+    elif "bn.running_mean" in sd and "fcs.0.weight" in sd:  # a linear-probe training checkpoint: a grid of heads
+        ck.kind, ck.state_dict = "linear_probe", _probe_from_grid(ck, sd)
     elif "fc_norm.weight" in sd:
         ck.kind, ck.state_dict = "finetune", dict(sd)
     elif has("model."):
@@ -486,6 +490,22 @@ def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> No
     prefix = {"milan": "teacher.model.", "teacher": "model."}.get(ck.kind)
     if prefix and any(k.startswith(prefix) for k in ck.state_dict):
         ck.tower = _tower_from_hints(ck, ck.part(prefix), tower_opts)
+
+
+def _probe_from_grid(ck: Checkpoint, sd: StateDict) -> StateDict:
+    """The head of an lr grid that the stored spec names (the best so far), as a linear-probe state dict."""
+    spec = ck.hints.get("spec")
+    index = spec.head.grid_index if spec is not None and spec.head is not None else None
+    if index is None:
+        raise CheckpointError(
+            f"{ck.source} is a linear-probe training checkpoint (a grid of heads) that does not record which head "
+            "won; use the run's classifier.pt"
+        )
+    out = {k: v for k, v in sd.items() if k.startswith("encoder.")}
+    out.update({"head.bn." + k.removeprefix("bn."): v for k, v in sd.items() if k.startswith("bn.")})
+    fc = f"fcs.{index}."
+    out.update({"head.fc." + k.removeprefix(fc): v for k, v in sd.items() if k.startswith(fc)})
+    return out
 
 
 def _read_mmpretrain(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec
 from milan.checkpoint.formats import Checkpoint
-from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.spec import Resolved, resolve_spec
 
 _KINDS = {
     "milan": "MILAN pretraining model",
@@ -62,6 +62,11 @@ def _heads(n: int, stored: bool, flag: str = "--num-heads") -> str:
     return f"{n}" if stored else f"{n} (assumed; pass {flag} if different)"
 
 
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f" ({shown}{', ...' if len(names) > limit else ''})" if names else " (class names not stored)"
+
+
 def _encoder_line(arch: EncoderArch, stored_heads: bool) -> str:
     return (
         f"width {arch.embed_dim}, depth {arch.depth}, heads {_heads(arch.num_heads, stored_heads)}, "
@@ -99,34 +104,61 @@ def _tower_line(spec: TowerSpec) -> str:
     return text + (f" [{', '.join(extras)}]" if extras else "")
 
 
-def describe(ck: Checkpoint, max_groups: int = 40) -> str:
-    """The ``milan inspect`` text: format, kind, architecture, parameter counts, key summary, pos-embed layout."""
+def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = None) -> str:
+    """The ``milan inspect`` text: format, kind, architecture, view, head, parameter counts, keys, pos-embed layout.
+
+    Args:
+        ck: The checkpoint.
+        max_groups: Key groups to list.
+        resolved: Its resolved spec (default: :func:`~milan.checkpoint.spec.resolve_spec` without overrides); values
+            it had to assume are marked.
+    """
     lines = [f"file:        {ck.source}"]
     path = Path(ck.source)
     if path.is_file():
         lines[0] += f" ({path.stat().st_size / 2**20:.1f} MiB)"
     lines.append(f"format:      {ck.format}")
-    lines.append(f"contents:    {_KINDS.get(ck.kind, ck.kind)}")
-    if ck.kind != "teacher":
-        arch = ck.encoder_arch()
-        lines.append(f"encoder:     {_encoder_line(arch, 'num_heads' in ck.hints)}")
-        grid = "" if ck.kind != "finetune" else " (fine-tuned: learnable, initialised from the stored table)"
-        lines.append(f"pos-embed:   {_LAYOUTS[arch.pos_embed_layout]}{grid}")
-    if ck.kind == "milan":
-        try:
-            dec = ck.decoder_arch()
-            lines.append(f"decoder:     {_decoder_line(dec, 'decoder_num_heads' in ck.hints)}")
-        except CheckpointError:
-            lines.append("decoder:     none")
-    if ck.kind in ("linear_probe", "finetune"):
-        head = ck.state_dict.get("head.fc.weight", ck.state_dict.get("head.weight"))
-        if head is not None:
-            pool = "cls token" if ck.kind == "linear_probe" else ck.hints.get("global_pool", "avg")
-            lines.append(f"head:        {head.shape[0]} classes, pooling: {pool}")
+    grid = sorted({int(k.split(".")[1]) for k in ck.source_shapes if k.startswith("fcs.")})
+    contents = _KINDS.get(ck.kind, ck.kind)
+    if ck.kind == "linear_probe" and grid:
+        contents = f"linear-probe training checkpoint: an lr grid of {len(grid)} heads (BN + linear on the CLS token)"
+    lines.append(f"contents:    {contents}")
+    if ck.kind != "teacher" and resolved is None:
+        resolved = resolve_spec(ck)
+    spec = resolved.spec if resolved is not None else None
+    if resolved is not None and spec is not None:
+        stored = f"stored (version {spec.version})" if resolved.stored else "not stored: values marked assumed"
+        lines.append(f"model spec:  {stored}")
+        lines.append(f"encoder:     {_encoder_line(spec.encoder, 'encoder_heads' not in resolved.assumed)}")
+        grid_note = "" if ck.kind != "finetune" else " (fine-tuned: learnable, initialised from the stored table)"
+        lines.append(f"pos-embed:   {_LAYOUTS[ck.encoder_arch().pos_embed_layout]}{grid_note}")
+        assumed = (
+            " (assumed; see --crop-pct, --interpolation, --mean, --std)" if "preprocessing" in resolved.assumed else ""
+        )
+        lines.append(f"eval view:   {spec.preprocessing.describe()}{assumed}")
+    if spec is not None and spec.decoder is not None and resolved is not None:
+        lines.append(f"decoder:     {_decoder_line(spec.decoder, 'decoder_heads' not in resolved.assumed)}")
+    elif ck.kind == "milan":
+        lines.append("decoder:     none")
+    if spec is not None and spec.head is not None:
+        head = spec.head
+        pool = {"token": "cls token", "avg": "mean of the patch tokens"}[head.global_pool]
+        text = f"{head.kind.replace('_', ' ')}, {head.num_classes} classes{_names(head.class_names)}, pooling: {pool}"
+        if head.lr is not None:
+            text += f", lr {head.lr:.4g}" + (
+                f" (head {head.grid_index} of the grid)" if head.grid_index is not None else ""
+            )
+        lines.append(f"head:        {text}")
     if ck.tower is not None:
         lines.append(f"teacher:     {_tower_line(ck.tower)}")
+    elif spec is not None and spec.teacher is not None:
+        lines.append(f"teacher:     {_tower_line(spec.teacher.tower)}")
     elif ck.kind == "milan":
         lines.append("teacher:     not stored (pass one when loading the full model)")
+    if spec is not None and spec.teacher is not None:
+        t = spec.teacher
+        source = f"weights {t.weights} ({t.format})" if t.weights else "weights stored in this file"
+        lines.append(f"             input norm {t.input_norm}; {source}")
     counts = []
     for label, prefix in (
         ("encoder", "student.encoder."),

@@ -158,7 +158,9 @@ def teacher_from_checkpoint(
         spec = dataclasses.replace(spec, img_size=grid_size * spec.patch_size)
     if resize_input:
         spec = dataclasses.replace(spec, resize_input=True)
-    return Teacher(build_tower(spec, tower_sd), input_norm=input_norm)
+    teacher = Teacher(build_tower(spec, tower_sd), input_norm=input_norm)
+    teacher.source_format = ck.format  # type: ignore[assignment]  # recorded in the model spec of checkpoints
+    return teacher
 
 
 def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer:

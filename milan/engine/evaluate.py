@@ -8,47 +8,38 @@ Reads any classifier :func:`milan.checkpoint.load_classifier` understands, conve
   ``configs/milan/metafile.yml`` lists them), in mmpretrain's ``ImageClassifier`` key layout;
 * original MILAN / MAE fine-tuned and linear-probe checkpoints.
 
-The view is the references' evaluation transform: Resize(``img_size / 0.875``, bicubic) + CenterCrop(``img_size``)
-+ ImageNet normalisation (MMSelfSup's linear probe resized bilinearly: ``--interpolation bilinear``). Class indices
-are the sorted class-folder names, i.e. the standard ImageNet ``val/<wnid>/`` layout. Under ``torchrun`` each process
-evaluates a shard and the counts are summed.
+The view (size, resize and crop, resampling, mean and std) and the class names come from the checkpoint's model
+spec (:mod:`milan.checkpoint.spec`); a linear-probe run's training checkpoint (a grid of heads) is read as the best
+head of its last evaluation. The validation folder's classes are matched to the classifier's by name: a folder the
+classifier does not know is an error, a missing one a warning (the others are evaluated). Files without a spec get
+the references' evaluation view, Resize(``img_size / 0.875``, bicubic) + CenterCrop(``img_size``) + ImageNet
+normalisation (MMSelfSup's linear probe resized bilinearly: ``--interpolation bilinear``), and the folder's sorted
+class order (the standard ImageNet ``val/<wnid>/`` layout), with a warning for each assumption. Under ``torchrun``
+each process evaluates a shard and the counts are summed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from milan import distributed as dist
-from milan.checkpoint import load_classifier
-from milan.checkpoint.io import CheckpointError, safe_load
-from milan.data import DataError, ImageFolderDataset, SkipReport, describe_found, eval_transform
+from milan.checkpoint import load_classifier, read_checkpoint
+from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.spec import resolve_spec
+from milan.data import DataError, SkipReport, describe_found, eval_transform
 from milan.engine.config import ConfigError
 from milan.engine.loop import autocast_context, resolve_dtype
 from milan.eval.classify import evaluate_heads
-from milan.eval.data import eval_loader, resolve_split
+from milan.eval.data import eval_loader, folder_by_names, resolve_split
 from milan.models.classifier import FinetuneClassifier, LinearProbe
-
-
-def _explain(path: str, error: CheckpointError) -> CheckpointError:
-    """A clearer message for a linear-probe *training* checkpoint (a grid of heads, not one classifier)."""
-    try:
-        blob = safe_load(path)
-    except CheckpointError:
-        return error
-    model = blob.get("model") if isinstance(blob, dict) else None
-    if isinstance(model, dict) and "fcs.0.weight" in model:
-        run = Path(path).resolve().parent.parent
-        return CheckpointError(
-            f"{path} is a linear-probe training checkpoint (a grid of heads); evaluate the selected head, "
-            f"{run / 'classifier.pt'}, which the run writes when it finishes"
-        )
-    return error
 
 
 def evaluate_checkpoint(
@@ -62,12 +53,18 @@ def evaluate_checkpoint(
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
     fmt: str = "auto",
     num_heads: int | None = None,
-    crop_pct: float = 0.875,
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic",
+    crop_pct: float | None = None,
+    interpolation: Literal["bicubic", "bilinear"] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Loads a classifier and measures its top-1 / top-5 accuracy.
+
+    The view and the class names come from the checkpoint's model spec; files without one (official checkpoints)
+    get the references' evaluation view and the folder's sorted class order, each assumption reported to ``warn``.
 
     Args:
         checkpoint: Classifier checkpoint (see the module docstring).
@@ -79,37 +76,43 @@ def evaluate_checkpoint(
         precision: Autocast precision on CUDA (``auto``: bf16).
         fmt: Checkpoint format (``auto`` detects it).
         num_heads: Encoder heads when the file does not record them (default: the standard ViT table).
-        crop_pct: Center-crop fraction.
-        interpolation: Resize resampling.
+        crop_pct: Center-crop fraction (default: the checkpoint's, else 0.875).
+        interpolation: Resize resampling (default: the checkpoint's, else bicubic).
+        mean: Normalisation mean (default: the checkpoint's, else ImageNet's).
+        std: Normalisation std (default: the checkpoint's, else ImageNet's).
         progress: Show a progress bar (on a terminal).
         say: Receives the start-of-run line (``found N images (M classes) in DATA; B batches``) on the main process.
+        warn: Receives each assumption and data warning (default: :func:`warnings.warn`).
 
     Returns:
-        ``{"top1", "top5", "count", "kind", "checkpoint", "data", "num_classes", "seconds"}``.
+        ``{"top1", "top5", "count", "kind", "checkpoint", "data", "num_classes", "img_size", "preprocessing",
+        "notes", "skipped", "seconds"}``.
     """
     t0 = time.perf_counter()
+    warn_ = warn or (lambda text: warnings.warn(text, stacklevel=3))
     owns_process_group = not dist.is_enabled()  # a caller's process group is left alone
     dev = dist.init(device)
     try:
-        try:
-            model: LinearProbe | FinetuneClassifier = load_classifier(checkpoint, fmt=fmt, num_heads=num_heads)
-        except CheckpointError as e:
-            raise _explain(checkpoint, e) from e
-        model = model.to(dev).eval()
-        kind = "linear_probe" if isinstance(model, LinearProbe) else "finetune"
-        head_weight = model.state_dict()["head.fc.weight" if kind == "linear_probe" else "head.weight"]
-        num_classes = int(head_weight.shape[0])
-        size = int(model.encoder.patch_embed.img_size[0])
-        pipeline = eval_transform(size, crop_pct=crop_pct, interpolation=interpolation)
+        ck = read_checkpoint(checkpoint, fmt, num_heads=num_heads)
+        if ck.kind not in ("linear_probe", "finetune"):
+            raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a classifier")
+        resolved = resolve_spec(ck, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+        resolved.adopt(ck)  # its notes are reported below, once
+        model: LinearProbe | FinetuneClassifier = load_classifier(ck).to(dev).eval()
+        kind, pre, head = ck.kind, resolved.spec.preprocessing, resolved.spec.head
+        assert head is not None  # a classifier's resolved spec always has one
+        pipeline = eval_transform(
+            pre.img_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation, mean=pre.mean, std=pre.std
+        )
         root, keep = resolve_split(data, per_class, "--data")  # keep: a folder's per-class selection
-        dataset = ImageFolderDataset(root, pipeline, per_class=keep)
-        if say is not None and dist.is_main():
-            batches = -(-len(dataset) // (batch_size * dist.world_size()))
-            say(describe_found(dataset, str(data), unit=f"{batches} batches of {batch_size} per process"))
-        if len(dataset.classes) > num_classes:
-            raise ConfigError(
-                f"{data} has {len(dataset.classes)} class folders but the classifier has {num_classes} outputs"
-            )
+        dataset, data_notes = folder_by_names(root, head.class_names, head.num_classes, pipeline, per_class=keep)
+        notes = [*resolved.notes, *data_notes]
+        if dist.is_main():
+            for note in notes:
+                warn_(note)
+            if say is not None:
+                batches = -(-len(dataset) // (batch_size * dist.world_size()))
+                say(describe_found(dataset, str(data), unit=f"{batches} batches of {batch_size} per process"))
         dtype = resolve_dtype(precision, dev)
         report = SkipReport()
         loader = eval_loader(dataset, batch_size, num_workers, dev)
@@ -124,8 +127,9 @@ def evaluate_checkpoint(
             dist.destroy()
     return {
         "top1": metrics["top1"], "top5": metrics["top5"], "count": int(metrics["count"]), "kind": kind,
-        "checkpoint": str(checkpoint), "data": str(data), "num_classes": num_classes, "img_size": size,
-        "skipped": report.skipped, "seconds": time.perf_counter() - t0,
+        "checkpoint": str(checkpoint), "data": str(data), "num_classes": head.num_classes, "img_size": pre.img_size,
+        "preprocessing": dataclasses.asdict(pre), "notes": notes, "skipped": report.skipped,
+        "seconds": time.perf_counter() - t0,
     }  # fmt: skip
 
 
@@ -146,10 +150,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     parser.add_argument("--format", dest="fmt", default="auto", help="checkpoint format (default: detect)")
     parser.add_argument("--num-heads", type=int, help="encoder heads, if the file does not say (default: ViT table)")
-    parser.add_argument("--crop-pct", type=float, default=0.875, help="center-crop fraction (0.875: 256 -> 224)")
-    parser.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    g = parser.add_argument_group("evaluation view (default: the checkpoint's; files without one: the references')")
+    g.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
     parser.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _warn(note: str) -> None:
+    print(f"milan evaluate: warning: {note}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                 args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
                 num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
-                progress=not args.no_progress, say=print,
+                mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
+                progress=not args.no_progress, say=print, warn=_warn,
             )  # fmt: skip
         except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
             print(f"milan evaluate: {e}", file=sys.stderr)

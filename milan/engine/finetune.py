@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
+from milan.checkpoint.spec import HeadSpec
 from milan.data import SkipReport
 from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import derive, to_dict
@@ -39,6 +40,7 @@ from milan.eval.data import describe_split, eval_loader, finetune_pipeline
 from milan.eval.jobs import (
     FitResult,
     checked_val_report,
+    classifier_spec,
     classifier_step,
     describe_topk,
     labelled_splits,
@@ -89,6 +91,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         train_pipeline = finetune_pipeline(data, cfg.aug, size)
         train_set, val_set, num_classes = labelled_splits(data, train_pipeline, size, cfg.num_classes)
         model = FinetuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
+        head = HeadSpec("finetune", num_classes, list(train_set.classes), cfg.global_pool)
+        spec = classifier_spec(encoder, head, data).to_dict()  # every checkpoint's and classifier.pt's model spec
         seed_everything(cfg.seed + dist.rank())  # mixup draws differ per process
         loader, sampler, batches = seeded_loader(
             train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
@@ -139,18 +143,19 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
                 ema.update(model, step=s.step)
 
         def extra_state() -> dict[str, Any]:
-            return {"ema": ema.module.state_dict()} if ema is not None else {}
+            return {"spec": spec, **({"ema": ema.module.state_dict()} if ema is not None else {})}
 
         def load_extra_state(ckpt: dict[str, Any]) -> None:
             if ema is not None and "ema" in ckpt:
                 ema.module.load_state_dict(ckpt["ema"])
 
         def export(final: Metrics) -> Metrics:
-            meta = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
             out: Metrics = {"classifier": str(run_dir / "classifier.pt")}
             if dist.is_main():
                 metrics = {"top1": final["top1"], "top5": final["top5"]}
-                blob = {"model": model.state_dict(), "milan": meta, "config": to_dict(cfg), "metrics": metrics}
+                legacy = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
+                blob = {"model": model.state_dict(), "spec": spec, "config": to_dict(cfg), "metrics": metrics}
+                blob["milan"] = legacy  # what milan versions before the model spec read
                 atomic_save(blob, run_dir / "classifier.pt")
                 if ema is not None:
                     ema_metrics = {"top1": final["ema_top1"], "top5": final["ema_top5"]}

@@ -25,6 +25,7 @@ import torch
 
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
+from milan.checkpoint.spec import HeadSpec
 from milan.data import SkipReport
 from milan.engine.cli import add_run_arguments, run_job
 from milan.engine.config import derive, to_dict
@@ -39,13 +40,14 @@ from milan.eval.data import describe_split, eval_loader, probe_pipeline
 from milan.eval.jobs import (
     FitResult,
     checked_val_report,
+    classifier_spec,
     classifier_step,
     describe_topk,
     labelled_splits,
     sync_batchnorm_stats,
     train_classifier,
 )
-from milan.eval.lr_grid import LinearProbeGrid, grid_cross_entropy
+from milan.eval.lr_grid import LinearProbeGrid, grid_cross_entropy, save_lr_grid_plot
 from milan.eval.pretrained import input_size, load_pretrained_encoder
 
 
@@ -81,6 +83,17 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         )  # fmt: skip
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
         report = SkipReport(max_skip_fraction=data.max_skip_fraction)
+        lrs = [d.lr * s for s in model.lr_scales]
+
+        def spec(index: int | None, grid: bool) -> dict[str, Any]:
+            """The model spec: of the grid's head ``index`` (training checkpoints) or of ``classifier.pt``."""
+            lr = lrs[index] if index is not None else None
+            head = HeadSpec("linear_probe", num_classes, list(train_set.classes), "token", lr, index if grid else None)
+            return classifier_spec(encoder, head, data).to_dict()
+
+        def extra_state() -> dict[str, Any]:  # training checkpoints name the best head of the last evaluation
+            last = trainer.eval_history[-1] if trainer.eval_history else None
+            return {"spec": spec(int(last["best_head"]) if last else None, grid=True)}
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
             if images.shape[0] < 2:  # BatchNorm cannot train on one image (the rest of the batch was unreadable)
@@ -98,8 +111,8 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
             )  # fmt: skip
             checked_val_report(val_report, device)
             best = max(range(len(heads)), key=lambda i: heads[i]["top1"])
-            table = [{"lr": d.lr * s, **h} for s, h in zip(model.lr_scales, heads, strict=True)]
-            return {"top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": d.lr * model.lr_scales[best],
+            table = [{"lr": lr, **h} for lr, h in zip(lrs, heads, strict=True)]
+            return {"top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": lrs[best],
                     "best_head": best, "heads": table, "val_skipped": val_report.skipped,
                     "val_data": val_report.as_dict()}  # fmt: skip
 
@@ -110,19 +123,23 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
                 atomic_save(
                     {
                         "model": model.probe_state_dict(best),
-                        "milan": {"num_heads": encoder.num_heads, "kind": "linear_probe"},
+                        "spec": spec(best, grid=False),
+                        "milan": {"num_heads": encoder.num_heads, "kind": "linear_probe"},  # pre-spec readers
                         "config": to_dict(cfg),
                         "metrics": {"top1": final["top1"], "top5": final["top5"], "lr": final["best_lr"]},
                     },
                     path,
                 )
-            return {"classifier": str(path), "best_lr": final["best_lr"], "heads": final["heads"]}
+            fields: Metrics = {"classifier": str(path), "best_lr": final["best_lr"], "best_head": best}
+            if dist.is_main() and cfg.log.plot:
+                fields["lr_grid_plot"] = str(save_lr_grid_plot(trainer.eval_history, run_dir / "lr_grid.png"))
+            return {**fields, "heads": final["heads"]}
 
         trainer = Trainer(
             cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
             step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,
-            device=device, dtype=dtype, resume_from=run.resume_from,
-            evaluation=Evaluation(evaluate, every_epochs=cfg.eval_every, describe=describe_topk),
+            device=device, dtype=dtype, resume_from=run.resume_from, extra_state=extra_state,
+            evaluation=Evaluation(evaluate, every_epochs=cfg.eval_every, describe=describe_grid),
         )  # fmt: skip
         log = trainer.log
         log.info(run.header("linprobe"))
@@ -136,7 +153,16 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         )
         if cfg.encoder.pretrained is None:
             log.warning("the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
-        return train_classifier(trainer, "linprobe", export, run.t_start)
+        return train_classifier(trainer, "linprobe", export, run.t_start, describe=describe_grid)
+
+
+def describe_grid(metrics: Metrics) -> str:
+    """``"top-1 78.90  top-5 94.10 at lr 3.2 (winner of 5 heads)"``: the best head's numbers and its lr."""
+    heads = metrics.get("heads") or []
+    text = describe_topk(metrics)
+    if "best_lr" not in metrics:
+        return text
+    return f"{text} at lr {metrics['best_lr']:.4g}" + (f" (winner of {len(heads)} heads)" if len(heads) > 1 else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from milan import distributed as dist
 from milan.checkpoint.arch import describe_tower
+from milan.checkpoint.spec import milan_spec
 from milan.data import (
     Batch,
     ImageDataset,
@@ -75,6 +76,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
         derived = derive(cfg, dist.world_size(), batches_per_epoch)
         found = _describe_data(cfg, loader, derived.steps_per_epoch)
+        # The model spec (milan.checkpoint.spec) every checkpoint carries; taken before any DDP/FSDP wrapping.
+        spec = milan_spec(model, interpolation=cfg.data.interpolation, teacher_weights=cfg.model.teacher.checkpoint)
         student = _wrap_student(cfg, model, dtype)
         groups = param_groups(model.student, cfg.optim.weight_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, derived.lr, device)
@@ -86,11 +89,11 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
 
         def teacher_state() -> dict[str, Any]:
             if teacher is None:
-                return {}
+                return {"spec": spec.to_dict()}
             # teacher_spec: the exact architecture, which milan.checkpoint.load_milan rebuilds. A random teacher's
             # weights are saved too, always in fp32 (a resumed smoke run is then exact whatever runtime.teacher_dtype
             # is); real ones are read from their file again.
-            state: dict[str, Any] = {"teacher_spec": describe_tower(teacher.model).to_dict()}
+            state: dict[str, Any] = {"spec": spec.to_dict(), "teacher_spec": describe_tower(teacher.model).to_dict()}
             return {"teacher": fp32_teacher or teacher.state_dict(), **state} if random_teacher else state
 
         def load_teacher_state(ckpt: dict[str, Any]) -> None:

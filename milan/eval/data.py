@@ -8,8 +8,9 @@ exact.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from milan import distributed as dist
 from milan.data import (
+    DEFAULT_MAX_PIXELS,
     Batch,
     ImageFolderDataset,
     ImagePipeline,
@@ -27,6 +29,7 @@ from milan.data import (
     describe_found,
     eval_transform,
     extract_archive_subset,
+    find_classes,
     pretrain_transform,
 )
 from milan.engine.config import ConfigError
@@ -79,6 +82,66 @@ def image_folder(
         raise ConfigError(f"{key}={source!r}: {e}") from e
     dataset.source = str(source)  # as the user gave it (an archive, not its unpacked subset)
     return dataset
+
+
+def folder_by_names(
+    root: str | os.PathLike[str],
+    names: Sequence[str],
+    num_classes: int,
+    pipeline: ImagePipeline,
+    *,
+    per_class: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[ImageFolderDataset, list[str]]:
+    """A labelled folder whose labels are a classifier's indices, matched by class name.
+
+    Args:
+        root: ``root/<class>/<image>`` tree.
+        names: The classifier's class names in index order (empty: unknown; the folder's sorted order is then
+            taken as the index order, and a note says so).
+        num_classes: The classifier's output width.
+        pipeline: The evaluation view.
+        per_class: The first N images of every class (natural name order); ``None``: all.
+        max_pixels: Decompression-bomb guard.
+
+    Returns:
+        The dataset (``classes``: the classifier's names) and notes for the user: the assumed order, or the
+        classes the folder lacks (it is evaluated on those it has).
+
+    Raises:
+        ConfigError: A class folder the classifier does not know (named), or more folders than outputs.
+    """
+    root = Path(root)
+    folders = find_classes(root)
+    notes: list[str] = []
+    if names:
+        unknown = [f for f in folders if f not in names]
+        if unknown:
+            known = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"{root}: class folder(s) {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} unknown to "
+                f"the classifier, which knows {len(names)} classes ({known})"
+            )
+        missing = [n for n in names if n not in folders]
+        if missing:
+            notes.append(
+                f"{root} lacks {len(missing)} of the classifier's {len(names)} classes ({', '.join(missing[:8])}"
+                f"{', ...' if len(missing) > 8 else ''}): evaluated on the {len(folders)} it has, matched by name"
+            )
+    else:
+        if len(folders) > num_classes:
+            raise ConfigError(f"{root} has {len(folders)} class folders but the classifier has {num_classes} outputs")
+        notes.append(
+            f"class names: the classifier does not store them; the folder's sorted class order is assumed to be its "
+            f"output order ({folders[0]} = 0, {folders[-1]} = {len(folders) - 1})"
+        )
+    try:
+        dataset = ImageFolderDataset(
+            root, pipeline, classes=list(names) or folders, per_class=per_class, max_pixels=max_pixels
+        )
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+    return dataset, notes
 
 
 def probe_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:

@@ -12,16 +12,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
 
 from milan import distributed as dist
+from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, SpecKind, encoder_arch_of
 from milan.data import Batch, ImageFolderDataset, ImagePipeline, SkipReport
 from milan.engine.loop import StepFn, TrainState, data_step
 from milan.engine.trainer import Metrics, Trainer
 from milan.eval.config import ClassifyDataConfig
 from milan.eval.data import eval_pipeline, image_folder, num_classes_of
+from milan.models.vit import VisionTransformer
 
 
 def classifier_step(
@@ -80,6 +83,26 @@ def labelled_splits(
     return train, val, num_classes_of(train, num_classes)
 
 
+def classifier_spec(
+    encoder: VisionTransformer,
+    head: HeadSpec,
+    data: ClassifyDataConfig,
+) -> ModelSpec:
+    """The model spec of a classifier job's checkpoints (encoder, evaluation view, head with its class names).
+
+    Args:
+        encoder: The classifier's encoder (before any DDP wrapping).
+        head: Its head (kind, width, class names in index order, pooling ...).
+        data: The job's data section (evaluation crop fraction and resampling).
+
+    Returns:
+        The spec (see :mod:`milan.checkpoint.spec`).
+    """
+    arch = encoder_arch_of(encoder)
+    pre = Preprocessing(arch.img_size, interpolation=data.interpolation, crop_pct=data.crop_pct)
+    return ModelSpec(cast(SpecKind, head.kind), arch, pre, head=head)
+
+
 def describe_topk(metrics: Metrics) -> str:
     """``"top-1 78.90  top-5 94.10"`` (and the unreadable validation images, if any)."""
     skipped = metrics.get("val_skipped")
@@ -117,6 +140,7 @@ def train_classifier(
     t_start: float,
     *,
     after_step: Callable[[TrainState], None] | None = None,
+    describe: Callable[[Metrics], str] = describe_topk,
 ) -> FitResult:
     """Trains (the trainer evaluates ``top1``/``top5``), exports the classifier and writes the summary.
 
@@ -127,6 +151,7 @@ def train_classifier(
             process and returns more summary fields.
         t_start: When the job started (``time.perf_counter()``).
         after_step: Called after every optimizer step (e.g. an EMA update).
+        describe: The final result in the closing line (e.g. with the linear probe's winning lr).
 
     Returns:
         The result (on every process).
@@ -144,11 +169,12 @@ def train_classifier(
             "job": job, "top1": final["top1"], "top5": final["top5"], "max_top1": max(h["top1"] for h in history),
             "epoch": state.epoch, "step": state.step, "images_seen": state.images_seen, "wall_time": wall, **fields,
         }  # fmt: skip
+        plot = f"; plot {fields['lr_grid_plot']}" if fields.get("lr_grid_plot") else ""
         trainer.finish(
             summary,
-            f"done: {job} top-1 {final['top1']:.2f}  top-5 {final['top5']:.2f} (best epoch top-1 "
-            f"{summary['max_top1']:.2f}) after epoch {state.epoch}, step {state.step}, in {wall:.1f} s; "
-            f"{trainer.run_report.summary()}; results {trainer.run_dir / 'results.json'}",
+            f"done: {job} {describe(final)}; best epoch top-1 {summary['max_top1']:.2f}; after epoch {state.epoch}, "
+            f"step {state.step}, in {wall:.1f} s; {trainer.run_report.summary()}; results "
+            f"{trainer.run_dir / 'results.json'}{plot}",
             results=True,
         )
     last = trainer.checkpointer.last

@@ -9,8 +9,10 @@ head receives exactly the gradient it would get alone: training the grid equals 
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,3 +92,51 @@ def grid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     k, b, c = logits.shape
     per_sample = F.cross_entropy(logits.reshape(k * b, c), targets.repeat(k), reduction="none")  # (K * B,)
     return per_sample.view(k, b).mean(dim=1).sum()
+
+
+def save_lr_grid_plot(history: Sequence[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
+    """Draws each head's validation top-1 against its lr, one line per evaluation, the winner marked.
+
+    Args:
+        history: The probe's evaluations in order, each with ``epoch``, ``best_head`` and ``heads`` (one
+            ``{"lr", "top1", ...}`` per head).
+        out: The PNG to write.
+
+    Returns:
+        ``out``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [h for h in history if h.get("heads")]
+    if not evals:
+        raise ValueError("no evaluation of the lr grid to draw")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    cmap = plt.get_cmap("viridis")
+    for i, record in enumerate(evals):
+        lrs = [float(h["lr"]) for h in record["heads"]]
+        top1 = [float(h["top1"]) for h in record["heads"]]
+        last = i == len(evals) - 1
+        ax.plot(lrs, top1, marker="o", color=cmap(i / max(1, len(evals) - 1)), lw=2.0 if last else 1.0,
+                alpha=1.0 if last else 0.5, label=f"epoch {record.get('epoch', i + 1)}")  # fmt: skip
+    final = evals[-1]
+    best = final["heads"][int(final["best_head"])]
+    ax.plot([best["lr"]], [best["top1"]], marker="*", ms=16, color="tab:red", ls="none",
+            label=f"best: lr {float(best['lr']):.4g}, top-1 {float(best['top1']):.2f}")  # fmt: skip
+    if len(final["heads"]) > 1:
+        ax.set_xscale("log")
+        ticks = [float(h["lr"]) for h in final["heads"]]
+        ax.set_xticks(ticks, [f"{t:.4g}" for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("peak learning rate of the head")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(f"linear probe: {len(final['heads'])} heads trained in one pass")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -7,6 +7,7 @@ import dataclasses
 from milan.checkpoint.formats import read_checkpoint
 from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.loaders import encoder_from_checkpoint
+from milan.checkpoint.spec import resolve_spec
 from milan.engine.config import ConfigError
 from milan.eval.config import EncoderSource
 from milan.models.factory import build_encoder, list_models, model_config
@@ -18,7 +19,8 @@ _ENCODER_KINDS = ("milan", "encoder", "linear_probe", "finetune")
 def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) -> tuple[VisionTransformer, str]:
     """Builds the encoder named by ``src`` and loads its weights (strictly, stored position table included).
 
-    The architecture is inferred from the checkpoint (heads from ``src.num_heads`` or the file's metadata), so any
+    The architecture comes from the checkpoint's model spec, else is inferred from its weights (heads from
+    ``src.num_heads``, or assumed: the description then says so and names the key), so any
     format :func:`milan.checkpoint.read_checkpoint` knows works: our ``milan pretrain`` checkpoints (the
     ``encoder.*`` part of the student), mmpretrain / MMSelfSup MILAN, original MILAN / MAE, timm ViTs, and
     classifier checkpoints (their encoder).
@@ -42,13 +44,16 @@ def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) 
     ck = read_checkpoint(src.pretrained, num_heads=src.num_heads)
     if ck.kind not in _ENCODER_KINDS:
         raise CheckpointError(f"{src.pretrained}: a {ck.format} {ck.kind} checkpoint holds no student encoder")
+    resolved = resolve_spec(ck, heads_flag="encoder.num_heads=N")
+    resolved.adopt(ck)  # an assumed head count is reported in the description below
     encoder = encoder_from_checkpoint(ck, drop_path_rate=drop_path_rate)
     kind = ck.kind.replace("_", " ")
     desc = (
         f"{src.pretrained} ({kind} checkpoint, {ck.format} format): ViT {encoder.embed_dim}d x {len(encoder.blocks)} "
         f"blocks, {encoder.num_heads} heads, patch {encoder.patch_size}, {input_size(None, encoder)} px"
     )
-    return encoder, desc
+    assumed = resolved.assumed.get("encoder_heads")
+    return encoder, desc + (f"; WARNING {assumed}" if assumed else "")
 
 
 def input_size(requested: int | None, encoder: VisionTransformer) -> int:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,9 @@ def render(
     return path
 
 
-def load_images(sources: Sequence[str], img_size: int, crop_pct: float, limit: int) -> tuple[torch.Tensor, list[str]]:
+def load_images(
+    sources: Sequence[str], img_size: int, crop_pct: float, limit: int, interpolation: str = "bicubic"
+) -> tuple[torch.Tensor, list[str]]:
     """Reads images (files, folders searched recursively, file lists or ``builtin:samples``) with the eval transform.
 
     Args:
@@ -346,6 +349,7 @@ def load_images(sources: Sequence[str], img_size: int, crop_pct: float, limit: i
         img_size: The model's resolution.
         crop_pct: Center-crop fraction of the evaluation transform.
         limit: At most this many images (the first ones in order).
+        interpolation: Resize resampling.
 
     Returns:
         (B, 3, img_size, img_size) ImageNet-normalised images and their file names.
@@ -357,7 +361,7 @@ def load_images(sources: Sequence[str], img_size: int, crop_pct: float, limit: i
     from milan.data import ImageDecodeError, collect_image_paths, eval_transform, open_image, resolve_source
 
     paths = collect_image_paths([resolve_source(s) for s in sources])[:limit]
-    pipeline = eval_transform(img_size, crop_pct=crop_pct)
+    pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
     tensors = []
     for path in paths:
         try:
@@ -379,33 +383,61 @@ def visualize(
     seed: int = 0,
     mask_ratio: float | None = None,
     masking: Masking | None = None,
-    crop_pct: float = 0.875,
+    crop_pct: float | None = None,
     max_images: int = 8,
     device: str | torch.device = "cpu",
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Loads a pretraining checkpoint and draws the grid for some images.
+
+    The architecture, the teacher (its image size and input normalisation included) and the view come from the
+    checkpoint's model spec (:mod:`milan.checkpoint.spec`); values a foreign file lacks are assumed and reported.
 
     Args:
         checkpoint: A pretraining checkpoint (ours, mmpretrain or original MILAN; see
             :func:`milan.checkpoint.load_milan`).
         images: Image files, folders or ``builtin:samples``.
         out: The PNG to write.
-        teacher: Teacher weights, when the checkpoint neither holds them nor names an existing file.
+        teacher: Teacher weights, when the checkpoint neither holds them nor names an existing file (e.g. the file
+            moved); built as the checkpoint's spec describes the teacher.
         seed: Seed of the mask draw.
         mask_ratio: Override the checkpoint's mask ratio.
         masking: Override the checkpoint's masking rule.
-        crop_pct: Center-crop fraction of the evaluation transform.
+        crop_pct: Center-crop fraction of the evaluation transform (default: the checkpoint's, else 0.875).
         max_images: At most this many rows.
         device: Where to run the model.
+        warn: Receives each assumption (default: :func:`warnings.warn`).
 
     Returns:
         ``out``.
-    """
-    from milan.checkpoint import load_milan
 
+    Raises:
+        CheckpointError: Unreadable checkpoint, or no teacher to be had (the message names ``--teacher``).
+    """
+    from milan.checkpoint import load_milan, read_checkpoint
+    from milan.checkpoint.loaders import teacher_file
+    from milan.checkpoint.spec import resolve_spec
+
+    ck = read_checkpoint(checkpoint)
+    resolved = resolve_spec(ck, crop_pct=crop_pct)
+    resolved.adopt(ck)  # reported here, once
+    for note in resolved.notes:
+        (warn or (lambda text: warnings.warn(text, stacklevel=3)))(note)
+    spec = resolved.spec
+    if ck.kind != "milan" or spec.decoder is None:
+        raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a pretraining model (no decoder)")
+    pixels = spec.decoder.out_dim == spec.encoder.patch_size**2 * spec.encoder.in_chans
+    recorded = teacher_file(ck)
+    if teacher is None and ck.tower is None and not pixels and not (recorded and os.path.exists(recorded)):
+        where = f"; the teacher file it was trained with, {recorded}, is not there" if recorded else ""
+        raise CheckpointError(
+            f"{checkpoint} holds no teacher weights{where}: pass --teacher FILE (the teacher it was trained with; "
+            "its architecture and image size are read from the checkpoint)"
+        )
     dev = torch.device(device)
-    model = load_milan(checkpoint, teacher=teacher).to(dev).eval()
-    x, names = load_images(images, model.encoder.grid_size[0] * model.encoder.patch_size, crop_pct, max_images)
+    model = load_milan(ck, teacher=teacher).to(dev).eval()
+    pre = spec.preprocessing
+    x, names = load_images(images, pre.img_size, pre.crop_pct, max_images, pre.interpolation)
     generator = torch.Generator(dev).manual_seed(seed)
     views = compute_views(model, x.to(dev), generator=generator, mask_ratio=mask_ratio, masking=masking)
     title = (
@@ -420,11 +452,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders, lists or builtin:samples")
     parser.add_argument("--checkpoint", "-c", required=True, metavar="CKPT", help="a pretraining checkpoint")
     parser.add_argument("--out", "-o", required=True, metavar="FILE.png", help="output image")
-    parser.add_argument("--teacher", metavar="FILE", help="teacher weights, if the checkpoint does not provide them")
+    parser.add_argument(
+        "--teacher", metavar="FILE", help="teacher weights, if the checkpoint holds none and its recorded file moved"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask draw (default 0)")
     parser.add_argument("--mask-ratio", type=float, help="override the checkpoint's mask ratio")
     parser.add_argument("--masking", choices=("attention", "random"), help="override the checkpoint's masking rule")
-    parser.add_argument("--crop-pct", type=float, default=0.875, help="eval center-crop fraction (default 0.875)")
+    parser.add_argument("--crop-pct", type=float, help="eval center-crop fraction (default: the checkpoint's, 0.875)")
     parser.add_argument("--max-images", type=int, default=8, help="at most this many rows (default 8)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
@@ -447,6 +481,7 @@ def run(args: argparse.Namespace) -> int:
         crop_pct=args.crop_pct,
         max_images=args.max_images,
         device=device,
+        warn=lambda note: print(f"milan visualize: warning: {note}", file=sys.stderr),
     )
     try:
         written = visualize(args.checkpoint, args.images, args.out, **kwargs)

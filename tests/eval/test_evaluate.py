@@ -60,8 +60,14 @@ def test_mmpretrain_classifier_gives_our_numbers(tmp_path, cifar, kind):
     official = tmp_path / "official.pth"  # MMEngine checkpoints keep the weights under state_dict, with meta
     torch.save({"meta": {"mmpretrain_version": "1.2.0"}, "state_dict": to_mmpretrain(model.state_dict())}, official)
     a = evaluate_checkpoint(str(ours), str(cifar["val"]), device="cpu", num_workers=0, progress=False)
-    b = evaluate_checkpoint(str(official), str(cifar["val"]), device="cpu", num_workers=0, num_heads=4, progress=False)
+    notes: list[str] = []
+    b = evaluate_checkpoint(str(official), str(cifar["val"]), device="cpu", num_workers=0, num_heads=4,
+                            progress=False, warn=notes.append)  # fmt: skip
     assert a["kind"] == b["kind"] == kind
+    # an official classifier carries no class names and no view: one warning for each assumption
+    assert len(notes) == 2 and notes == b["notes"]
+    assert notes[0].startswith("preprocessing: ImageNet mean") and "--crop-pct" in notes[0]
+    assert notes[1].startswith("class names: the classifier does not store them; the folder's sorted class order")
     assert (a["top1"], a["top5"], a["count"]) == (b["top1"], b["top5"], b["count"]) and a["count"] == 300
     # the same logits, not just the same counts
     from milan.checkpoint import load_classifier

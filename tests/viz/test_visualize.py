@@ -217,3 +217,29 @@ def test_load_images_labels_rows_by_folder_when_file_names_repeat(tmp_path: Path
     assert x.shape == (2, 3, 32, 32) and names == ["cat/0000.jpg", "dog/0000.jpg"]
     x, names = load_images([str(tmp_path / "cat" / "0000.jpg")], 32, 0.875, 8)
     assert names == ["0000.jpg"]
+
+
+def test_a_moved_teacher_file_is_rebuilt_from_the_checkpoints_spec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Today: "pass teacher=<...>" (the flag is --teacher), then with --teacher "teacher patch grid (7, 7) !=
+    student patch grid (4, 4)": the teacher's image size was not taken from the checkpoint."""
+    from milan.checkpoint import load_milan
+    from tests.checkpoint.conftest import open_clip_model
+
+    teacher_file = tmp_path / "clip.pth"
+    torch.save(open_clip_model(image=56).state_dict(), teacher_file)  # patch 8: a 7 x 7 grid; the student's is 4 x 4
+    ckpt = _pretrain(tmp_path / "run", [f"model.teacher.checkpoint={teacher_file}"])
+    original = load_milan(ckpt)  # the recorded file, run at the student's grid as in training
+    moved = teacher_file.rename(tmp_path / "moved.pth")
+    out = tmp_path / "vis.png"
+    args = ["visualize", "-c", str(ckpt), "builtin:samples", "-o", str(out), "--device", "cpu", "--max-images", "2"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass --teacher FILE" in err and str(teacher_file) in err and "teacher=" not in err and "\n" not in err
+    assert main([*args, "--teacher", str(moved)]) == 0 and Image.open(out).size == figure_size(2)
+    again = load_milan(ckpt, teacher=moved)
+    assert again.teacher is not None and original.teacher is not None and again.teacher.grid_size == (4, 4)
+    x = _images(2)
+    torch.testing.assert_close(again.teacher(x).features, original.teacher(x).features, atol=0, rtol=0)
