@@ -69,8 +69,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert "2 process(es)" in out and "effective 8" in out
     mid = load_training_checkpoint(run / "checkpoints" / "last.pt")
     assert mid["state"] == {"epoch": 1, "step": 3, "batch_in_epoch": 1, "images_seen": 24}
-    # FSDP2, and micro-batches of 2 with 2 accumulation steps (the same effective batch: exactly resumable)
-    fsdp = {**settings, "runtime.strategy": "fsdp", "batch_size": 2, "accum_steps": 2}
+    # FSDP2, and micro-batches of 2 with 2 accumulation steps (the same effective batch: exactly resumable); the
+    # resumed run keeps its stored config (max_steps 3) unless told otherwise
+    fsdp = {**settings, "runtime.strategy": "fsdp", "batch_size": 2, "accum_steps": 2, "schedule.max_steps": None}
     out = torchrun(run, images, fsdp, "--resume", "auto")
     assert "resumed from" in out and "step 3" in out and "WARNING" not in out.replace("WARNING: no model.teacher", "")
     single = pretrain(tiny_config(tmp_path / "single", images, {**settings, "batch_size": 8}))

@@ -97,6 +97,9 @@ class RuntimeConfig:
     tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
     cpu_threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
     peak_tflops: float | None = None  # accelerator peak for MFU; None = look up by GPU name
+    # Seconds a process waits in a collective (all-reduce, barrier) before giving up, e.g. when another process
+    # froze; long enough for a checkpoint write on a slow disk and for torch.compile's first step (torch: 1800).
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -242,6 +245,8 @@ def check_run(cfg: RunConfig) -> None:
     if not rt.compile and (rt.compile_mode is not None or rt.compile_teacher):
         key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
         raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
+    if not rt.dist_timeout_s > 0:
+        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {rt.dist_timeout_s}")
     ckpt = cfg.checkpoint
     for key, v in {"every_epochs": ckpt.every_epochs, "every_steps": ckpt.every_steps, "keep": ckpt.keep}.items():
         if v < 0:

@@ -29,11 +29,18 @@ from milan.engine.loop import TrainState, autocast_context
 from milan.engine.optim import build_adamw
 from milan.engine.run import seed_everything, start_run
 from milan.engine.sampling import seeded_loader
-from milan.engine.trainer import Evaluation, Metrics, Trainer
+from milan.engine.trainer import Evaluation, Metrics, Trainer, protect_workers
 from milan.eval.classify import evaluate_heads
 from milan.eval.config import AugmentConfig, FinetuneConfig, check_finetune
 from milan.eval.data import describe_split, eval_loader, finetune_pipeline
-from milan.eval.jobs import FitResult, classifier_step, describe_topk, labelled_splits, train_classifier
+from milan.eval.jobs import (
+    FitResult,
+    classifier_step,
+    describe_topk,
+    finished_result,
+    labelled_splits,
+    train_classifier,
+)
 from milan.eval.pretrained import input_size, load_pretrained_encoder
 from milan.models.classifier import FinetuneClassifier
 from milan.models.compile import compile_method
@@ -70,7 +77,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         The run's result (every process; only the main one writes files).
     """
     check_finetune(cfg)
-    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+    with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
+        if run.finished is not None:
+            return finished_result(run.run_dir, run.finished)
         device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
         seed_everything(cfg.seed)  # the same head on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
@@ -97,6 +106,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         if cfg.runtime.compile:  # the model's forward, inside DDP, after the EMA copy (which stays eager)
             compile_method(model, "forward", mode=cfg.runtime.compile_mode)
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
+        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         report = SkipReport()
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

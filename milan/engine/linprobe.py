@@ -29,7 +29,7 @@ from milan.engine.lars import LARS
 from milan.engine.loop import autocast_context
 from milan.engine.run import seed_everything, start_run
 from milan.engine.sampling import seeded_loader
-from milan.engine.trainer import Evaluation, Metrics, Trainer
+from milan.engine.trainer import Evaluation, Metrics, Trainer, protect_workers
 from milan.eval.classify import evaluate_heads
 from milan.eval.config import LinprobeConfig, check_linprobe
 from milan.eval.data import describe_split, eval_loader, probe_pipeline
@@ -37,6 +37,7 @@ from milan.eval.jobs import (
     FitResult,
     classifier_step,
     describe_topk,
+    finished_result,
     labelled_splits,
     sync_batchnorm_stats,
     train_classifier,
@@ -56,7 +57,9 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         The run's result (every process; only the main one writes files).
     """
     check_linprobe(cfg)
-    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+    with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
+        if run.finished is not None:
+            return finished_result(run.run_dir, run.finished)
         device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
         seed_everything(cfg.seed)  # the same heads on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
@@ -76,6 +79,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
             trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
         )  # fmt: skip
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
+        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         report = SkipReport()
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

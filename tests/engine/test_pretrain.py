@@ -28,7 +28,8 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path, image_dir: Path, capsys: 
     assert "WARNING: no model.teacher.checkpoint given" in out and "smoke test" in out
     assert "peak lr 0.001" in out and "effective 4" in out
     assert "done: 32 images" in out and "skipped 0 of 32 images" in out and str(run / "checkpoints" / "last.pt") in out
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["epoch_0001.pt", "epoch_0002.pt", "last.prev.pt", "last.pt"]
     cfg = load_config(PretrainConfig, run / "config.yaml")
     assert cfg.model.encoder.img_size == 32 and cfg.out_dir == str(run)
     ckpt = load_training_checkpoint(run / "checkpoints" / "last.pt")
