@@ -234,12 +234,15 @@ class Checkpointer:
         """
         if not self.enabled:
             return None
+        written = self.dir / f".{self.last.name}.next.tmp"  # complete before anything else changes
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(ckpt, written)
             if self.last.is_file():
                 self._keep_previous()
-            atomic_save(ckpt, self.last)
+            os.replace(written, self.last)
         except (OSError, RuntimeError) as e:
+            written.unlink(missing_ok=True)
             self._raise_write_error(e, self.last, _nbytes(ckpt), intact=self.last)
         if epoch_end is not None and self.keep > 0 and self.every_epochs > 0 and epoch_end % self.every_epochs == 0:
             dst = self.dir / f"epoch_{epoch_end:04d}.pt"
@@ -251,7 +254,7 @@ class Checkpointer:
         return self.last
 
     def _keep_previous(self) -> None:
-        """``last.prev.pt`` becomes a second name of ``last.pt``'s bytes (the atomic write of a new one leaves them)."""
+        """``last.prev.pt`` becomes a second name of ``last.pt``'s bytes (renaming a new one over it leaves them)."""
         tmp = self.dir / f".{self.previous.name}.tmp"
         tmp.unlink(missing_ok=True)
         try:
