@@ -8,6 +8,7 @@ micro-step, the non-finite-loss abort, clipping, the optimizer step, metrics red
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -93,12 +94,15 @@ class StopRequest:
 
     Attributes:
         signum: The signal that asked this process to stop (0: none).
-        agreed: Set by the loop once the processes stopped together; the state is then that of a finished step.
+        agreed: Set by the loop once the processes stopped together: SIGTERM if any process got one, else SIGINT
+            (0: not stopped); the state is then that of a finished step.
     """
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in the order a stop is named after
 
     def __init__(self) -> None:
         self.signum = 0
-        self.agreed = False
+        self.agreed = 0
 
     def request(self, signum: int) -> None:
         """Asks to stop (the first request's signal is kept)."""
@@ -271,11 +275,11 @@ def train_one_epoch(
         n, skipped = n + out.batch_size, skipped + out.skipped
         state.batch_in_epoch += 1
         if last_micro:
-            asked = float(stop is not None and stop.requested)
+            asked = [float(stop is not None and stop.signum == s) for s in StopRequest.STOP_SIGNALS]
             totals = torch.stack(
-                [loss_sum, loss_sum.new_tensor(n), loss_sum.new_tensor(skipped), loss_sum.new_tensor(asked)]
+                [loss_sum, loss_sum.new_tensor(n), loss_sum.new_tensor(skipped), *map(loss_sum.new_tensor, asked)]
             )
-            total_loss, total_n, total_skipped, total_asked = dist.all_reduce_sum(totals).tolist()  # one sync per step
+            total_loss, total_n, total_skipped, *total_asked = dist.all_reduce_sum(totals).tolist()  # one sync per step
             loss_sum.zero_()
             n = skipped = 0
             loss_value = total_loss / max(total_n, 1.0)
@@ -301,8 +305,8 @@ def train_one_epoch(
             t_last, data_time = now, 0.0
             if on_step is not None:
                 on_step(state)
-            if stop is not None and total_asked > 0:
-                stop.agreed = True
+            if stop is not None and any(total_asked):
+                stop.agreed = next(s for s, k in zip(StopRequest.STOP_SIGNALS, total_asked, strict=True) if k > 0)
                 break
             if stop_step is not None and state.step >= stop_step:
                 break

@@ -369,9 +369,9 @@ class Trainer:
         s = self.state
         if self.saved_step != s.step:
             self.save()  # mid-epoch: the resume continues inside this epoch, exactly
-        signum = self.stop.signum or signal.SIGTERM  # a process that was not signalled itself follows the others
+        signum = self.stop.signum or self.stop.agreed  # a process that was not signalled follows the others
         name = signal.Signals(signum).name
-        reason = f"{name} received" if self.stop.signum else "another process was stopped"
+        reason = f"{name} received" if self.stop.signum else f"{name} received by another process"
         message = (
             f"{reason}: stopped after step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}/{num_batches}); "
             f"saved {self.saved_path}; continue with --resume auto"
