@@ -264,7 +264,10 @@ def run_job(
     except RunInterrupted as e:  # the line saying what was saved is already printed
         return e.exit_status
     except KeyboardInterrupt:
-        print(f"milan {name}: interrupted before training started; nothing was saved", file=sys.stderr)
+        print(
+            f"milan {name}: interrupted outside the training steps; checkpoints already written are intact",
+            file=sys.stderr,
+        )
         return 128 + signal.SIGINT
     except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
         print(f"milan {name}: {e}", file=sys.stderr)

@@ -108,7 +108,7 @@ class CheckpointConfig:
 
     every_epochs: int = 1  # save every N epochs: last.pt plus a numbered copy epoch_NNNN.pt; 0 = only at the end
     every_steps: int = 0  # also refresh last.pt every N optimizer steps (mid-epoch resume points); 0 = off
-    keep: int = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt
+    keep: int = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt (and last.prev.pt, the one before)
 
 
 @dataclass

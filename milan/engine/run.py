@@ -285,7 +285,8 @@ def _take_run_dir(
     """Main process: the locked run folder, the resume checkpoint and, if the run is complete, its end state."""
     if resume is None:
         return _take_new_run_dir(out_dir, prepare)
-    _make_dir(out_dir)
+    if prepare:
+        _make_dir(out_dir)
     lock = _lock(out_dir) if prepare else None
     if prepare and lock is None:
         raise RunFolderError(
