@@ -94,12 +94,12 @@ class RuntimeConfig:
     grad_checkpointing: bool = False  # recompute encoder blocks in backward (saves memory)
     channels_last: bool = False  # channels-last input images
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
-    tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
-    cpu_threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
-    peak_tflops: float | None = None  # accelerator peak for MFU; None = look up by GPU name
     # Seconds a process waits in a collective (all-reduce, barrier) before giving up, e.g. when another process
     # froze; long enough for a checkpoint write on a slow disk and for torch.compile's first step (torch: 1800).
     dist_timeout_s: float = 600.0
+    tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
+    cpu_threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
+    peak_tflops: float | None = None  # accelerator peak for MFU; None = look up by GPU name
 
 
 @dataclass
@@ -108,7 +108,7 @@ class CheckpointConfig:
 
     every_epochs: int = 1  # save every N epochs: last.pt plus a numbered copy epoch_NNNN.pt; 0 = only at the end
     every_steps: int = 0  # also refresh last.pt every N optimizer steps (mid-epoch resume points); 0 = off
-    keep: int = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt (and last.prev.pt, the one before)
+    keep: int = 3  # numbered copies kept (oldest deleted first); 0 = only last.pt
 
 
 @dataclass
@@ -238,6 +238,8 @@ def check_run(cfg: RunConfig) -> None:
     if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
         raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {cfg.schedule.max_steps}")
     rt = cfg.runtime
+    if not rt.dist_timeout_s > 0:
+        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {rt.dist_timeout_s}")
     if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
         raise ConfigError(
             f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"
@@ -245,8 +247,6 @@ def check_run(cfg: RunConfig) -> None:
     if not rt.compile and (rt.compile_mode is not None or rt.compile_teacher):
         key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
         raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
-    if not rt.dist_timeout_s > 0:
-        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {rt.dist_timeout_s}")
     ckpt = cfg.checkpoint
     for key, v in {"every_epochs": ckpt.every_epochs, "every_steps": ckpt.every_steps, "keep": ckpt.keep}.items():
         if v < 0:
