@@ -224,7 +224,11 @@ def run_job(
     job: Callable[[C, argparse.Namespace], Any],
     args: argparse.Namespace,
 ) -> int:
-    """Loads and checks the config (``--resume``: the run's own), then runs the job; one-line errors, exit codes.
+    """Loads and checks the config (``--resume``: the run's own), then runs the job; one-line errors and exit codes.
+
+    A run folder in use or unwritable, or a checkpoint that could not be written (no space left), exits 1; a run
+    stopped by SIGTERM or SIGINT after saving exits 128 + the signal number (143, 130); a finished run resumed
+    exits 0.
 
     Args:
         name: The subcommand (message prefix ``milan NAME:``).
@@ -235,23 +239,16 @@ def run_job(
         args: Parsed arguments (``config``, ``overrides``, ``print_config``, optionally ``resume``).
 
     Returns:
-        0 on success (a finished run resumed included), 2 for a config/checkpoint/data error, 1 for a run that
-        failed (non-finite loss, run folder in use or unwritable, no space left), 128 + the signal number for a run
-        stopped by SIGTERM (143) or SIGINT (130) after saving.
+        0 on success, 2 for a config/checkpoint/data error, 1 for a non-finite loss.
     """
-    out = sys.stderr if args.print_config else sys.stdout
     try:
-        if getattr(args, "resume", None):
-            resumed = resume_config(cls, args.resume, args.config, args.overrides)
-            cfg, args.resume = resumed.config, resumed.resume
-            if _is_main_launch():
-                for line in resumed.notes:
-                    print(line, file=out, flush=True)
-        else:
-            cfg = load_config(cls, args.config, args.overrides)
+        cfg = _job_config(cls, args)
         check(cfg)
-    except (ConfigError, CheckpointError) as e:
-        print(f"milan {name}: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"milan {name}: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # --resume FILE that is not a training checkpoint
+        print(f"milan {name}: {e}", file=sys.stderr)
         return 2
     except (RunFolderError, CheckpointWriteError) as e:
         print(f"milan {name}: {e}", file=sys.stderr)
@@ -265,14 +262,31 @@ def run_job(
         return e.exit_status
     except KeyboardInterrupt:
         print(
-            f"milan {name}: interrupted outside the training steps; checkpoints already written are intact",
-            file=sys.stderr,
+            f"milan {name}: interrupted outside the training steps; the checkpoints written are intact", file=sys.stderr
         )
         return 128 + signal.SIGINT
     except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
         print(f"milan {name}: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, RunFolderError, CheckpointWriteError) as e:
+    except NonFiniteLossError as e:
+        print(f"milan {name}: {e}", file=sys.stderr)
+        return 1
+    except (RunFolderError, CheckpointWriteError) as e:  # in use, unwritable, no space left
         print(f"milan {name}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _job_config(cls: type[C], args: argparse.Namespace) -> C:
+    """The job's config: ``--config`` and overrides, or with ``--resume`` the run's own (:func:`resume_config`).
+
+    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone on stdout).
+    """
+    if not getattr(args, "resume", None):
+        return load_config(cls, args.config, args.overrides)
+    resumed = resume_config(cls, args.resume, args.config, args.overrides)
+    args.resume = resumed.resume
+    if _is_main_launch():
+        for line in resumed.notes:
+            print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)
+    return resumed.config

@@ -33,14 +33,7 @@ from milan.engine.trainer import Evaluation, Metrics, Trainer, protect_workers
 from milan.eval.classify import evaluate_heads
 from milan.eval.config import AugmentConfig, FinetuneConfig, check_finetune
 from milan.eval.data import describe_split, eval_loader, finetune_pipeline
-from milan.eval.jobs import (
-    FitResult,
-    classifier_step,
-    describe_topk,
-    finished_result,
-    labelled_splits,
-    train_classifier,
-)
+from milan.eval.jobs import FitResult, classifier_step, describe_topk, labelled_splits, train_classifier
 from milan.eval.pretrained import input_size, load_pretrained_encoder
 from milan.models.classifier import FinetuneClassifier
 from milan.models.compile import compile_method
@@ -79,7 +72,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
     check_finetune(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
         if run.finished is not None:
-            return finished_result(run.run_dir, run.finished)
+            return FitResult.of_finished(run.run_dir, run.finished)
         device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
         seed_everything(cfg.seed)  # the same head on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
@@ -106,7 +99,6 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         if cfg.runtime.compile:  # the model's forward, inside DDP, after the EMA copy (which stays eager)
             compile_method(model, "forward", mode=cfg.runtime.compile_mode)
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         report = SkipReport()
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -156,6 +148,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
                            ema_top5=final["ema_top5"])  # fmt: skip
             return out
 
+        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         trainer = Trainer(
             cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
             step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,

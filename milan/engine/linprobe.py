@@ -37,7 +37,6 @@ from milan.eval.jobs import (
     FitResult,
     classifier_step,
     describe_topk,
-    finished_result,
     labelled_splits,
     sync_batchnorm_stats,
     train_classifier,
@@ -59,7 +58,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
     check_linprobe(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
         if run.finished is not None:
-            return finished_result(run.run_dir, run.finished)
+            return FitResult.of_finished(run.run_dir, run.finished)
         device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
         seed_everything(cfg.seed)  # the same heads on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
@@ -79,7 +78,6 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
             trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
         )  # fmt: skip
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         report = SkipReport()
 
         def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -112,6 +110,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
                 )
             return {"classifier": str(path), "best_lr": final["best_lr"], "heads": final["heads"]}
 
+        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         trainer = Trainer(
             cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
             step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,

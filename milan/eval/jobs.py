@@ -98,16 +98,16 @@ class FitResult:
     summary: Metrics  # the summary record written to results.json
     checkpoint: Path | None
 
-
-def finished_result(run_dir: Path, finished: FinishedRun) -> FitResult:
-    """The result of a run resumed after it had finished: read back from its checkpoint and ``results.json``."""
-    try:
-        summary: Metrics = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
-    history = finished.eval_history
-    final: Metrics = history[-1] if history else {k: summary[k] for k in ("top1", "top5") if k in summary}
-    return FitResult(run_dir, finished.state, final, history, summary, finished.checkpoint)
+    @classmethod
+    def of_finished(cls, run_dir: Path, finished: FinishedRun) -> FitResult:
+        """The result of a run resumed after it had finished: read back from its checkpoint and ``results.json``."""
+        try:
+            summary: Metrics = json.loads((run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        history = finished.eval_history
+        final: Metrics = history[-1] if history else {k: summary[k] for k in ("top1", "top5") if k in summary}
+        return cls(run_dir, finished.state, final, history, summary, finished.checkpoint)
 
 
 def train_classifier(
