@@ -92,7 +92,6 @@ import os, signal, time
 from milan.engine.loop import StopRequest
 from milan.engine.trainer import stop_on_signals
 
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
 before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 stop = StopRequest()
 with stop_on_signals(stop):
