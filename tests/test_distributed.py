@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from milan.engine.checkpointing import load_training_checkpoint
 from milan.engine.logging import read_metrics
 from milan.engine.pretrain import pretrain
 from tests.engine.conftest import assert_same_weights, tiny_config, tiny_overrides, write_jpegs
+from tests.engine.test_kill_resume import last_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +74,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert "2 process(es)" in out and "effective 8" in out
     mid = load_training_checkpoint(run / "checkpoints" / "last.pt")
     assert mid["state"] == {"epoch": 1, "step": 3, "batch_in_epoch": 1, "images_seen": 24}
-    # FSDP2, and micro-batches of 2 with 2 accumulation steps (the same effective batch: exactly resumable)
-    fsdp = {**settings, "runtime.strategy": "fsdp", "batch_size": 2, "accum_steps": 2}
+    # FSDP2, and micro-batches of 2 with 2 accumulation steps (the same effective batch: exactly resumable); the
+    # resumed run keeps its stored config (max_steps 3) unless told otherwise
+    fsdp = {**settings, "runtime.strategy": "fsdp", "batch_size": 2, "accum_steps": 2, "schedule.max_steps": None}
     out = torchrun(run, images, fsdp, "--resume", "auto")
     assert "resumed from" in out and "step 3" in out and "WARNING" not in out.replace("WARNING: no model.teacher", "")
     single = pretrain(tiny_config(tmp_path / "single", images, {**settings, "batch_size": 8}))
@@ -87,3 +93,101 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert_same_weights(without_key_biases(ddp_ckpt["model"]), without_key_biases(one_ckpt["model"]), atol=1e-6)
     steps = [s["step"] for s in ddp_ckpt["optimizer"]["state"].values()]
     assert all(int(s) == 4 for s in steps)
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """``{rank: pid}`` of the processes torchrun ``agent`` started (from ``/proc``: their ``RANK`` variable)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == agent and "RANK" in env:
+            ranks[int(env["RANK"])] = int(entry.name)
+    return ranks
+
+
+INTERRUPT: dict[str, object] = {"batch_size": 1, "schedule.epochs": 3, "checkpoint.every_epochs": 0}  # 8 steps/epoch
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """16 images, and the last checkpoint of an uninterrupted 2-process run on them (24 steps)."""
+    root = tmp_path_factory.mktemp("ddp_straight")
+    images = write_jpegs(root / "images", 16)
+    torchrun(root / "run", images, INTERRUPT)
+    return images, root / "run" / "checkpoints" / "last.pt"
+
+
+def interrupt(run: Path, images: Path, at: int, target: str, *args: str) -> tuple[int, int, int, str, str]:
+    """Launches 2 processes with torchrun and, once ``metrics.jsonl`` has step ``at``, sends SIGTERM to torchrun
+    (``target="torchrun"``, as a cluster does; torchrun forwards it to each process) or SIGINT to rank 1 only.
+
+    Returns:
+        ``(step, epoch, batch)`` of the stop line rank 0 printed, and torchrun's stdout and stderr.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "milan"]
+    agent = subprocess.Popen(
+        [*cmd, "pretrain", *tiny_overrides(run, images, INTERRUPT), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while last_step(run / "metrics.jsonl") < at:
+            assert agent.poll() is None, agent.communicate()
+            time.sleep(0.002)
+        if target == "torchrun":
+            agent.send_signal(signal.SIGTERM)
+        else:
+            os.kill(worker_pids(agent.pid)[1], signal.SIGINT)
+        out, err = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    reason = "SIGTERM received" if target == "torchrun" else "SIGINT received by another process"  # rank 0's line
+    m = re.search(rf"{reason}: stopped after step (\d+) \(epoch (\d), batch (\d)/8\); saved (\S+);", out)
+    assert m is not None, (at, out[-2000:], err[-3000:])
+    assert m.group(4) == str(run / "checkpoints" / "last.pt")
+    step, epoch, batch = (int(g) for g in m.groups()[:3])
+    return step, epoch, batch, out, err
+
+
+@pytest.mark.ddp
+def test_two_processes_stop_together_on_a_signal_and_resume_exactly(
+    tmp_path: Path, ddp_uninterrupted: tuple[Path, Path]
+) -> None:
+    """SIGTERM to torchrun, which forwards it to both processes (they may see it at different steps), then SIGINT to
+    rank 1 alone (rank 0 must stop at the same step): each time both finish that step, rank 0 writes one checkpoint
+    and both exit 128 + signum. ``--resume auto`` then ends bit-identical to the uninterrupted run.
+
+    Before: SIGTERM ended the processes at once, with nothing saved; SIGINT gave a traceback.
+    """
+    images, straight = ddp_uninterrupted
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.pt"
+    first = random.randint(2, 6)
+    step, epoch, batch, _, err = interrupt(run, images, first, "torchrun")
+    assert step > first
+    assert load_training_checkpoint(last)["state"] == {
+        "epoch": epoch, "step": step, "batch_in_epoch": batch, "images_seen": 2 * step
+    }  # fmt: skip
+
+    second = step + random.randint(2, 6)
+    step, epoch, batch, out, err = interrupt(run, images, second, "rank 1", "--resume", "auto")
+    assert f"resumed from {last}: epoch " in out and step > second
+    assert "exitcode  : 130" in err  # torchrun reports the processes' status
+    assert load_training_checkpoint(last)["state"] == {
+        "epoch": epoch, "step": step, "batch_in_epoch": batch, "images_seen": 2 * step
+    }  # fmt: skip
+
+    out = torchrun(run, images, INTERRUPT, "--resume", "auto")
+    assert f"resumed from {last}: epoch {epoch}, step {step}" in out
+    done = load_training_checkpoint(last)
+    assert done["state"]["step"] == 24
+    assert_same_weights(done["model"], load_training_checkpoint(straight)["model"])  # bit-identical
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 25))

@@ -96,6 +96,9 @@ class RuntimeConfig:
     grad_checkpointing: bool = False  # recompute encoder blocks in backward (saves memory)
     channels_last: bool = False  # channels-last input images
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
+    # Seconds a process waits in a collective (all-reduce, barrier) before giving up, e.g. when another process
+    # froze; long enough for a checkpoint write on a slow disk and for torch.compile's first step (torch: 1800).
+    dist_timeout_s: float = 600.0
     tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
     cpu_threads: Positive | None = None  # torch.set_num_threads on CPU; None = torch's default
     peak_tflops: PositiveFloat | None = None  # accelerator peak for MFU; None = look up by GPU name
@@ -246,6 +249,8 @@ def check_run(cfg: RunConfig) -> None:
             f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
         )
     rt = cfg.runtime
+    if not rt.dist_timeout_s > 0:
+        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {rt.dist_timeout_s}")
     if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
         raise ConfigError(
             f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"

@@ -33,7 +33,7 @@ from milan.engine.loop import TrainState, autocast_context, zero_loss
 from milan.engine.optim import build_adamw
 from milan.engine.run import seed_everything, start_run
 from milan.engine.sampling import seeded_loader
-from milan.engine.trainer import Evaluation, Metrics, Trainer
+from milan.engine.trainer import Evaluation, Metrics, Trainer, protect_workers
 from milan.eval.classify import evaluate_heads
 from milan.eval.config import AugmentConfig, FinetuneConfig, check_finetune
 from milan.eval.data import describe_split, eval_loader, finetune_pipeline
@@ -82,7 +82,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         The run's result (every process; only the main one writes files).
     """
     check_finetune(cfg)
-    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+    with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
+        if run.finished is not None:
+            return FitResult.of_finished(run.run_dir, run.finished)
         device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
         seed_everything(cfg.seed)  # the same head on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
@@ -166,6 +168,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
                            ema_top5=final["ema_top5"])  # fmt: skip
             return out
 
+        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         trainer = Trainer(
             cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
             step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,

@@ -33,7 +33,7 @@ from milan.engine.lars import LARS
 from milan.engine.loop import autocast_context, zero_loss
 from milan.engine.run import seed_everything, start_run
 from milan.engine.sampling import seeded_loader
-from milan.engine.trainer import Evaluation, Metrics, Trainer
+from milan.engine.trainer import Evaluation, Metrics, Trainer, protect_workers
 from milan.eval.classify import evaluate_heads
 from milan.eval.config import LinprobeConfig, check_linprobe
 from milan.eval.data import describe_split, eval_loader, probe_pipeline
@@ -62,7 +62,9 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         The run's result (every process; only the main one writes files).
     """
     check_linprobe(cfg)
-    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+    with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
+        if run.finished is not None:
+            return FitResult.of_finished(run.run_dir, run.finished)
         device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
         seed_everything(cfg.seed)  # the same heads on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
@@ -135,6 +137,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
                 fields["lr_grid_plot"] = str(save_lr_grid_plot(trainer.eval_history, run_dir / "lr_grid.png"))
             return {**fields, "heads": final["heads"]}
 
+        protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         trainer = Trainer(
             cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
             step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,

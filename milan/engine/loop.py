@@ -8,6 +8,7 @@ micro-step, the non-finite-loss abort, clipping, the optimizer step, metrics red
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -65,16 +66,66 @@ class StepLogger(Protocol):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops before the optimizer step, no checkpoint is written."""
+    """The loss became NaN or infinite; the run stops before the optimizer step, no checkpoint is written.
 
-    def __init__(self, step: int, value: float) -> None:
+    Args:
+        step: The optimizer step.
+        value: The loss.
+        checkpoint: What is on disk, said after the stop (e.g. ``"the last checkpoint, X (step 8), is intact"``);
+            empty when the caller does not know.
+    """
+
+    def __init__(self, step: int, value: float, checkpoint: str = "") -> None:
+        where = f" ({checkpoint})" if checkpoint else ""
         super().__init__(
-            f"non-finite loss {value} at optimizer step {step}; stopping before the weights are updated (the last "
-            "checkpoint is intact). Try a lower lr (optim.blr), more warm-up (schedule.warmup_epochs), "
+            f"non-finite loss {value} at optimizer step {step}; stopping before the weights are updated{where}. "
+            "Try a lower lr (optim.blr), more warm-up (schedule.warmup_epochs), "
             "gradient clipping (optim.clip_grad=3.0), or bf16 instead of fp16 (runtime.precision=bf16)."
         )
         self.step = step
         self.value = value
+
+
+class StopRequest:
+    """A request to stop after the current optimizer step (made by a signal handler, see the Trainer).
+
+    :func:`train_one_epoch` adds the request to the step's all-reduce of metrics, so every process sees it at the
+    same step (no extra collective): each finishes that optimizer step, marks the request :attr:`agreed` and returns.
+
+    Attributes:
+        signum: The signal that asked this process to stop (0: none).
+        agreed: Set by the loop once the processes stopped together: SIGTERM if any process got one, else SIGINT
+            (0: not stopped); the state is then that of a finished step.
+    """
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in the order a stop is named after
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.agreed = 0
+
+    def request(self, signum: int) -> None:
+        """Asks to stop (the first request's signal is kept)."""
+        self.signum = self.signum or signum
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process was asked to stop."""
+        return self.signum != 0
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGINT after its current step, with a resumable checkpoint written.
+
+    Attributes:
+        signum: The signal.
+        exit_status: The conventional status of a process ended by that signal (128 + signum: 143, 130).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
 
 
 def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
@@ -173,8 +224,9 @@ def train_one_epoch(
     logger: StepLogger | None = None,
     on_step: Callable[[TrainState], None] | None = None,
     stop_step: int | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainState:
-    """Trains until ``state.batch_in_epoch == num_batches`` (or ``state.step == stop_step``).
+    """Trains until ``state.batch_in_epoch == num_batches`` (or ``state.step == stop_step``, or a stop request).
 
     Args:
         step_fn: ``batch -> StepOutput``; runs the forward pass (called inside ``ctx``).
@@ -191,6 +243,8 @@ def train_one_epoch(
         logger: Receives per-step metrics.
         on_step: Called after every optimizer step (e.g. step checkpoints).
         stop_step: Stop early once ``state.step`` reaches it.
+        stop: A stop request shared with signal handlers: when any process has one at the end of a step (it travels
+            in the step's all-reduce), every process completes that step, sets ``stop.agreed`` and returns.
 
     Returns:
         ``state``.
@@ -198,6 +252,8 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: The (process-averaged) loss is NaN or infinite; the weights are not updated.
     """
+    if state.batch_in_epoch >= num_batches:  # resumed at the very end of an epoch
+        return state
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)  # over this optimizer step's micro-batches
     n = skipped = 0
@@ -219,8 +275,11 @@ def train_one_epoch(
         n, skipped = n + out.batch_size, skipped + out.skipped
         state.batch_in_epoch += 1
         if last_micro:
-            totals = torch.stack([loss_sum, loss_sum.new_tensor(n), loss_sum.new_tensor(skipped)])
-            total_loss, total_n, total_skipped = dist.all_reduce_sum(totals).tolist()  # one sync per step
+            asked = [float(stop is not None and stop.signum == s) for s in StopRequest.STOP_SIGNALS]
+            totals = torch.stack(
+                [loss_sum, loss_sum.new_tensor(n), loss_sum.new_tensor(skipped), *map(loss_sum.new_tensor, asked)]
+            )
+            total_loss, total_n, total_skipped, *total_asked = dist.all_reduce_sum(totals).tolist()  # one sync per step
             loss_sum.zero_()
             n = skipped = 0
             loss_value = total_loss / max(total_n, 1.0)
@@ -246,6 +305,9 @@ def train_one_epoch(
             t_last, data_time = now, 0.0
             if on_step is not None:
                 on_step(state)
+            if stop is not None and any(total_asked):
+                stop.agreed = next(s for s, k in zip(StopRequest.STOP_SIGNALS, total_asked, strict=True) if k > 0)
+                break
             if stop_step is not None and state.step >= stop_step:
                 break
         if state.batch_in_epoch >= num_batches:
@@ -262,6 +324,7 @@ def fit_epochs(
     batches_per_epoch: int,
     stop_step: int,
     on_epoch_end: Callable[[TrainState], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainState:
     """Calls ``run_epoch`` from ``state`` until ``epochs`` are done (or ``state.step == stop_step``).
 
@@ -276,12 +339,15 @@ def fit_epochs(
         batches_per_epoch: Micro-batches in a complete epoch.
         stop_step: Stop once this many optimizer steps are done (possibly mid-epoch).
         on_epoch_end: Called after each complete epoch.
+        stop: Returns at once, after the step it was agreed at, when ``stop.agreed`` (see :func:`train_one_epoch`).
 
     Returns:
         ``state``.
     """
     while state.epoch < epochs and state.step < stop_step:
         state = run_epoch(state)
+        if stop is not None and stop.agreed:
+            return state
         if state.batch_in_epoch >= batches_per_epoch:
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -297,8 +363,10 @@ def fit_epochs(
 
 __all__ = [
     "NonFiniteLossError",
+    "RunInterrupted",
     "StepFn",
     "StepOutput",
+    "StopRequest",
     "TrainState",
     "autocast_context",
     "data_step",

@@ -54,7 +54,7 @@ class Summary:
     state: TrainState
     final_loss: float | None
     wall_time: float
-    images_per_second: float
+    images_per_second: float  # images of this launch (not those before a resume) per second of its wall time
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
@@ -66,10 +66,17 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             path, or ``None`` (a fresh run; an ``out_dir`` that already holds a run gets a ``-2``, ``-3`` ... suffix).
 
     Returns:
-        The run summary (on every process; only the main one writes files).
+        The run summary (on every process; only the main one writes files). A resumed run that is already finished
+        returns at once, without touching its folder.
+
+    Raises:
+        RunInterrupted: SIGTERM or SIGINT stopped the run after a step; a resumable checkpoint was written.
     """
     check_pretrain(cfg)
-    with start_run(cfg.out_dir, cfg.runtime, resume) as run:
+    with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule) as run:
+        if run.finished is not None:
+            f = run.finished
+            return Summary(run.run_dir, f.checkpoint, f.state, None, time.perf_counter() - run.t_start, 0.0)
         device, dtype = run.device, run.dtype
         model = _build_model(cfg, device)
         flops = pretrain_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
@@ -340,6 +347,7 @@ def _log_model(
 
 def _finish(cfg: PretrainConfig, trainer: Trainer, state: TrainState, t_start: float) -> Summary:
     wall = time.perf_counter() - t_start
+    images = state.images_seen - trainer.start_images  # this launch's (a resumed run trained the others before)
     last = trainer.log.last.get("loss") if trainer.log.last else None
     ckpt = trainer.checkpointer.last
     summary = Summary(
@@ -348,7 +356,7 @@ def _finish(cfg: PretrainConfig, trainer: Trainer, state: TrainState, t_start: f
         state=state,
         final_loss=last if isinstance(last, float) else None,
         wall_time=wall,
-        images_per_second=state.images_seen / max(wall, 1e-9),
+        images_per_second=images / max(wall, 1e-9),
     )
     if dist.is_main():
         plot = None
@@ -361,7 +369,9 @@ def _finish(cfg: PretrainConfig, trainer: Trainer, state: TrainState, t_start: f
         record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen, "wall_time": wall}
         trainer.finish(
             {**record, "final_loss": summary.final_loss, "data": report.as_dict()},
-            f"done: {state.images_seen} images in {wall:.1f} s ({summary.images_per_second:.1f} img/s incl. start-up), "
+            f"done: {images} images in {wall:.1f} s ({summary.images_per_second:.1f} img/s incl. start-up"
+            + (f"; {state.images_seen} since the run began" if trainer.start_images else "")
+            + "), "
             f"epoch {state.epoch}/{cfg.schedule.epochs}, step {state.step}, final loss {loss_text}; "
             f"{report.summary()}; checkpoint {summary.checkpoint}" + (f"; plot {plot}" if plot else ""),
         )

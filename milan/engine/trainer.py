@@ -11,19 +11,32 @@ Pretraining, linear probing and fine-tuning each build their model, optimizer, l
         state = trainer.fit()               # the batch/lr/step plan, then epochs, evaluations, checkpoints
         trainer.finish({...}, "done: ...")  # the "summary" record (and results.json) and the closing line
 
-Checkpoints hold ``model`` (unwrapped), optimizer, scaler, position, RNG states, the resolved config, the evaluation
-history (with an ``evaluation``) and whatever ``extra_state()`` returns; on resume, ``load_extra_state`` gets the
-loaded checkpoint (also kept as ``trainer.resumed``) to restore those extras.
+Checkpoints hold ``model`` (unwrapped), optimizer, scaler, position, RNG states, the resolved config (with
+``out_dir`` set to the run folder), the evaluation history (with an ``evaluation``) and whatever ``extra_state()``
+returns; on resume, ``load_extra_state`` gets the loaded checkpoint (also kept as ``trainer.resumed``) to restore those
+extras.
+
+SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) during :meth:`Trainer.fit`: every process finishes the current
+optimizer step (they agree on the step through the step's all-reduce), a resumable checkpoint of that exact position
+is written, one line is printed and :class:`~milan.engine.loop.RunInterrupted` is raised (the command line exits with
+128 + the signal number: 143, 130); a second signal exits at once without saving. Data-loader workers ignore both
+signals (their main process stops them).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 import torch
@@ -31,11 +44,20 @@ import torch.nn as nn
 
 from milan import distributed as dist
 from milan.data import SkipReport
-from milan.engine.checkpointing import Checkpointer, build_checkpoint, load_training_checkpoint, restore_checkpoint
+from milan.engine.checkpointing import (
+    Checkpointer,
+    CheckpointWriteError,
+    build_checkpoint,
+    load_training_checkpoint,
+    restore_checkpoint,
+)
 from milan.engine.config import Derived, RunConfig, save_config, to_dict
 from milan.engine.logging import RunLogger
 from milan.engine.loop import (
+    NonFiniteLossError,
+    RunInterrupted,
     StepFn,
+    StopRequest,
     TrainState,
     autocast_context,
     fit_epochs,
@@ -140,6 +162,9 @@ class Trainer:
             run_dir, keep=cfg.checkpoint.keep, every_epochs=cfg.checkpoint.every_epochs, enabled=dist.is_main()
         )
         self.resumed: dict[str, Any] | None = None
+        self.stop = StopRequest()  # set by SIGTERM/SIGINT during fit()
+        protect_workers(loader)
+        self._config = to_dict(dataclasses.replace(cfg, out_dir=str(run_dir)))  # where the run really is
         self._layout_note: str | None = None
         if resume_from is not None:
             self.resumed = load_training_checkpoint(resume_from)
@@ -150,6 +175,8 @@ class Trainer:
             if load_extra_state is not None:
                 load_extra_state(self.resumed)
         self.saved_step = self.state.step if resume_from is not None else -1
+        self.saved_path: Path | None = resume_from  # the newest checkpoint of this run's current position
+        self.start_images = self.state.images_seen  # images trained on before this launch
         self.log = RunLogger(
             run_dir, enabled=dist.is_main(), total_steps=derived.stop_step, start_step=self.state.step,
             steps_per_epoch=derived.steps_per_epoch, every_steps=cfg.log.every_steps, progress=cfg.log.progress,
@@ -157,7 +184,7 @@ class Trainer:
             device=device, peak_flops=peak_flops(device, cfg.runtime.peak_tflops),
         )  # fmt: skip
         if dist.is_main():
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(self._config, run_dir / "config.yaml")
         self._resume_from = resume_from
 
     def _adapt_position(self, ckpt: dict[str, Any]) -> None:
@@ -202,17 +229,36 @@ class Trainer:
                 self.log.warning(self._layout_note)
 
     def save(self, epoch_end: int | None = None) -> None:
-        """Checkpoints the current state (every process must call it; the main one writes)."""
+        """Checkpoints the current state (every process must call it; the main one writes).
+
+        Raises:
+            CheckpointWriteError: On every process, when the main one could not write (e.g. no space left).
+        """
+        failed: str | None = None
         if dist.is_main() or _is_sharded(self.model):  # FSDP2 gathers the full state on every process
             extra = {"eval_history": list(self.eval_history)} if self.evaluation is not None else {}
             extra.update(self.extra_state() if self.extra_state is not None else {})
             ckpt = build_checkpoint(
-                self.model, self.optimizer, self.state, to_dict(self.cfg), scaler=self.scaler, extra=extra,
+                self.model, self.optimizer, self.state, self._config, scaler=self.scaler, extra=extra,
                 world_size=self.derived.world_size,
             )  # fmt: skip
-            self.checkpointer.save(ckpt, epoch_end=epoch_end)
-        dist.barrier()
+            try:
+                self.checkpointer.save(ckpt, epoch_end=epoch_end)
+            except CheckpointWriteError as e:
+                if not dist.is_enabled():
+                    raise
+                failed = str(e)
+        failed = dist.broadcast_object(failed)  # also the barrier: the file exists for every process after this
+        if failed is not None:
+            raise CheckpointWriteError(failed)
         self.saved_step = self.state.step
+        self.saved_path = self.checkpointer.last
+
+    def _checkpoint_note(self) -> str:
+        """What is on disk, for a message after a failure."""
+        if self.saved_path is None:
+            return "no checkpoint has been written yet"
+        return f"the last checkpoint, {self.saved_path} (step {self.saved_step}), is intact"
 
     def evaluate(self) -> Metrics:
         """Runs the evaluation now (every process must call it), records and logs it, and returns its metrics.
@@ -278,7 +324,7 @@ class Trainer:
                 num_batches=num_batches, ctx=autocast_context(self.device, self.dtype), scaler=self.scaler,
                 accum_steps=cfg.accum_steps, clip_grad=cfg.optim.clip_grad,
                 ddp_module=self.train_module if d.world_size > 1 else None, logger=self.log, on_step=on_step,
-                stop_step=d.stop_step,
+                stop_step=d.stop_step, stop=self.stop,
             )  # fmt: skip
             if self.sampler is None and s.batch_in_epoch < num_batches and s.step < d.stop_step:
                 # A stream (tar shards) held fewer samples than announced, e.g. a damaged shard: the epoch ends
@@ -313,16 +359,37 @@ class Trainer:
             if every and s.epoch % every == 0:
                 self.save(epoch_end=s.epoch)
 
-        self.state = fit_epochs(
-            run_epoch, self.state, epochs=cfg.schedule.epochs, batches_per_epoch=num_batches, stop_step=d.stop_step,
-            on_epoch_end=epoch_end,
-        )  # fmt: skip
+        try:
+            with stop_on_signals(self.stop):
+                self.state = fit_epochs(
+                    run_epoch, self.state, epochs=cfg.schedule.epochs, batches_per_epoch=num_batches,
+                    stop_step=d.stop_step, on_epoch_end=epoch_end, stop=self.stop,
+                )  # fmt: skip
+                if self.stop.agreed:
+                    self._save_and_stop(num_batches)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(e.step, e.value, self._checkpoint_note()) from None
         final_due = self.evaluation is not None and self.final_eval is None
         if final_due:  # stopped mid-epoch (schedule.max_steps), or a resumed run that had finished without it
             self.evaluate()
         if final_due or self.saved_step != self.state.step:
             self.save()  # the end of the run (possibly mid-epoch: schedule.max_steps) is always resumable
         return self.state
+
+    def _save_and_stop(self, num_batches: int) -> None:
+        """After a stop agreed at the end of a step: a checkpoint of this position, one line, ``RunInterrupted``."""
+        s = self.state
+        if self.saved_step != s.step:
+            self.save()  # mid-epoch: the resume continues inside this epoch, exactly
+        signum = self.stop.signum or self.stop.agreed  # a process that was not signalled follows the others
+        name = signal.Signals(signum).name
+        reason = f"{name} received" if self.stop.signum else f"{name} received by another process"
+        message = (
+            f"{reason}: stopped after step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}/{num_batches}); "
+            f"saved {self.saved_path}; continue with --resume auto"
+        )
+        self.log.info(message)
+        raise RunInterrupted(message, signum)
 
     @property
     def final_eval(self) -> Metrics | None:
@@ -355,6 +422,58 @@ class Trainer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` inside the block (a second signal exits the process at once).
+
+    Signals that are ignored (e.g. SIGINT in a background job started by a shell) stay ignored; outside the main
+    thread nothing is installed (Python only delivers signals there). The previous handlers come back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.requested:  # the second one: no more waiting
+            name = signal.Signals(signum).name
+            os.write(2, f"\nsecond {name}: exiting at once without saving\n".encode())
+            os._exit(128 + signum)
+        stop.request(signum)
+
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(sig)
+        if current is signal.SIG_IGN:
+            continue
+        previous[sig] = current if current is not None else signal.SIG_DFL
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _ignore_stop_signals(init: Callable[[int], None] | None, worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if init is not None:
+        init(worker_id)
+
+
+def protect_workers(loader: Any) -> None:
+    """Makes a DataLoader's worker processes ignore SIGTERM and SIGINT (their main process ends them).
+
+    A cluster's SIGTERM or a terminal's Ctrl-C reaches every process of the group; a worker that died of it would
+    make the DataLoader raise in the middle of the step that the main process wants to finish and save.
+    """
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.num_workers == 0:
+        return
+    init = loader.worker_init_fn
+    if not (isinstance(init, functools.partial) and init.func is _ignore_stop_signals):  # not twice
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, init)
 
 
 def _is_sharded(module: nn.Module) -> bool:

@@ -8,6 +8,7 @@ deliverable (``classifier.pt``), the ``"summary"`` record, ``results.json`` and 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from milan import distributed as dist
 from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, SpecKind, encoder_arch_of
 from milan.data import Batch, ImageFolderDataset, ImagePipeline, SkipReport
 from milan.engine.loop import StepFn, TrainState, data_step
+from milan.engine.run import FinishedRun
 from milan.engine.trainer import Metrics, Trainer
 from milan.eval.config import ClassifyDataConfig
 from milan.eval.data import eval_pipeline, image_folder, num_classes_of
@@ -131,6 +133,17 @@ class FitResult:
     history: list[Metrics]  # every evaluation, in order
     summary: Metrics  # the summary record written to results.json
     checkpoint: Path | None
+
+    @classmethod
+    def of_finished(cls, run_dir: Path, finished: FinishedRun) -> FitResult:
+        """The result of a run resumed after it had finished: read back from its checkpoint and ``results.json``."""
+        try:
+            summary: Metrics = json.loads((run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        history = finished.eval_history
+        final: Metrics = history[-1] if history else {k: summary[k] for k in ("top1", "top5") if k in summary}
+        return cls(run_dir, finished.state, final, history, summary, finished.checkpoint)
 
 
 def train_classifier(

@@ -28,7 +28,8 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path, image_dir: Path, capsys: 
     assert "WARNING: no model.teacher.checkpoint given" in out and "smoke test" in out
     assert "peak lr 0.001" in out and "effective 4" in out
     assert "done: 32 images" in out and "skipped 0 of 32 images" in out and str(run / "checkpoints" / "last.pt") in out
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["epoch_0001.pt", "epoch_0002.pt", "last.prev.pt", "last.pt"]
     cfg = load_config(PretrainConfig, run / "config.yaml")
     assert cfg.model.encoder.img_size == 32 and cfg.out_dir == str(run)
     ckpt = load_training_checkpoint(run / "checkpoints" / "last.pt")
@@ -81,12 +82,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(pretrain_module, "milan_step", poisoned)
     run = tmp_path / "run"
     cfg = tiny_config(run, image_dir, {"checkpoint.every_steps": 2, "checkpoint.every_epochs": 0})
-    with pytest.raises(NonFiniteLossError, match="optimizer step 3"):
+    last = run / "checkpoints" / "last.pt"
+    with pytest.raises(
+        NonFiniteLossError, match=rf"optimizer step 3; .* updated \(the last checkpoint, {last} \(step 2\)"
+    ):
         pretrain(cfg)
-    ckpt = load_training_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = load_training_checkpoint(last)
     assert ckpt["state"]["step"] == 2  # the save at step 2 is intact; nothing was written after the NaN
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_loss_before_any_checkpoint_does_not_claim_one(
+    tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "(the last checkpoint is intact)" although none had been written."""
+    real_step = pretrain_module.milan_step
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        step = real_step(*args, **kwargs)
+        return lambda batch: step(batch)._replace(loss=torch.tensor(float("inf"), requires_grad=True))
+
+    monkeypatch.setattr(pretrain_module, "milan_step", poisoned)
     assert cli(["pretrain", *tiny_overrides(tmp_path / "cli", image_dir)]) == 1  # the CLI exits with status 1
+    err = capsys.readouterr().err
+    assert err.startswith("milan pretrain: non-finite loss inf at optimizer step 0; stopping before the weights are ")
+    assert "(no checkpoint has been written yet)" in err and "intact" not in err and err.count("\n") == 1
+    assert not (tmp_path / "cli" / "checkpoints").exists() or not any((tmp_path / "cli" / "checkpoints").iterdir())
 
 
 def test_bad_inputs_are_skipped_counted_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
