@@ -24,18 +24,18 @@ from milan.errors import TRACEBACK_ENV, UserError, traceback_requested
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("milan.engine.pretrain", "MILAN pretraining from a YAML config plus key=value overrides"),
-    "linprobe": ("milan.engine.linprobe", "linear probe of a pretrained encoder (BN + linear head, LARS)"),
-    "finetune": ("milan.engine.finetune", "end-to-end fine-tuning with layer-wise lr decay"),
-    "knn": ("milan.engine.knn", "weighted k-NN evaluation on frozen features"),
-    "evaluate": ("milan.engine.evaluate", "top-1/top-5 of a classifier checkpoint on a validation folder"),
-    "export": ("milan.checkpoint.cli", "export the encoder for timm / Hugging Face"),
-    "convert": ("milan.checkpoint.cli", "convert checkpoints between formats"),
-    "inspect": ("milan.checkpoint.cli", "print a checkpoint's format, architecture and keys"),
-    "visualize": ("milan.viz.visualize", "teacher attention, mask, prediction/target similarity, PCA views"),
-    "plot": ("milan.viz.plot", "loss, lr and throughput curves of a run"),
-    "config": ("milan.engine.schema", "every config key of a job: type, default (or a preset's value), description"),
-    "models": ("milan.models.catalog", "the model names with their encoder, decoder and teacher parameter counts"),
+    "pretrain": ("milan.jobs.pretrain", "MILAN pretraining from a YAML config plus key=value overrides"),
+    "linprobe": ("milan.jobs.linprobe", "linear probe of a pretrained encoder (BN + linear head, LARS)"),
+    "finetune": ("milan.jobs.finetune", "end-to-end fine-tuning with layer-wise lr decay"),
+    "knn": ("milan.jobs.knn", "weighted k-NN evaluation on frozen features"),
+    "evaluate": ("milan.jobs.evaluate", "top-1/top-5 of a classifier checkpoint on a validation folder"),
+    "export": ("milan.jobs.export", "export the encoder for timm / Hugging Face"),
+    "convert": ("milan.jobs.export", "convert checkpoints between formats"),
+    "inspect": ("milan.jobs.export", "print a checkpoint's format, architecture and keys"),
+    "visualize": ("milan.jobs.visualize", "teacher attention, mask, prediction/target similarity, PCA views"),
+    "plot": ("milan.jobs.plot", "loss, lr and throughput curves of a run"),
+    "config": ("milan.jobs.config", "every config key of a job: type, default (or a preset's value), description"),
+    "models": ("milan.jobs.models", "the model names with their encoder, decoder and teacher parameter counts"),
 }
 
 EPILOG = (

@@ -19,10 +19,10 @@ import torch
 
 from milan import __version__
 from milan.cli import main
-from milan.engine.config import ConfigError, PretrainConfig, field_types, load_config
-from milan.engine.schema import JOBS, config_class, describe, field_docs
 from milan.errors import TRACEBACK_ENV, UserError
-from tests.engine.conftest import tiny_overrides, write_jpegs
+from milan.jobs.config import JOBS, config_class, describe, field_docs
+from milan.train.config import ConfigError, PretrainConfig, field_types, load_config
+from tests.train.conftest import tiny_overrides, write_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,8 +217,8 @@ def test_config_descriptions_come_from_the_code(capsys: pytest.CaptureFixture[st
 
 def test_every_key_of_the_shared_and_model_sections_is_described() -> None:
     """The sections this module documents: a new field without a comment fails here."""
-    from milan.engine.config import RunConfig
     from milan.models.factory import ModelConfig
+    from milan.train.config import RunConfig
 
     cfg = load_config(PretrainConfig)
     rows = describe(cfg)
@@ -228,7 +228,7 @@ def test_every_key_of_the_shared_and_model_sections_is_described() -> None:
 
 
 def test_field_docs_read_comments_beside_and_above() -> None:
-    from milan.engine.config import OptimConfig, RuntimeConfig
+    from milan.train.config import OptimConfig, RuntimeConfig
 
     docs = field_docs(OptimConfig)
     assert docs["clip_grad"] == "max global grad norm; None = no clipping (the reference)"

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 
 from milan import distributed as dist
-from milan.engine.checkpointing import load_training_checkpoint
-from milan.engine.logging import read_metrics
-from milan.engine.pretrain import pretrain
-from tests.engine.conftest import assert_same_weights, tiny_config, tiny_overrides, write_jpegs
-from tests.engine.test_kill_resume import last_step
+from milan.jobs.pretrain import pretrain
+from milan.train.checkpointing import load_training_checkpoint
+from milan.train.logging import read_metrics
+from tests.train.conftest import assert_same_weights, tiny_config, tiny_overrides, write_jpegs
+from tests.train.test_kill_resume import last_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_helpers_are_no_ops_in_one_process() -> None:
     assert torch.equal(dist.all_reduce_mean(t), t) and torch.equal(dist.all_reduce_sum(t), t)
     assert dist.reduce_means({"a": 2.0}, torch.device("cpu")) == {"a": 2.0}
     assert dist.broadcast_object({"x": 1}) == {"x": 1}
-    assert dist.all_gather_rows(t) is t  # the 2-process case: tests/eval/test_ddp.py
+    assert dist.all_gather_rows(t) is t  # the 2-process case: tests/jobs/test_ddp.py
     dist.barrier()
     m = nn.Linear(2, 2)
     assert dist.wrap_ddp(m, torch.device("cpu")) is m and dist.unwrap(m) is m

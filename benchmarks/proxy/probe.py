@@ -1,8 +1,8 @@
 """Frozen-feature evaluation: weighted k-NN and a linear probe on cached CLS features.
 
-Features are extracted once per model (:func:`milan.eval.features.extract_features`): the CLS token after the
+Features are extracted once per model (:func:`milan.jobs.knn_features.extract_features`): the CLS token after the
 encoder's final LayerNorm for a student, and the CLS embedding (after ``ln_post`` and the projection, CLIP's image
-embedding) for the teacher. k-NN is :func:`milan.eval.knn.knn_scores` (cosine, ``exp(s / T)`` votes). The linear
+embedding) for the teacher. k-NN is :func:`milan.knn.knn_scores` (cosine, ``exp(s / T)`` votes). The linear
 probe is the MAE/MILAN probe head (``BatchNorm1d(affine=False) -> Linear``) trained on the cached features with the
 engine's loop, so it sees no augmentation (a fast, standard variant of the probe; the same for every arm).
 """
@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.proxy.settings import EvalBudget
 from milan.data import Batch
-from milan.engine.config import OptimConfig
-from milan.engine.loop import StepOutput, TrainState, fit_epochs, train_one_epoch
-from milan.engine.optim import build_adamw, param_groups
-from milan.engine.schedule import CosineSchedule
-from milan.eval.features import extract_features
-from milan.eval.knn import knn_scores
-from milan.eval.metrics import topk_correct
+from milan.jobs.knn_features import extract_features
+from milan.knn import knn_scores
+from milan.train.config import OptimConfig
+from milan.train.loop import StepOutput, TrainState, fit_epochs, train_one_epoch
+from milan.train.metrics import topk_correct
+from milan.train.optim import build_adamw, param_groups
+from milan.train.schedule import CosineSchedule
 
 
 def features(

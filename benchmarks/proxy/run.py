@@ -3,7 +3,7 @@
 1. Trains the stand-in teacher (a CLIP-shaped ViT, supervised on the Tiny-ImageNet subset; NOT CLIP) and saves it
    in the library's teacher format.
 2. Pretrains the same small ViT student on CIFAR-10 train images (labels unused) with the same budget in every arm,
-   through the library's own pretraining job (:func:`milan.engine.pretrain.pretrain`):
+   through the library's own pretraining job (:func:`milan.jobs.pretrain.pretrain`):
    (a) MILAN; (b) random masking; (c) a standard MAE decoder; (d) MAE with pixel targets.
 3. Evaluates (a)-(d), (e) the randomly initialised student and the teacher itself with weighted k-NN and a linear
    probe on frozen CLS features of CIFAR-10 test, for every seed.
@@ -56,7 +56,10 @@ from benchmarks.proxy.data import (
 from benchmarks.proxy.settings import ARMS, IMG_SIZE, MODES, Arm, Budget, model_config
 from benchmarks.proxy.teacher import TeacherResult, train_teacher
 from milan.checkpoint import load_encoder, load_teacher
-from milan.engine.config import (
+from milan.jobs.pretrain import pretrain, seed_everything
+from milan.models.factory import build_encoder
+from milan.models.vit import VisionTransformer
+from milan.train.config import (
     CheckpointConfig,
     LogConfig,
     OptimConfig,
@@ -65,9 +68,6 @@ from milan.engine.config import (
     RuntimeConfig,
     ScheduleConfig,
 )
-from milan.engine.pretrain import pretrain, seed_everything
-from milan.models.factory import build_encoder
-from milan.models.vit import VisionTransformer
 
 PUBLISHED = ("results.json", "results.md", "results.png")
 

@@ -32,12 +32,12 @@ from benchmarks.proxy.settings import IMG_SIZE, PATCH, TeacherBudget
 from milan.checkpoint import Checkpoint, load_teacher, save_canonical
 from milan.checkpoint.arch import describe_tower
 from milan.data import Batch
-from milan.engine.config import OptimConfig
-from milan.engine.loop import StepOutput, TrainState, autocast_context, fit_epochs, train_one_epoch
-from milan.engine.optim import build_adamw, param_groups
-from milan.engine.schedule import CosineSchedule
-from milan.eval.metrics import topk_correct
 from milan.models.teacher import Teacher, clip_vision_tower
+from milan.train.config import OptimConfig
+from milan.train.loop import StepOutput, TrainState, autocast_context, fit_epochs, train_one_epoch
+from milan.train.metrics import topk_correct
+from milan.train.optim import build_adamw, param_groups
+from milan.train.schedule import CosineSchedule
 
 TINY_SIZE = 64  # the Tiny-ImageNet images' native size (decoded once at it, cropped to 32 px in batches)
 
@@ -87,7 +87,7 @@ class TeacherResult:
 
 
 class _LossLog:
-    """Collects the loop's per-step losses (a :class:`milan.engine.loop.StepLogger`)."""
+    """Collects the loop's per-step losses (a :class:`milan.train.loop.StepLogger`)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []

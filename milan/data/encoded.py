@@ -9,7 +9,7 @@ batch). In the main process :func:`decode_batch` decodes the batch on the traini
 ``skipped`` also holds the files that failed to decode.
 
 The seed is drawn from the global ``torch`` generator inside ``__getitem__``: under
-:class:`milan.engine.sampling.SeededSamples`, which seeds it per ``(seed, epoch, index)``, every sample's crop and
+:class:`milan.data.sampling.SeededSamples`, which seeds it per ``(seed, epoch, index)``, every sample's crop and
 flip are reproducible on resume and independent of workers and processes.
 """
 

@@ -6,7 +6,7 @@ augmentations differ across workers and ranks and repeat exactly for the same ``
 drives ``shuffle`` when no sampler is given. With ``num_workers=0`` the augmentations run in the main process
 and draw from its global ``torch`` RNG: seed that (``torch.manual_seed``) for repeatable runs. ``seed=None``
 gives no generator: PyTorch then draws ``base_seed`` from the global ``torch`` RNG (for datasets that seed each
-sample themselves, such as :class:`milan.engine.sampling.SeededSamples`, where the workers' seeds do not matter).
+sample themselves, such as :class:`milan.data.sampling.SeededSamples`, where the workers' seeds do not matter).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def build_loader(
         prefetch_factor: Batches loaded in advance by each worker (PyTorch default 2).
         timeout: Seconds to wait for a worker's batch before raising (0: forever).
         collate_fn: Makes a batch from a list of samples (default :func:`~milan.data.batch.collate_images`;
-            e.g. :func:`milan.engine.sampling.keyed_collate` of it for seeded samples).
+            e.g. :func:`milan.data.sampling.keyed_collate` of it for seeded samples).
 
     Returns:
         The DataLoader.

@@ -19,9 +19,9 @@ import torch
 from milan.checkpoint import CheckpointError, load_classifier, read_checkpoint, safe_load, save_safetensors
 from milan.checkpoint.arch import EncoderArch
 from milan.cli import main
-from milan.eval.config import EncoderSource
-from milan.eval.pretrained import load_pretrained_encoder
+from milan.jobs.encoder import load_pretrained_encoder
 from milan.models.factory import TeacherConfig, build_teacher
+from milan.train.eval_config import EncoderSource
 from tests.checkpoint.lying import ExpandedBuffer, encoder_state, rewrite_zip
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ def test_a_compressed_record_that_would_inflate_beyond_its_tensor_is_refused(tmp
 # memory grew beyond what the imports took (ru_maxrss: a high-water mark, so no allocation can hide).
 _MEASURE = """
 import contextlib, io, json, resource, sys
-import milan.checkpoint.cli, milan.checkpoint.export, milan.checkpoint.report, timm.models.vision_transformer
+import milan.jobs.export, milan.checkpoint.export, milan.checkpoint.report, timm.models.vision_transformer
 from milan.checkpoint import CheckpointError, safe_load
 from milan.cli import main
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from milan.cli import main as cli
-from milan.engine.logging import read_metrics
-from tests.engine.conftest import tiny_overrides
+from milan.train.logging import read_metrics
+from tests.train.conftest import tiny_overrides
 
 from .conftest import encode, noisy_rgb
 

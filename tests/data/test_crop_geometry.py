@@ -19,8 +19,8 @@ from torchvision.transforms import RandomResizedCrop as TorchvisionRRC
 from torchvision.transforms import functional as TF
 
 from milan.data import RandomResizedCropDecode, byol_crop_box, crop_box, open_image, pretrain_transform
-from milan.eval.config import ClassifyDataConfig, LinprobeConfig
-from milan.eval.data import probe_pipeline
+from milan.data.labelled import probe_pipeline
+from milan.train.eval_config import ClassifyDataConfig, LinprobeConfig
 
 from .conftest import encode, noisy_rgb
 

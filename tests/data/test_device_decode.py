@@ -17,11 +17,11 @@ from milan.data.decode import BadSample, decode_rgb
 from milan.data.device_augment import DeviceAugment, view_params
 from milan.data.device_decode import decode_on_device
 from milan.data.encoded import EncodedImages, collate_encoded, decode_batch
-from milan.engine.logging import read_metrics
-from milan.engine.pretrain import pretrain
+from milan.jobs.pretrain import pretrain
 from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from milan.train.logging import read_metrics
 from tests.data.conftest import BOMB_LIMIT, bad_images, encode, good_images, noisy_rgb, write_files
-from tests.engine.conftest import tiny_config, write_jpegs
+from tests.train.conftest import tiny_config, write_jpegs
 
 CPU = torch.device("cpu")
 
@@ -175,7 +175,7 @@ def test_pretrain_with_device_decoding(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_views_do_not_depend_on_the_workers(tmp_path: Path) -> None:
     """Each sample's seed comes from SeededSamples' per-(seed, epoch, index) seeding, not from a worker's stream."""
-    from milan.engine.sampling import seeded_loader
+    from milan.data.sampling import seeded_loader
 
     dataset = build_pretrain_dataset(write_jpegs(tmp_path / "d", 8), 16, decode="device")
 

@@ -73,7 +73,7 @@ def test_pretrain_with_a_bf16_resized_teacher_reports_its_flops(
 ) -> None:
     """The CLI end to end: bf16 teacher + input resize runs on CPU, and the start-up FLOPs include that teacher."""
     from milan.cli import main
-    from tests.engine.conftest import tiny_overrides, write_jpegs
+    from tests.train.conftest import tiny_overrides, write_jpegs
 
     images = write_jpegs(tmp_path / "images", 4)
     extra = {"model.teacher.checkpoint": teacher_file, "runtime.teacher_dtype": "bf16", "schedule.max_steps": 1}

@@ -18,9 +18,9 @@ from benchmarks.proxy.settings import ARMS, MODES, EvalBudget, model_config
 from benchmarks.proxy.teacher import check_roundtrip, save_tower
 from milan.checkpoint import load_teacher
 from milan.data import ImageFolderDataset, eval_transform
-from milan.engine.config import PretrainConfig, check_pretrain
 from milan.models import build_milan
 from milan.models.teacher import clip_vision_tower
+from milan.train.config import PretrainConfig, check_pretrain
 
 
 @pytest.fixture(autouse=True)

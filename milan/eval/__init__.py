@@ -1,1 +1,0 @@
-"""Evaluation helpers: metrics, feature extraction with an on-disk cache, weighted k-NN, the linear-probe lr grid."""

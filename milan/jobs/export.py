@@ -1,0 +1,151 @@
+"""``milan export``, ``milan convert`` and ``milan inspect``.
+
+Examples::
+
+    milan inspect runs/milan/checkpoints/last.pt
+    milan export runs/milan/checkpoints/last.pt --to timm --out vitb16_milan.safetensors --pth
+    milan export runs/finetune/classifier.pt --out exports/vitb16_ft.safetensors   # with its head and class names
+    milan export milan_vit-base-p16_in1k.pth --to hf --out vitb16_milan_hf/
+    milan convert --from mmpretrain --to milan milan_vit-base-p16_in1k.pth milan_vitb16.pth
+    milan convert --from openai-clip --to timm ViT-B-16.pt clip_vitb16_tower.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from milan.checkpoint.formats import FORMATS, read_checkpoint
+from milan.checkpoint.io import CheckpointError
+
+
+def _read_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("architecture facts the weights do not record (defaults: see milan.checkpoint)")
+    g.add_argument("--num-heads", type=int, help="heads of the main network (student encoder, or the teacher)")
+    g.add_argument("--decoder-num-heads", type=int, help="decoder heads (default width // 32)")
+    g.add_argument("--teacher-num-heads", type=int, help="heads of a teacher stored inside a MILAN checkpoint")
+    g.add_argument("--act", choices=("quick_gelu", "gelu", "gelu_tanh"), help="teacher MLP activation")
+    g.add_argument("--norm-eps", type=float, help="teacher LayerNorm epsilon")
+    g.add_argument("--img-size", type=int, help="run the teacher at this resolution (position table resampled)")
+    g.add_argument("--model-name", help="timm model name of a timm / OpenCLIP visual.trunk teacher")
+    v = parser.add_argument_group("evaluation view, for files that do not record it (default: the references')")
+    v.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
+    v.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
+    v.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
+    v.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Adds the arguments of ``export``, ``convert`` or ``inspect``."""
+    formats = ("auto", *FORMATS)
+    if command == "export":
+        parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint file or folder")
+        parser.add_argument("--to", choices=("timm", "hf"), default="timm", help="target library (default timm)")
+        parser.add_argument(
+            "--out",
+            required=True,
+            help="output file (timm: .safetensors or .pth) or folder (hf); missing folders are created",
+        )
+        parser.add_argument("--pth", action="store_true", help="timm: also write a .pth next to the .safetensors")
+        parser.add_argument("--no-head", action="store_true", help="timm: a classifier's pooled features, no head")
+        parser.add_argument("--from", dest="fmt", choices=formats, default="auto", help="source format")
+    elif command == "convert":
+        parser.add_argument("--from", dest="fmt", choices=formats, default="auto", help="source format")
+        parser.add_argument("--to", choices=("milan", "timm"), required=True, help="target layout")
+        parser.add_argument("src", metavar="SRC", help="source checkpoint file or folder")
+        parser.add_argument("dst", metavar="DST", help="output file (.safetensors, or .pth for a torch file)")
+    elif command == "inspect":
+        parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint file or folder")
+        parser.add_argument("--from", dest="fmt", choices=formats, default="auto", help="source format")
+        parser.add_argument("--groups", type=int, default=40, help="key groups to list (default 40)")
+    else:
+        raise ValueError(f"milan.jobs.export does not serve {command!r}")
+    _read_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the command; returns the exit status (1 with a one-line message on a bad checkpoint or output path).
+
+    Values a file does not record and the command had to assume are printed as warnings, one line each, naming
+    the flag that sets them.
+    """
+    from milan.checkpoint.export import Exported, export_hf, export_timm, save_canonical
+    from milan.checkpoint.report import describe
+    from milan.checkpoint.spec import resolve_spec
+
+    options = {
+        "num_heads": args.num_heads,
+        "decoder_num_heads": args.decoder_num_heads,
+        "teacher_num_heads": args.teacher_num_heads,
+        "act": args.act,
+        "norm_eps": args.norm_eps,
+        "img_size": args.img_size,
+        "model_name": args.model_name,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    view: dict[str, Any] = {
+        "crop_pct": args.crop_pct,
+        "interpolation": args.interpolation,
+        "mean": tuple(args.mean) if args.mean else None,
+        "std": tuple(args.std) if args.std else None,
+    }
+
+    def warn(notes: list[str]) -> None:
+        for note in notes:
+            print(f"milan {args.command}: warning: {note}", file=sys.stderr)
+
+    def report(result: Exported) -> None:
+        warn(result.assumed)
+        for path in (result.path, *result.extra_paths):
+            print(f"wrote {path} ({result.kind})")
+        for note in result.notes:
+            print(f"note: {note}")
+        lines = result.snippet().splitlines()
+        for i, line in enumerate(lines):
+            print(f"{'load: ' if i == 0 else '      '}{line}")
+
+    try:
+        if args.command == "inspect":
+            ck = read_checkpoint(args.checkpoint, args.fmt, **options)
+            resolved = resolve_spec(ck, **view) if ck.kind != "teacher" else None
+            print(describe(ck, max_groups=args.groups, resolved=resolved))
+        elif args.command == "export":
+            ck = read_checkpoint(args.checkpoint, args.fmt, **options)
+            _output_folder(Path(args.out) if args.to == "hf" else Path(args.out).parent)
+            if args.to == "hf":
+                result = export_hf(ck, args.out)
+                warn(result.assumed)
+                print(f"wrote {args.out}/ (config.json, model.safetensors, preprocessor_config.json)")
+                print(f"load: transformers.ViTModel.from_pretrained({args.out!r}, add_pooling_layer=False)")
+            else:
+                report(export_timm(ck, args.out, pth=args.pth, head=not args.no_head, **view))
+        else:  # convert
+            ck = read_checkpoint(args.src, args.fmt, **options)
+            _output_folder(Path(args.dst).parent)
+            if ck.kind != "teacher":  # heads assumed now are written down as facts
+                warn([v for k, v in resolve_spec(ck).assumed.items() if k != "preprocessing"])
+            if args.to == "milan":
+                print(f"wrote {save_canonical(ck, args.dst)} ({ck.format} {ck.kind} -> milan)")
+            else:
+                report(export_timm(ck, args.dst, **view))
+    except (CheckpointError, ValueError, TypeError) as e:
+        print(f"milan {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing failed: a full or read-only disk, permissions
+        out = getattr(args, "out", None) or getattr(args, "dst", "")
+        print(f"milan {args.command}: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _output_folder(folder: Path) -> None:
+    """Creates the output folder if missing; raises a one-line :class:`CheckpointError` if it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the output folder {folder}: {e.strerror or e}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"the output folder {folder} is not writable")

@@ -1,0 +1,441 @@
+"""Training checkpoints: atomic writes, ``last.pt`` plus numbered copies, and resume with fallback.
+
+Layout of ``RUN_DIR/checkpoints/``: ``last.pt`` (refreshed at every save), ``last.prev.pt`` (the ``last.pt`` before
+it) and an independent copy ``epoch_NNNN.pt`` of each epoch-end save, the newest ``checkpoint.keep`` of them kept.
+Every file is written to a temporary file and renamed, so a crash never leaves a partial checkpoint under a real name
+(temporary files left by a killed run are removed by :meth:`Checkpointer.clean_orphans`); a damaged file leaves
+an older one to resume from (:meth:`Checkpointer.scan`). A checkpoint is a plain dict of tensors and containers
+(loaded with ``weights_only=True``)::
+
+    {"format": "milan-train", "version": 1,
+     "model": {...},                 # trainable module's state dict (MILAN: the student, keys encoder.* decoder.*)
+     "teacher": {...},               # only for a random teacher (no teacher.checkpoint), so a resume is exact
+     "optimizer": {...}, "scaler": {...} | None,
+     "state": {"epoch", "step", "batch_in_epoch", "images_seen"},
+     "rng": {"python", "numpy", "torch", "cuda"},
+     "config": {...},                # the resolved config (plain data)
+     "meta": {"world_size", "time", "torch"}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
+from milan.train.loop import TrainState
+
+FORMAT = "milan-train"
+VERSION = 1
+REQUIRED_KEYS = ("model", "optimizer", "state", "config")
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic writes leave behind when killed mid-write
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (no space left, read-only or unwritable folder); the previous one is intact."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain containers."""
+    _, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [list(words), gauss],
+        "numpy": [torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores :func:`rng_state` (missing entries are left alone)."""
+    if "python" in state:
+        words, gauss = state["python"]
+        random.setstate((3, tuple(int(w) for w in words), gauss))
+    if "numpy" in state:
+        keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: dict[str, Any],
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Assembles a checkpoint dict (see the module docstring).
+
+    Args:
+        model: The trained module, unwrapped from DDP/compile (for FSDP2 pass the sharded module: its full state
+            is gathered; every process must call this).
+        optimizer: Its state.
+        state: Training position.
+        config: The resolved config as plain data.
+        scaler: fp16 loss scaler.
+        extra: More top-level entries (e.g. ``{"teacher": ...}``).
+        world_size: Recorded in ``meta``.
+
+    Returns:
+        The checkpoint.
+    """
+    model_sd, optim_sd = _model_optimizer_state(model, optimizer)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_sd,
+        "optimizer": optim_sd,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "state": dataclasses.asdict(state),
+        "rng": rng_state(),
+        "config": config,
+        "meta": {"world_size": world_size, "time": time.time(), "torch": str(torch.__version__)},
+        **(extra or {}),
+    }
+
+
+def restore_checkpoint(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    restore_rng: bool = True,
+) -> TrainState:
+    """Loads model, optimizer, scaler and RNG states from a checkpoint; returns its training position.
+
+    Raises:
+        CheckpointError: The model weights do not fit ``model`` (different architecture).
+    """
+    try:
+        _load_model_optimizer_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint does not match this model/optimizer: {str(e).splitlines()[0]}") from e
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if restore_rng and ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return TrainState(**{k: int(v) for k, v in ckpt["state"].items()})
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
+    """Full (unsharded) model and optimizer states keyed by parameter names, on the CPU.
+
+    ``torch.distributed.checkpoint``'s state-dict API strips DDP/compile prefixes, gathers FSDP2 shards and keys the
+    optimizer state by parameter name, so a checkpoint does not depend on the strategy or the number of processes
+    (a DDP run can resume as FSDP2 and vice versa).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    sharded = _is_fsdp(model)  # gathering shards is collective: every process calls this, rank 0 keeps the result
+    model_sd, optim_sd = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    )
+    return _to_cpu(model_sd), _to_cpu(optim_sd)
+
+
+def _load_model_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: Any, optim_sd: Any
+) -> None:
+    if optim_sd.get("state") and all(isinstance(k, int) for k in optim_sd["state"]):  # torch's own index-keyed format
+        model.load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+class Checkpointer:
+    """Writes and finds the checkpoints of one run folder.
+
+    Args:
+        run_dir: The run folder (checkpoints go to ``run_dir/checkpoints``).
+        keep: Numbered copies to keep (0: keep only ``last.pt``).
+        every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
+        enabled: Whether this process writes (only the main process should).
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike[str], *, keep: int = 3, every_epochs: int = 1, enabled: bool = True
+    ) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.every_epochs = every_epochs
+        self.enabled = enabled
+
+    @property
+    def last(self) -> Path:
+        """``checkpoints/last.pt``."""
+        return self.dir / "last.pt"
+
+    @property
+    def previous(self) -> Path:
+        """``checkpoints/last.prev.pt``: the ``last.pt`` before the newest save (a fallback if that one is damaged)."""
+        return self.dir / "last.prev.pt"
+
+    def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path | None:
+        """Writes ``last.pt`` atomically, plus a numbered copy when an epoch-end save is due.
+
+        The ``last.pt`` before it stays as ``last.prev.pt``.
+
+        Args:
+            ckpt: The checkpoint.
+            epoch_end: The number of finished epochs when saving at an epoch end: an independent copy
+                ``epoch_NNNN.pt`` is made when it is a multiple of ``every_epochs``, and numbered copies beyond the
+                newest ``keep`` are deleted.
+
+        Returns:
+            The path of ``last.pt`` (``None`` on processes that do not write).
+
+        Raises:
+            CheckpointWriteError: No space left, or the folder is not writable; the previous checkpoint is intact.
+        """
+        if not self.enabled:
+            return None
+        written = self.dir / f".{self.last.name}.next.tmp"  # complete before anything else changes
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(ckpt, written)
+            if self.last.is_file():
+                self._keep_previous()
+            os.replace(written, self.last)
+        except (OSError, RuntimeError) as e:
+            written.unlink(missing_ok=True)
+            self._raise_write_error(e, self.last, _nbytes(ckpt), intact=self.last)
+        if epoch_end is not None and self.keep > 0 and self.every_epochs > 0 and epoch_end % self.every_epochs == 0:
+            dst = self.dir / f"epoch_{epoch_end:04d}.pt"
+            try:
+                _atomic_copy(self.last, dst)
+            except OSError as e:
+                self._raise_write_error(e, dst, self.last.stat().st_size, intact=self.last)
+            self._prune()
+        return self.last
+
+    def _keep_previous(self) -> None:
+        """``last.prev.pt`` becomes a second name of ``last.pt``'s bytes (renaming a new one over it leaves them)."""
+        tmp = self.dir / f".{self.previous.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.last, tmp)
+        except OSError:  # a filesystem without hard links: move it (resume finds last.prev.pt until last.pt exists)
+            os.replace(self.last, self.previous)
+            return
+        os.replace(tmp, self.previous)
+
+    def _raise_write_error(self, error: BaseException, path: Path, nbytes: int, *, intact: Path) -> NoReturn:
+        """Re-raises ``error`` as a one-line :class:`CheckpointWriteError` when it is about the disk; else as is."""
+        kept = f"the previous checkpoint {intact} is intact" if intact.is_file() else "no checkpoint was written before"
+        free = _free_bytes(path.parent)
+        if _is_no_space(error) or (
+            isinstance(error, RuntimeError) and _is_torch_write_error(error) and free is not None and free < nbytes
+        ):
+            room = f", {free / 1e6:.1f} MB free" if free is not None else ""
+            raise CheckpointWriteError(
+                f"no space left writing {path} (about {nbytes / 1e6:.1f} MB needed{room}); {kept}"
+            ) from error
+        cause = _os_error(error)
+        if cause is not None:
+            raise CheckpointWriteError(f"cannot write {path}: {cause.strerror or cause}; {kept}") from error
+        raise error
+
+    def check_writable(self) -> None:
+        """Checks, before a run trains, that its checkpoints can be written.
+
+        The folder must be creatable and writable, and no checkpoint path taken by something else (e.g. a folder
+        named ``last.pt``).
+
+        Raises:
+            CheckpointWriteError: One line naming the path and the reason.
+        """
+        self.check_paths()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=self.dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {self.dir}: {e.strerror or e}; choose another out_dir"
+            ) from e
+
+    def check_paths(self) -> None:
+        """Checks, without writing, that no checkpoint path is taken by something else (e.g. a folder ``last.pt``).
+
+        Raises:
+            CheckpointWriteError: One line naming the path.
+        """
+        taken = [self.dir] if self.dir.exists() and not self.dir.is_dir() else []
+        if not taken and self.dir.is_dir():
+            names = (self.last.name, self.previous.name)
+            taken = [
+                p for p in self.dir.iterdir() if (p.name in names or _EPOCH_FILE.match(p.name)) and not p.is_file()
+            ]
+        if taken:
+            kind = "a folder" if taken[0].is_dir() else "not a regular file"
+            raise CheckpointWriteError(
+                f"{taken[0]} is {kind}, so checkpoints cannot be written there: move it away or choose another out_dir"
+            )
+
+    def clean_orphans(self) -> tuple[int, int]:
+        """Deletes the temporary files that a killed run left mid-write (``.last.pt.*.tmp`` ...).
+
+        Call it only while no other process writes this folder (the run folder's lock is held).
+
+        Returns:
+            ``(files removed, bytes freed)``.
+        """
+        if not self.dir.is_dir():
+            return 0, 0
+        files, freed = 0, 0
+        for p in self.dir.iterdir():
+            if _TEMP_FILE.match(p.name) and p.is_file():
+                size = p.stat().st_size
+                p.unlink(missing_ok=True)
+                files, freed = files + 1, freed + size
+        return files, freed
+
+    def numbered(self) -> list[Path]:
+        """Numbered checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _EPOCH_FILE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def candidates(self) -> list[Path]:
+        """Every checkpoint file, newest first (by modification time; ``last.pt`` first among equals)."""
+        files = [*self.numbered(), *(p for p in (self.last, self.previous) if p.exists())]
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pt"), reverse=True)
+
+    def scan(self) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+        """The newest checkpoint that loads and has the required entries, and the newer files that did not.
+
+        Returns:
+            ``((path, checkpoint) or None, [(unusable path, one-line reason), ...])``.
+        """
+        skipped: list[tuple[Path, str]] = []
+        for path in self.candidates():
+            try:
+                return (path, load_training_checkpoint(path)), skipped
+            except CheckpointError as e:
+                skipped.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        return None, skipped
+
+    def latest_valid(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads and has the required entries, with its contents (see :meth:`scan`)."""
+        return self.scan()[0]
+
+    def _prune(self) -> None:
+        for old in self.numbered()[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """An independent copy of ``src`` (own bytes, ``src``'s modification time), written and renamed atomically."""
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        shutil.copy2(src, tmp)
+        with tmp.open("r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _nbytes(tree: Any) -> int:
+    """Bytes of the tensors in a checkpoint (about its size on disk)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return 0
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _is_no_space(error: BaseException) -> bool:
+    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error))
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    return next((e for e in _chain(error) if isinstance(e, OSError)), None)
+
+
+def _is_torch_write_error(error: BaseException) -> bool:
+    """Whether torch's zip writer failed (``[enforce fail at inline_container.cc:...] ... file write failed``)."""
+    return any("inline_container" in str(e) or "write failed" in str(e) for e in _chain(error))
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Loads a training checkpoint with ``weights_only=True`` and checks its layout.
+
+    Raises:
+        CheckpointError: Unreadable, or not a training checkpoint of this library.
+    """
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a milan training checkpoint (no format={FORMAT!r} entry)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    return ckpt
