@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "milan"
 LAYERS = ["pure", "models", "checkpoint", "data", "train", "jobs", "cli"]
-TOP = {"cli": "cli", "__main__": "cli"}  # top-level modules above the pure layer
+TOP = {"cli": "cli", "__main__": "cli"}  # top-level modules above the pure layer (and the package facade, below)
 
 
 def module_name(path: Path) -> str:
@@ -21,8 +21,8 @@ def module_name(path: Path) -> str:
 
 def layer(module: str) -> int:
     parts = module.split(".")
-    if len(parts) == 1:  # the package itself
-        return 0
+    if len(parts) == 1:  # the package facade (milan/__init__.py re-exports the public API)
+        return LAYERS.index("cli")
     if parts[1] in LAYERS:
         return LAYERS.index(parts[1])
     return LAYERS.index(TOP.get(parts[1], "pure"))
