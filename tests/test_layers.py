@@ -38,12 +38,12 @@ def imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(
-                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
-                )
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             if base.split(".")[0] != "milan":
                 continue
-            out.add(base)
+            if base != "milan":  # `from milan import distributed` is an import of milan.distributed, not the facade
+                out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)
     return out
 
