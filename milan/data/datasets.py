@@ -92,9 +92,6 @@ class ImageDataset(Dataset[Item]):
         except ImageDecodeError as err:
             return BadSample(str(self.samples[index][0]), err.reason, err.detail)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_samples={len(self)}, num_classes={len(self.classes)}, {self.pipeline})"
-
 
 def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
     """The start-of-run line: ``"found 1000 images (10 classes) in PATH (ignored ...); UNIT"``.

@@ -76,9 +76,6 @@ class EncodedImages(Dataset[EncodedItem]):
             return BadSample(path, err.reason, err.detail)
         return Encoded(data, int(torch.randint(1 << 62, (1,)).item()), path), label
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.images!r})"
-
 
 @dataclass
 class EncodedBatch:
