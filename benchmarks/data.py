@@ -1,7 +1,8 @@
 """Data-pipeline throughput: decoded + augmented images per second, per worker and in total.
 
 Measures the MILAN pretraining view (RandomResizedCrop(0.2-1, bicubic) + flip + ToTensor + Normalize, i.e.
-``milan.data.build_pretrain_dataset``) through ``milan.data.build_loader`` on three kinds of JPEG folders:
+``milan.data.pretrain_transform`` of ``milan.data.build_dataset``) through ``milan.data.build_loader`` on three
+kinds of JPEG folders:
 
 * ``cifar10``: real CIFAR-10 train JPEGs (32x32), a class-balanced subset of the shared archive, view 32 px;
 * ``tiny``: real Tiny-ImageNet JPEGs (64x64), a subset of the shared archive, view 64 px;
@@ -62,14 +63,15 @@ from PIL import Image, ImageFilter, features
 
 from benchmarks.environment import cpu_name, git_state, package_version
 from milan.data import (
-    RandomResizedCropDecode,
     SkipReport,
+    build_dataset,
     build_loader,
-    build_pretrain_dataset,
     extract_archive_subset,
-    find_images,
     open_image,
+    pretrain_transform,
 )
+from milan.data.sources import scan_images
+from milan.data.transforms import RandomResizedCropDecode
 from milan.models import create_model, model_config
 
 SHARED = Path("/work/shared/data")
@@ -163,7 +165,7 @@ def prepare(name: str, n: int, work: Path, img_size: int) -> tuple[Path, int, st
 def upscaled(source: Path, folder: Path, factor: int, quality: int) -> Path:
     """The JPEGs of ``source`` resized ``factor`` times (bicubic) and saved at ``quality`` (reused if there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for path in find_images(source):
+    for path in scan_images(source).paths:
         out = folder / path.name
         if not out.exists():
             with Image.open(path) as img:
@@ -184,7 +186,7 @@ VIEWS = {  # name -> (scale, crop geometry)
 
 def draft_effect(folder: Path, view: int, *, n: int, draws: int, repeats: int) -> list[dict[str, Any]]:
     """Per training view: how often draft changes the crop, by how much, and the decode stage's img/s on/off."""
-    files = [path.read_bytes() for path in find_images(folder)[:n]]
+    files = [path.read_bytes() for path in scan_images(folder).paths[:n]]
     rows = []
     for name, (scale, crop) in VIEWS.items():
         on = RandomResizedCropDecode(view, scale=scale, draft=True, crop=crop)  # type: ignore[arg-type]
@@ -264,8 +266,8 @@ def decode_speed(files: list[bytes], stages: dict[str, Any], repeats: int) -> di
 
 def time_loader(folder: Path, img_size: int, *, draft: bool, workers: int, n: int, batch_size: int) -> dict[str, Any]:
     """Decoded + augmented img/s for one configuration (start-up and first batch excluded)."""
-    dataset = build_pretrain_dataset(find_images(folder)[:n], img_size, draft=draft)
-    loader = build_loader(dataset, batch_size, shuffle=True, num_workers=workers, persistent_workers=False, seed=0)
+    dataset = build_dataset(scan_images(folder).paths[:n], pretrain_transform(img_size, draft=draft))
+    loader = build_loader(dataset, batch_size, num_workers=workers, persistent_workers=False, seed=0)
     report = SkipReport()
     timed = 0
     start = time.perf_counter()
@@ -305,8 +307,8 @@ def end_to_end(
     img_size = model_config(model_name).encoder.img_size
     student = model.student
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
-    dataset = build_pretrain_dataset(folder, img_size)
-    loader = build_loader(dataset, batch_size, shuffle=True, num_workers=workers, drop_last=True, seed=0)
+    dataset = build_dataset(folder, pretrain_transform(img_size))
+    loader = build_loader(dataset, batch_size, num_workers=workers, drop_last=True, seed=0)
     warmup = 2  # steps before the clock starts (worker start-up, allocator warm-up)
 
     def batches() -> Any:
@@ -386,7 +388,7 @@ def main() -> None:
         print("-" * len(header))
         for name in args.datasets:
             folder, view, what = prepare(name, args.num_images, work, args.img_size)
-            for path in find_images(folder)[: args.num_images]:
+            for path in scan_images(folder).paths[: args.num_images]:
                 path.read_bytes()  # warm the page cache: measure decoding, not the disk
             for workers in args.workers:
                 for draft in drafts:

@@ -290,13 +290,13 @@ class JpegBatches:
     """Batches of the MILAN pretraining view from a JPEG folder (``milan.data``), endlessly, timing the waits."""
 
     def __init__(self, folder: Path, img_size: int, args: argparse.Namespace, device: torch.device) -> None:
-        from milan.data import build_loader, build_pretrain_dataset, collate_images
-        from milan.data.device_augment import DeviceAugment
-        from milan.data.encoded import collate_encoded
+        from milan.data import build_dataset, build_loader, collate_images, pretrain_transform
+        from milan.data.device import DeviceAugment, EncodedImages, collate_encoded
 
-        dataset = build_pretrain_dataset(folder, img_size, decode=args.decode)
+        dataset: Any = build_dataset(folder, pretrain_transform(img_size))
+        dataset = EncodedImages(dataset) if args.decode == "device" else dataset
         self.loader = build_loader(
-            dataset, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True, seed=args.seed,
+            dataset, args.batch_size, num_workers=args.workers, drop_last=True, seed=args.seed,
             collate_fn=collate_encoded if args.decode == "device" else collate_images,
         )  # fmt: skip
         self.augment = DeviceAugment(img_size) if args.decode == "device" else None
@@ -315,7 +315,7 @@ class JpegBatches:
         batch = next(self._stream)
         if self.augment is None:
             return batch
-        from milan.data.encoded import decode_batch
+        from milan.data.device import decode_batch
 
         return decode_batch(batch, self.augment, self.device)[0]
 

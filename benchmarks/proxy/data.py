@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode, v2
 
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
-from milan.data import ImageFolderDataset, ImagePipeline, build_loader, default_cache_dir, extract_archive_subset
+from milan.data import ImagePipeline, build_dataset, build_loader, default_cache_dir, extract_archive_subset
 from milan.data.transforms import ResizeDecode
 from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
 
@@ -107,7 +107,7 @@ def folder_tensors(folder: Path, img_size: int) -> tuple[torch.Tensor, torch.Ten
     Raises:
         RuntimeError: Some image could not be decoded (the shared data is expected to be clean).
     """
-    dataset = ImageFolderDataset(folder, uint8_pipeline(img_size))
+    dataset = build_dataset(folder, uint8_pipeline(img_size), labelled=True)
     listing = "\n".join(f"{p.relative_to(folder)}\t{label}\t{p.stat().st_size}" for p, label in dataset.samples)
     key = hashlib.sha256(f"v{CACHE_VERSION}\n{img_size}\n{listing}".encode()).hexdigest()
     path = cache_root() / "tensors" / f"{folder.name}-{img_size}px.pt"

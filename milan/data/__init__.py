@@ -1,126 +1,42 @@
-"""Image data for pretraining and evaluation: sources, robust decoding, views, skip-aware loading.
+"""Image data for pretraining and evaluation: sources, robust decoding, views, reproducible skip-aware loading.
 
-Items are ``(image (3, H, W) float tensor, label int)`` with label ``-1`` for unlabelled sources, or a
-:class:`BadSample` for a file that cannot be decoded; :func:`build_loader` collates them into :class:`Batch`
-objects whose ``skipped`` field carries the bad samples to a :class:`SkipReport`.
+``decode`` (bytes -> RGB, failures classified as skip reasons), ``sources`` (folders, lists, archives, shards),
+``datasets`` (items and :func:`build_dataset`), ``transforms`` (the CPU views), ``device`` (``data.decode=device``),
+``sampling`` (order, per-sample seeds, the loaders), ``report`` (``Batch``, ``SkipReport``, ``DataError``).
 """
 
-from milan.data.archive import default_cache_dir, extract_archive_subset
-from milan.data.batch import DEFAULT_MAX_SKIP_FRACTION, Batch, DataError, SkipReport, collate_images
-from milan.data.builders import (
-    Source,
-    build_eval_dataset,
-    build_image_dataset,
-    build_pretrain_dataset,
-    resolve_source,
-)
-from milan.data.datasets import (
-    UNLABELLED,
-    ImageDataset,
-    ImageFolderDataset,
-    Item,
-    SyntheticImages,
-    UnlabelledImages,
-    collect_image_paths,
-    describe_found,
-    scan_sources,
-)
-from milan.data.decode import (
-    DAMAGED_SHARD,
-    DEFAULT_MAX_PIXELS,
-    SKIP_REASONS,
-    BadSample,
-    ImageDecodeError,
-    SkipReason,
-    decode_rgb,
-    load_rgb,
-    open_image,
-    to_rgb,
-)
-from milan.data.loader import build_loader, default_num_workers, loader_generator, resolve_num_workers
-from milan.data.shards import ShardImages, is_shard_source, shell_sources
-from milan.data.sources import (
-    BUILTIN_SAMPLES,
-    IMAGE_EXTENSIONS,
-    ImageScan,
-    describe_ignored,
-    find_classes,
-    find_images,
-    is_image_file,
-    read_file_list,
-    sample_images_dir,
-    scan_images,
-)
-from milan.data.transforms import (
-    CROP_GEOMETRIES,
-    CropGeometry,
-    ImagePipeline,
-    RandomResizedCropDecode,
-    ResizeDecode,
-    byol_crop_box,
-    crop_box,
-    draft_to,
-    eval_transform,
-    pretrain_transform,
-)
+from milan.data.datasets import ImageDataset, Item, ShardImages, build_dataset, describe_found
+from milan.data.decode import DAMAGED_SHARD, BadSample, ImageDecodeError, decode_rgb, open_image
+from milan.data.report import Batch, DataError, SkipReport, collate_images
+from milan.data.sampling import build_loader, eval_batches, eval_loader, seeded_loader
+from milan.data.sources import BUILTIN_SAMPLES, default_cache_dir, extract_archive_subset, scan_sources
+from milan.data.transforms import ImagePipeline, eval_transform, finetune_transform, pretrain_transform
 
 __all__ = [
     "BUILTIN_SAMPLES",
-    "CROP_GEOMETRIES",
     "DAMAGED_SHARD",
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_SKIP_FRACTION",
-    "IMAGE_EXTENSIONS",
-    "SKIP_REASONS",
-    "UNLABELLED",
     "BadSample",
     "Batch",
-    "CropGeometry",
     "DataError",
     "ImageDataset",
     "ImageDecodeError",
-    "ImageFolderDataset",
     "ImagePipeline",
-    "ImageScan",
     "Item",
-    "RandomResizedCropDecode",
-    "ResizeDecode",
     "ShardImages",
-    "SkipReason",
     "SkipReport",
-    "Source",
-    "SyntheticImages",
-    "UnlabelledImages",
-    "build_eval_dataset",
-    "build_image_dataset",
+    "build_dataset",
     "build_loader",
-    "build_pretrain_dataset",
-    "byol_crop_box",
     "collate_images",
-    "collect_image_paths",
-    "crop_box",
     "decode_rgb",
     "default_cache_dir",
-    "default_num_workers",
     "describe_found",
-    "describe_ignored",
-    "draft_to",
+    "eval_batches",
+    "eval_loader",
     "eval_transform",
     "extract_archive_subset",
-    "find_classes",
-    "find_images",
-    "is_image_file",
-    "is_shard_source",
-    "load_rgb",
-    "loader_generator",
+    "finetune_transform",
     "open_image",
     "pretrain_transform",
-    "read_file_list",
-    "resolve_num_workers",
-    "resolve_source",
-    "sample_images_dir",
-    "scan_images",
     "scan_sources",
-    "shell_sources",
-    "to_rgb",
+    "seeded_loader",
 ]

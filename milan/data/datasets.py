@@ -1,52 +1,47 @@
-"""Map-style image datasets. Every item is ``(image, label)`` or a :class:`~milan.data.decode.BadSample`.
+"""Datasets, and :func:`build_dataset`: the one place that turns a user's data source into a dataset.
 
-Item contract (all datasets of :mod:`milan.data`, including the webdataset shards):
-
-* a good sample is ``(image, label)``: ``image`` a ``(3, H, W)`` float32 tensor (normalised by the pipeline),
-  ``label`` an ``int`` class index, ``-1`` when the source has no labels;
-* a sample that cannot be decoded is a :class:`BadSample` ``(path, reason, detail)``: returned, not raised,
-  so it crosses DataLoader worker processes and is counted by :func:`milan.data.collate_images`.
+Every item (of every dataset here) is ``(image (3, H, W) float32, label)``, the label an ``int`` class index or
+``-1`` for unlabelled sources, or a :class:`~milan.data.decode.BadSample` for a sample that cannot be used: returned,
+not raised, so that it crosses DataLoader worker processes and is counted by :class:`milan.data.report.SkipReport`.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal, overload
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from milan.data.decode import DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image
+from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image, read_file
+from milan.data.sampling import mix_seeds
 from milan.data.sources import (
+    ARCHIVE_SUFFIXES,
     IMAGE_EXTENSIONS,
     ImageScan,
+    Source,
     describe_ignored,
+    entries_of,
+    extract_archive_subset,
     find_classes,
-    is_image_file,
-    read_file_list,
+    is_shard_source,
+    no_images_error,
+    resolve_source,
     scan_images,
+    scan_sources,
+    shell_sources,
 )
 from milan.data.transforms import ImagePipeline
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from milan.errors import ConfigError
 
 Item = tuple[torch.Tensor, int] | BadSample
-"""What a dataset returns for one index: ``(image (3, H, W), label)`` or a :class:`BadSample`."""
-
 UNLABELLED = -1
-"""The label of images from unlabelled sources."""
-
-MAX_FILE_BYTES = 1 << 30
-"""Files larger than this (1 GiB) are skipped as ``"too large"`` without being read."""
-
-
-def _no_images_error(where: str, ignored: Counter[str] | None = None) -> FileNotFoundError:
-    found = describe_ignored(ignored or Counter()) or "no files at all"
-    accepted = ", ".join(IMAGE_EXTENSIONS[:8])
-    return FileNotFoundError(
-        f"no image files found in {where}: {found} (accepted: every format Pillow reads, e.g. {accepted})"
-    )
 
 
 class ImageDataset(Dataset[Item]):
@@ -54,10 +49,11 @@ class ImageDataset(Dataset[Item]):
 
     Args:
         samples: ``(path, label)`` pairs.
-        pipeline: Decode + transform applied to each image.
+        pipeline: Decode + transform.
         classes: Class names indexed by label (empty for unlabelled data).
-        max_pixels: Images larger than this are skipped as ``"too large"`` (decompression-bomb guard).
-        ignored: Files the scan left out for their extension, by extension (see :func:`describe_ignored`).
+        max_pixels: Larger images are skipped as ``"too large"`` (decompression-bomb guard).
+        ignored: Files the scan left out for their extension, by extension.
+        source: Where the samples come from, as the user named it (for messages).
     """
 
     def __init__(
@@ -68,13 +64,14 @@ class ImageDataset(Dataset[Item]):
         classes: Sequence[str] = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         ignored: Counter[str] | None = None,
+        source: str = "",
     ) -> None:
         self.samples = list(samples)
         self.pipeline = pipeline
         self.classes = list(classes)
         self.max_pixels = max_pixels
         self.ignored: Counter[str] = Counter(ignored or {})
-        self.source = ""  # where the samples come from, as the user named it (for messages)
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,217 +79,365 @@ class ImageDataset(Dataset[Item]):
     def read(self, index: int) -> tuple[bytes, int] | BadSample:
         """The encoded file of sample ``index`` and its label, or why it cannot be read (no decoding)."""
         path, label = self.samples[index]
-        try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                return BadSample(str(path), "too large", f"{size} bytes > {MAX_FILE_BYTES}")
-            return path.read_bytes(), label
-        except FileNotFoundError:
-            return BadSample(str(path), "missing", "file not found")
-        except IsADirectoryError:
-            return BadSample(str(path), "not an image", "is a folder")
-        except OSError as err:  # permissions, I/O errors
-            return BadSample(str(path), "unreadable", f"{type(err).__name__}: {err.strerror or err}")
+        data = read_file(path)
+        return data if isinstance(data, BadSample) else (data, label)
 
     def __getitem__(self, index: int) -> Item:
         read = self.read(index)
         if isinstance(read, BadSample):
             return read
         data, label = read
-        path = self.samples[index][0]
         try:
-            image = self.pipeline(open_image(data, max_pixels=self.max_pixels))
+            return self.pipeline(open_image(data, max_pixels=self.max_pixels)), label
         except ImageDecodeError as err:
-            return BadSample(str(path), err.reason, err.detail)
-        return image, label
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_samples={len(self)}, num_classes={len(self.classes)}, {self.pipeline})"
+            return BadSample(str(self.samples[index][0]), err.reason, err.detail)
 
 
-class ImageFolderDataset(ImageDataset):
-    """A labelled ``root/<class>/**/<image>`` tree; labels index the sorted class folder names.
+def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
+    """The start-of-run line: ``"found 1000 images (10 classes) in PATH (ignored ...); UNIT"``.
 
-    Class folders without images keep their index, so train and validation trees with the same class folders
-    get the same labels even when a split lacks a class.
+    ``where`` defaults to ``dataset.source``; ``unit`` (e.g. ``"31 steps per epoch"``) follows a ``"; "``.
+    """
+    where = where if where is not None else dataset.source
+    n, k = len(dataset), len(dataset.classes)
+    classes = f" ({k} class{'es' if k != 1 else ''})" if k else ""
+    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {where}"
+    ignored = describe_ignored(dataset.ignored)
+    return text + (f" ({ignored})" if ignored else "") + (f"; {unit}" if unit else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tar shards (webdataset format)
+
+
+def import_webdataset() -> ModuleType:
+    """``webdataset``, or an :class:`ImportError` saying how to install it."""
+    try:
+        import webdataset
+    except ImportError as err:
+        raise ImportError(
+            "reading tar shards needs the optional 'webdataset' package: pip install 'milan-pretrain[webdataset]'"
+        ) from err
+    module: ModuleType = webdataset
+    return module
+
+
+_IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_DAMAGE_KEY = "__damaged_shard__"
+_NAME_IN_REPR = re.compile(r"name='([^']*)'")
+
+
+class ShardImages(IterableDataset[Item]):
+    """Images (and optional integer labels) streamed from webdataset tar shards; needs ``webdataset``.
+
+    A sample's files share a key: ``000123.jpg`` (any accepted extension) and optionally ``000123.cls`` (an integer
+    label as text; absent: -1). Shards are split across ranks, then DataLoader workers, then shuffled (shard order
+    and a sample buffer). A shard that cannot be read to its end does not stop the epoch: the samples read before the
+    damage are used, and the stream carries a ``"damaged shard"`` :class:`BadSample` naming the shard, the samples
+    read from it and the error. ``pipe:CMD`` sources and remote URLs, which webdataset opens by running shell
+    commands (``curl``, ``gsutil``), are refused unless ``allow_shell_pipes``.
 
     Args:
-        root: The tree's root folder.
+        urls: Shard paths/URLs: one string (brace patterns allowed) or a sequence.
         pipeline: Decode + transform.
-        classes: Use these class names (and their order) instead of the sorted subfolders; images of other
-            folders are left out.
-        max_pixels: See :class:`ImageDataset`.
-        per_class: Keep the first ``per_class`` images of every class, in natural name order (``img_2`` before
-            ``img_10``; the rule :func:`milan.data.extract_archive_subset` applies to archives); ``None``: all.
-
-    Raises:
-        FileNotFoundError: No class folders, or no image files at all.
-        ValueError: ``per_class`` is not positive.
+        shuffle_buffer: Samples held for shuffling; 0 keeps the shards' order and theirs.
+        seed: Seed of the shuffles (mixed with the epoch, rank and worker).
+        num_samples: The number of samples, if known (``len()`` raises otherwise).
+        max_pixels: Decompression-bomb guard.
+        allow_shell_pipes: Accept ``pipe:`` sources and remote URLs.
     """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        urls: str | Sequence[str],
         pipeline: ImagePipeline,
         *,
-        classes: Sequence[str] | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        num_samples: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        per_class: int | None = None,
+        allow_shell_pipes: bool = False,
     ) -> None:
+        import_webdataset()  # fail early, in the main process
+        self.urls: str | list[str] = urls if isinstance(urls, str) else [os.fspath(u) for u in urls]
+        commands = shell_sources(entries_of(self.urls))
+        if commands and not allow_shell_pipes:
+            raise ValueError(
+                f"{commands[0]!r} would run a shell command (webdataset opens pipe: sources and remote URLs with "
+                "one); set data.allow_shell_pipes=true to allow it"
+            )
+        self.pipeline = pipeline
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.num_samples = num_samples
+        self.max_pixels = max_pixels
+        self.epoch = 0
+        self._iterations = 0  # counts epochs inside persistent workers, where set_epoch cannot reach
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the shuffles for a new epoch (call before creating the epoch's iterator)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("the number of samples in the shards is unknown: pass num_samples=")
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[Item]:
+        wds = import_webdataset()
+        info = get_worker_info()
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = mix_seeds(self.seed, self.epoch + self._iterations, rank, info.id if info is not None else 0)
+        self._iterations += 1
+        errors: list[tuple[str | None, str]] = []  # (shard or None, message), filled by the handler
+
+        def handler(exn: Exception) -> bool:
+            errors.append(_shard_error(exn))
+            return True  # go on with the next shard
+
+        dataset: Any = wds.WebDataset(
+            self.urls,
+            shardshuffle=100 if self.shuffle_buffer > 0 else False,
+            seed=seed,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            handler=handler,
+            empty_check=False,  # fewer shards than workers leaves some workers without data
+        )
+        dataset = dataset.compose(_mark_damage(errors))  # before the shuffle: counts in shard order
+        if self.shuffle_buffer > 0:
+            dataset = dataset.shuffle(self.shuffle_buffer, seed=seed)
+        for sample in dataset:
+            if _DAMAGE_KEY in sample:
+                url, detail = sample[_DAMAGE_KEY]
+                yield BadSample(url, DAMAGED_SHARD, detail)
+            else:
+                yield self._decode(sample)
+
+    def _decode(self, sample: dict[str, Any]) -> Item:
+        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        keys = (key for key in sample if not key.startswith("__") and key.lower().rsplit(".", 1)[-1] in _IMAGE_KEYS)
+        image_key = next(itertools.islice(keys, 1), None)
+        if image_key is None:
+            return BadSample(name, "not an image", f"no image file in the sample (keys: {sorted(sample)})")
+        label = UNLABELLED
+        if "cls" in sample:
+            try:
+                label = int(bytes(sample["cls"]).decode().strip())
+            except ValueError:
+                return BadSample(name, "corrupt", "label file .cls is not an integer")
+        try:
+            return self.pipeline(open_image(bytes(sample[image_key]), max_pixels=self.max_pixels)), label
+        except ImageDecodeError as err:
+            return BadSample(f"{name}.{image_key}", err.reason, err.detail)
+
+
+def _shard_error(exn: Exception) -> tuple[str | None, str]:
+    """``(shard, message)`` of an exception webdataset hands to its handler.
+
+    webdataset's tar reader appends ``" @ <file object>"`` to the message and its shard expander appends
+    ``(stream, url)`` to ``args``; the URL is taken from there, else from the file object's name.
+    """
+    args = list(getattr(exn, "args", ()))
+    url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else None
+    head, _, where = (str(args[0]) if args else "").partition(" @ ")
+    if url is None and where:
+        found = _NAME_IN_REPR.search(where)
+        url = found.group(1) if found else None
+    return url, f"{type(exn).__name__}: {head or type(exn).__name__}"
+
+
+def _mark_damage(
+    errors: list[tuple[str | None, str]],
+) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """A webdataset stage that inserts one marker sample per damaged shard into the stream.
+
+    The marker (``{_DAMAGE_KEY: (shard, detail)}``) comes once the stream has moved past the damaged shard (its last
+    partial sample, which webdataset yields late, is counted with it) and says how many samples were read from it.
+    """
+
+    def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        read: Counter[str] = Counter()
+        damaged: dict[str, str] = {}  # shard -> first error, in order
+        reported: set[str] = set()
+        current: str | None = None
+
+        def markers(keep: str | None) -> Iterator[dict[str, Any]]:
+            while errors:
+                url, message = errors.pop(0)
+                damaged.setdefault(url or current or "?", message)
+            for url, message in damaged.items():
+                if url != keep and url not in reported:
+                    reported.add(url)
+                    n = read[url]
+                    detail = f"unreadable after {n} sample{'s' if n != 1 else ''} ({message}); the rest is lost"
+                    yield {_DAMAGE_KEY: (url, detail)}
+
+        for sample in samples:
+            current = str(sample.get("__url__", "?"))
+            yield from markers(keep=current)
+            read[current] += 1
+            yield sample
+        yield from markers(keep=None)
+
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The builder
+
+
+@overload
+def build_dataset(
+    source: Source | None,
+    pipeline: ImagePipeline,
+    *,
+    key: str = ...,
+    labelled: Literal[True],
+    classes: Sequence[str] | None = ...,
+    per_class: int | None = ...,
+    max_pixels: int | None = ...,
+) -> ImageDataset: ...
+
+
+@overload
+def build_dataset(
+    source: Source | None,
+    pipeline: ImagePipeline,
+    *,
+    key: str = ...,
+    labelled: Literal[False] = ...,
+    max_pixels: int | None = ...,
+    shuffle_buffer: int = ...,
+    seed: int = ...,
+    num_samples: int | None = ...,
+    allow_shell_pipes: bool = ...,
+) -> ImageDataset | ShardImages: ...
+
+
+def build_dataset(
+    source: Source | None,
+    pipeline: ImagePipeline,
+    *,
+    key: str = "data.path",
+    labelled: bool = False,
+    classes: Sequence[str] | None = None,
+    per_class: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    num_samples: int | None = None,
+    allow_shell_pipes: bool = False,
+) -> ImageDataset | ShardImages:
+    """The dataset of a data source (see :mod:`milan.data.sources`) with a view.
+
+    Args:
+        source: As the user gave it (``None``: not set).
+        pipeline: Decode + transform (:mod:`milan.data.transforms`).
+        key: The source's config key, for the messages (``data.train``, ``--data``).
+        labelled: Labels index the class folders of an ImageFolder tree or an archive of one (its first
+            ``per_class`` images of every class are unpacked once into the cache); otherwise every image of every
+            entry (folders at any depth, lists, shards), with label -1.
+        classes: Labelled: these class names, in this order, instead of the sorted subfolders (other folders are
+            left out; a class without a folder keeps its index).
+        per_class: Labelled: the first N images of every class, in natural name order (``img_2`` before ``img_10``).
+        max_pixels: Decompression-bomb guard.
+        shuffle_buffer: Shards: sample shuffle buffer, and shard order shuffled (0: neither).
+        seed: Shards: shuffle seed.
+        num_samples: Shards: the number of samples, if known.
+        allow_shell_pipes: Shards: accept ``pipe:CMD`` sources and remote URLs (shell commands).
+
+    Raises:
+        ConfigError: Naming ``key``: a source that is not set, missing, holds no images, cannot be labelled, needs
+            ``webdataset`` or runs a shell command without ``allow_shell_pipes``.
+    """
+    tree = "an ImageFolder tree root/<class>/<image>"
+    what = f"{tree} or a .tar.gz" if labelled else "a folder of images, a .txt list or tar shards"
+    if source is None:
+        raise ConfigError(f"{key} is not set: pass {key}=PATH ({what})")
+    entries = entries_of(source)
+    try:
+        if not entries:
+            raise ValueError("empty data source list")
+        if not labelled and (is_shard_source(entries) or shell_sources(entries)):
+            commands = set(shell_sources(entries))
+            urls = [os.fspath(e) if os.fspath(e) in commands else os.fspath(resolve_source(e)) for e in entries]
+            return ShardImages(
+                urls[0] if len(urls) == 1 else urls, pipeline, shuffle_buffer=shuffle_buffer, seed=seed,
+                num_samples=num_samples, max_pixels=max_pixels, allow_shell_pipes=allow_shell_pipes,
+            )  # fmt: skip
+        if not labelled:
+            paths, ignored = scan_sources(entries)
+            samples = [(path, UNLABELLED) for path in paths]
+            where = ", ".join(os.fspath(e) for e in entries)
+            return ImageDataset(samples, pipeline, max_pixels=max_pixels, ignored=ignored, source=where)
+        if len(entries) != 1:
+            raise ValueError("several labelled sources cannot be combined: their class indices would collide")
+        first = resolve_source(entries[0])
+        if not first.exists():
+            raise ConfigError(f"{key}={source!r}: not found ({what})")
+        if first.is_file() and first.name.endswith(ARCHIVE_SUFFIXES):
+            first, per_class = extract_archive_subset(first, None, per_class=per_class), None
+        elif not first.is_dir():
+            raise ConfigError(f"{key}={source!r}: not a folder or a .tar/.tar.gz archive (labels need {tree})")
         if per_class is not None and per_class < 1:
             raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
-        self.root = Path(root)
-        names = list(classes) if classes is not None else find_classes(self.root)
-        samples: list[tuple[Path, int]] = []
-        ignored: Counter[str] = Counter()
+        names = list(classes) if classes is not None else find_classes(first)
+        samples, ignored = [], Counter()
         for label, name in enumerate(names):
-            folder = self.root / name
+            folder = first / name
             scan = scan_images(folder) if folder.is_dir() else ImageScan([], Counter())
             samples += [(path, label) for path in scan.paths[:per_class]]
             ignored += scan.ignored
         if not samples:
-            raise _no_images_error(f"the class folders of {self.root}", ignored)
-        super().__init__(samples, pipeline, classes=names, max_pixels=max_pixels, ignored=ignored)
-        self.source = os.fspath(root)
+            raise no_images_error(f"the class folders of {first}", ignored)
+        return ImageDataset(
+            samples, pipeline, classes=names, max_pixels=max_pixels, ignored=ignored, source=os.fspath(entries[0])
+        )
+    except ConfigError:
+        raise
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+        raise ConfigError(f"{key}={source!r}: {e}") from e
 
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        """Class name -> label."""
-        return {name: label for label, name in enumerate(self.classes)}
 
-
-def scan_sources(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> ImageScan:
-    """Image paths from folders (scanned recursively), list files (one path per line) and image files.
+def match_classes(dataset: ImageDataset, names: Sequence[str], num_classes: int) -> list[str]:
+    """Relabels a labelled dataset with a classifier's class indices, matched by folder name.
 
     Args:
-        source: One entry or a sequence of entries; each is a folder, an image file (by extension) or a text
-            file listing images (relative paths resolved against the list's folder; listed files are not checked
-            here, a missing one is a counted skip when it is loaded).
+        dataset: From :func:`build_dataset` (``labelled=True``).
+        names: The classifier's class names in index order (empty: unknown; the folders' sorted order is then
+            taken as the index order, and a note says so).
+        num_classes: The classifier's output width.
 
     Returns:
-        The paths, entry by entry (folders in sorted order, lists in file order), and the folders' files ignored
-        for their extension.
+        Notes for the user: the assumed order, or the classes the folder lacks (it is evaluated on those it has).
 
     Raises:
-        FileNotFoundError: An entry does not exist, or no image files were found at all.
+        ConfigError: A class folder the classifier does not know (named), or more folders than outputs.
     """
-    entries = [source] if isinstance(source, str | os.PathLike) else list(source)
-    paths: list[Path] = []
-    ignored: Counter[str] = Counter()
-    for entry in entries:
-        location = Path(entry)
-        if location.is_dir():
-            scan = scan_images(location)
-            paths += scan.paths
-            ignored += scan.ignored
-        elif location.is_file():
-            paths += [location] if is_image_file(location) else read_file_list(location)
-        else:
-            raise FileNotFoundError(f"image source not found: {location}")
-    if not paths:
-        where = ", ".join(str(Path(e)) for e in entries) or "an empty source list"
-        raise _no_images_error(f"{where} (folders are searched recursively)", ignored)
-    return ImageScan(paths, ignored)
-
-
-def collect_image_paths(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """The image paths of :func:`scan_sources` (without the ignored-file counts).
-
-    Args:
-        source: See :func:`scan_sources`.
-
-    Returns:
-        The paths.
-
-    Raises:
-        FileNotFoundError: An entry does not exist, or no image files were found at all.
-    """
-    return scan_sources(source).paths
-
-
-class UnlabelledImages(ImageDataset):
-    """Unlabelled images: every image under a folder (any depth, class folders optional) or listed in a file.
-
-    Every item's label is ``-1``.
-
-    Args:
-        source: A folder, an image file, a text file with one image path per line (relative paths are resolved
-            against the list's folder), or a sequence of these (see :func:`collect_image_paths`).
-        pipeline: Decode + transform.
-        max_pixels: See :class:`ImageDataset`.
-
-    Raises:
-        FileNotFoundError: ``source`` does not exist, or no image files were found.
-    """
-
-    def __init__(
-        self,
-        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        pipeline: ImagePipeline,
-        *,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    ) -> None:
-        paths, ignored = scan_sources(source)
-        super().__init__([(path, UNLABELLED) for path in paths], pipeline, max_pixels=max_pixels, ignored=ignored)
-        entries = [source] if isinstance(source, str | os.PathLike) else list(source)
-        self.source = ", ".join(os.fspath(e) for e in entries)
-
-
-def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
-    """The start-of-run line of a dataset: ``"found 1000 images (10 classes) in PATH"`` (+ ignored files).
-
-    Args:
-        dataset: The scanned dataset.
-        where: The data source as the user gave it (default: ``dataset.source``).
-        unit: Appended after a ``"; "`` (e.g. ``"31 steps per epoch"``).
-
-    Returns:
-        One line.
-    """
-    where = where if where is not None else dataset.source
-    n = len(dataset)
-    classes = f" ({len(dataset.classes)} class{'es' if len(dataset.classes) != 1 else ''})" if dataset.classes else ""
-    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {where}"
-    ignored = describe_ignored(dataset.ignored)
-    if ignored:
-        text += f" ({ignored})"
-    return text + (f"; {unit}" if unit else "")
-
-
-class SyntheticImages(Dataset[Item]):
-    """Deterministic synthetic images for tests and benchmarks: no files, no decoding.
-
-    Image ``i`` has label ``i % num_classes``; its pixels are a class-specific colour plus per-image noise,
-    normalised with ImageNet statistics, so a classifier can learn the labels.
-
-    Args:
-        n: Number of images.
-        size: Side length.
-        num_classes: Number of labels.
-        seed: Changes every image.
-    """
-
-    def __init__(self, n: int, size: int, num_classes: int = 10, *, seed: int = 0) -> None:
-        if n < 0 or size <= 0 or num_classes <= 0:
-            raise ValueError(f"need n >= 0, size > 0, num_classes > 0; got {n}, {size}, {num_classes}")
-        self.n = n
-        self.size = size
-        self.num_classes = num_classes
-        self.seed = seed
-        self.classes = [f"class_{k}" for k in range(num_classes)]
-        palette = torch.Generator().manual_seed(seed)
-        self._colours = torch.rand(num_classes, 3, 1, 1, generator=palette)  # (C, 3, 1, 1) in [0, 1]
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Item:
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} images")
-        label = index % self.num_classes
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
-        noise = 0.15 * torch.randn(3, self.size, self.size, generator=gen)  # (3, S, S)
-        pixels = (self._colours[label] + noise).clamp(0, 1)
-        return (pixels - self._mean) / self._std, label
+    where, folders = dataset.source, dataset.classes
+    if not names:
+        if len(folders) > num_classes:
+            raise ConfigError(f"{where} has {len(folders)} class folders but the classifier has {num_classes} outputs")
+        return [
+            f"class names: the classifier does not store them; the folder's sorted class order is assumed to be its "
+            f"output order ({folders[0]} = 0, {folders[-1]} = {len(folders) - 1})"
+        ]
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        known = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ConfigError(
+            f"{where}: class folder(s) {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} unknown to "
+            f"the classifier, which knows {len(names)} classes ({known})"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    dataset.samples = [(path, index[folders[label]]) for path, label in dataset.samples]
+    dataset.classes = list(names)
+    missing = [n for n in names if n not in folders]
+    if not missing:
+        return []
+    return [
+        f"{where} lacks {len(missing)} of the classifier's {len(names)} classes ({', '.join(missing[:8])}"
+        f"{', ...' if len(missing) > 8 else ''}): evaluated on the {len(folders)} it has, matched by name"
+    ]

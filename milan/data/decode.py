@@ -1,31 +1,22 @@
-"""Decoding image bytes into RGB Pillow images, with every failure classified instead of raised.
+"""Bytes to RGB Pillow images, with every failure classified (a :class:`BadSample`) instead of raised.
 
-Decoding is split in two so that JPEG draft mode can be used (see :mod:`milan.data.transforms`):
+Decoding is split in two so that JPEG draft mode can be chosen in between (:mod:`milan.data.transforms`):
+:func:`open_image` parses only the header (empty files, non-images, decompression bombs), :func:`load_rgb` decodes
+the pixels and converts any mode to 8-bit RGB. Every exception Pillow raises while parsing or decoding one file is
+that file's problem: it becomes an :class:`ImageDecodeError` with a :data:`SkipReason`, never a crash of the run.
 
-1. :func:`open_image` parses only the header: it rejects empty files, non-images and decompression bombs.
-2. :func:`load_rgb` decodes the pixels (possibly at a reduced draft scale chosen in between) and converts any
-   mode to 8-bit RGB.
-
-Both raise :class:`ImageDecodeError` carrying a :data:`SkipReason`; the datasets turn it into a
-:class:`BadSample` so that one bad file never stops a run. Every exception Pillow raises while parsing or decoding
-one file is classified (a decompression bomb above Pillow's own hard limit is ``"too large"``, like one above
-``max_pixels``); only errors outside Pillow's parsing and decoding propagate.
-
-Mode conversion rules (:func:`to_rgb`):
-
-* ``L``, ``1``, ``CMYK``, ``YCbCr`` ... use Pillow's own conversion.
-* Transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``L``/``RGB`` with a ``transparency`` entry) is composited
-  onto a **white** background, the usual convention for web images and icons drawn on transparent canvases.
-* 16-bit and 32-bit integer greyscale (``I;16*``, ``I``) are scaled from the 0..65535 range to 0..255
-  (``v * 255 / 65535``, rounded); Pillow's own ``convert`` clips them instead, which turns most pixels white.
-* Animated files give their first frame. EXIF orientation is not applied (as in torchvision's ImageFolder and
-  the MAE/MILAN references).
+Mode conversion (:func:`to_rgb`): Pillow's own conversion for ``L``, ``1``, ``CMYK``, ``YCbCr`` ...; transparency
+(``RGBA``, ``LA``, ``PA``, or ``P``/``L``/``RGB`` with a ``transparency`` entry) is composited onto white, the usual
+convention for web images; 16- and 32-bit greyscale (``I;16*``, ``I``) is scaled from 0..65535 to 0..255 (Pillow's
+``convert`` clips it, which turns most pixels white). Animated files give their first frame; EXIF orientation is not
+applied (as torchvision's ImageFolder and the MAE/MILAN references).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -34,9 +25,8 @@ from PIL import Image, UnidentifiedImageError
 SkipReason = Literal[
     "empty", "not an image", "corrupt", "truncated", "too large", "missing", "unreadable", "damaged shard"
 ]
-"""Why a sample was skipped. ``missing``/``unreadable`` come from the file system (listed file absent, no
-permission); ``damaged shard`` marks a tar shard that could not be read to its end (it counts shards, not images);
-the others come from the bytes themselves."""
+"""Why a sample was skipped: ``missing``/``unreadable`` come from the file system, ``damaged shard`` marks a tar
+shard that could not be read to its end (it counts shards, not images), the others come from the bytes."""
 
 SKIP_REASONS: tuple[SkipReason, ...] = (
     "corrupt",
@@ -47,35 +37,26 @@ SKIP_REASONS: tuple[SkipReason, ...] = (
     "missing",
     "unreadable",
 )
-"""The reasons an *image* is skipped (``damaged shard`` is counted apart, see :class:`milan.data.SkipReport`)."""
+"""The reasons an *image* is skipped, in the order reports list them (``damaged shard`` is counted apart)."""
 
 DAMAGED_SHARD: SkipReason = "damaged shard"
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 """Largest accepted ``width * height``; Pillow's own warning threshold (~89.5 M pixels, 0.25 GiB as RGB)."""
 
-WHITE = (255, 255, 255)
-"""Background that transparent pixels are composited onto."""
+MAX_FILE_BYTES = 1 << 30
+"""Files larger than this (1 GiB) are skipped as ``"too large"`` without being read."""
 
-# Errors Pillow raises (directly or from its codecs) for damaged data: OSError, SyntaxError (PNG chunk errors),
-# ValueError (bad header fields), EOFError, struct.error, zlib.error, IndexError (truncated palettes), its
-# DecompressionBombError, and whatever a less common plugin raises. Inside Pillow's parsing and decoding of one
-# file, any Exception is that file's problem: it becomes a skip, never a crash of the run.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (Exception,)
+# File signatures of common formats: a file that starts like one of them but does not open is corrupt.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")  # JPEG, PNG, BMP, TIFF (LE, BE)
 
 
 class BadSample(NamedTuple):
-    """A sample that could not be used, returned by the datasets in place of ``(image, label)``.
+    """A sample that could not be used, returned by the datasets in place of ``(image, label)``."""
 
-    Attributes:
-        path: File path (or shard key) of the sample.
-        reason: One of :data:`SKIP_REASONS`.
-        detail: The underlying error message, for the report.
-    """
-
-    path: str
+    path: str  # file path or shard key
     reason: SkipReason
-    detail: str
+    detail: str  # the underlying error, for the report
 
 
 class ImageDecodeError(Exception):
@@ -87,25 +68,11 @@ class ImageDecodeError(Exception):
         self.detail = detail
 
 
-# File signatures of common formats: a file that starts like one of them but does not open is corrupt.
-_SIGNATURES: tuple[bytes, ...] = (
-    b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",
-    b"BM",
-    b"II*\x00",  # TIFF, little- and big-endian
-    b"MM\x00*",
-)
-
-
-def _has_image_signature(data: bytes) -> bool:
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
 def _classify(err: BaseException, data: bytes = b"") -> ImageDecodeError:
     if isinstance(err, Image.DecompressionBombError | MemoryError):
         return ImageDecodeError("too large", str(err) or type(err).__name__)
     if isinstance(err, UnidentifiedImageError):
-        if _has_image_signature(data):
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             return ImageDecodeError("corrupt", "broken header of a JPEG/PNG/WebP/BMP/TIFF file")
         return ImageDecodeError("not an image", "not a recognised image format")
     message = str(err) or type(err).__name__
@@ -114,16 +81,28 @@ def _classify(err: BaseException, data: bytes = b"") -> ImageDecodeError:
     return ImageDecodeError("corrupt", f"{type(err).__name__}: {message}")
 
 
+def read_file(path: Path) -> bytes | BadSample:
+    """A file's bytes, or why it cannot be read (missing, a folder, no permission, over :data:`MAX_FILE_BYTES`)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return BadSample(str(path), "too large", f"{size} bytes > {MAX_FILE_BYTES}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        return BadSample(str(path), "missing", "file not found")
+    except IsADirectoryError:
+        return BadSample(str(path), "not an image", "is a folder")
+    except OSError as err:  # permissions, I/O errors
+        return BadSample(str(path), "unreadable", f"{type(err).__name__}: {err.strerror or err}")
+
+
 def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Parses an image header without decoding the pixels.
+    """Parses an image header without decoding the pixels (call :func:`load_rgb` next, optionally after ``draft``).
 
     Args:
-        data: The encoded file contents.
-        max_pixels: Reject images with more than this many pixels as ``"too large"`` (``None``: no limit of
-            ours; Pillow still refuses more than ``2 * PIL.Image.MAX_IMAGE_PIXELS``, also as ``"too large"``).
-
-    Returns:
-        A lazily loaded Pillow image; call :func:`load_rgb` (optionally after ``draft``) to decode it.
+        data: The encoded file.
+        max_pixels: More pixels are ``"too large"``. ``None``: no limit of ours; Pillow still refuses more than
+            ``2 * PIL.Image.MAX_IMAGE_PIXELS``, also as ``"too large"``.
 
     Raises:
         ImageDecodeError: Empty data, an unknown format, a broken header or too many pixels.
@@ -132,10 +111,9 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
         raise ImageDecodeError("empty", "0 bytes")
     try:
         with warnings.catch_warnings():
-            # We apply our own (configurable) limit below; Pillow's warning would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
             img = Image.open(io.BytesIO(data))
-    except _DECODE_ERRORS as err:
+    except Exception as err:
         raise _classify(err, data) from None
     width, height = img.size
     if width < 1 or height < 1:
@@ -146,64 +124,28 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
 
 
 def load_rgb(img: Image.Image) -> Image.Image:
-    """Decodes the pixels of an opened image and converts them to 8-bit RGB.
-
-    Args:
-        img: An image from :func:`open_image` (``draft`` may have been applied).
-
-    Returns:
-        An ``RGB`` image of the (possibly drafted) size.
-
-    Raises:
-        ImageDecodeError: Corrupt or truncated pixel data.
-    """
+    """Decodes the pixels of an opened (possibly drafted) image to 8-bit RGB; raises :class:`ImageDecodeError`."""
     try:
         img.load()
         return to_rgb(img)
-    except _DECODE_ERRORS as err:
+    except Exception as err:
         raise _classify(err) from None
 
 
-def _scale_to_uint8(img: Image.Image) -> Image.Image:
-    # (H, W) uint16 or int32 holding 16-bit samples -> 8-bit, rounding to nearest.
-    values = np.asarray(img).astype(np.int64)
-    values = np.clip(values, 0, 65535)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Converts a decoded image of any Pillow mode to 8-bit RGB (rules in the module docstring).
-
-    Args:
-        img: A loaded image.
-
-    Returns:
-        The image in mode ``RGB`` (the same object when it already is).
-    """
+    """A loaded image of any mode as 8-bit RGB (rules in the module docstring; the same object if already RGB)."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16") or mode == "I":
-        return _scale_to_uint8(img).convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info)
-    if has_alpha:
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W) 16-bit samples -> 8 bit, rounded
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
 
 def decode_rgb(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decodes image bytes to RGB (:func:`open_image` then :func:`load_rgb`).
-
-    Args:
-        data: The encoded file contents.
-        max_pixels: See :func:`open_image`.
-
-    Returns:
-        The RGB image.
-
-    Raises:
-        ImageDecodeError: See :func:`open_image` and :func:`load_rgb`.
-    """
+    """Fully decodes image bytes to RGB (:func:`open_image` then :func:`load_rgb`)."""
     return load_rgb(open_image(data, max_pixels=max_pixels))

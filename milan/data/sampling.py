@@ -1,28 +1,32 @@
-"""Reproducible, resumable sample order and per-sample randomness.
+"""Sample order, per-sample seeds and the DataLoaders.
 
-Every random choice made for a sample (its crop and flip, and the noise its mask is drawn from) comes from a
-seed derived from ``(seed, epoch, index)`` alone. It therefore does not depend on the batch size, the number of
-processes, the DataLoader workers, or whether the run was interrupted and resumed: a mid-epoch resume only needs
-the epoch and the number of batches already consumed, and two processes with half the batch each see exactly the
-samples, crops and masks that one process with the whole batch sees.
+Training (:func:`seeded_loader`): every random choice made for a sample (its crop and flip, the noise its mask is
+drawn from) comes from a seed derived from ``(seed, epoch, index)`` alone (:func:`mix_seeds`). It does not depend on
+the batch size, the number of processes, the DataLoader workers, or whether the run was interrupted: a mid-epoch
+resume only needs the epoch and the batches already consumed, and two processes with half the batch each see exactly
+the samples, crops and masks that one process with the whole batch sees. Evaluation (:func:`eval_loader`): every
+process takes the indices ``rank, rank + world_size, ...`` in order, without padding, so summed counts are exact.
+Streams (tar shards) order themselves; :func:`build_loader` seeds their workers from ``(seed, rank)``.
 """
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from tqdm import tqdm
 
 from milan import distributed as dist
-from milan.data import build_loader, collate_images
 from milan.data.decode import BadSample
-from milan.train.config import ConfigError
+from milan.data.report import Batch, SkipReport, collate_images
+from milan.errors import ConfigError
 
-SampleKey = tuple[int, int]
-"""``(epoch, index)``: what :class:`EpochSampler` yields and :class:`SeededSamples` is indexed with."""
+SampleKey = tuple[int, int]  # (epoch, index): what EpochSampler yields and SeededSamples is indexed with
 
 _MASK64 = (1 << 64) - 1
 
@@ -35,25 +39,24 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
-    """A 63-bit seed for one sample in one epoch (``stream`` separates independent uses)."""
-    return _mix64(_mix64(_mix64(_mix64(seed) ^ epoch) ^ index) ^ stream) >> 1
+def mix_seeds(*parts: int) -> int:
+    """A 63-bit seed, a pure function of ``parts`` (seed, epoch, index, stream ...); distinct tuples are unrelated.
+
+    The one seed derivation of the data pipeline: samples, loader workers and shard shuffles. SplitMix64 rather than
+    numpy's ``SeedSequence``: about 20x cheaper per sample, and defined for negative integers.
+    """
+    x = _mix64(parts[0])
+    for part in parts[1:]:
+        x = _mix64(x ^ part)
+    return x >> 1
 
 
 class EpochSampler(Sampler[SampleKey]):
-    """Shuffled, rank-sharded ``(epoch, index)`` keys that can start mid-epoch.
+    """Shuffled, rank-sharded ``(epoch, index)`` keys that can start mid-epoch: the training sampler.
 
     The order is :class:`torch.utils.data.DistributedSampler`'s: ``randperm(n)`` seeded with ``seed + epoch``,
     truncated to a multiple of ``world_size`` (``drop_last``) or padded by wrapping around, then every
     ``world_size``-th index from ``rank``.
-
-    Args:
-        num_samples: Dataset length.
-        seed: Shuffle seed (the same on every process).
-        rank: This process's rank.
-        world_size: Number of processes.
-        shuffle: Shuffle (otherwise the natural order).
-        drop_last: Drop the tail that does not divide evenly among processes.
     """
 
     def __init__(
@@ -63,7 +66,6 @@ class EpochSampler(Sampler[SampleKey]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        shuffle: bool = True,
         drop_last: bool = True,
     ) -> None:
         if num_samples < 1:
@@ -72,7 +74,6 @@ class EpochSampler(Sampler[SampleKey]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.shuffle = shuffle
         self.drop_last = drop_last
         self.epoch = 0
         self.start = 0
@@ -80,9 +81,7 @@ class EpochSampler(Sampler[SampleKey]):
     @property
     def per_rank(self) -> int:
         """Samples each process gets in a full epoch."""
-        if self.drop_last:
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
+        return self.num_samples // self.world_size if self.drop_last else -(-self.num_samples // self.world_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Selects the epoch (reshuffles) and skips its first ``start`` samples of this process (resume)."""
@@ -91,11 +90,8 @@ class EpochSampler(Sampler[SampleKey]):
 
     def indices(self) -> list[int]:
         """This process's sample indices of the current epoch, from the start position."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order: list[int] = torch.randperm(self.num_samples, generator=generator).tolist()
         total = self.per_rank * self.world_size
         if total > len(order):  # pad by wrapping around, as DistributedSampler does
             order += (order * (-(-total // len(order))))[: total - len(order)]
@@ -118,14 +114,9 @@ class Keyed(NamedTuple):
 class SeededSamples(Dataset[Keyed]):
     """Indexes a map-style dataset with ``(epoch, index)`` keys and makes its randomness a function of the key.
 
-    The wrapped ``__getitem__`` (decoding plus augmentation, which draws from the global ``torch`` and
-    ``random`` generators) runs with both generators seeded from :func:`sample_seed`; their previous states are
-    restored afterwards. ``noise_len`` uniform numbers for the mask draw come from an independent stream.
-
-    Args:
-        dataset: Map-style dataset.
-        seed: Run seed.
-        noise_len: Length of the mask noise (number of patches); 0 for none.
+    The wrapped ``__getitem__`` (decoding plus augmentation, which draws from the global ``torch`` and ``random``
+    generators) runs with both seeded from ``mix_seeds(seed, epoch, index, 0)``; their previous states are restored
+    afterwards. ``noise_len`` uniform numbers for the mask draw come from the independent stream 1.
     """
 
     def __init__(self, dataset: Dataset[Any], seed: int, noise_len: int = 0) -> None:
@@ -138,38 +129,88 @@ class SeededSamples(Dataset[Keyed]):
 
     def __getitem__(self, key: SampleKey) -> Keyed:
         epoch, index = key
-        s = sample_seed(self.seed, epoch, index)
+        s = mix_seeds(self.seed, epoch, index, 0)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             random.seed(s)
             item = self.dataset[index]
         random.setstate(py_state)
-        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, stream=1))
+        g = torch.Generator().manual_seed(mix_seeds(self.seed, epoch, index, 1))
         return Keyed(item, torch.rand(self.noise_len, generator=g))
 
 
-def keyed_collate(
-    collate: Callable[[list[Any]], Any],
-) -> Callable[[Sequence[Keyed]], tuple[Any, torch.Tensor]]:
-    """Wraps a collate function for :class:`SeededSamples` items.
+def keyed_collate(collate: Callable[[list[Any]], Any]) -> Callable[[Sequence[Keyed]], tuple[Any, torch.Tensor]]:
+    """``collate`` for :class:`SeededSamples` items: ``batch -> (collate(items), noise (B_kept, L))``.
 
-    Args:
-        collate: The data pipeline's collate, applied to the plain items; it may drop bad samples, which are
-            are :class:`~milan.data.decode.BadSample` items, so that the noise rows stay aligned with the kept
-            images.
-
-    Returns:
-        ``batch -> (collate(items), noise (B_kept, L))``.
+    The noise rows of :class:`~milan.data.decode.BadSample` items, which ``collate`` drops, are dropped too, so that
+    they stay aligned with the kept images.
     """
 
     def fn(batch: Sequence[Keyed]) -> tuple[Any, torch.Tensor]:
-        items = [k.item for k in batch]
         noise = [k.noise for k in batch if not isinstance(k.item, BadSample)]
         stacked = torch.stack(noise) if noise else torch.empty(0, batch[0].noise.shape[0] if batch else 0)
-        return collate(items), stacked
+        return collate([k.item for k in batch]), stacked
 
     return fn
+
+
+def default_num_workers() -> int:
+    """The DataLoader workers of ``data.num_workers: null``: min(8, the cores this process may run on)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # respects taskset, cgroups' cpusets, SLURM
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(8, max(1, cores))
+
+
+def build_loader(
+    dataset: Dataset[Any],
+    batch_size: int,
+    *,
+    sampler: Sampler[Any] | Iterable[Any] | None = None,
+    num_workers: int | None = 0,
+    drop_last: bool = False,
+    seed: int | None = 0,
+    rank: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    collate_fn: Callable[[list[Any]], Any] = collate_images,
+) -> DataLoader[Any]:
+    """A DataLoader of :class:`~milan.data.report.Batch` objects (or what ``collate_fn`` makes), in order.
+
+    Args:
+        dataset: Map-style (in the order of ``sampler``, else its own) or a stream (no sampler).
+        batch_size: Samples per batch, before dropping bad ones.
+        sampler: The indices or keys to load (e.g. an :class:`EpochSampler`).
+        num_workers: Worker processes (0: the main process; ``None``: :func:`default_num_workers`).
+        drop_last: Drop the last incomplete batch.
+        seed: The workers' random streams: PyTorch seeds worker ``w`` (``torch``, ``random``, ``numpy``) with
+            ``base_seed + w``, drawn each epoch from a generator seeded with ``mix_seeds(seed, rank)``, so
+            augmentations differ across workers and ranks and repeat for the same seed (``num_workers=0``: the main
+            process's global RNG). ``None``: from the global ``torch`` RNG (datasets that seed each sample).
+        rank: Mixed into ``seed``; default: the current distributed rank.
+        pin_memory: Page-locked batches for faster host-to-GPU copies; default: when CUDA is available.
+        persistent_workers: Keep workers alive between epochs; default: when ``num_workers > 0``.
+        collate_fn: Makes a batch from a list of items.
+    """
+    if isinstance(dataset, IterableDataset) and sampler is not None:
+        raise ValueError("an iterable dataset (e.g. webdataset shards) orders itself: pass no sampler")
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    rank = dist.rank() if rank is None else rank
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last,
+        generator=None if seed is None else torch.Generator().manual_seed(mix_seeds(seed, rank)),
+        persistent_workers=num_workers > 0 and (persistent_workers is None or persistent_workers),
+    )
 
 
 def seeded_loader(
@@ -185,18 +226,15 @@ def seeded_loader(
 ) -> tuple[DataLoader[Any], EpochSampler, int]:
     """The resumable training loader of a map-style dataset, sharded over the processes.
 
-    :class:`EpochSampler` keys, :class:`SeededSamples` items and :func:`keyed_collate` batches: the sample order and
-    every random choice are functions of ``(seed, epoch, index)`` (see the module docstring).
-
     Args:
-        dataset: Map-style dataset of :data:`~milan.data.datasets.Item`.
+        dataset: Map-style dataset of items.
         batch_size: Samples per batch on each process (incomplete batches are dropped).
         seed: Run seed.
         noise_len: Per-sample mask-noise length (number of patches; 0: none).
-        num_workers: DataLoader workers (``None``: ``min(8, available cores)``).
+        num_workers: DataLoader workers (``None``: :func:`default_num_workers`).
         device: Where batches go (pinned memory for CUDA).
         key: The data's config key and value, for the error message (``"data.train"``).
-        collate: The dataset's collate function (e.g. :func:`milan.data.encoded.collate_encoded`).
+        collate: The dataset's collate function (e.g. :func:`milan.data.device.collate_encoded`).
 
     Returns:
         ``(loader, sampler, batches per epoch on each process)``; batches are ``(Batch, noise (B, noise_len))``.
@@ -222,3 +260,34 @@ def seeded_loader(
         seed=None,  # every sample seeds itself: the workers' seeds do not matter
     )
     return loader, sampler, sampler.per_rank // batch_size
+
+
+def eval_loader(
+    dataset: Dataset[Any], batch_size: int, num_workers: int | None, device: torch.device
+) -> DataLoader[Any]:
+    """This process's share of an evaluation set (indices ``rank::world_size``, in order, no padding)."""
+    shard = range(dist.rank(), len(dataset), dist.world_size())  # type: ignore[arg-type]
+    pin = device.type == "cuda"
+    return build_loader(
+        dataset, batch_size, sampler=shard, num_workers=num_workers, pin_memory=pin, persistent_workers=False
+    )
+
+
+def eval_batches(
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    report: SkipReport | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> Iterator[tuple[torch.Tensor, Batch]]:
+    """``(images (B, 3, H, W) on device, batch)`` of a loader's batches; unreadable files go to ``report``.
+
+    Batches that lost every image are passed over; ``progress`` shows a bar labelled ``desc`` (on a terminal).
+    """
+    bar = tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if report is not None:
+            report.update(batch)
+        if not batch.empty:
+            yield batch.images.to(device, non_blocking=True), batch

@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from milan import distributed as dist
 from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, SpecKind, encoder_arch_of
-from milan.data import Batch, ImageFolderDataset, ImagePipeline, SkipReport
-from milan.data.labelled import eval_pipeline, image_folder, num_classes_of
+from milan.data import Batch, ImageDataset, ImagePipeline, SkipReport, build_dataset, eval_transform
+from milan.errors import ConfigError
 from milan.models.vit import VisionTransformer
 from milan.train.eval_config import ClassifyDataConfig
 from milan.train.loop import StepFn, TrainState, data_step
@@ -72,17 +72,23 @@ def sync_batchnorm_stats(module: nn.Module) -> None:
 
 def labelled_splits(
     data: ClassifyDataConfig, train_pipeline: ImagePipeline, img_size: int, num_classes: int | None
-) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
+) -> tuple[ImageDataset, ImageDataset, int]:
     """The training split (with the job's view) and the validation split (evaluation view, the same classes).
 
     Returns:
         ``(train, val, head width)``; the width is ``num_classes``, or the number of training class folders.
     """
-    train = image_folder(data.train, data.train_per_class, train_pipeline, "data.train", data)
-    val = image_folder(
-        data.val, data.val_per_class, eval_pipeline(data, img_size), "data.val", data, classes=train.classes
-    )
-    return train, val, num_classes_of(train, num_classes)
+    train = build_dataset(
+        data.train, train_pipeline, key="data.train", labelled=True, per_class=data.train_per_class,
+        max_pixels=data.max_image_pixels,
+    )  # fmt: skip
+    val = build_dataset(
+        data.val, eval_transform(img_size, crop_pct=data.crop_pct, interpolation=data.interpolation), key="data.val",
+        labelled=True, classes=train.classes, per_class=data.val_per_class, max_pixels=data.max_image_pixels,
+    )  # fmt: skip
+    if num_classes is not None and num_classes < len(train.classes):
+        raise ConfigError(f"num_classes={num_classes} but the training set has {len(train.classes)} class folders")
+    return train, val, len(train.classes) if num_classes is None else num_classes
 
 
 def classifier_spec(

@@ -34,8 +34,8 @@ from milan import distributed as dist
 from milan.checkpoint import load_classifier, read_checkpoint
 from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.spec import resolve_spec
-from milan.data import DataError, SkipReport, describe_found, eval_transform
-from milan.data.labelled import eval_loader, folder_by_names, resolve_split
+from milan.data import DataError, SkipReport, build_dataset, describe_found, eval_loader, eval_transform
+from milan.data.datasets import match_classes
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.train.config import ConfigError
 from milan.train.evaluation import evaluate_heads
@@ -104,8 +104,8 @@ def evaluate_checkpoint(
         pipeline = eval_transform(
             pre.img_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation, mean=pre.mean, std=pre.std
         )
-        root, keep = resolve_split(data, per_class, "--data")  # keep: a folder's per-class selection
-        dataset, data_notes = folder_by_names(root, head.class_names, head.num_classes, pipeline, per_class=keep)
+        dataset = build_dataset(data, pipeline, key="--data", labelled=True, per_class=per_class)
+        data_notes = match_classes(dataset, head.class_names, head.num_classes)
         notes = [*resolved.notes, *data_notes]
         if dist.is_main():
             for note in notes:

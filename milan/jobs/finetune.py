@@ -25,9 +25,7 @@ import torch.nn as nn
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
 from milan.checkpoint.spec import HeadSpec
-from milan.data import SkipReport
-from milan.data.labelled import describe_split, eval_loader, finetune_pipeline
-from milan.data.sampling import seeded_loader
+from milan.data import SkipReport, describe_found, eval_loader, finetune_transform, seeded_loader
 from milan.jobs.classifier import (
     FitResult,
     checked_val_report,
@@ -90,7 +88,11 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate)
         encoder.set_grad_checkpointing(cfg.runtime.grad_checkpointing)
         size = input_size(cfg.data.img_size, encoder)
-        train_pipeline = finetune_pipeline(data, cfg.aug, size)
+        a = cfg.aug
+        train_pipeline = finetune_transform(
+            size, scale=data.scale, hflip=data.hflip, interpolation=data.interpolation, auto_augment=a.auto_augment,
+            color_jitter=a.color_jitter, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count,
+        )  # fmt: skip
         train_set, val_set, num_classes = labelled_splits(data, train_pipeline, size, cfg.num_classes)
         model = FinetuneClassifier(encoder, num_classes, global_pool=cfg.global_pool).to(device)
         head = HeadSpec("finetune", num_classes, list(train_set.classes), cfg.global_pool)
@@ -183,8 +185,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
             f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}, {cfg.global_pool} pooling, {size} px; "
             f"{n_params / 1e6:.2f} M trainable params"
         )
-        log.info(f"train: {describe_split(train_set, f'{d.steps_per_epoch} steps per epoch')}")
-        log.info(f"val: {describe_split(val_set)}; {num_classes} classes")
+        log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
+        log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
         log.info(
             f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
             f"{len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, "

@@ -22,8 +22,7 @@ from typing import Any, Literal
 import torch
 
 from milan import distributed as dist
-from milan.data import ImageFolderDataset, SkipReport
-from milan.data.labelled import describe_split, eval_loader, eval_pipeline, image_folder
+from milan.data import ImageDataset, SkipReport, build_dataset, describe_found, eval_loader, eval_transform
 from milan.jobs.encoder import input_size, load_pretrained_encoder
 from milan.jobs.knn_features import (
     FeatureCache,
@@ -127,10 +126,16 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
     encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
     encoder = encoder.to(device).eval()
     size = input_size(cfg.data.img_size, encoder)
-    pipeline = eval_pipeline(cfg.data, size)
     data = cfg.data
-    train_set = image_folder(data.train, data.train_per_class, pipeline, "data.train", data)
-    val_set = image_folder(data.val, data.val_per_class, pipeline, "data.val", data, classes=train_set.classes)
+    pipeline = eval_transform(size, crop_pct=data.crop_pct, interpolation=data.interpolation)
+    train_set = build_dataset(
+        data.train, pipeline, key="data.train", labelled=True, per_class=data.train_per_class,
+        max_pixels=data.max_image_pixels,
+    )  # fmt: skip
+    val_set = build_dataset(
+        data.val, pipeline, key="data.val", labelled=True, classes=train_set.classes, per_class=data.val_per_class,
+        max_pixels=data.max_image_pixels,
+    )  # fmt: skip
     log = RunLogger(run_dir, enabled=dist.is_main(), total_steps=1, progress=cfg.log.progress, tensorboard=False)
     cache = FeatureCache(cfg.cache_dir, torch.float16 if cfg.cache_dtype == "float16" else torch.float32)
     weights = file_digest(cfg.encoder.pretrained) if cfg.encoder.pretrained else f"random:{cfg.encoder.model_name}"
@@ -143,9 +148,9 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
     log.info(f"encoder: {encoder_desc}; feature {cfg.feature}, {size} px")
     for name, split in (("train", train_set), ("val", val_set)):
         batches = -(-len(split) // (cfg.batch_size * dist.world_size()))
-        log.info(f"{name}: {describe_split(split, f'{batches} batches of {cfg.batch_size} per process')}")
+        log.info(f"{name}: {describe_found(split, unit=f'{batches} batches of {cfg.batch_size} per process')}")
 
-    def features(name: str, dataset: ImageFolderDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(name: str, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal hits
         key = cache_key(
             weights=weights, num_heads=encoder.num_heads, data=dataset_fingerprint(dataset), transform=repr(pipeline),
@@ -172,7 +177,7 @@ def _knn(cfg: KnnConfig, run: RunContext) -> KnnResult:
         f, y = dist.all_gather_rows(f.to(device)).cpu(), dist.all_gather_rows(y.to(device)).cpu()
         f = cache.round(f)
         if dist.is_main():
-            cache.save(key, f, y, meta={"split": name, "source": str(dataset.root), "encoder": encoder_desc})
+            cache.save(key, f, y, meta={"split": name, "source": dataset.source, "encoder": encoder_desc})
         log.info(f"{name} features: {tuple(f.shape)} extracted in {time.perf_counter() - t0:.1f} s")
         return f, y
 

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
-from milan.data import Batch, SkipReport
-from milan.data.labelled import eval_batches
+from milan.data import Batch, SkipReport, eval_batches
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,7 +76,7 @@ def extract_features(
 
     Args:
         fn: Images (B, 3, H, W) on ``device`` -> features (B, D).
-        loader: Yields batches (e.g. :func:`milan.data.labelled.eval_loader`: this process's shard).
+        loader: Yields batches (e.g. :func:`milan.data.eval_loader`: this process's shard).
         device: Device to run on.
         autocast: Factory of the autocast context (``nullcontext`` on CPU).
         report: Receives the skipped files.

@@ -26,9 +26,7 @@ import torch
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
 from milan.checkpoint.spec import HeadSpec
-from milan.data import SkipReport
-from milan.data.labelled import describe_split, eval_loader, probe_pipeline
-from milan.data.sampling import seeded_loader
+from milan.data import SkipReport, describe_found, eval_loader, pretrain_transform, seeded_loader
 from milan.jobs.classifier import (
     FitResult,
     checked_val_report,
@@ -69,7 +67,11 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         seed_everything(cfg.seed)  # the same heads on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
         size = input_size(cfg.data.img_size, encoder)
-        train_set, val_set, num_classes = labelled_splits(data, probe_pipeline(data, size), size, cfg.num_classes)
+        view = pretrain_transform(
+            size, scale=data.scale, interpolation=data.interpolation, hflip=data.hflip, draft=data.draft,
+            crop=data.crop_geometry,
+        )  # fmt: skip
+        train_set, val_set, num_classes = labelled_splits(data, view, size, cfg.num_classes)
         model = LinearProbeGrid(encoder, num_classes, cfg.optim.lr_grid).to(device)
         seed_everything(cfg.seed + dist.rank())
         loader, sampler, batches = seeded_loader(
@@ -147,8 +149,8 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         log = trainer.log
         log.info(run.header("linprobe"))
         log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
-        log.info(f"train: {describe_split(train_set, f'{d.steps_per_epoch} steps per epoch')}")
-        log.info(f"val: {describe_split(val_set)}; {num_classes} classes")
+        log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
+        log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
         log.info(
             f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
             f"lr grid {[f'{d.lr * s:.4g}' for s in model.lr_scales]} ({len(model.lr_scales)} head(s), one pass"

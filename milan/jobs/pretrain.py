@@ -24,15 +24,15 @@ from milan.data import (
     Batch,
     ImageDataset,
     SkipReport,
+    build_dataset,
     build_loader,
-    build_pretrain_dataset,
     collate_images,
     describe_found,
-    is_shard_source,
+    pretrain_transform,
 )
-from milan.data.device_augment import DeviceAugment
-from milan.data.encoded import EncodedBatch, EncodedImages, collate_encoded, decode_batch
+from milan.data.device import DeviceAugment, EncodedBatch, EncodedImages, collate_encoded, decode_batch
 from milan.data.sampling import EpochSampler, seeded_loader
+from milan.data.sources import is_shard_source
 from milan.flops import pretrain_flops
 from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.compile import compile_milan
@@ -261,16 +261,16 @@ def _build_loader(
 ) -> tuple[Iterable[Any], EpochSampler | None, int]:
     """The epoch loader, its sampler (map-style data) and the micro-batches per epoch on each process."""
     d = cfg.data
-    if d.path is None:
-        raise ConfigError("data.path is not set: pass data.path=PATH (a folder of images, a .txt list or tar shards)")
-    try:
-        dataset: Dataset[Any] = build_pretrain_dataset(
-            d.path, cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation,
-            hflip=d.hflip, draft=d.draft, max_pixels=d.max_image_pixels, seed=cfg.seed, num_samples=d.num_samples,
-            decode=d.decode, allow_shell_pipes=d.allow_shell_pipes,
-        )  # fmt: skip
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
-        raise ConfigError(f"data.path={d.path!r}: {e}") from e
+    view = pretrain_transform(
+        cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation, hflip=d.hflip,
+        draft=d.draft,
+    )  # fmt: skip
+    dataset: Dataset[Any] = build_dataset(
+        d.path, view, key="data.path", max_pixels=d.max_image_pixels, shuffle_buffer=1000, seed=cfg.seed,
+        num_samples=d.num_samples, allow_shell_pipes=d.allow_shell_pipes,
+    )  # fmt: skip
+    if d.decode == "device":
+        dataset = EncodedImages(dataset)
     if isinstance(dataset, IterableDataset):
         if d.num_samples is None:
             raise ConfigError("data.num_samples is required for tar shards (the epoch length)")

@@ -358,9 +358,9 @@ def load_images(
         FileNotFoundError: A source is missing or holds no images.
         milan.data.ImageDecodeError: An image cannot be decoded (the message names the file).
     """
-    from milan.data import ImageDecodeError, collect_image_paths, eval_transform, open_image, resolve_source
+    from milan.data import ImageDecodeError, eval_transform, open_image, scan_sources
 
-    paths = collect_image_paths([resolve_source(s) for s in sources])[:limit]
+    paths = scan_sources(sources).paths[:limit]
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
     tensors = []
     for path in paths:

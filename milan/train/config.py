@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, cast
 
 import yaml
 
-from milan.data.shards import shell_sources
+from milan.data.sources import shell_sources
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
 from milan.models.factory import ModelConfig, check_model, list_models, model_config
 from milan.ranges import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range, range_of

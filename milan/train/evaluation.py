@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from milan import distributed as dist
-from milan.data import Batch, SkipReport
-from milan.data.labelled import eval_batches
+from milan.data import Batch, SkipReport, eval_batches
 from milan.train.metrics import TopKAccuracy
 
 
@@ -33,7 +32,7 @@ def evaluate_heads(
         forward: Images (B, 3, H, W) -> logits (B, C), or (K, B, C) for ``K = num_heads`` heads. Put the model
             in eval mode first.
         loader: Yields :class:`~milan.data.Batch` objects (every process its own shard, see
-            :func:`milan.data.labelled.eval_loader`).
+            :func:`milan.data.eval_loader`).
         device: Where to run.
         num_heads: Number of heads ``forward`` returns.
         ks: The ``k`` values.

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from milan.data import ImageFolderDataset, eval_transform, extract_archive_subset, find_images
+from milan.data import build_dataset, eval_transform, extract_archive_subset
+from milan.data.sources import scan_images
 
 from .conftest import encode, unpack
 
@@ -22,7 +23,7 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 @pytest.mark.skipif(not CIFAR_TEST.is_file(), reason="shared CIFAR-10 archive not available")
 def test_cifar10_test_subset(tmp_path: Path) -> None:
     root = extract_archive_subset(CIFAR_TEST, tmp_path / "cifar", per_class=2, split="test")
-    dataset = ImageFolderDataset(root, eval_transform(32, crop_pct=1.0))
+    dataset = build_dataset(root, eval_transform(32, crop_pct=1.0), labelled=True)
     assert dataset.classes == CIFAR_CLASSES
     assert [p.relative_to(root).as_posix() for p, _ in dataset.samples][:4] == [
         "airplane/0000.jpg",
@@ -44,7 +45,7 @@ def test_cifar10_test_subset(tmp_path: Path) -> None:
 @pytest.mark.skipif(not TINY.is_file(), reason="shared Tiny-ImageNet archive not available")
 def test_tiny_imagenet_class_subset_natural_order(tmp_path: Path) -> None:
     root = extract_archive_subset(TINY, tmp_path / "tiny", per_class=3, classes=["n02124075", "n01443537"])
-    names = [p.relative_to(root).as_posix() for p in find_images(root)]
+    names = [p.relative_to(root).as_posix() for p in scan_images(root).paths]
     assert names == [
         f"{wnid}/images/{wnid}_{i}.JPEG" for wnid in ("n01443537", "n02124075") for i in range(3)
     ]  # natural order: _0, _1, _2 (not _0, _1, _10)
@@ -66,7 +67,7 @@ def test_synthetic_archive_layouts_and_cache_rules(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("MILAN_CACHE", str(tmp_path / "cache"))
     root = extract_archive_subset(archive, per_class=2, split="val")
     assert root == tmp_path / "cache" / "subsets" / "data-val-2"
-    assert [p.relative_to(root).as_posix() for p in find_images(root)] == [
+    assert [p.relative_to(root).as_posix() for p in scan_images(root).paths] == [
         "a/img_1.png",
         "a/img_2.png",
         "b/img_1.png",
@@ -74,7 +75,7 @@ def test_synthetic_archive_layouts_and_cache_rules(tmp_path: Path, monkeypatch: 
     ]
     # A different request for the same folder replaces our own subset ...
     bigger = extract_archive_subset(archive, root, per_class=None, split="val")
-    assert bigger == root and len(find_images(root)) == 6
+    assert bigger == root and len(scan_images(root).paths) == 6
     # ... but a folder we did not write is never touched.
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -82,7 +83,7 @@ def test_synthetic_archive_layouts_and_cache_rules(tmp_path: Path, monkeypatch: 
     with pytest.raises(FileExistsError):
         extract_archive_subset(archive, foreign, per_class=1, split="val")
     flat = _tar(tmp_path / "flat.tar", ["cat/1.png", "cat/2.png", "dog/1.png"])  # no split folder
-    assert len(find_images(extract_archive_subset(flat, tmp_path / "flat", per_class=1))) == 2
+    assert len(scan_images(extract_archive_subset(flat, tmp_path / "flat", per_class=1)).paths) == 2
     with pytest.raises(FileNotFoundError, match="split"):
         extract_archive_subset(archive, tmp_path / "none", per_class=1, split="train")
     with pytest.raises(FileNotFoundError, match="classes"):

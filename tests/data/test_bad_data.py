@@ -19,24 +19,24 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-import milan.data.loader as loader_module
+import milan.data.sampling as sampling_module
 from milan.data import (
     DAMAGED_SHARD,
     BadSample,
     DataError,
     ImageDecodeError,
-    ImageFolderDataset,
     ShardImages,
     SkipReport,
-    UnlabelledImages,
+    build_dataset,
     build_loader,
-    build_pretrain_dataset,
-    default_num_workers,
     describe_found,
     eval_transform,
     open_image,
+    pretrain_transform,
 )
-from milan.data.encoded import EncodedImages
+from milan.data.device import EncodedImages
+from milan.data.sampling import default_num_workers
+from milan.errors import ConfigError
 
 from .conftest import SIZE, encode, noisy_rgb, unpack
 
@@ -66,7 +66,7 @@ def test_a_pixel_bomb_above_pillows_hard_limit_is_a_too_large_skip(tmp_path: Pat
         assert err.value.reason == "too large" and "900000000 pixels" in err.value.detail
     (tmp_path / "bomb.png").write_bytes(BOMB_900MP)
     (tmp_path / "good.png").write_bytes(encode(Image.new("RGB", (SIZE, SIZE), (1, 2, 3)), "PNG"))
-    images = UnlabelledImages(tmp_path, eval_transform(SIZE, crop_pct=1.0), max_pixels=None)
+    images = build_dataset(tmp_path, eval_transform(SIZE, crop_pct=1.0), max_pixels=None)
     items = [images[i] for i in range(len(images))]
     assert [type(item) is BadSample for item in items] == [True, False]
     encoded = EncodedImages(images)  # data.decode=device: the workers parse the header
@@ -81,7 +81,7 @@ def test_any_exception_inside_pillow_is_classified(tmp_path: Path, monkeypatch: 
         raise KeyError("a plugin bug or an exotic file")  # not one of the usual OSError/SyntaxError/...
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken_plugin)
-    bad = UnlabelledImages(tmp_path, eval_transform(SIZE))[0]
+    bad = build_dataset(tmp_path, eval_transform(SIZE))[0]
     assert isinstance(bad, BadSample) and bad.reason == "corrupt" and "KeyError" in bad.detail
 
 
@@ -102,7 +102,7 @@ def test_tiff_and_every_pillow_format_are_read_and_other_files_are_counted(tmp_p
     for name, data in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    dataset = UnlabelledImages(tmp_path, eval_transform(SIZE, crop_pct=1.0))
+    dataset = build_dataset(tmp_path, eval_transform(SIZE, crop_pct=1.0))
     assert len(dataset) == 5 and dataset.ignored == Counter({".json": 2, ".txt": 1, "(none)": 1})
     for i in range(len(dataset)):
         image, _ = unpack(dataset[i])
@@ -112,7 +112,7 @@ def test_tiff_and_every_pillow_format_are_read_and_other_files_are_counted(tmp_p
         f"found 5 images in {tmp_path} (ignored 4 files for their extension (.json 2, (none) 1, .txt 1)); "
         "3 steps per epoch"
     )
-    labelled = ImageFolderDataset(tmp_path, eval_transform(SIZE))
+    labelled = build_dataset(tmp_path, eval_transform(SIZE), labelled=True)
     assert describe_found(labelled).startswith(f"found 5 images (2 classes) in {tmp_path} (ignored 4 files")
 
 
@@ -121,12 +121,12 @@ def test_folders_take_the_first_images_per_class_as_archives_do(tmp_path: Path) 
         for i in (1, 2, 10, 3):
             (tmp_path / cls).mkdir(exist_ok=True)
             (tmp_path / cls / f"img_{i}.png").write_bytes(encode(Image.new("RGB", (4, 4)), "PNG"))
-    subset = ImageFolderDataset(tmp_path, eval_transform(4), per_class=2)
+    subset = build_dataset(tmp_path, eval_transform(4), labelled=True, per_class=2)
     names = [(p.parent.name, p.name, label) for p, label in subset.samples]
     assert names == [("cat", "img_1.png", 0), ("cat", "img_2.png", 0), ("dog", "img_1.png", 1), ("dog", "img_2.png", 1)]
-    assert len(ImageFolderDataset(tmp_path, eval_transform(4), per_class=3)) == 6  # natural order: 1, 2, 3 (not 10)
+    assert len(build_dataset(tmp_path, eval_transform(4), labelled=True, per_class=3)) == 6  # 1, 2, 3 (not 10)
     with pytest.raises(ValueError, match="per_class"):
-        ImageFolderDataset(tmp_path, eval_transform(4), per_class=0)
+        build_dataset(tmp_path, eval_transform(4), labelled=True, per_class=0)
 
 
 def test_default_workers_follow_the_available_cores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,8 +134,8 @@ def test_default_workers_follow_the_available_cores(monkeypatch: pytest.MonkeyPa
     assert default_num_workers() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert default_num_workers() == 8
-    monkeypatch.setattr(loader_module, "default_num_workers", lambda: 0)  # None resolves when the loader is built
-    loader = build_loader(UnlabelledImages.__new__(UnlabelledImages), 2, num_workers=None)
+    monkeypatch.setattr(sampling_module, "default_num_workers", lambda: 0)  # None resolves when the loader is built
+    loader = build_loader([], 2, num_workers=None)
     assert loader.num_workers == 0
 
 
@@ -208,9 +208,7 @@ def test_a_truncated_shard_is_reported_and_the_rest_is_read(tmp_path: Path, num_
         members = tf.getmembers()
     cut = members[3].offset_data + 10  # inside the 4th image: 3 samples survive
     (tmp_path / "s-1.tar").write_bytes(whole[:cut])
-    dataset = ShardImages(
-        str(tmp_path / "s-{0..2}.tar"), eval_transform(8, crop_pct=1.0), shuffle_shards=False, num_samples=18
-    )
+    dataset = ShardImages(str(tmp_path / "s-{0..2}.tar"), eval_transform(8, crop_pct=1.0), num_samples=18)
     loader = build_loader(dataset, batch_size=4, num_workers=num_workers, persistent_workers=False)
     report = SkipReport(expected=18)
     for batch in loader:
@@ -228,10 +226,10 @@ def test_shell_pipes_and_remote_urls_need_an_opt_in(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     command = f"pipe:touch {marker}; cat {tmp_path / 's-0.tar'}"
     for source in (command, "https://example.com/s-{0..9}.tar", ["a.tar", "gs://bucket/b.tar"]):
-        with pytest.raises(ValueError, match=r"data\.allow_shell_pipes=true"):
-            build_pretrain_dataset(source, 8)
+        with pytest.raises(ConfigError, match=r"data\.allow_shell_pipes=true"):
+            build_dataset(source, pretrain_transform(8))
     assert not marker.exists()
-    dataset = build_pretrain_dataset(command, 8, allow_shell_pipes=True)
+    dataset = build_dataset(command, pretrain_transform(8), allow_shell_pipes=True)
     items = list(dataset)
     assert marker.exists() and len(items) == 2 and all(not isinstance(i, BadSample) for i in items)
     assert isinstance(items[0], tuple) and isinstance(items[0][0], torch.Tensor)

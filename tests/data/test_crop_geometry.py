@@ -9,6 +9,8 @@ distribution with an unrelated random generator.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +20,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop as TorchvisionRRC
 from torchvision.transforms import functional as TF
 
-from milan.data import RandomResizedCropDecode, byol_crop_box, crop_box, open_image, pretrain_transform
-from milan.data.labelled import probe_pipeline
+import milan.jobs.linprobe as linprobe_module
+from milan.data import open_image, pretrain_transform
+from milan.data.transforms import RandomResizedCropDecode, byol_crop_box, crop_box
+from milan.train.config import load_config
 from milan.train.eval_config import ClassifyDataConfig, LinprobeConfig
 
 from .conftest import encode, noisy_rgb
@@ -116,13 +120,24 @@ def test_the_decode_stage_crops_the_box_of_its_geometry() -> None:
         RandomResizedCropDecode(32, crop="mmcv")  # type: ignore[arg-type]
 
 
-def test_the_linear_probe_uses_the_geometry_its_config_names() -> None:
+def test_the_linear_probe_uses_the_geometry_its_config_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert ClassifyDataConfig().crop_geometry == "byol"  # the original's, which the preset cites
-    for geometry in ("byol", "torchvision"):
-        cfg = ClassifyDataConfig(crop_geometry=geometry)  # type: ignore[arg-type]
-        stage = probe_pipeline(cfg, 32).decode
-        assert isinstance(stage, RandomResizedCropDecode) and stage.crop == geometry and not stage.draft
     assert LinprobeConfig().data.draft is False
+
+    class Built(Exception):  # stops the job once its training view is built
+        pass
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        raise Built(pretrain_transform(*args, **kwargs))
+
+    monkeypatch.setattr(linprobe_module, "pretrain_transform", spy)
+    for geometry in ("byol", "torchvision"):
+        overrides = [f"out_dir={tmp_path / geometry}", "encoder.model_name=milan_test_tiny", "data.train=t",
+                     "data.val=v", f"data.crop_geometry={geometry}", "runtime.device=cpu"]  # fmt: skip
+        with pytest.raises(Built) as built:
+            linprobe_module.linprobe(load_config(LinprobeConfig, overrides=overrides))
+        stage = built.value.args[0].decode
+        assert isinstance(stage, RandomResizedCropDecode) and stage.crop == geometry and not stage.draft
 
 
 def test_draft_is_off_unless_asked_for_and_changes_large_jpegs() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from milan.data import ImageDecodeError, decode_rgb, open_image, to_rgb
+from milan.data.decode import ImageDecodeError, decode_rgb, open_image, to_rgb
 
 from .conftest import encode, noisy_rgb
 

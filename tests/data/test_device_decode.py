@@ -9,16 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data.constants import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from milan.data.builders import build_pretrain_dataset
+from milan.data import build_dataset, pretrain_transform
 from milan.data.decode import BadSample, decode_rgb
-from milan.data.device_augment import DeviceAugment, view_params
-from milan.data.device_decode import decode_on_device
-from milan.data.encoded import EncodedImages, collate_encoded, decode_batch
+from milan.data.device import (
+    DeviceAugment,
+    EncodedImages,
+    collate_encoded,
+    decode_batch,
+    decode_on_device,
+    view_params,
+)
+from milan.errors import ConfigError
 from milan.jobs.pretrain import pretrain
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
 from milan.train.logging import read_metrics
 from tests.data.conftest import BOMB_LIMIT, bad_images, encode, good_images, noisy_rgb, write_files
 from tests.train.conftest import tiny_config, write_jpegs
@@ -135,8 +142,8 @@ def test_encoded_items_and_decode_batch(tmp_path: Path) -> None:
     write_jpegs(tmp_path / "d", 3, size=(40, 36))
     bad = bad_images()
     write_files(tmp_path / "d", {name: blob for name, (blob, _) in bad.items()})
-    dataset = build_pretrain_dataset(tmp_path / "d", 16, decode="device", max_pixels=BOMB_LIMIT)
-    assert isinstance(dataset, EncodedImages) and len(dataset) == 3 + len(bad)
+    dataset = EncodedImages(build_dataset(tmp_path / "d", pretrain_transform(16), max_pixels=BOMB_LIMIT))
+    assert len(dataset) == 3 + len(bad)
     torch.manual_seed(0)
     batch = collate_encoded([dataset[i] for i in range(len(dataset))])
     # The workers' header check already skips empty files, non-images, bombs and broken headers.
@@ -154,8 +161,9 @@ def test_encoded_items_and_decode_batch(tmp_path: Path) -> None:
 
 
 def test_device_decode_refuses_tar_shards(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"data\.decode"):
-        build_pretrain_dataset(str(tmp_path / "train-000000.tar"), 16, decode="device")
+    pytest.importorskip("webdataset")
+    with pytest.raises(ConfigError, match=r"data\.decode"):
+        EncodedImages(build_dataset(str(tmp_path / "train-000000.tar"), pretrain_transform(16)))
 
 
 def test_pretrain_with_device_decoding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,7 +185,7 @@ def test_views_do_not_depend_on_the_workers(tmp_path: Path) -> None:
     """Each sample's seed comes from SeededSamples' per-(seed, epoch, index) seeding, not from a worker's stream."""
     from milan.data.sampling import seeded_loader
 
-    dataset = build_pretrain_dataset(write_jpegs(tmp_path / "d", 8), 16, decode="device")
+    dataset = EncodedImages(build_dataset(write_jpegs(tmp_path / "d", 8), pretrain_transform(16)))
 
     def views(num_workers: int) -> list[torch.Tensor]:
         loader, sampler, _ = seeded_loader(

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from milan.data import ShardImages, SkipReport, build_loader, build_pretrain_dataset, eval_transform, is_shard_source
+from milan.data import ShardImages, SkipReport, build_dataset, build_loader, eval_transform, pretrain_transform
+from milan.data.sources import is_shard_source
+from milan.errors import ConfigError
 
 from .conftest import encode
 
@@ -20,8 +22,8 @@ needs_webdataset = pytest.mark.skipif(importlib.util.find_spec("webdataset") is 
 
 def test_missing_webdataset_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "webdataset", None)  # makes `import webdataset` fail
-    with pytest.raises(ImportError, match=r"pip install 'milan-pretrain\[webdataset\]'"):
-        build_pretrain_dataset(str(tmp_path / "train-{000000..000001}.tar"), 8)
+    with pytest.raises(ConfigError, match=r"pip install 'milan-pretrain\[webdataset\]'"):
+        build_dataset(str(tmp_path / "train-{000000..000001}.tar"), pretrain_transform(8))
 
 
 def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
@@ -53,7 +55,7 @@ def shards(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_shards_yield_good_images_with_labels_and_report_bad_samples(shards: Path, num_workers: int) -> None:
     urls = str(shards / "train-{000000..000001}.tar")
-    dataset = ShardImages(urls, eval_transform(8, crop_pct=1.0), shuffle_shards=False)
+    dataset = ShardImages(urls, eval_transform(8, crop_pct=1.0))
     report = SkipReport()
     labels, brightness = [], []
     for batch in build_loader(dataset, batch_size=3, num_workers=num_workers, persistent_workers=False):
@@ -74,16 +76,17 @@ def _order(dataset: ShardImages) -> list[float]:
 def test_shard_shuffling_is_seeded_and_changes_every_epoch(shards: Path) -> None:
     urls = [str(shards / "train-000000.tar"), str(shards / "train-000001.tar")]
     assert is_shard_source(urls) and is_shard_source("s3/x-{0..9}.tar") and not is_shard_source(str(shards))
-    dataset = build_pretrain_dataset(urls, 8, hflip=0.0, scale=(1.0, 1.0), ratio=(1.25, 1.25), seed=0, num_samples=9)
+    view = pretrain_transform(8, hflip=0.0, scale=(1.0, 1.0), ratio=(1.25, 1.25))
+    dataset = build_dataset(urls, view, shuffle_buffer=1000, seed=0, num_samples=9)
     assert isinstance(dataset, ShardImages) and len(dataset) == 9
     epoch0 = _order(dataset)
     epoch1 = _order(dataset)
-    same_seed = build_pretrain_dataset(urls, 8, hflip=0.0, scale=(1.0, 1.0), ratio=(1.25, 1.25), seed=0)
-    other_seed = build_pretrain_dataset(urls, 8, hflip=0.0, scale=(1.0, 1.0), ratio=(1.25, 1.25), seed=5)
+    same_seed = build_dataset(urls, view, shuffle_buffer=1000, seed=0)
+    other_seed = build_dataset(urls, view, shuffle_buffer=1000, seed=5)
     assert isinstance(same_seed, ShardImages) and isinstance(other_seed, ShardImages)
     assert len(epoch0) == 7 and sorted(epoch0) == sorted(epoch1)
     assert epoch0 == _order(same_seed) and epoch0 != epoch1 and epoch0 != _order(other_seed)
     with pytest.raises(TypeError, match="num_samples"):
         len(same_seed)
     with pytest.raises(ValueError, match="iterable"):
-        build_loader(same_seed, 2, shuffle=True)
+        build_loader(same_seed, 2, sampler=range(2))

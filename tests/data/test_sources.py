@@ -11,16 +11,14 @@ from PIL import Image
 from milan.data import (
     BUILTIN_SAMPLES,
     BadSample,
-    ImageFolderDataset,
-    UnlabelledImages,
-    build_eval_dataset,
+    ImageDataset,
+    build_dataset,
     build_loader,
-    build_pretrain_dataset,
     eval_transform,
-    find_images,
-    read_file_list,
-    sample_images_dir,
+    pretrain_transform,
 )
+from milan.data.sources import read_file_list, sample_images_dir, scan_images
+from milan.errors import ConfigError
 
 from .conftest import encode, unpack
 
@@ -31,11 +29,11 @@ def _jpg(path: Path, colour: tuple[int, int, int] = (128, 128, 128)) -> Path:
     return path
 
 
-def test_find_images_natural_order_and_symlink_cycles(tmp_path: Path) -> None:
+def test_scan_images_natural_order_and_symlink_cycles(tmp_path: Path) -> None:
     for name in ["img_10.jpg", "img_2.png", "a/img_1.webp", "b/c/img.bmp"]:
         _jpg(tmp_path / name)
     os.symlink(tmp_path, tmp_path / "b" / "loop")  # a cycle must not hang or duplicate
-    names = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    names = [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path).paths]
     assert names == ["a/img_1.webp", "b/c/img.bmp", "img_2.png", "img_10.jpg"]
 
 
@@ -53,8 +51,8 @@ def test_file_list_resolves_relative_paths_and_reports_missing_and_non_images(tm
         tmp_path / "lists" / "missing.jpg",
     ]
     assert good_rel.exists()
-    dataset = build_pretrain_dataset(listing, 8)
-    assert isinstance(dataset, UnlabelledImages)
+    dataset = build_dataset(listing, pretrain_transform(8))
+    assert isinstance(dataset, ImageDataset)
     items = [dataset[i] for i in range(4)]
     assert [type(item) is BadSample for item in items] == [False, False, True, True]
     assert [item.reason for item in items[2:] if isinstance(item, BadSample)] == ["not an image", "missing"]
@@ -66,36 +64,34 @@ def test_image_folder_labels(tmp_path: Path) -> None:
         for i in range(2 if name != "bee" else 1):
             _jpg(tmp_path / "train" / name / f"sub/{i}.jpg", colour)
     (tmp_path / "train" / "empty_class").mkdir()
-    dataset = ImageFolderDataset(tmp_path / "train", eval_transform(8))
+    dataset = build_dataset(tmp_path / "train", eval_transform(8), labelled=True)
     assert dataset.classes == ["ant", "bee", "empty_class", "zebra"]
-    assert dataset.class_to_idx["zebra"] == 3
+    assert dataset.classes.index("zebra") == 3
     batch = next(iter(build_loader(dataset, batch_size=8)))
     assert batch.labels.tolist() == [0, 0, 1, 3, 3]
     brightness = batch.images.mean(dim=(1, 2, 3))
     assert brightness[0] < brightness[2] < brightness[3]  # black ant < red bee < white zebra
-    fixed = ImageFolderDataset(tmp_path / "train", eval_transform(8), classes=["zebra", "ant"])
+    fixed = build_dataset(tmp_path / "train", eval_transform(8), labelled=True, classes=["zebra", "ant"])
     assert [label for _, label in fixed.samples] == [0, 0, 1, 1]
-    evaluation = build_eval_dataset(tmp_path / "train", 8)
-    assert isinstance(evaluation, ImageFolderDataset) and len(evaluation) == 5
 
 
 def test_labelled_sources_need_class_folders(tmp_path: Path) -> None:
     _jpg(tmp_path / "flat" / "x.jpg")
-    with pytest.raises(FileNotFoundError, match="class subfolders"):
-        build_eval_dataset(tmp_path / "flat", 8)
+    with pytest.raises(ConfigError, match="class subfolders"):
+        build_dataset(tmp_path / "flat", eval_transform(8), labelled=True)
     listing = tmp_path / "list.txt"
     listing.write_text("flat/x.jpg\n")
-    with pytest.raises(ValueError, match="ImageFolder"):
-        build_eval_dataset(listing, 8)
-    assert len(build_eval_dataset(listing, 8, labelled=False)) == 1
+    with pytest.raises(ConfigError, match="ImageFolder"):
+        build_dataset(listing, eval_transform(8), key="data.val", labelled=True)
+    assert len(build_dataset(listing, eval_transform(8))) == 1
 
 
 def test_pretraining_ignores_class_folders_and_concatenates_sources(tmp_path: Path) -> None:
     _jpg(tmp_path / "a" / "cls1" / "x.jpg")
     _jpg(tmp_path / "a" / "cls2" / "y.jpg")
     _jpg(tmp_path / "b" / "z.jpg")
-    dataset = build_pretrain_dataset([tmp_path / "a", tmp_path / "b"], 8)
-    assert isinstance(dataset, UnlabelledImages) and len(dataset) == 3
+    dataset = build_dataset([tmp_path / "a", tmp_path / "b"], pretrain_transform(8))
+    assert isinstance(dataset, ImageDataset) and len(dataset) == 3
     assert all(unpack(dataset[i])[1] == -1 for i in range(3))
 
 
@@ -104,9 +100,9 @@ def test_bundled_samples() -> None:
     files = sorted(folder.glob("*.jpg"))
     assert 30 <= len(files) <= 40
     assert sum(f.stat().st_size for f in files) < 150_000
-    dataset = build_pretrain_dataset(BUILTIN_SAMPLES, 32)
-    assert isinstance(dataset, UnlabelledImages) and len(dataset) == len(files)
+    dataset = build_dataset(BUILTIN_SAMPLES, pretrain_transform(32))
+    assert isinstance(dataset, ImageDataset) and len(dataset) == len(files)
     batch = next(iter(build_loader(dataset, batch_size=len(files))))
     assert batch.images.shape == (len(files), 3, 32, 32) and not batch.skipped
-    with pytest.raises(ValueError, match="builtin:samples"):
-        build_pretrain_dataset("builtin:nothing", 32)
+    with pytest.raises(ConfigError, match="builtin:samples"):
+        build_dataset("builtin:nothing", pretrain_transform(32))

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from timm.data.constants import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data.constants import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 
 import milan.data.transforms as transforms_module
-from milan.data import RandomResizedCropDecode, decode_rgb, eval_transform, open_image, pretrain_transform
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from milan.data import decode_rgb, eval_transform, open_image, pretrain_transform
+from milan.data.transforms import RandomResizedCropDecode
 
 from .conftest import encode
 

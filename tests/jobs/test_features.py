@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from milan.data import BadSample, Batch
-from milan.data.labelled import ShardSampler, posterize, resolve_split
+import milan.data.sampling as sampling_module
+from milan.data import BadSample, Batch, build_dataset, eval_loader, eval_transform, finetune_transform
+from milan.data.transforms import posterize
+from milan.errors import ConfigError
 from milan.jobs.knn_features import FeatureCache, cache_key, dataset_fingerprint, extract_features
-from milan.train.config import ConfigError
 
 
 class _Folder:
@@ -61,10 +62,16 @@ def test_cache_key_and_fingerprint_follow_their_inputs(tmp_path):
     assert k != cache_key(weights="w", data=fp, transform="T2")
 
 
-def test_shard_sampler_covers_each_index_once():
-    shards = [list(ShardSampler(10, rank=r, world_size=3)) for r in range(3)]
+def test_eval_loader_shards_cover_each_index_once(monkeypatch):
+    shards = []
+    for r in range(3):
+        monkeypatch.setattr(sampling_module.dist, "rank", lambda r=r: r)
+        monkeypatch.setattr(sampling_module.dist, "world_size", lambda: 3)
+        loader = eval_loader(list(range(10)), 2, 0, torch.device("cpu"))
+        shards.append(list(loader.sampler))
+        assert len(loader) == -(-len(shards[-1]) // 2)
     assert sorted(i for s in shards for i in s) == list(range(10))
-    assert [len(ShardSampler(10, rank=r, world_size=3)) for r in range(3)] == [4, 3, 3]
+    assert [len(s) for s in shards] == [4, 3, 3]
 
 
 def test_posterize_zero_bits_is_black_not_an_error():
@@ -75,22 +82,20 @@ def test_posterize_zero_bits_is_black_not_an_error():
 
 
 def test_finetune_pipeline_survives_max_magnitude():
-    from milan.data.labelled import finetune_pipeline
-    from milan.train.eval_config import AugmentConfig, ClassifyDataConfig
-
     # magnitude 10 everywhere: PosterizeIncreasing asks for 0 bits
-    pipe = finetune_pipeline(ClassifyDataConfig(), AugmentConfig(auto_augment="rand-n15-m10-inc1"), 32)
+    pipe = finetune_transform(32, auto_augment="rand-n15-m10-inc1")
     torch.manual_seed(0)
     for _ in range(10):
         out = pipe(Image.new("RGB", (40, 40), (120, 80, 40)))
         assert out.shape == (3, 32, 32)
 
 
-def test_resolve_split_errors(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        resolve_split(str(tmp_path / "missing"), None, "data.train")
+def test_labelled_source_errors(tmp_path):
+    view = eval_transform(8)
+    with pytest.raises(ConfigError, match=r"data\.train='.*missing': not found \(an ImageFolder tree"):
+        build_dataset(str(tmp_path / "missing"), view, key="data.train", labelled=True)
     with pytest.raises(ConfigError, match=r"data\.train is not set: pass data\.train=PATH"):
-        resolve_split(None, None, "data.train")
-    # A folder's per-class selection is applied when it is read (ImageFolderDataset(per_class=...)).
-    assert resolve_split(str(tmp_path), 5, "data.train") == (tmp_path, 5)
-    assert resolve_split(str(tmp_path), None, "data.train") == (tmp_path, None)
+        build_dataset(None, view, key="data.train", labelled=True)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"data\.val='.*notes\.txt': not a folder or a \.tar/\.tar\.gz archive"):
+        build_dataset(str(tmp_path / "notes.txt"), view, key="data.val", labelled=True)

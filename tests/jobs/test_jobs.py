@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from milan.checkpoint import load_classifier
-from milan.data import ImageFolderDataset, eval_transform
+from milan.data import build_dataset, eval_transform
 from milan.jobs.encoder import load_pretrained_encoder
 from milan.jobs.evaluate import evaluate_checkpoint
 from milan.jobs.finetune import finetune
@@ -26,7 +26,7 @@ QUIET = {"log.tensorboard": False, "log.every_steps": 5}
 
 def _naive_topk(model: torch.nn.Module, root: Path, size: int) -> tuple[float, float, int]:
     """Top-1/top-5 by ranking each image's true-class logit, one image at a time."""
-    data = ImageFolderDataset(root, eval_transform(size))
+    data = build_dataset(root, eval_transform(size), labelled=True)
     top1 = top5 = 0
     model.eval()
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_knn_beats_chance_caches_and_matches_direct_computation(tmp_path, cifar,
     fn = encoder_features(encoder, "cls")
 
     def feats(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = ImageFolderDataset(root, eval_transform(32))
+        ds = build_dataset(root, eval_transform(32), labelled=True)
         with torch.no_grad():
             xs = torch.cat(
                 [fn(torch.stack([ds[i][0] for i in range(j, min(j + 100, len(ds)))])) for j in range(0, len(ds), 100)]

@@ -17,7 +17,7 @@ from benchmarks.proxy.data import DEFAULT_DATA
 from benchmarks.proxy.settings import ARMS, MODES, EvalBudget, model_config
 from benchmarks.proxy.teacher import check_roundtrip, save_tower
 from milan.checkpoint import load_teacher
-from milan.data import ImageFolderDataset, eval_transform
+from milan.data import build_dataset, eval_transform
 from milan.models import build_milan
 from milan.models.teacher import clip_vision_tower
 from milan.train.config import PretrainConfig, check_pretrain
@@ -108,7 +108,7 @@ def test_tensor_cache_equals_the_eval_transform(tmp_path: Path, monkeypatch: pyt
     root = _image_tree(tmp_path / "tree", {"a": [(32, 32), (64, 64)], "b": [(50, 40), (32, 32), (40, 64)]})
     images, labels = data.folder_tensors(root, 32)
     assert images.dtype == torch.uint8 and images.shape == (5, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1, 1]
-    reference = ImageFolderDataset(root, eval_transform(32, crop_pct=1.0))
+    reference = build_dataset(root, eval_transform(32, crop_pct=1.0), labelled=True)
     expected = torch.stack([reference[i][0] for i in range(len(reference))])  # type: ignore[index]
     torch.testing.assert_close(data.normalize(images), expected, rtol=0, atol=1e-6)
     cached = tmp_path / "cache" / "proxy" / "tensors" / "tree-32px.pt"

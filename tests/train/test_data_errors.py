@@ -135,13 +135,16 @@ def test_draft_and_the_start_line_reach_the_run(
     tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen: dict[str, Any] = {}
-    real = pretrain_module.build_pretrain_dataset
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+    def spy(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seen.update(kwargs)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "build_pretrain_dataset", spy)
+        return call
+
+    for name in ("pretrain_transform", "build_dataset"):  # the view (draft) and the source (shell pipes)
+        monkeypatch.setattr(pretrain_module, name, spy(getattr(pretrain_module, name)))
     (image_dir.parent / "extra").mkdir(exist_ok=True)
     extra = {"data.draft": "true", "schedule.max_steps": 1}
     assert cli(["pretrain", *tiny_overrides(tmp_path / "run", image_dir, extra)]) == 0

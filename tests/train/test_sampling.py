@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from milan.data import BadSample, collate_images
-from milan.data.sampling import EpochSampler, SeededSamples, keyed_collate, sample_seed, seeded_loader
+from milan.data.sampling import EpochSampler, SeededSamples, keyed_collate, mix_seeds, seeded_loader
+from milan.errors import ConfigError
 from milan.masking import attention_masking, random_masking
-from milan.train.config import ConfigError
 
 
 class Sized(Dataset[int]):
@@ -85,7 +85,7 @@ def test_per_sample_randomness_depends_only_on_the_key() -> None:
     ds[(0, 0)]
     assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is restored
     assert a.noise.shape == (5,) and ((a.noise >= 0) & (a.noise < 1)).all()
-    assert len({sample_seed(0, e, i) for e in range(20) for i in range(200)}) == 4000
+    assert len({mix_seeds(0, e, i, 0) for e in range(20) for i in range(200)}) == 4000
 
 
 def test_keyed_collate_keeps_noise_aligned_with_good_images() -> None:

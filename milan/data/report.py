@@ -1,29 +1,18 @@
-"""Batches that carry their skipped samples, and the per-epoch :class:`SkipReport`.
+"""Batches that carry their skipped samples, the :class:`SkipReport` that counts them, and :class:`DataError`.
 
-How bad images reach the training loop: a dataset returns a :class:`BadSample` instead of ``(image, label)``;
-:func:`collate_images` (in the DataLoader worker) drops it from the tensors and keeps it in
-:attr:`Batch.skipped`, so the reasons travel to the main process with the batch. The loop feeds each batch to
-a :class:`SkipReport` and skips a batch whose images were all bad::
-
-    report = SkipReport()
-    for batch in loader:
-        report.update(batch)
-        if batch.empty:  # every image of it was unreadable
-            continue     # (distributed: decide together, e.g. all-reduce a flag, so no rank waits alone)
-        loss = model(batch.images.to(device, non_blocking=True)).loss
-        ...
-    print(report.summary())  # "skipped 5 of 1000 images: 2 corrupt, 1 truncated, ..."
-    report.check("epoch 3")  # DataError: no usable image, or more skipped than max_skip_fraction
-
-A tar shard that cannot be read to its end arrives as a :class:`BadSample` with reason ``"damaged shard"``
-(:class:`milan.data.ShardImages`): it is counted as a damaged shard, not as an image.
+A dataset returns a :class:`~milan.data.decode.BadSample` instead of ``(image, label)``; :func:`collate_images`
+(in the DataLoader worker) leaves it out of the tensors and keeps it in :attr:`Batch.skipped`, so the reasons travel
+to the main process with the batch. The loop feeds each batch to a :class:`SkipReport`, skips a batch whose images
+were all bad (distributed: decided together, so that no rank waits alone), and checks the report at the end of the
+epoch (:meth:`SkipReport.check`: no usable image, or more skipped than ``data.max_skip_fraction``). A tar shard that
+cannot be read to its end arrives as a ``"damaged shard"`` sample and is counted apart from the images.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,17 +32,10 @@ class DataError(UserError, RuntimeError):
 
 @dataclass
 class Batch:
-    """A collated batch of good samples plus the samples that were dropped from it.
+    """The good samples of a batch, collated, plus the bad samples dropped from it."""
 
-    Attributes:
-        images: ``(B, 3, H, W)`` float tensor; ``B`` may be smaller than the loader's batch size, and is 0
-            (``images`` of shape ``(0, 3, 0, 0)``) when every sample of the batch was bad.
-        labels: ``(B,)`` int64 labels, ``-1`` for unlabelled images.
-        skipped: The bad samples of this batch.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
+    images: torch.Tensor  # (B, 3, H, W) float; (0, 3, 0, 0) when every sample was bad
+    labels: torch.Tensor  # (B,) int64, -1 for unlabelled images
     skipped: tuple[BadSample, ...] = ()
 
     def __len__(self) -> int:
@@ -61,16 +43,8 @@ class Batch:
 
     @property
     def empty(self) -> bool:
-        """True when the batch has no images (all of its samples were skipped)."""
+        """True when every sample of the batch was skipped."""
         return len(self) == 0
-
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
-        """The batch with its tensors moved to ``device``."""
-        return dataclasses.replace(
-            self,
-            images=self.images.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-        )
 
     def pin_memory(self) -> Batch:
         """The batch in page-locked memory (called by the DataLoader when ``pin_memory=True``)."""
@@ -78,31 +52,23 @@ class Batch:
 
 
 def collate_images(items: Sequence[tuple[torch.Tensor, int] | BadSample]) -> Batch:
-    """DataLoader ``collate_fn``: stacks the good ``(image, label)`` items and keeps the bad ones aside.
-
-    Args:
-        items: Dataset items (see :mod:`milan.data.datasets`).
-
-    Returns:
-        The :class:`Batch`; never ``None``, possibly empty.
-    """
+    """DataLoader ``collate_fn``: stacks the good ``(image, label)`` items and keeps the bad ones aside."""
     bad = tuple(item for item in items if isinstance(item, BadSample))
     good = [item for item in items if not isinstance(item, BadSample)]
     if not good:
         return Batch(images=torch.empty(0, 3, 0, 0), labels=torch.empty(0, dtype=torch.long), skipped=bad)
     # default_collate writes straight into shared memory inside worker processes (no extra copy).
     images = default_collate([image for image, _ in good])  # (B, 3, H, W)
-    labels = torch.tensor([label for _, label in good], dtype=torch.long)  # (B,)
-    return Batch(images=images, labels=labels, skipped=bad)
+    return Batch(images=images, labels=torch.tensor([label for _, label in good], dtype=torch.long), skipped=bad)
 
 
 class SkipReport:
     """Counts the images seen and skipped over an epoch (or a whole run) and summarises why.
 
     Args:
-        max_examples: How many skipped samples (and damaged shards) to remember (the first ones).
-        max_skip_fraction: :meth:`check` fails when more than this share of the images seen was skipped
-            (``data.max_skip_fraction``; 1.0: only an epoch without any usable image fails).
+        max_examples: How many skipped samples (and damaged shards) to remember, the first ones.
+        max_skip_fraction: :meth:`check` fails above this share of skipped images (``data.max_skip_fraction``;
+            1.0: only an epoch without any usable image fails).
         expected: Samples the epoch should hold (a stream's ``data.num_samples``, whole batches), if known: the
             summary then says how many were not read (a damaged shard's lost samples).
     """
@@ -119,6 +85,10 @@ class SkipReport:
         self.max_examples = max_examples
         self.max_skip_fraction = max_skip_fraction
         self.expected = expected
+        self.reset()
+
+    def reset(self) -> None:
+        """Clears all counts (e.g. at the start of an epoch)."""
         self.seen = 0
         self.counts: Counter[str] = Counter()
         self.examples: list[BadSample] = []
@@ -153,39 +123,18 @@ class SkipReport:
         """Records one batch."""
         self.add(batch.skipped, good=len(batch))
 
-    def filter(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        """Records every batch and yields the non-empty ones (single process; see the module docstring)."""
-        for batch in batches:
-            self.update(batch)
-            if not batch.empty:
-                yield batch
-
-    def reset(self) -> None:
-        """Clears all counts (e.g. at the start of an epoch)."""
-        self.seen = 0
-        self.counts.clear()
-        self.examples.clear()
-        self.damaged_shards = 0
-        self.shard_examples.clear()
-
     def merge(self, other: SkipReport) -> None:
         """Adds another report's counts (e.g. one epoch's into a run total)."""
         self.seen += other.seen
         self.counts.update(other.counts)
-        room = self.max_examples - len(self.examples)
-        self.examples.extend(other.examples[: max(room, 0)])
+        self.examples.extend(other.examples[: max(self.max_examples - len(self.examples), 0)])
         self.damaged_shards += other.damaged_shards
-        room = self.max_examples - len(self.shard_examples)
-        self.shard_examples.extend(other.shard_examples[: max(room, 0)])
+        self.shard_examples.extend(other.shard_examples[: max(self.max_examples - len(self.shard_examples), 0)])
         if other.expected is not None:
             self.expected = (self.expected or 0) + other.expected
 
     def all_reduce(self, device: torch.device | None = None) -> None:
-        """Sums the counts over all ranks in place (no-op unless ``torch.distributed`` is initialised).
-
-        Args:
-            device: Where the reduction tensor lives (must be a CUDA device for the NCCL backend).
-        """
+        """Sums the counts over all ranks in place (no-op without a process group; NCCL needs a CUDA ``device``)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         counts = [self.counts[r] for r in SKIP_REASONS]
@@ -213,10 +162,10 @@ class SkipReport:
         return out
 
     def summary(self) -> str:
-        """One line of counts, most frequent reason first, and the first skipped file.
+        """One line, most frequent reason first, and the first skipped file.
 
         Example: ``skipped 5 of 1000 images: 2 corrupt, 1 truncated, 1 empty, 1 not an image (first: a/b.jpg:
-        corrupt, SyntaxError: broken PNG file)``; for streams also ``; 1 damaged shard (a-0003.tar: truncated after
+        corrupt, SyntaxError: broken PNG file)``; streams also ``; 1 damaged shard (a-0003.tar: unreadable after
         7 samples, ...); used 995 of the 1000 samples expected``.
         """
         if not self.skipped:
@@ -224,8 +173,7 @@ class SkipReport:
         else:
             order: dict[str, int] = {reason: i for i, reason in enumerate(SKIP_REASONS)}
             reasons = sorted(self.counts.items(), key=lambda kv: (-kv[1], order.get(kv[0], len(order))))
-            parts = ", ".join(f"{n} {reason}" for reason, n in reasons)
-            text = f"skipped {self.skipped} of {self.seen} images: {parts}"
+            text = f"skipped {self.skipped} of {self.seen} images: " + ", ".join(f"{n} {r}" for r, n in reasons)
             if self.examples:
                 first = self.examples[0]
                 text += f" (first: {first.path}: {first.reason}, {first.detail})"
@@ -239,13 +187,9 @@ class SkipReport:
         return text
 
     def check(self, what: str = "the epoch") -> None:
-        """Raises :class:`DataError` when ``what`` had no usable image or skipped too many (after :meth:`all_reduce`).
+        """Raises :class:`DataError` if ``what`` (``"epoch 3"``) had no usable image or skipped too many.
 
-        Args:
-            what: Names the span in the message (``"epoch 3"``, ``"data.val"``).
-
-        Raises:
-            DataError: No usable image, or a skipped share above ``max_skip_fraction``.
+        Call it after :meth:`all_reduce`.
         """
         if self.usable == 0:
             raise DataError(f"{what} had no usable image: {self.summary()}")
