@@ -32,8 +32,7 @@ from milan.data import (
     find_classes,
     pretrain_transform,
 )
-from milan.train.config import ConfigError
-from milan.train.eval_config import AugmentConfig, ClassifyDataConfig
+from milan.train.config import AugmentConfig, ClassifyDataConfig, ConfigError, FinetuneDataConfig, ProbeDataConfig
 
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
@@ -42,7 +41,7 @@ def resolve_split(source: str | None, per_class: int | None, key: str) -> tuple[
     """An ImageFolder root for a split: the folder itself, or a class-balanced subset unpacked from an archive.
 
     Args:
-        source: Folder or archive (see :class:`~milan.train.eval_config.ClassifyDataConfig`).
+        source: Folder or archive (see :class:`~milan.train.config.ClassifyDataConfig`).
         per_class: Images per class (``None``: all): an archive's subset is unpacked with it; a folder's is
             selected when it is read (the same rule: the first ``per_class`` images in natural name order).
         key: The config key, for error messages (``data.train``).
@@ -144,7 +143,7 @@ def folder_by_names(
     return dataset, notes
 
 
-def probe_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
+def probe_pipeline(cfg: ProbeDataConfig, img_size: int) -> ImagePipeline:
     """Linear-probe training view: RandomResizedCrop (``cfg.scale``, ``cfg.crop_geometry``, bicubic) + flip + norm.
 
     JPEG draft decoding if ``cfg.draft``.
@@ -160,7 +159,7 @@ def eval_pipeline(cfg: ClassifyDataConfig, img_size: int) -> ImagePipeline:
     return eval_transform(img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
 
 
-def finetune_pipeline(cfg: ClassifyDataConfig, aug: AugmentConfig, img_size: int) -> ImagePipeline:
+def finetune_pipeline(cfg: FinetuneDataConfig, aug: AugmentConfig, img_size: int) -> ImagePipeline:
     """Fine-tuning training view: timm's ``create_transform(is_training=True)`` with RandAugment and erasing.
 
     As ORIG ``util/datasets.py``: bicubic RandomResizedCrop (``cfg.scale``), flip, ``rand-m9-mstd0.5-inc1``

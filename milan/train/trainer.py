@@ -181,7 +181,7 @@ class Trainer:
             run_dir, enabled=dist.is_main(), total_steps=derived.stop_step, start_step=self.state.step,
             steps_per_epoch=derived.steps_per_epoch, every_steps=cfg.log.every_steps, progress=cfg.log.progress,
             tensorboard=cfg.log.tensorboard, flops_per_image=flops_per_image, world_size=derived.world_size,
-            device=device, peak_flops=peak_flops(device, cfg.runtime.peak_tflops),
+            device=device, peak_flops=peak_flops(device, getattr(cfg.runtime, "peak_tflops", None)),  # pretraining's
         )  # fmt: skip
         if dist.is_main():
             save_config(self._config, run_dir / "config.yaml")

@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 from milan.data import RandomResizedCropDecode, byol_crop_box, crop_box, open_image, pretrain_transform
 from milan.data.labelled import probe_pipeline
-from milan.train.eval_config import ClassifyDataConfig, LinprobeConfig
+from milan.train.config import LinprobeConfig, ProbeDataConfig
 
 from .conftest import encode, noisy_rgb
 
@@ -117,9 +117,9 @@ def test_the_decode_stage_crops_the_box_of_its_geometry() -> None:
 
 
 def test_the_linear_probe_uses_the_geometry_its_config_names() -> None:
-    assert ClassifyDataConfig().crop_geometry == "byol"  # the original's, which the preset cites
+    assert ProbeDataConfig().crop_geometry == "byol"  # the original's, which the preset cites
     for geometry in ("byol", "torchvision"):
-        cfg = ClassifyDataConfig(crop_geometry=geometry)  # type: ignore[arg-type]
+        cfg = ProbeDataConfig(crop_geometry=geometry)  # type: ignore[arg-type]
         stage = probe_pipeline(cfg, 32).decode
         assert isinstance(stage, RandomResizedCropDecode) and stage.crop == geometry and not stage.draft
     assert LinprobeConfig().data.draft is False

@@ -76,10 +76,10 @@ def test_posterize_zero_bits_is_black_not_an_error():
 
 def test_finetune_pipeline_survives_max_magnitude():
     from milan.data.labelled import finetune_pipeline
-    from milan.train.eval_config import AugmentConfig, ClassifyDataConfig
+    from milan.train.config import AugmentConfig, FinetuneDataConfig
 
     # magnitude 10 everywhere: PosterizeIncreasing asks for 0 bits
-    pipe = finetune_pipeline(ClassifyDataConfig(), AugmentConfig(auto_augment="rand-n15-m10-inc1"), 32)
+    pipe = finetune_pipeline(FinetuneDataConfig(), AugmentConfig(auto_augment="rand-n15-m10-inc1"), 32)
     torch.manual_seed(0)
     for _ in range(10):
         out = pipe(Image.new("RGB", (40, 40), (120, 80, 40)))
