@@ -74,7 +74,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
 
     Args:
         cfg: The validated config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.resolve_run_dir`).
+        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
 
     Returns:
         The run's result (every process; only the main one writes files).

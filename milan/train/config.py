@@ -702,7 +702,7 @@ def type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
-    if origin in (tuple, list, dict):
+    if origin in (tuple, list):
         return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
     if tp is Ellipsis:
         return "..."
@@ -728,17 +728,6 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _plain(value: Any) -> Any:
-    """An untyped (``Any``) value with the command-line values nested in it parsed (``a.b.c=1`` under a dict)."""
-    if isinstance(value, _Override):
-        return value.parsed
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     """``value`` checked against annotation ``tp`` and converted (lists to tuples, ints to floats).
 
@@ -753,8 +742,6 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
                 return value.text
             raise
     wrong = ConfigError(f"config key {key!r} expects {type_name(tp)}, got {_describe(value)}")
-    if tp is Any:
-        return _plain(value)
     if origin is Annotated:  # a base type and its declared range
         converted = _convert(value, args[0], key, current)
         rng = range_of(tuple(tp.__metadata__))
@@ -783,15 +770,11 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
         if not isinstance(value, (list, tuple)):
             raise wrong
         if origin is list or args[-1:] == (Ellipsis,):
-            items = [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
             return items if origin is list else tuple(items)
         if len(value) != len(args):
             raise ConfigError(f"config key {key!r} expects {len(args)} values ({type_name(tp)}), got {value!r}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise wrong
-        return {str(k): _convert(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
         with contextlib.suppress(ValueError):
             value = float(value) if math.isfinite(float(value)) else value

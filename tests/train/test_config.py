@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -94,15 +93,6 @@ def test_overrides_are_parsed_as_yaml() -> None:
     assert cfg.data.path == "s3:bucket/x"
     assert cfg.model.teacher.checkpoint == "~/clip.pt"
     assert cfg.runtime.compile is True
-
-
-def test_untyped_dict_fields_take_nested_overrides() -> None:
-    @dataclasses.dataclass
-    class Options:
-        options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    cfg = load_config(Options, overrides=["options.heads=4", "options.sub.eps=0.5", "options.names=[a, b]"])
-    assert cfg.options == {"heads": 4, "sub": {"eps": 0.5}, "names": ["a", "b"]}
 
 
 def test_parse_overrides_nests_and_rejects_malformed() -> None:
