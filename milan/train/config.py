@@ -495,17 +495,6 @@ def check_knn(cfg: KnnConfig) -> None:
     _check_sources(cfg.data)
 
 
-def _check_sources(data: ClassifyDataConfig) -> None:
-    """``data.train`` and ``data.val`` are given (checked last: the presets leave them to the user)."""
-    for key in ("train", "val"):
-        value = getattr(data, key)
-        if value is None or not str(value).strip():
-            raise ConfigError(
-                f"data.{key} is not set: pass data.{key}=PATH (an ImageFolder tree root/<class>/<image>, or a "
-                ".tar/.tar.gz archive of one)"
-            )
-
-
 def validate(cfg: T) -> T:
     """``cfg`` checked as if it were read from a file (types and declared ranges): for configs built in Python."""
     return _from_raw(type(cfg), to_dict(cfg))
@@ -561,6 +550,17 @@ def _check_labelled(data: ClassifyDataConfig, encoder: EncoderSource) -> None:
             "encoder.pretrained is not set: pass encoder.pretrained=PATH (a pretraining checkpoint), or "
             "encoder.model_name=NAME for a randomly initialised encoder (a baseline, not a pretrained model)"
         )
+
+
+def _check_sources(data: ClassifyDataConfig) -> None:
+    """``data.train`` and ``data.val`` are given (checked last: the presets leave them to the user)."""
+    for key in ("train", "val"):
+        value = getattr(data, key)
+        if value is None or not str(value).strip():
+            raise ConfigError(
+                f"data.{key} is not set: pass data.{key}=PATH (an ImageFolder tree root/<class>/<image>, or a "
+                ".tar/.tar.gz archive of one)"
+            )
 
 
 def _num(value: float) -> str:
