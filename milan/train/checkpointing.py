@@ -130,6 +130,9 @@ def restore_checkpoint(
 ) -> TrainState:
     """Loads model, optimizer, scaler and RNG states from a checkpoint; returns its training position.
 
+    The optimizer keeps its own parameter groups and their settings (the run's config decides them: an override of
+    ``optim.weight_decay`` on resume takes effect) and takes each parameter's state (moments, step) by its name.
+
     Raises:
         CheckpointError: The model weights do not fit ``model`` (different architecture).
     """
@@ -141,6 +144,11 @@ def restore_checkpoint(
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+            # The state of each parameter (by name) from the checkpoint; the groups and their settings (weight
+            # decay, betas, lr scales) from this run's optimizer, i.e. from its config.
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+            optim_sd = {"state": optim_sd["state"], "param_groups": groups}
             options = StateDictOptions(full_state_dict=True)
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     except (RuntimeError, KeyError, ValueError) as e:
