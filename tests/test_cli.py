@@ -20,7 +20,7 @@ import torch
 from milan import __version__
 from milan.cli import main
 from milan.errors import TRACEBACK_ENV, UserError
-from milan.jobs.config import JOBS, config_class, describe, field_docs
+from milan.jobs.config import JOBS, describe, field_docs
 from milan.train.config import ConfigError, PretrainConfig, field_types, load_config
 from tests.train.conftest import tiny_overrides, write_jpegs
 
@@ -198,7 +198,7 @@ def test_config_prints_every_key(job: str, capsys: pytest.CaptureFixture[str]) -
     """Before: "milan: unknown command 'config'"."""
     assert main(["config", job]) == 0
     lines = capsys.readouterr().out.splitlines()
-    cls = config_class(job)
+    cls = JOBS[job]
     printed = [line.split()[0].strip("[]") for line in lines[2:]]
     assert printed == _flat_keys(cls)
 
@@ -228,13 +228,13 @@ def test_every_key_of_the_shared_and_model_sections_is_described() -> None:
 
 
 def test_field_docs_read_comments_beside_and_above() -> None:
-    from milan.train.config import OptimConfig, RuntimeConfig
+    from milan.train.config import AdamWConfig, PretrainRuntimeConfig
 
-    docs = field_docs(OptimConfig)
+    docs = field_docs(AdamWConfig)
     assert docs["clip_grad"] == "max global grad norm; None = no clipping (the reference)"
     assert docs["wd_exempt_tokens"].startswith("True: no decay on cls/mask tokens")  # the comment lines above it
     assert docs["wd_exempt_tokens"].endswith("are never decayed.")
-    assert "teacher_dtype" in field_docs(RuntimeConfig)
+    assert "teacher_dtype" in field_docs(PretrainRuntimeConfig)
 
 
 def test_presets_are_named_from_any_folder(

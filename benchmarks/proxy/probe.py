@@ -16,15 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.weight_init import trunc_normal_
+from timm.utils.metrics import accuracy as timm_accuracy
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.proxy.settings import EvalBudget
 from milan.data import Batch
 from milan.jobs.knn_features import extract_features
 from milan.knn import knn_scores
-from milan.train.config import OptimConfig
+from milan.train.config import AdamWConfig
 from milan.train.loop import StepOutput, TrainState, fit_epochs, train_one_epoch
-from milan.train.metrics import topk_correct
 from milan.train.optim import build_adamw, param_groups
 from milan.train.schedule import CosineSchedule
 
@@ -46,7 +46,7 @@ def features(
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 in percent."""
-    return 100.0 * float(topk_correct(logits, labels, (1,))[0]) / max(len(labels), 1)
+    return float(timm_accuracy(logits, labels)[0]) if len(labels) else 0.0
 
 
 def knn_top1(
@@ -87,7 +87,7 @@ def linear_probe_top1(
         generator=torch.Generator().manual_seed(seed),
     )
     steps = len(loader)
-    optim_cfg = OptimConfig(betas=(0.9, 0.999), weight_decay=budget.probe_weight_decay)
+    optim_cfg = AdamWConfig(betas=(0.9, 0.999), weight_decay=budget.probe_weight_decay)
     device = torch.device("cpu")  # a Linear on a few thousand cached vectors: the CPU is fastest
     optimizer = build_adamw(param_groups(head, budget.probe_weight_decay), optim_cfg, budget.probe_lr, device)
     schedule = CosineSchedule(budget.probe_lr, steps * budget.probe_epochs, warmup_steps=0)

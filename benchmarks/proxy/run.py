@@ -60,12 +60,12 @@ from milan.jobs.pretrain import pretrain, seed_everything
 from milan.models.factory import build_encoder
 from milan.models.vit import VisionTransformer
 from milan.train.config import (
+    AdamWConfig,
     CheckpointConfig,
-    LogConfig,
-    OptimConfig,
+    PlotLogConfig,
     PretrainConfig,
     PretrainDataConfig,
-    RuntimeConfig,
+    PretrainRuntimeConfig,
     ScheduleConfig,
 )
 
@@ -95,11 +95,11 @@ def pretrain_config(
         model_name=None,
         model=model_config(arm, budget, str(teacher)),
         data=PretrainDataConfig(path=str(train_root), scale=s.crop_scale, num_workers=budget.num_workers),
-        optim=OptimConfig(lr=s.lr, weight_decay=s.weight_decay),
+        optim=AdamWConfig(lr=s.lr, weight_decay=s.weight_decay),
         schedule=ScheduleConfig(epochs=s.epochs, warmup_epochs=s.warmup_epochs),
-        runtime=RuntimeConfig(device=device, cpu_threads=threads),  # type: ignore[arg-type]
+        runtime=PretrainRuntimeConfig(device=device, cpu_threads=threads),  # type: ignore[arg-type]
         checkpoint=CheckpointConfig(every_epochs=0, keep=0),
-        log=LogConfig(every_steps=10, progress=False, tensorboard=False, plot=False),
+        log=PlotLogConfig(every_steps=10, progress=False, tensorboard=False, plot=False),
     )
 
 

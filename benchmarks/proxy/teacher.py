@@ -33,9 +33,9 @@ from milan.checkpoint import Checkpoint, load_teacher, save_canonical
 from milan.checkpoint.arch import describe_tower
 from milan.data import Batch
 from milan.models.teacher import Teacher, clip_vision_tower
-from milan.train.config import OptimConfig
+from milan.train.config import AdamWConfig
+from milan.train.evaluation import TopKAccuracy
 from milan.train.loop import StepOutput, TrainState, autocast_context, fit_epochs, train_one_epoch
-from milan.train.metrics import topk_correct
 from milan.train.optim import build_adamw, param_groups
 from milan.train.schedule import CosineSchedule
 
@@ -144,7 +144,7 @@ def train_teacher(
 
     steps_per_epoch = len(train_idx) // budget.batch_size
     total = steps_per_epoch * budget.epochs
-    optim_cfg = OptimConfig(betas=(0.9, 0.999), weight_decay=budget.weight_decay)
+    optim_cfg = AdamWConfig(betas=(0.9, 0.999), weight_decay=budget.weight_decay)
     optimizer = build_adamw(param_groups(model, budget.weight_decay), optim_cfg, budget.lr, device)
     schedule = CosineSchedule(budget.lr, total, round(budget.warmup_epochs * steps_per_epoch))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -186,13 +186,12 @@ def train_teacher(
     model.eval()
     val_top1 = float("nan")
     if len(val_idx):
-        correct = 0
+        meter = TopKAccuracy((1,))
         with torch.no_grad(), autocast_context(device, dtype):
             for i in range(0, len(val_idx), 512):
                 idx = val_idx[i : i + 512].to(device)
-                logits = model(resize(images[idx], IMG_SIZE))
-                correct += int(topk_correct(logits.float().cpu(), labels[idx].cpu(), (1,))[0])
-        val_top1 = 100.0 * correct / len(val_idx)
+                meter.update(model(resize(images[idx], IMG_SIZE)).float().cpu(), labels[idx].cpu())
+        val_top1 = meter.compute()["top1"]
 
     save_tower(tower.cpu(), out_path)
     check_roundtrip(tower, out_path)

@@ -23,7 +23,7 @@ from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, SpecKind, 
 from milan.data import Batch, ImageDataset, ImagePipeline, SkipReport, build_dataset, eval_transform
 from milan.errors import ConfigError
 from milan.models.vit import VisionTransformer
-from milan.train.eval_config import ClassifyDataConfig
+from milan.train.config import ClassifyDataConfig
 from milan.train.loop import StepFn, TrainState, data_step
 from milan.train.run import FinishedRun
 from milan.train.trainer import Metrics, Trainer

@@ -1,9 +1,9 @@
 """``milan config JOB``: every key of a job's config with its type, value and description, read from the schema.
 
 The descriptions are the comments written next to (or on the lines right above) each field of the config
-dataclasses, read from their source with :mod:`tokenize`; a section's description is its class docstring. The text
-printed is therefore the text in the code, and cannot drift from it. Types (with declared ranges, see
-:mod:`milan.ranges`) come from the annotations, values from the defaults or from a preset merged over them.
+dataclasses, read from their source; a section's description is its class docstring. The text printed is therefore
+the text in the code, and cannot drift from it. Types (with declared ranges, see :mod:`milan.ranges`) come from the
+annotations, values from the defaults or from a preset merged over them.
 
 Examples:
     >>> from milan.train.config import OptimConfig
@@ -14,65 +14,53 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
-import importlib
 import inspect
 import io
 import sys
 import textwrap
 import tokenize
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from milan.train.config import ConfigError, field_types, load_config, parse_overrides, read_yaml, type_name
-from milan.train.presets import list_presets, resolve_preset
+from milan.train.config import (
+    ConfigError,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    field_types,
+    list_presets,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    resolve_preset,
+    type_name,
+)
 
-# job -> (module, config class)
-JOBS: dict[str, tuple[str, str]] = {
-    "pretrain": ("milan.train.config", "PretrainConfig"),
-    "linprobe": ("milan.train.eval_config", "LinprobeConfig"),
-    "finetune": ("milan.train.eval_config", "FinetuneConfig"),
-    "knn": ("milan.train.eval_config", "KnnConfig"),
+JOBS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "linprobe": LinprobeConfig,
+    "finetune": FinetuneConfig,
+    "knn": KnnConfig,
 }
 
 
-@dataclass(frozen=True)
-class KeyInfo:
-    """One line of ``milan config``.
+class KeyInfo(NamedTuple):
+    """One line of ``milan config``: a key, or a section (``type == "section"``, no value)."""
 
-    Attributes:
-        key: Dotted key (a section's own name for a section).
-        type: The annotation in words, with its range (``float in [0, 1)``); ``section`` for a section.
-        value: The value as YAML would write it (empty for a section).
-        description: One line from the code.
-        explicit: Set by the preset or an override (not a default).
-    """
-
-    key: str
-    type: str
-    value: str
+    key: str  # dotted
+    type: str  # the annotation in words, with its range: "float in [0, 1)"
+    value: str  # as YAML would write it
     description: str
-    explicit: bool = False
-
-
-def config_class(job: str) -> type:
-    """The config dataclass of a job (``pretrain``, ``linprobe``, ``finetune``, ``knn``)."""
-    if job not in JOBS:
-        raise KeyError(f"unknown job {job!r}; choose one of {', '.join(JOBS)}")
-    module, name = JOBS[job]
-    cls: type = getattr(importlib.import_module(module), name)
-    return cls
+    explicit: bool = False  # set by the preset or an override (not a default)
 
 
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's description: the comment beside it or on the lines right above it (subclasses win).
 
-    Args:
-        cls: A dataclass.
-
-    Returns:
-        Field name -> one-line description (fields without a comment are left out).
+    Fields without a comment are left out.
     """
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -82,38 +70,26 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _class_comments(klass: type) -> dict[str, str]:
-    """Comments of the field definitions in a class body (source read with :mod:`inspect`, split by tokenize)."""
+    """The comments of the field definitions in a class body: the comment lines right above, then the one beside."""
     try:
         source = textwrap.dedent(inspect.getsource(klass))
     except (OSError, TypeError):  # no source (e.g. defined in an interactive session)
         return {}
+    lines = source.splitlines()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    own_line = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
     out: dict[str, str] = {}
-    level = 0
-    code: list[tokenize.TokenInfo] = []  # code tokens of the current logical line
-    beside: list[str] = []  # comments within the current logical line
-    above: list[str] = []  # comment lines right above it
-    comment_line = False
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.INDENT:
-            level += 1
-        elif tok.type == tokenize.DEDENT:
-            level -= 1
-        elif tok.type == tokenize.COMMENT:
-            text = tok.string.lstrip("#").strip()
-            (beside if code else above).append(text)
-            comment_line = not code
-        elif tok.type == tokenize.NL:
-            if not code and not comment_line:  # a blank line detaches the comments above it
-                above.clear()
-            comment_line = False
-        elif tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
-            is_field = len(code) >= 2 and code[0].type == tokenize.NAME and code[1].string == ":"
-            if level == 1 and is_field:
-                out[code[0].string] = " ".join([*above, *beside]).strip()
-            code, beside, above = [], [], []
-            comment_line = False
-        else:
-            code.append(tok)
+    body = ast.parse(source).body[0]
+    assert isinstance(body, ast.ClassDef)
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            first = node.lineno
+            while first - 1 in own_line:  # a blank line detaches the comments above it
+                first -= 1
+            end = node.end_lineno or node.lineno
+            texts = [comments[n] for n in range(first, end + 1) if n in comments]
+            out[node.target.id] = " ".join(texts).strip()
     return out
 
 
@@ -124,9 +100,6 @@ def describe(cfg: Any, explicit: set[str] | None = None, prefix: str = "") -> li
         cfg: A config dataclass instance (defaults, or a preset merged over them).
         explicit: Dotted keys set by the preset or an override.
         prefix: Dotted prefix of ``cfg``'s keys.
-
-    Returns:
-        One :class:`KeyInfo` per section and per key.
     """
     explicit = explicit or set()
     docs, hints = field_docs(type(cfg)), field_types(type(cfg))
@@ -134,16 +107,12 @@ def describe(cfg: Any, explicit: set[str] | None = None, prefix: str = "") -> li
     for f in dataclasses.fields(cfg):
         key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            doc = docs.get(f.name) or _first_line(type(value).__doc__)
+            doc = docs.get(f.name) or (type(value).__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
             out.append(KeyInfo(key, "section", "", doc))
             out.extend(describe(value, explicit, f"{key}."))
         else:
             out.append(KeyInfo(key, type_name(hints[f.name]), _yaml(value), docs.get(f.name, ""), key in explicit))
     return out
-
-
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().split("\n\n")[0].replace("\n", " ").strip()
 
 
 def _yaml(value: Any) -> str:
@@ -164,10 +133,9 @@ def _yaml(value: Any) -> str:
 def _dotted(raw: Mapping[str, Any], prefix: str = "") -> set[str]:
     out: set[str] = set()
     for k, v in raw.items():
-        key = f"{prefix}{k}"
+        out.add(f"{prefix}{k}")
         if isinstance(v, Mapping):
-            out |= _dotted(v, f"{key}.")
-        out.add(key)
+            out |= _dotted(v, f"{prefix}{k}.")
     return out
 
 
@@ -213,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
         presets = list_presets()
         print("presets (--config NAME, from any folder): " + (", ".join(presets) if presets else "none installed"))
         return 0
-    cls = config_class(job)
-    cfg: Any = load_config(cls, args.config, overrides)
+    cfg: Any = load_config(JOBS[job], args.config, overrides)
     explicit: set[str] = set()
     where = "overrides"
     if args.config:
@@ -228,4 +195,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["JOBS", "KeyInfo", "config_class", "describe", "field_docs", "format_table"]
+__all__ = ["JOBS", "KeyInfo", "describe", "field_docs", "format_table"]

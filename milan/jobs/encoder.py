@@ -10,8 +10,7 @@ from milan.checkpoint.loaders import encoder_from_checkpoint
 from milan.checkpoint.spec import resolve_spec
 from milan.models.factory import build_encoder, list_models, model_config
 from milan.models.vit import VisionTransformer
-from milan.train.config import ConfigError
-from milan.train.eval_config import EncoderSource
+from milan.train.config import ConfigError, EncoderSource
 
 _ENCODER_KINDS = ("milan", "encoder", "linear_probe", "finetune")
 

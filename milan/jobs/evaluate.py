@@ -21,6 +21,7 @@ each process evaluates a shard and the counts are summed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -40,6 +41,7 @@ from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.train.config import ConfigError
 from milan.train.evaluation import evaluate_heads
 from milan.train.loop import autocast_context, resolve_dtype
+from milan.train.run import process_group
 
 
 def evaluate_checkpoint(
@@ -90,9 +92,7 @@ def evaluate_checkpoint(
     """
     t0 = time.perf_counter()
     warn_ = warn or (lambda text: warnings.warn(text, stacklevel=3))
-    owns_process_group = not dist.is_enabled()  # a caller's process group is left alone
-    dev = dist.init(device)
-    try:
+    with process_group(device) as dev:
         ck = read_checkpoint(checkpoint, fmt, num_heads=num_heads)
         if ck.kind not in ("linear_probe", "finetune"):
             raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a classifier")
@@ -122,9 +122,6 @@ def evaluate_checkpoint(
         )  # fmt: skip
         report.all_reduce(dev if dev.type == "cuda" else None)
         report.check(f"--data {data}")  # no usable image, or more than half skipped: DataError
-    finally:
-        if owns_process_group:
-            dist.destroy()
     return {
         "top1": metrics["top1"], "top5": metrics["top5"], "count": int(metrics["count"]), "kind": kind,
         "checkpoint": str(checkpoint), "data": str(data), "num_classes": head.num_classes, "img_size": pre.img_size,
@@ -165,10 +162,9 @@ def _warn(note: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``milan evaluate``; returns the exit status."""
-    owns_process_group = not dist.is_enabled()
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            dist.init(args.device)  # here too, so that only the main process prints below
+            stack.enter_context(process_group(args.device))  # here too, so that only the main process prints below
         except RuntimeError as e:  # e.g. --device cuda without a GPU
             print(f"milan evaluate: {e}", file=sys.stderr)
             return 2
@@ -187,9 +183,6 @@ def run(args: argparse.Namespace) -> int:
         except DataError as e:
             print(f"milan evaluate: {e}", file=sys.stderr)
             return 1
-    finally:
-        if owns_process_group:
-            dist.destroy()
     if main:
         print(
             f"{result['kind'].replace('_', ' ')} {result['checkpoint']}: top-1 {result['top1']:.2f}  "

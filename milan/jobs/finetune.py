@@ -6,7 +6,7 @@ Sources: the original MILAN code (github.com/zejiangh/MILAN ``main_finetune.py``
 Model: :class:`~milan.models.classifier.FinetuneClassifier`: the mean of the patch tokens (CLS excluded), a new
 LayerNorm, a Linear head (init std 0.02); the pretrained final norm is dropped; drop path 0.1 (ViT-L 0.2).
 Optimizer: AdamW (betas 0.9/0.999, wd 0.05) with layer-wise lr decay 0.65 (ViT-L 0.75):
-:func:`~milan.train.layer_decay.param_groups_layer_decay`; ``lr = 1e-4 x effective batch / 256`` (4e-4 at 1024),
+:func:`~milan.train.optim.layer_decay_groups`; ``lr = 1e-4 x effective batch / 256`` (4e-4 at 1024),
 5 warm-up epochs, cosine to 1e-6 over 100 epochs. Augmentation (timm): RandAugment ``rand-m9-mstd0.5-inc1``, random
 erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (soft-target cross-entropy). Evaluation: Resize 256
 bicubic + CenterCrop 224, top-1 / top-5. Optional EMA of the weights (``ema.enabled=true``, evaluated alongside).
@@ -39,12 +39,10 @@ from milan.jobs.encoder import input_size, load_pretrained_encoder
 from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.classifier import FinetuneClassifier
 from milan.models.compile import compile_method
-from milan.train.config import derive, to_dict
-from milan.train.eval_config import AugmentConfig, FinetuneConfig, check_finetune
+from milan.train.config import AugmentConfig, FinetuneConfig, check_finetune, derive, to_dict
 from milan.train.evaluation import evaluate_heads
-from milan.train.layer_decay import param_groups_layer_decay
 from milan.train.loop import TrainState, autocast_context, zero_loss
-from milan.train.optim import build_adamw
+from milan.train.optim import build_adamw, layer_decay_groups
 from milan.train.run import seed_everything, start_run
 from milan.train.trainer import Evaluation, Metrics, Trainer, protect_workers
 
@@ -74,7 +72,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
 
     Args:
         cfg: The validated config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.resolve_run_dir`).
+        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
 
     Returns:
         The run's result (every process; only the main one writes files).
@@ -103,7 +101,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
             key="data.train",
         )  # fmt: skip
         d = derive(cfg, dist.world_size(), batches)
-        groups = param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.layer_decay)
+        groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.layer_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, d.lr, device)
         train_module = dist.wrap_ddp(model, device)
         mixup, criterion = mixup_and_criterion(cfg.aug, num_classes)

@@ -35,11 +35,10 @@ from milan.jobs.knn_features import (
 from milan.jobs.launch import add_run_arguments, run_job
 from milan.knn import knn_neighbours, knn_vote
 from milan.models.vit import VisionTransformer
-from milan.train.config import save_config, to_dict
-from milan.train.eval_config import KnnConfig, check_knn
+from milan.train.config import KnnConfig, check_knn, save_config, to_dict
+from milan.train.evaluation import TopKAccuracy
 from milan.train.logging import RunLogger
 from milan.train.loop import autocast_context
-from milan.train.metrics import TopKAccuracy
 from milan.train.run import RunContext, seed_everything, start_run
 
 

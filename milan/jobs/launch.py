@@ -21,7 +21,7 @@ from milan.errors import traceback_requested
 from milan.train.checkpointing import Checkpointer, CheckpointWriteError, load_training_checkpoint
 from milan.train.config import ConfigError, load_config, parse_overrides, to_dict, to_yaml, update
 from milan.train.loop import NonFiniteLossError, RunInterrupted
-from milan.train.run import RunFolderError
+from milan.train.run import RunFolderError, usable_checkpoint
 
 C = TypeVar("C")
 
@@ -134,13 +134,7 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
                 raise ConfigError(f"--resume {resume} and out_dir={out_override} name two different run folders")
         checkpointer = Checkpointer(run_dir)
         checkpointer.check_paths()  # e.g. a folder named last.pt: said before anything else
-        found, skipped = checkpointer.scan()
-        if found is None and skipped:
-            reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
-            raise RunFolderError(
-                f"--resume {resume}: no usable checkpoint in {run_dir / 'checkpoints'} ({reasons}); nothing was "
-                "changed. Move the damaged files away to start a new run there, or pass --resume FILE"
-            )
+        found, skipped = usable_checkpoint(checkpointer, resume)
         if found is None:  # a new run in that folder, from --config or the folder's own config.yaml
             source = config if config is not None else run_dir / "config.yaml"
             if config is None and not Path(source).is_file():

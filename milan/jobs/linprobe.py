@@ -40,11 +40,11 @@ from milan.jobs.classifier import (
 from milan.jobs.encoder import input_size, load_pretrained_encoder
 from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.lr_grid import LinearProbeGrid, grid_cross_entropy, save_lr_grid_plot
-from milan.train.config import derive, to_dict
-from milan.train.eval_config import LinprobeConfig, check_linprobe
+from milan.train.config import LinprobeConfig, check_linprobe, derive, to_dict
 from milan.train.evaluation import evaluate_heads
 from milan.train.lars import LARS
 from milan.train.loop import autocast_context, zero_loss
+from milan.train.optim import param_groups
 from milan.train.run import seed_everything, start_run
 from milan.train.trainer import Evaluation, Metrics, Trainer, protect_workers
 
@@ -54,7 +54,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
 
     Args:
         cfg: The validated config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.resolve_run_dir`).
+        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
 
     Returns:
         The run's result (every process; only the main one writes files).
@@ -81,8 +81,10 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         d = derive(cfg, dist.world_size(), batches)
         train_module = dist.wrap_ddp(model, device)
         o = cfg.optim
+        groups = [{**g, "lr_scale": s} for fc, s in zip(model.fcs, model.lr_scales, strict=True)
+                  for g in param_groups(fc, o.weight_decay)]  # fmt: skip
         optimizer = LARS(
-            model.param_groups(o.weight_decay), lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+            groups, lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay,
             trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
         )  # fmt: skip
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)

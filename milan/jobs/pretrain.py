@@ -38,11 +38,12 @@ from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.compile import compile_milan
 from milan.models.factory import build_milan
 from milan.models.milan import MILAN
+from milan.train.checkpointing import is_sharded
 from milan.train.config import ConfigError, PretrainConfig, TeacherDtype, check_pretrain, derive
 from milan.train.loop import StepFn, StepOutput, TrainState, data_step
 from milan.train.optim import build_adamw, param_groups
 from milan.train.run import RunContext, seed_everything, start_run
-from milan.train.trainer import Trainer, _is_sharded
+from milan.train.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +112,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         if cfg.data.decode == "device":
             step_fn = decode_then(step_fn, _device_augment(cfg), device)
         trainer = Trainer(
-            cfg, derived, run.run_dir, model=student if _is_sharded(student) else model.student,
+            cfg, derived, run.run_dir, model=student if is_sharded(student) else model.student,
             train_module=student, optimizer=optimizer, step_fn=step_fn, loader=loader, sampler=sampler, report=report,
             device=device, dtype=dtype, resume_from=run.resume_from, flops_per_image=flops.total,
             extra_state=teacher_state, load_extra_state=load_teacher_state,

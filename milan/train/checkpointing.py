@@ -33,7 +33,9 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
+from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
 from milan.train.loop import TrainState
 
@@ -46,6 +48,13 @@ _TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic writes leave behind when 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (no space left, read-only or unwritable folder); the previous one is intact."""
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` (wrapped or not) is sharded with FSDP2: its full state is then gathered by every process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(dist.unwrap(module), FSDPModule)
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,27 +95,22 @@ def build_checkpoint(
     extra: dict[str, Any] | None = None,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """Assembles a checkpoint dict (see the module docstring).
+    """Assembles a checkpoint dict (see the module docstring); ``extra`` adds top-level entries (``{"teacher": ...}``).
 
-    Args:
-        model: The trained module, unwrapped from DDP/compile (for FSDP2 pass the sharded module: its full state
-            is gathered; every process must call this).
-        optimizer: Its state.
-        state: Training position.
-        config: The resolved config as plain data.
-        scaler: fp16 loss scaler.
-        extra: More top-level entries (e.g. ``{"teacher": ...}``).
-        world_size: Recorded in ``meta``.
-
-    Returns:
-        The checkpoint.
+    ``model`` is the trained module unwrapped from DDP/compile, or the sharded FSDP2 module (every process must then
+    call this: gathering its full state is collective). ``torch.distributed.checkpoint``'s state-dict API keys the
+    optimizer state by parameter name, so a checkpoint does not depend on the strategy or the number of processes (a
+    DDP run can resume as FSDP2 and vice versa).
     """
-    model_sd, optim_sd = _model_optimizer_state(model, optimizer)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {
         "format": FORMAT,
         "version": VERSION,
-        "model": model_sd,
-        "optimizer": optim_sd,
+        "model": tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), model_sd),
+        "optimizer": tree_map_only(torch.Tensor, lambda t: t.detach().cpu(), optim_sd),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "state": dataclasses.asdict(state),
         "rng": rng_state(),
@@ -126,11 +130,27 @@ def restore_checkpoint(
 ) -> TrainState:
     """Loads model, optimizer, scaler and RNG states from a checkpoint; returns its training position.
 
+    The optimizer keeps its own parameter groups and their settings (the run's config decides them: an override of
+    ``optim.weight_decay`` on resume takes effect) and takes each parameter's state (moments, step) by its name.
+
     Raises:
         CheckpointError: The model weights do not fit ``model`` (different architecture).
     """
+    model_sd, optim_sd = ckpt["model"], ckpt["optimizer"]
     try:
-        _load_model_optimizer_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        if optim_sd.get("state") and all(isinstance(k, int) for k in optim_sd["state"]):  # torch's index-keyed format
+            model.load_state_dict(model_sd)
+            optimizer.load_state_dict(optim_sd)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            # The state of each parameter (by name) from the checkpoint; the groups and their settings (weight
+            # decay, betas, lr scales) from this run's optimizer, i.e. from its config.
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+            optim_sd = {"state": optim_sd["state"], "param_groups": groups}
+            options = StateDictOptions(full_state_dict=True)
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"the checkpoint does not match this model/optimizer: {str(e).splitlines()[0]}") from e
     if scaler is not None and ckpt.get("scaler"):
@@ -140,58 +160,26 @@ def restore_checkpoint(
     return TrainState(**{k: int(v) for k, v in ckpt["state"].items()})
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(model, FSDPModule)
+def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Loads a training checkpoint with ``weights_only=True`` and checks its layout.
 
-
-def _model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
-    """Full (unsharded) model and optimizer states keyed by parameter names, on the CPU.
-
-    ``torch.distributed.checkpoint``'s state-dict API strips DDP/compile prefixes, gathers FSDP2 shards and keys the
-    optimizer state by parameter name, so a checkpoint does not depend on the strategy or the number of processes
-    (a DDP run can resume as FSDP2 and vice versa).
+    Raises:
+        CheckpointError: Unreadable, or not a training checkpoint of this library.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    sharded = _is_fsdp(model)  # gathering shards is collective: every process calls this, rank 0 keeps the result
-    model_sd, optim_sd = get_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-    )
-    return _to_cpu(model_sd), _to_cpu(optim_sd)
-
-
-def _load_model_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: Any, optim_sd: Any
-) -> None:
-    if optim_sd.get("state") and all(isinstance(k, int) for k in optim_sd["state"]):  # torch's own index-keyed format
-        model.load_state_dict(model_sd)
-        optimizer.load_state_dict(optim_sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    opts = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
-
-
-def _to_cpu(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a milan training checkpoint (no format={FORMAT!r} entry)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    return ckpt
 
 
 class Checkpointer:
-    """Writes and finds the checkpoints of one run folder.
+    """Writes and finds the checkpoints of one run folder (in ``run_dir/checkpoints``).
 
     Args:
-        run_dir: The run folder (checkpoints go to ``run_dir/checkpoints``).
+        run_dir: The run folder.
         keep: Numbered copies to keep (0: keep only ``last.pt``).
         every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
         enabled: Whether this process writes (only the main process should).
@@ -201,33 +189,18 @@ class Checkpointer:
         self, run_dir: str | os.PathLike[str], *, keep: int = 3, every_epochs: int = 1, enabled: bool = True
     ) -> None:
         self.dir = Path(run_dir) / "checkpoints"
+        self.last = self.dir / "last.pt"
+        self.previous = self.dir / "last.prev.pt"  # the last.pt before the newest save: its fallback
         self.keep = keep
         self.every_epochs = every_epochs
         self.enabled = enabled
 
-    @property
-    def last(self) -> Path:
-        """``checkpoints/last.pt``."""
-        return self.dir / "last.pt"
-
-    @property
-    def previous(self) -> Path:
-        """``checkpoints/last.prev.pt``: the ``last.pt`` before the newest save (a fallback if that one is damaged)."""
-        return self.dir / "last.prev.pt"
-
     def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path | None:
-        """Writes ``last.pt`` atomically, plus a numbered copy when an epoch-end save is due.
+        """Writes ``last.pt`` atomically (the one before it stays as ``last.prev.pt``); returns it.
 
-        The ``last.pt`` before it stays as ``last.prev.pt``.
-
-        Args:
-            ckpt: The checkpoint.
-            epoch_end: The number of finished epochs when saving at an epoch end: an independent copy
-                ``epoch_NNNN.pt`` is made when it is a multiple of ``every_epochs``, and numbered copies beyond the
-                newest ``keep`` are deleted.
-
-        Returns:
-            The path of ``last.pt`` (``None`` on processes that do not write).
+        ``epoch_end``, the number of finished epochs at an epoch-end save, also makes an independent copy
+        ``epoch_NNNN.pt`` when it is a multiple of ``every_epochs``, and deletes the numbered copies beyond the newest
+        ``keep``. Processes that do not write return ``None``.
 
         Raises:
             CheckpointWriteError: No space left, or the folder is not writable; the previous checkpoint is intact.
@@ -243,14 +216,16 @@ class Checkpointer:
             os.replace(written, self.last)
         except (OSError, RuntimeError) as e:
             written.unlink(missing_ok=True)
-            self._raise_write_error(e, self.last, _nbytes(ckpt), intact=self.last)
+            nbytes = sum(t.numel() * t.element_size() for t in tree_leaves(ckpt) if isinstance(t, torch.Tensor))
+            _raise_write_error(e, self.last, nbytes, intact=self.last)
         if epoch_end is not None and self.keep > 0 and self.every_epochs > 0 and epoch_end % self.every_epochs == 0:
-            dst = self.dir / f"epoch_{epoch_end:04d}.pt"
+            copy = self.dir / f"epoch_{epoch_end:04d}.pt"
             try:
-                _atomic_copy(self.last, dst)
+                _atomic_copy(self.last, copy)
             except OSError as e:
-                self._raise_write_error(e, dst, self.last.stat().st_size, intact=self.last)
-            self._prune()
+                _raise_write_error(e, copy, self.last.stat().st_size, intact=self.last)
+            for old in self.numbered()[: -self.keep]:
+                old.unlink(missing_ok=True)
         return self.last
 
     def _keep_previous(self) -> None:
@@ -263,42 +238,6 @@ class Checkpointer:
             os.replace(self.last, self.previous)
             return
         os.replace(tmp, self.previous)
-
-    def _raise_write_error(self, error: BaseException, path: Path, nbytes: int, *, intact: Path) -> NoReturn:
-        """Re-raises ``error`` as a one-line :class:`CheckpointWriteError` when it is about the disk; else as is."""
-        kept = f"the previous checkpoint {intact} is intact" if intact.is_file() else "no checkpoint was written before"
-        free = _free_bytes(path.parent)
-        if _is_no_space(error) or (
-            isinstance(error, RuntimeError) and _is_torch_write_error(error) and free is not None and free < nbytes
-        ):
-            room = f", {free / 1e6:.1f} MB free" if free is not None else ""
-            raise CheckpointWriteError(
-                f"no space left writing {path} (about {nbytes / 1e6:.1f} MB needed{room}); {kept}"
-            ) from error
-        cause = _os_error(error)
-        if cause is not None:
-            raise CheckpointWriteError(f"cannot write {path}: {cause.strerror or cause}; {kept}") from error
-        raise error
-
-    def check_writable(self) -> None:
-        """Checks, before a run trains, that its checkpoints can be written.
-
-        The folder must be creatable and writable, and no checkpoint path taken by something else (e.g. a folder
-        named ``last.pt``).
-
-        Raises:
-            CheckpointWriteError: One line naming the path and the reason.
-        """
-        self.check_paths()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=self.dir)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise CheckpointWriteError(
-                f"cannot write checkpoints to {self.dir}: {e.strerror or e}; choose another out_dir"
-            ) from e
 
     def check_paths(self) -> None:
         """Checks, without writing, that no checkpoint path is taken by something else (e.g. a folder ``last.pt``).
@@ -318,18 +257,30 @@ class Checkpointer:
                 f"{taken[0]} is {kind}, so checkpoints cannot be written there: move it away or choose another out_dir"
             )
 
+    def check_writable(self) -> None:
+        """Checks, before a run trains, that the folder can be created and written and that no path is taken.
+
+        Raises:
+            CheckpointWriteError: One line naming the path and the reason.
+        """
+        self.check_paths()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=self.dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {self.dir}: {e.strerror or e}; choose another out_dir"
+            ) from e
+
     def clean_orphans(self) -> tuple[int, int]:
-        """Deletes the temporary files that a killed run left mid-write (``.last.pt.*.tmp`` ...).
+        """Deletes the temporary files that a killed run left mid-write; returns ``(files, bytes)`` removed.
 
         Call it only while no other process writes this folder (the run folder's lock is held).
-
-        Returns:
-            ``(files removed, bytes freed)``.
         """
-        if not self.dir.is_dir():
-            return 0, 0
         files, freed = 0, 0
-        for p in self.dir.iterdir():
+        for p in self.dir.iterdir() if self.dir.is_dir() else ():
             if _TEMP_FILE.match(p.name) and p.is_file():
                 size = p.stat().st_size
                 p.unlink(missing_ok=True)
@@ -343,32 +294,22 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _EPOCH_FILE.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def candidates(self) -> list[Path]:
-        """Every checkpoint file, newest first (by modification time; ``last.pt`` first among equals)."""
-        files = [*self.numbered(), *(p for p in (self.last, self.previous) if p.exists())]
-        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pt"), reverse=True)
-
     def scan(self) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
         """The newest checkpoint that loads and has the required entries, and the newer files that did not.
+
+        Newest by modification time (``last.pt`` first among equals).
 
         Returns:
             ``((path, checkpoint) or None, [(unusable path, one-line reason), ...])``.
         """
+        files = [*self.numbered(), *(p for p in (self.last, self.previous) if p.exists())]
         skipped: list[tuple[Path, str]] = []
-        for path in self.candidates():
+        for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pt"), reverse=True):
             try:
                 return (path, load_training_checkpoint(path)), skipped
             except CheckpointError as e:
                 skipped.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
         return None, skipped
-
-    def latest_valid(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that loads and has the required entries, with its contents (see :meth:`scan`)."""
-        return self.scan()[0]
-
-    def _prune(self) -> None:
-        for old in self.numbered()[: -self.keep]:
-            old.unlink(missing_ok=True)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -386,56 +327,31 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         raise
 
 
-def _nbytes(tree: Any) -> int:
-    """Bytes of the tensors in a checkpoint (about its size on disk)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(_nbytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(_nbytes(v) for v in tree)
-    return 0
+def _raise_write_error(error: BaseException, path: Path, nbytes: int, *, intact: Path) -> NoReturn:
+    """Re-raises a failed write of ``path`` as one line when the disk is to blame (full, read-only, unwritable).
 
-
-def _chain(error: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    e: BaseException | None = error
-    while e is not None and e not in out:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
-def _is_no_space(error: BaseException) -> bool:
-    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error))
-
-
-def _os_error(error: BaseException) -> OSError | None:
-    return next((e for e in _chain(error) if isinstance(e, OSError)), None)
-
-
-def _is_torch_write_error(error: BaseException) -> bool:
-    """Whether torch's zip writer failed (``[enforce fail at inline_container.cc:...] ... file write failed``)."""
-    return any("inline_container" in str(e) or "write failed" in str(e) for e in _chain(error))
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Loads a training checkpoint with ``weights_only=True`` and checks its layout.
-
-    Raises:
-        CheckpointError: Unreadable, or not a training checkpoint of this library.
+    torch's zip writer reports a full disk as ``[enforce fail at inline_container.cc:...] ... file write failed``,
+    with the OS error in the chain or not at all: then too little free space for ``nbytes`` says it.
     """
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a milan training checkpoint (no format={FORMAT!r} entry)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
-    return ckpt
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    os_error = next((e for e in chain if isinstance(e, OSError)), None)
+    torch_failed = isinstance(error, RuntimeError) and any(
+        "inline_container" in str(e) or "write failed" in str(e) for e in chain
+    )
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    kept = f"the previous checkpoint {intact} is intact" if intact.is_file() else "no checkpoint was written before"
+    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    if full or (torch_failed and free is not None and free < nbytes):
+        room = f", {free / 1e6:.1f} MB free" if free is not None else ""
+        needed = f"about {nbytes / 1e6:.1f} MB needed{room}"
+        raise CheckpointWriteError(f"no space left writing {path} ({needed}); {kept}") from error
+    if os_error is not None:
+        raise CheckpointWriteError(f"cannot write {path}: {os_error.strerror or os_error}; {kept}") from error
+    raise error

@@ -1,15 +1,18 @@
-"""Typed run configuration: dataclasses with defaults, YAML presets merged over them, dotted overrides last.
+"""Every job's typed configuration, and how it is read: defaults, then a YAML preset, then dotted overrides.
 
-The merge is validated against the dataclass annotations: an unknown key or a value of the wrong type (including
-``Literal`` choices, ``Optional``, tuples, lists and nested dataclasses) raises :class:`ConfigError` naming the full
-dotted key, and so does a value outside the range its field declares (``mask_ratio: Fraction``, see
-:mod:`milan.ranges`). A field's description is the comment beside (or right above) it: ``milan config JOB`` prints
-them (:mod:`milan.jobs.config`), so keep one on every field. The resolved config is plain data (:func:`to_dict`),
-written next to the run and stored in every checkpoint, and loads back to the same object.
+A job's schema (:class:`PretrainConfig`, :class:`LinprobeConfig`, :class:`FinetuneConfig`, :class:`KnnConfig`) is a
+dataclass made of shared sections; the schemas differ only where the jobs differ, so every key a job accepts is used
+by it. Reading validates against the annotations: an unknown key (with the key probably meant), a value of the wrong
+type (``Literal`` choices, ``Optional``, tuples, lists, nested sections) or outside the range its field declares
+(``mask_ratio: Fraction``, see :mod:`milan.ranges`) raises :class:`ConfigError` naming the dotted key. A field's
+description is the comment beside (or right above) it: ``milan config JOB`` prints them (:mod:`milan.jobs.config`),
+so keep one on every field. The resolved config is plain data (:func:`to_dict`), written next to the run and stored
+in every checkpoint, and loads back to the same object. The merge is our own: pydantic, dacite and OmegaConf neither
+suggest the key meant nor report our declared ranges.
 
-Shared sections (:class:`OptimConfig`, :class:`ScheduleConfig`, :class:`RuntimeConfig`, :class:`CheckpointConfig`,
-:class:`LogConfig`, gathered in :class:`RunConfig`) are reused by the evaluation jobs; :class:`PretrainConfig` adds
-the model and the data.
+Presets are YAML files ``configs/<job>/<name>.yaml``, package data in ``milan/configs`` (in a clone, a link to the
+repository's ``configs/``): ``--config demo_cpu``, ``pretrain/demo_cpu`` and ``configs/pretrain/demo_cpu.yaml`` name
+the same file from any folder; a path to an existing file wins.
 
 Examples:
     >>> cfg = load_config(PretrainConfig, overrides=["model_name=milan_test_tiny", "optim.blr=3e-4"])
@@ -19,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -28,47 +32,62 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, cast
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
 from milan.data.sources import shell_sources
+from milan.data.transforms import CropGeometry
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
 from milan.models.factory import ModelConfig, check_model, list_models, model_config
 from milan.ranges import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range, range_of
-from milan.train.presets import resolve_preset
+from milan.train.lars import LarsVariant
 
 T = TypeVar("T")
 
-
-# ``torch.compile``'s modes (``runtime.compile_mode``).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-# ``runtime.teacher_dtype`` (see milan.jobs.pretrain.teacher_compute_dtype).
-TeacherDtype = Literal["auto", "fp32", "bf16", "fp16"]
-
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+TeacherDtype = Literal["auto", "fp32", "bf16", "fp16"]  # runtime.teacher_dtype (milan.jobs.pretrain)
+Interpolation = Literal["bicubic", "bilinear"]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared sections
+# Sections
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with MAE's learning-rate scaling rule."""
+    """The learning rate (MAE's scaling rule), weight decay and gradient clipping of every optimizer."""
 
     blr: NonNegativeFloat = 1.5e-4  # base lr: lr = blr * effective batch / 256
     lr: NonNegativeFloat | None = None  # absolute peak lr; when set, blr is ignored
+    weight_decay: NonNegativeFloat = 0.05  # AdamW: decoupled weight decay; LARS: added to the gradient
+    clip_grad: PositiveFloat | None = None  # max global grad norm; None = no clipping (the reference)
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    """AdamW with MAE's learning-rate scaling rule."""
+
     betas: tuple[Fraction, Fraction] = (0.9, 0.95)  # AdamW's moving-average factors of the gradient and its square
     eps: PositiveFloat = 1e-8  # AdamW's denominator term
-    weight_decay: NonNegativeFloat = 0.05  # decoupled (AdamW) weight decay
-    # True: no decay on cls/mask tokens and pos embeds (mmpretrain); False: decay cls/mask tokens (original repo).
-    # Biases and norm weights (all 1-D tensors) are never decayed.
+    # True: no decay on cls/mask tokens and pos embeds (mmpretrain, and both references' fine-tuning); False: decay
+    # them (the original repo's pretraining). Biases and norm weights (all 1-D tensors) are never decayed.
     wd_exempt_tokens: bool = True
-    clip_grad: PositiveFloat | None = None  # max global grad norm; None = no clipping (the reference)
     # Fused AdamW kernel (one kernel for all parameters; differs from the for-loop AdamW at float rounding level).
     # None = fused wherever torch supports it for the parameters' device (CUDA, and CPU with torch >= 2.4).
     fused: bool | None = None
+
+
+@dataclass
+class LarsConfig(OptimConfig):
+    """LARS for the linear probe (MAE's learning-rate scaling rule)."""
+
+    blr: NonNegativeFloat = 0.1  # MAE default; the MILAN preset uses 0.05 (-> lr 3.2 at batch 16384)
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: Fraction = 0.9  # SGD momentum
+    trust_coefficient: PositiveFloat = 0.001  # eta of the layer-wise trust ratio
+    lars_variant: LarsVariant = "mocov3"  # "mocov3": ORIG/MAE; "mmselfsup": trust ratio on the bias too
+    # One head per factor, all trained in one pass (lr = factor x scheduled lr); [1.0] is the plain probe.
+    lr_grid: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -83,24 +102,36 @@ class ScheduleConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Device, precision, compilation and parallelism."""
+    """Device, precision and processes."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the trained model (pretraining: the student); eager fallback with a warning
-    compile_mode: str | None = None  # torch.compile mode with compile=true; "reduce-overhead" = CUDA graphs
-    compile_teacher: bool = False  # with compile=true, also compile the teacher's forward
-    # The teacher's weights and compute dtype (cast once after its weights are loaded; autocast off inside it).
-    # auto: the run's compute dtype on CUDA when it is bf16/fp16 (runtime.precision), fp32 (no cast) on CPU.
-    teacher_dtype: TeacherDtype = "auto"
-    grad_checkpointing: bool = False  # recompute encoder blocks in backward (saves memory)
-    channels_last: bool = False  # channels-last input images
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
     # Seconds a process waits in a collective (all-reduce, barrier) before giving up, e.g. when another process
     # froze; long enough for a checkpoint write on a slow disk and for torch.compile's first step (torch: 1800).
     dist_timeout_s: float = 600.0
     tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
     cpu_threads: Positive | None = None  # torch.set_num_threads on CPU; None = torch's default
+
+
+@dataclass
+class TrainRuntimeConfig(RuntimeConfig):
+    """Device, precision, processes and the compilation of the trained model."""
+
+    compile: bool = False  # torch.compile the trained model (pretraining: the student); eager fallback with a warning
+    compile_mode: str | None = None  # torch.compile mode with compile=true; "reduce-overhead" = CUDA graphs
+    grad_checkpointing: bool = False  # recompute encoder blocks in backward (saves memory)
+
+
+@dataclass
+class PretrainRuntimeConfig(TrainRuntimeConfig):
+    """Device, precision, compilation and parallelism."""
+
+    compile_teacher: bool = False  # with compile=true, also compile the teacher's forward
+    # The teacher's weights and compute dtype (cast once after its weights are loaded; autocast off inside it).
+    # auto: the run's compute dtype on CUDA when it is bf16/fp16 (runtime.precision), fp32 (no cast) on CPU.
+    teacher_dtype: TeacherDtype = "auto"
+    channels_last: bool = False  # channels-last input images
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard of the student's blocks (ViT-L/H)
     peak_tflops: PositiveFloat | None = None  # accelerator peak for MFU; None = look up by GPU name
 
 
@@ -115,51 +146,50 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """Console."""
+
+    progress: bool = True  # tqdm progress bar on the main process
+
+
+@dataclass
+class TrainLogConfig(LogConfig):
     """Console, JSONL, TensorBoard."""
 
     every_steps: Positive = 20  # JSONL / TensorBoard record every N optimizer steps
-    progress: bool = True  # tqdm progress bar on the main process
     tensorboard: bool = True  # TensorBoard scalars in the run folder's tb/ (tensorboard --logdir RUN_DIR)
-    plot: bool = True  # save plot.png (loss, lr, throughput) into the run folder at the end
 
 
 @dataclass
-class RunConfig:
-    """Everything a training job shares; jobs subclass it and add their model and data sections."""
+class PlotLogConfig(TrainLogConfig):
+    """Console, JSONL, TensorBoard and a plot at the end."""
 
-    out_dir: str = "runs/milan"  # run folder: config.yaml, metrics.jsonl, tb/, checkpoints/
-    seed: int = 0  # seeds the weights, the crops, flips and masks (each sample's from (seed, epoch, index))
-    batch_size: Positive = 256  # per process
-    accum_steps: Positive = 1  # micro-batches per optimizer step
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pretraining
+    plot: bool = True  # pretraining: plot.png (loss, lr, throughput); linear probe: lr_grid.png (top-1 per lr)
 
 
 @dataclass
-class PretrainDataConfig:
+class DataConfig:
+    """Images, and what to do with unreadable ones."""
+
+    img_size: int | None = None  # None = the encoder's input size (its position table is fixed)
+    interpolation: Interpolation = "bicubic"  # resampling of the crops and resizes
+    num_workers: int | None = None  # DataLoader workers per process; None = min(8, available CPU cores)
+    max_image_pixels: int | None = 89_478_485  # decompression-bomb guard: larger images are skipped (Pillow's limit)
+    # stop when more than this share of an epoch's (or a split's) images was skipped (none usable always stops)
+    max_skip_fraction: float = 0.5
+
+
+@dataclass
+class PretrainDataConfig(DataConfig):
     """Unlabelled images and the recipe's augmentation."""
 
     # folder (ImageFolder or any tree), .txt file list, tar shards, builtin:samples; null: must be given
     path: str | None = "builtin:samples"
-    img_size: int | None = None  # None = model.encoder.img_size
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range (torchvision default)
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     hflip: float = 0.5  # horizontal flip probability
     # JPEG draft decoding (libjpeg decodes at 1/2, 1/4, 1/8 scale when the crop still covers the output size): faster
     # decoding of large photos, slightly different pixels; off = the references' full decode (milan.data.transforms)
     draft: bool = False
-    num_workers: int | None = None  # DataLoader workers per process; None = min(8, available CPU cores)
-    max_image_pixels: int | None = 89_478_485  # decompression-bomb guard: larger images are skipped (Pillow's limit)
-    # stop the run when more than this share of an epoch's images was skipped (an epoch with none usable always stops)
-    max_skip_fraction: float = 0.5
     num_samples: int | None = None  # tar shards only: images per epoch (folders and lists are counted)
     # cpu: workers decode and augment; device: workers only read the files; JPEGs are decoded in batches on the
     # training device (nvJPEG on CUDA) and augmented there (folders and file lists only, not tar shards)
@@ -169,9 +199,114 @@ class PretrainDataConfig:
 
 
 @dataclass
+class ClassifyDataConfig(DataConfig):
+    """Labelled train / validation images.
+
+    ``train`` and ``val`` are ImageFolder trees (``root/<class>/<image>``) or ``.tar``/``.tar.gz`` archives laid out
+    as ``[<split>/]<class>/<image>``; an archive is unpacked once (the first ``*_per_class`` images of every class,
+    in natural name order) into the cache folder (``$MILAN_CACHE`` or ``~/.cache/milan``); a folder uses the same
+    first ``*_per_class`` images in place.
+    """
+
+    train: str | None = None  # required: ImageFolder tree or archive (null in the presets: the data is yours)
+    val: str | None = None  # required
+    train_per_class: int | None = None  # the first N images per class, in natural name order (None: all)
+    val_per_class: int | None = None
+    # eval: Resize(img_size / crop_pct) + CenterCrop(img_size): 256 -> 224
+    crop_pct: Annotated[float, Range(0, 1, lo_open=True)] = 0.875
+    max_image_pixels: int | None = 178_956_970  # decompression-bomb guard: larger images are skipped (2 x Pillow's)
+
+
+@dataclass
+class FinetuneDataConfig(ClassifyDataConfig):
+    """Labelled train / validation images; the training view is timm's (see ``aug``)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # train RandomResizedCrop area range (torchvision default)
+    hflip: float = 0.5  # horizontal flip probability of the training view
+
+
+@dataclass
+class ProbeDataConfig(FinetuneDataConfig):
+    """Labelled train / validation images; the training view is a random resized crop and a flip."""
+
+    # train crop box: byol = ORIG util/crop.py (one draw, sides clamped to the image, no retries); torchvision =
+    # RandomResizedCrop.get_params (10 tries, then a centre crop; mmpretrain)
+    crop_geometry: CropGeometry = "byol"
+    # JPEG draft decoding of the training view (faster on large photos, slightly different pixels; not in the
+    # references). Evaluation views always decode fully
+    draft: bool = False
+
+
+@dataclass
+class EncoderSource:
+    """Where the encoder comes from."""
+
+    # Any checkpoint milan.checkpoint reads: ours (milan pretrain), mmpretrain / MMSelfSup, original MILAN/MAE, timm.
+    pretrained: str | None = None
+    num_heads: int | None = None  # for files that do not record it (default: the standard ViT table)
+    # Only without `pretrained`: a variant of milan.models.list_models() built with RANDOM weights (smoke tests and
+    # the random-encoder baseline).
+    model_name: str | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentation (timm's implementations, as ORIG ``main_finetune.py``)."""
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy; None disables it
+    color_jitter: NonNegativeFloat | None = None  # only used without auto_augment (timm ignores it otherwise)
+    re_prob: float = 0.25  # random erasing probability
+    re_mode: Literal["pixel", "rand", "const"] = "pixel"
+    re_count: Positive = 1
+    mixup: float = 0.8  # Mixup alpha (0 disables)
+    cutmix: float = 1.0  # CutMix alpha (0 disables)
+    mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
+    switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (not in the MILAN recipe; off by default)."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = False  # timm's decay warm-up: decay_t = min(decay, (1 + t) / (10 + t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass
+class JobConfig:
+    """What every job has: a run folder, a seed, a batch size (and its ``runtime`` and ``log`` sections)."""
+
+    out_dir: str = "runs/milan"  # run folder: config.yaml, log.txt and results (training: metrics, checkpoints)
+    seed: int = 0  # seeds the weights, the crops, flips and masks (each sample's from (seed, epoch, index))
+    batch_size: Positive = 256  # per process
+
+
+@dataclass
+class RunConfig(JobConfig):
+    """What every training job has; the jobs add their model and data sections."""
+
+    accum_steps: Positive = 1  # micro-batches per optimizer step
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: TrainLogConfig = field(default_factory=TrainLogConfig)
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     """A MILAN pretraining run (defaults: the ViT-B/16 ImageNet-1K recipe)."""
 
+    runtime: PretrainRuntimeConfig = field(default_factory=PretrainRuntimeConfig)
+    log: PlotLogConfig = field(default_factory=PlotLogConfig)
+    optim: AdamWConfig = field(default_factory=AdamWConfig)
     # A variant from milan.models.list_models(); fills `model` before the config's explicit `model` values.
     model_name: str | None = "milan_vit_base_patch16"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +324,64 @@ class PretrainConfig(RunConfig):
                 raise ConfigError(f"model_name: unknown variant {name!r}; choose one of {', '.join(list_models())}")
             cfg.model = model_config(name)
         return cfg
+
+
+@dataclass
+class ClassifierConfig(RunConfig):
+    """What the linear probe and fine-tuning share: a pretrained encoder, labelled data, periodic evaluation."""
+
+    encoder: EncoderSource = field(default_factory=EncoderSource)
+    num_classes: Positive | None = None  # None = the number of class folders of data.train
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    eval_every: Positive = 1  # evaluate on data.val every N epochs (and always after the last)
+
+
+@dataclass
+class LinprobeConfig(ClassifierConfig):
+    """A linear-probe run (defaults: the MILAN ViT-B/16 recipe on 8 processes)."""
+
+    out_dir: str = "runs/linprobe"
+    batch_size: Positive = 2048  # per process; x 8 processes = 16384
+    log: PlotLogConfig = field(default_factory=PlotLogConfig)
+    optim: LarsConfig = field(default_factory=LarsConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(epochs=100, warmup_epochs=10.0))
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
+
+
+@dataclass
+class FinetuneConfig(ClassifierConfig):
+    """A fine-tuning run (defaults: the MILAN ViT-B/16 recipe, 8 processes x 128)."""
+
+    out_dir: str = "runs/finetune"
+    batch_size: Positive = 128  # per process; x 8 processes = 1024
+    runtime: TrainRuntimeConfig = field(default_factory=TrainRuntimeConfig)
+    optim: AdamWConfig = field(default_factory=lambda: AdamWConfig(blr=1e-4, betas=(0.9, 0.999)))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(epochs=100, warmup_epochs=5.0, min_lr=1e-6))
+    drop_path_rate: Fraction = 0.1  # ViT-L: 0.2
+    layer_decay: Annotated[float, Range(0, 1, lo_open=True)] = 0.65  # ViT-L: 0.75
+    global_pool: Literal["avg", "token"] = "avg"  # mean of the patch tokens -> new LayerNorm (the recipe)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class KnnConfig(JobConfig):
+    """A weighted k-NN evaluation on frozen features (DINO protocol)."""
+
+    out_dir: str = "runs/knn"
+    batch_size: Positive = 256  # per process, feature extraction
+    encoder: EncoderSource = field(default_factory=EncoderSource)
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)  # both splits in the evaluation view
+    k: list[int] = field(default_factory=lambda: [20])  # several values are evaluated from one top-k search
+    temperature: PositiveFloat = 0.07
+    feature: Literal["cls", "avg"] = "cls"  # CLS token after the final norm, or the mean of the normed patch tokens
+    cache_dir: str | None = "~/.cache/milan/features"  # None disables the feature cache
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    query_chunk: int = 256  # test features per similarity chunk
+    train_chunk: int | None = None  # train features per chunk (None: all at once)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,15 +402,9 @@ class Derived:
 
 
 def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
-    """Computes the effective batch, the absolute lr (``blr * effective batch / 256``) and the step counts.
+    """The effective batch, the absolute lr (``blr * effective batch / 256``) and the step counts.
 
-    Args:
-        cfg: The run config.
-        world_size: Number of processes.
-        batches_per_epoch: Micro-batches per epoch on each process.
-
-    Returns:
-        The derived values.
+    ``batches_per_epoch``: micro-batches per epoch on each of the ``world_size`` processes.
 
     Raises:
         ConfigError: An epoch has fewer micro-batches than ``accum_steps``.
@@ -236,49 +423,29 @@ def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
     return Derived(world_size, effective_batch, lr, steps_per_epoch, total, warmup, stop)
 
 
-def check_run(cfg: RunConfig) -> None:
-    """Value checks shared by every job; raises :class:`ConfigError` naming the key and the fix.
+# ----------------------------------------------------------------------------------------------------------------
+# Value checks: what one field's annotation cannot say. Each raises ConfigError naming the key and the fix.
 
-    The ranges declared on the fields (:mod:`milan.ranges`) are checked here too, for configs built in Python.
-    """
-    check_ranges(cfg)
-    sch = cfg.schedule
-    if sch.warmup_epochs > sch.epochs:
+
+def check_pretrain(cfg: PretrainConfig) -> None:
+    """Value checks of a pretraining config."""
+    _check_run(cfg)
+    _check_compile(cfg.runtime)
+    check_model(cfg.model, prefix="model.")
+    d, enc = cfg.data, cfg.model.encoder
+    if d.img_size is not None and d.img_size != enc.img_size:
         raise ConfigError(
-            f"schedule.warmup_epochs={_num(sch.warmup_epochs)} is longer than schedule.epochs={sch.epochs}: "
-            f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
+            f"data.img_size={d.img_size} differs from model.encoder.img_size={enc.img_size} "
+            "(the position embedding is fixed); set both, or leave data.img_size null"
         )
-    rt = cfg.runtime
-    if not rt.dist_timeout_s > 0:
-        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {rt.dist_timeout_s}")
-    if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
-        raise ConfigError(
-            f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"
-        )
-    if not rt.compile and (rt.compile_mode is not None or rt.compile_teacher):
-        key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
-        raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
-
-
-def check_pretrain_data(d: PretrainDataConfig) -> None:
-    """Value checks of the pretraining data section; raises :class:`ConfigError` naming the key."""
     if d.path is None or not d.path.strip():
         raise ConfigError(
             "data.path is not set: pass data.path=PATH (a folder of images, a .txt list of image paths, or tar shards)"
         )
-    lo, hi = d.scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(d.scale)}")
+    _check_view(d.scale, d.hflip)
     if not 0 < d.ratio[0] <= d.ratio[1]:
         raise ConfigError(f"data.ratio must satisfy 0 < min <= max, got {list(d.ratio)}")
-    if not 0.0 <= d.hflip <= 1.0:
-        raise ConfigError(f"data.hflip is a probability, got {d.hflip}")
-    if d.num_workers is not None and d.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {d.num_workers}")
-    if d.max_image_pixels is not None and d.max_image_pixels < 1:
-        raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {d.max_image_pixels}")
-    if not 0.0 <= d.max_skip_fraction <= 1.0:
-        raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {d.max_skip_fraction}")
+    _check_images(d)
     if d.num_samples is not None and d.num_samples < 1:
         raise ConfigError(f"data.num_samples must be >= 1 or null, got {d.num_samples}")
     if shell_sources([d.path]) and not d.allow_shell_pipes:
@@ -288,82 +455,112 @@ def check_pretrain_data(d: PretrainDataConfig) -> None:
         )
 
 
-def check_pretrain(cfg: PretrainConfig) -> None:
-    """Value checks of a pretraining config; raises :class:`ConfigError` naming the key and the fix."""
-    check_run(cfg)
-    check_model(cfg.model, prefix="model.")
-    enc = cfg.model.encoder
-    if cfg.data.img_size is not None and cfg.data.img_size != enc.img_size:
+def check_linprobe(cfg: LinprobeConfig) -> None:
+    """Value checks of a linear-probe config."""
+    _check_run(cfg)
+    _check_labelled(cfg.data, cfg.encoder)
+    _check_view(cfg.data.scale, cfg.data.hflip)
+    if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
+        raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
+    _check_sources(cfg.data)
+
+
+def check_finetune(cfg: FinetuneConfig) -> None:
+    """Value checks of a fine-tuning config."""
+    _check_run(cfg)
+    _check_compile(cfg.runtime)
+    _check_labelled(cfg.data, cfg.encoder)
+    _check_view(cfg.data.scale, cfg.data.hflip)
+    a = cfg.aug
+    for key in ("re_prob", "mixup_prob", "switch_prob"):
+        if not 0 <= getattr(a, key) <= 1:
+            raise ConfigError(f"aug.{key} is a probability, got {getattr(a, key)}")
+    if a.mixup < 0 or a.cutmix < 0 or not 0 <= a.label_smoothing < 1:
+        raise ConfigError("aug.mixup and aug.cutmix must be >= 0 and aug.label_smoothing in [0, 1)")
+    if (a.mixup > 0 or a.cutmix > 0) and cfg.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
+    if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
+        raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    _check_sources(cfg.data)
+
+
+def check_knn(cfg: KnnConfig) -> None:
+    """Value checks of a k-NN config."""
+    _check_run(cfg)
+    _check_labelled(cfg.data, cfg.encoder)
+    if cfg.query_chunk < 1 or (cfg.train_chunk is not None and cfg.train_chunk < 1):
+        raise ConfigError("batch_size, query_chunk and train_chunk must be >= 1")
+    if not cfg.k or any(k < 1 for k in cfg.k):
+        raise ConfigError(f"k must be a non-empty list of positive ints, got {cfg.k}")
+    _check_sources(cfg.data)
+
+
+def validate(cfg: T) -> T:
+    """``cfg`` checked as if it were read from a file (types and declared ranges): for configs built in Python."""
+    return _from_raw(type(cfg), to_dict(cfg))
+
+
+def _check_run(cfg: RunConfig | KnnConfig) -> None:
+    validate(cfg)
+    if isinstance(cfg, RunConfig) and cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        sch = cfg.schedule
         raise ConfigError(
-            f"data.img_size={cfg.data.img_size} differs from model.encoder.img_size={enc.img_size} "
-            "(the position embedding is fixed); set both, or leave data.img_size null"
+            f"schedule.warmup_epochs={_num(sch.warmup_epochs)} is longer than schedule.epochs={sch.epochs}: "
+            f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
         )
-    check_pretrain_data(cfg.data)
+    if not cfg.runtime.dist_timeout_s > 0:
+        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {cfg.runtime.dist_timeout_s}")
 
 
-def check_ranges(cfg: Any, extra: Mapping[str, Range] | None = None, prefix: str = "") -> None:
-    """Checks every field whose annotation declares a :class:`~milan.ranges.Range`, in nested sections too.
-
-    Args:
-        cfg: A config dataclass instance.
-        extra: More ranges by dotted key (e.g. ``{"optim.momentum": Range(0, 1, hi_open=True)}``), for fields
-            declared without one.
-        prefix: Dotted prefix of ``cfg``'s keys in messages.
-
-    Raises:
-        ConfigError: A value outside its range (the message names the key, the range and a valid value).
-    """
-    defaults = _defaults(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value, tp, key = getattr(cfg, f.name), field_types(type(cfg))[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check_ranges(value, prefix=f"{key}.")
-        else:
-            _check_value(value, tp, key, defaults.get(f.name))
-    for key, rng in (extra or {}).items():
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        rng.check(node, f"{prefix}{key}")
+def _check_compile(rt: TrainRuntimeConfig) -> None:
+    if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"
+        )
+    teacher = isinstance(rt, PretrainRuntimeConfig) and rt.compile_teacher
+    if not rt.compile and (rt.compile_mode is not None or teacher):
+        key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
+        raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
 
 
-def _check_value(value: Any, tp: Any, key: str, default: Any = None) -> None:
-    """The range checks of one (converted) value against its annotation."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        rng = range_of(tuple(tp.__metadata__))
-        if rng is not None:
-            rng.check(value, key, default)
-        _check_value(value, args[0], key, default)
-    elif origin in (Union, types.UnionType):
-        if value is not None:
-            for arg in args:
-                if arg is not type(None) and _matches(value, arg):
-                    _check_value(value, arg, key, default)
-                    return
-    elif origin is tuple and isinstance(value, tuple) and not (len(args) == 2 and args[1] is Ellipsis):
-        for i, (v, a) in enumerate(zip(value, args, strict=False)):
-            d = default[i] if isinstance(default, tuple) and len(default) > i else None
-            _check_value(v, a, f"{key}[{i}]", d)
+def _check_view(scale: tuple[float, float], hflip: float) -> None:
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(scale)}")
+    if not 0.0 <= hflip <= 1.0:
+        raise ConfigError(f"data.hflip is a probability, got {hflip}")
 
 
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether a converted value is of (the base type of) ``tp``: picks the branch of a union to check."""
-    if typing.get_origin(tp) is Annotated:
-        tp = typing.get_args(tp)[0]
-    origin = typing.get_origin(tp) or tp
-    if origin is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(origin, type) and isinstance(value, origin)
+def _check_images(d: DataConfig) -> None:
+    if d.num_workers is not None and d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {d.num_workers}")
+    if d.max_image_pixels is not None and d.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {d.max_image_pixels}")
+    if not 0.0 <= d.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {d.max_skip_fraction}")
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    """The class defaults of a dataclass's plain fields (suggested in range errors)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-    return out
+def _check_labelled(data: ClassifyDataConfig, encoder: EncoderSource) -> None:
+    _check_images(data)
+    for key in ("train_per_class", "val_per_class"):
+        value = getattr(data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be >= 1 or null, got {value}")
+    if encoder.pretrained is None and encoder.model_name is None:
+        raise ConfigError(
+            "encoder.pretrained is not set: pass encoder.pretrained=PATH (a pretraining checkpoint), or "
+            "encoder.model_name=NAME for a randomly initialised encoder (a baseline, not a pretrained model)"
+        )
+
+
+def _check_sources(data: ClassifyDataConfig) -> None:
+    """``data.train`` and ``data.val`` are given (checked last: the presets leave them to the user)."""
+    for key in ("train", "val"):
+        value = getattr(data, key)
+        if value is None or not str(value).strip():
+            raise ConfigError(
+                f"data.{key} is not set: pass data.{key}=PATH (an ImageFolder tree root/<class>/<image>, or a "
+                ".tar/.tar.gz archive of one)"
+            )
 
 
 def _num(value: float) -> str:
@@ -371,7 +568,7 @@ def _num(value: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generic loading, validation and saving
+# Reading, merging, writing
 
 
 @dataclass(frozen=True)
@@ -389,22 +586,21 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
 
     Args:
         cls: The config dataclass.
-        path: A YAML file (a mapping of the dataclass's fields), or the name of a preset installed with the package
-            (``demo_cpu``, ``pretrain/demo_cpu``, ``configs/pretrain/demo_cpu.yaml``; see
-            :func:`milan.train.presets.resolve_preset`); ``None`` for defaults only.
+        path: A YAML file (a mapping of the dataclass's fields), or the name of a preset (see
+            :func:`resolve_preset`); ``None`` for defaults only.
         overrides: ``dotted.key=value`` strings; values are parsed as YAML (``null``, ``[0.2, 1.0]``, ``1e-4``).
-
-    Returns:
-        The validated config.
 
     Raises:
         ConfigError: Unreadable file, unknown key, wrong type or a value outside its declared range (the message
             names the dotted key).
     """
-    raw: dict[str, Any] = read_yaml(resolve_preset(path, _job_of(cls))) if path is not None else {}
-    raw = _deep_merge(raw, parse_overrides(overrides))
+    raw = read_yaml(resolve_preset(path, _job_of(cls))) if path is not None else {}
+    return _from_raw(cls, _merge(raw, parse_overrides(overrides)))
+
+
+def _from_raw(cls: type[T], raw: Mapping[str, Any]) -> T:
     factory = getattr(cls, "defaults_from", None)
-    base = cast(T, factory(raw) if factory is not None else cls())
+    base: T = factory(raw) if factory is not None else cls()
     return update(base, raw)
 
 
@@ -448,21 +644,19 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def update(cfg: T, data: Mapping[str, Any], prefix: str = "") -> T:
-    """A copy of dataclass ``cfg`` with ``data`` merged in (nested mappings merge into nested dataclasses)."""
+    """A copy of dataclass ``cfg`` with ``data`` merged in (nested mappings merge into nested sections)."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"update() needs a dataclass instance, got {type(cfg).__name__}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_describe(data)}")
     hints = field_types(type(cfg))
-    names = [f.name for f in dataclasses.fields(cfg)]
     changes: dict[str, Any] = {}
     for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {dotted!r}{hint}")
-        changes[key] = _convert(value, hints[key], dotted, getattr(cfg, key))
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; known keys: {', '.join(hints)}"
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
+        changes[key] = _convert(value, hints[key], f"{prefix}{key}", getattr(cfg, key))
     return dataclasses.replace(cfg, **changes)
 
 
@@ -483,7 +677,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
-    """Writes the resolved config as YAML (readable back with :func:`load_config`)."""
+    """Writes the resolved config as YAML (readable back with :func:`load_config`), atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
@@ -492,16 +686,34 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """A config dataclass's field annotations in field order, resolved, with their declared ranges (``Annotated``)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def type_name(tp: Any) -> str:
+    """An annotation in words: ``float in [0, 1)``, ``int >= 1 | null``, ``one of 'cpu', 'device'``."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        rng = range_of(tuple(tp.__metadata__))
+        return type_name(typing.get_args(tp)[0]) + (f" {rng}" if rng is not None else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
+    if tp is Ellipsis:
+        return "..."
+    return getattr(tp, "__name__", str(tp))
+
+
+def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """A config dataclass's field annotations, resolved, with their declared ranges (``Annotated``) kept."""
-    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _job_of(cls: type) -> str | None:
@@ -516,116 +728,132 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _accepts_str(tp: Any) -> bool:
-    if tp is str:
-        return True
-    return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
-
-
-def type_name(tp: Any) -> str:
-    """An annotation in words: ``float in [0, 1)``, ``int >= 1 | null``, ``one of 'cpu', 'device'``."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        rng = range_of(tuple(tp.__metadata__))
-        return type_name(typing.get_args(tp)[0]) + (f" {rng}" if rng is not None else "")
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
-    if origin in (tuple, list, dict):
-        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
-    if tp is Ellipsis:
-        return "..."
-    return getattr(tp, "__name__", str(tp))
-
-
-def _plain(value: Any) -> Any:
-    """An untyped (``Any``) value with the command-line values nested in it parsed (``a.b.c=1`` under a dict)."""
-    if isinstance(value, _Override):
-        return value.parsed
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
-    """Validates/coerces one value against annotation ``tp``; raises :class:`ConfigError` naming ``key``."""
+    """``value`` checked against annotation ``tp`` and converted (lists to tuples, ints to floats).
+
+    ``current`` is the value it replaces: a section merges into it, and a range error suggests it.
+    """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    wrong = ConfigError(f"config key {key!r} expects {type_name(tp)}, got {_describe(value)}")
     if isinstance(value, _Override):
         try:
             return _convert(value.parsed, tp, key, current)
         except ConfigError:
-            if _accepts_str(tp):  # e.g. out_dir=2024 or a path with a colon
+            if tp is str or (origin in (Union, types.UnionType) and str in args):  # out_dir=2024, a path with ':'
                 return value.text
             raise
-    if tp is Any:
-        return _plain(value)
-    if origin is Annotated:  # a base type plus a declared range (milan.ranges)
+    wrong = ConfigError(f"config key {key!r} expects {type_name(tp)}, got {_describe(value)}")
+    if origin is Annotated:  # a base type and its declared range
         converted = _convert(value, args[0], key, current)
-        _check_value(converted, tp, key, current)
+        rng = range_of(tuple(tp.__metadata__))
+        if rng is not None:
+            rng.check(converted, key, current)
         return converted
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        base = current if isinstance(current, tp) else tp()
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise wrong
-        return update(base, value, prefix=f"{key}.")
+        return update(current if isinstance(current, tp) else tp(), value, prefix=f"{key}.")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
-            base = typing.get_args(arg)[0] if typing.get_origin(arg) is Annotated else arg
-            try:
-                converted = _convert(value, base, key, current)
+            try:  # the first branch whose base type fits; its range error (if any) is the message
+                _convert(value, typing.get_args(arg)[0] if typing.get_origin(arg) is Annotated else arg, key)
             except ConfigError:
                 continue
-            _check_value(converted, arg, key, current)  # a range error is reported as such, not as a wrong type
-            return converted
+            return _convert(value, arg, key, current)
         raise wrong
     if origin is Literal:
-        for choice in args:
-            if value == choice and type(value) is type(choice):
-                return choice
+        if any(value == choice and type(value) is type(choice) for choice in args):
+            return value
         raise wrong
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise wrong
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(f"config key {key!r} expects {len(args)} values ({type_name(tp)}), got {value!r}")
-            olds = current if isinstance(current, tuple) and len(current) == len(args) else (None,) * len(args)
-            return tuple(
-                _convert(v, a, f"{key}[{i}]", old) for i, (v, a, old) in enumerate(zip(value, args, olds, strict=True))
-            )
-        items = [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise wrong
-        return {str(k): _convert(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
+        if origin is list or args[-1:] == (Ellipsis,):
+            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r} expects {len(args)} values ({type_name(tp)}), got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value) if math.isfinite(float(value)) else value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp not in (bool, int, float, str):
+        raise ConfigError(f"config key {key!r} has an unsupported annotation {tp!r}")  # a bug in a config class
+    if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
         raise wrong
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                raise wrong from None
-            if math.isfinite(number):
-                return number
-        raise wrong
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        raise wrong
-    raise ConfigError(f"config key {key!r} has an unsupported annotation {tp!r}")  # a bug in a config class
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # the milan package folder
+
+
+def presets_dir() -> Path | None:
+    """The folder holding ``<job>/<name>.yaml`` presets (``None`` if this install has none)."""
+    for candidate, marker in ((_PACKAGE / "configs", None), (_PACKAGE.parent / "configs", "pyproject.toml")):
+        if marker is not None and not (candidate.parent / marker).is_file():
+            continue  # outside a clone, a sibling "configs" folder is someone else's
+        if candidate.is_dir() and any(candidate.glob("*/*.yaml")):
+            return candidate
+    return None
+
+
+def list_presets(job: str | None = None) -> list[str]:
+    """Preset names as ``job/name`` (only ``job``'s when given), sorted."""
+    root = presets_dir()
+    if root is None:
+        return []
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob(f"{job or '*'}/*.yaml"))
+
+
+def resolve_preset(path: str | os.PathLike[str], job: str | None = None) -> Path:
+    """The YAML file that ``--config PATH`` names.
+
+    Args:
+        path: An existing file, or a preset: ``name``, ``job/name``, with or without ``.yaml``, optionally
+            starting with ``configs/`` (the repository's paths work outside a clone).
+        job: The job whose presets a bare ``name`` is looked up among first (e.g. ``pretrain``).
+
+    Raises:
+        ConfigError: Neither a file nor a preset (the message lists the job's presets), or a name that several
+            jobs' presets share (the message says how to pick one).
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a folder; pass a YAML file or a preset name")
+    found = _find_preset(p, job)
+    if found is not None:
+        return found
+    known = list_presets(job) or list_presets()
+    names = ", ".join(n.split("/", 1)[1] if job and n.startswith(f"{job}/") else n for n in known)
+    hint = f"; presets: {names}" if names else ""
+    raise ConfigError(f"config file not found: {path} (not a file, nor a preset{hint})")
+
+
+def _find_preset(p: Path, job: str | None) -> Path | None:
+    root = presets_dir()
+    if root is None or p.is_absolute():
+        return None
+    parts = list(p.parts)
+    if "configs" in parts:  # configs/pretrain/demo_cpu.yaml from outside the clone
+        parts = parts[len(parts) - parts[::-1].index("configs") :]
+    if not parts or any(part in ("..", ".") for part in parts):
+        return None
+    name = "/".join(parts).removesuffix(".yaml").removesuffix(".yml")
+    if "/" in name:
+        candidate = root / f"{name}.yaml"
+        return candidate if candidate.is_file() else None
+    if job is not None and (root / job / f"{name}.yaml").is_file():
+        return root / job / f"{name}.yaml"
+    matches = sorted(root.glob(f"*/{name}.yaml"))
+    if len(matches) > 1:
+        jobs = ", ".join(m.parent.name for m in matches)
+        raise ConfigError(f"preset {name!r} exists for {jobs}: name one, e.g. --config {matches[0].parent.name}/{name}")
+    return matches[0] if matches else None

@@ -1,4 +1,4 @@
-"""Top-k accuracy of one or several classifier heads over a (sharded) evaluation loader."""
+"""Top-k accuracy of one or several classifier heads over a (sharded) evaluation loader, counted exactly."""
 
 from __future__ import annotations
 
@@ -7,10 +7,51 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from timm.utils.metrics import accuracy
 
 from milan import distributed as dist
 from milan.data import Batch, SkipReport, eval_batches
-from milan.train.metrics import TopKAccuracy
+
+
+class TopKAccuracy:
+    """Top-k accuracy accumulated as integer counts, so that sums over batches and processes are exact.
+
+    A batch's counts come from :func:`timm.utils.accuracy` (a percentage of the batch, turned back into a count);
+    ``k`` larger than the number of classes counts every sample.
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
+        self.ks = tuple(ks)
+        self.correct = torch.zeros(len(self.ks), dtype=torch.long)
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds a batch of (B, C) logits and (B,) targets."""
+        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(
+                f"expected (B, C) logits and (B,) targets, got {tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
+        n = int(targets.shape[0])
+        percents = accuracy(logits.detach(), targets, topk=self.ks)  # type: ignore[no-untyped-call]
+        self.correct += torch.tensor([round(float(p) * n / 100) for p in percents], dtype=torch.long)
+        self.count += n
+
+    def counts(self) -> torch.Tensor:
+        """(len(ks) + 1,) int64: correct counts per k, then the sample count (to sum across processes)."""
+        return torch.cat([self.correct, torch.tensor([self.count])])
+
+    def load_counts(self, counts: torch.Tensor) -> None:
+        """Replaces the state with summed :meth:`counts` (e.g. after an all-reduce)."""
+        self.correct = counts[:-1].long().cpu()
+        self.count = int(counts[-1])
+
+    def compute(self) -> dict[str, float]:
+        """``{"top1": %, "top5": %, ...}`` in percent; NaN when empty."""
+        n = max(self.count, 1)
+        return {
+            f"top{k}": (100.0 * float(c) / n if self.count else float("nan"))
+            for k, c in zip(self.ks, self.correct.tolist(), strict=True)
+        }
 
 
 @torch.no_grad()
@@ -54,8 +95,7 @@ def evaluate_heads(
             raise ValueError(f"forward returned {logits.shape[0]} heads, expected {num_heads}")
         for meter, head_logits in zip(meters, logits.float(), strict=True):
             meter.update(head_logits, batch.labels.to(device))
-    counts = torch.stack([m.counts() for m in meters]).to(device)  # (K, len(ks) + 1)
-    counts = dist.all_reduce_sum(counts).cpu()
+    counts = dist.all_reduce_sum(torch.stack([m.counts() for m in meters]).to(device)).cpu()  # (K, len(ks) + 1)
     for meter, row in zip(meters, counts, strict=True):
         meter.load_counts(row)
     return [{**m.compute(), "count": float(m.count)} for m in meters]

@@ -10,6 +10,8 @@
   differ: here a change of lr only affects new contributions to the buffer.
 
 Both read ``group["lr"]`` afresh at every step, so the usual per-step schedule (and per-group ``lr_scale``) works.
+Our own, because timm's ``Lars`` is neither: its trust ratio divides by ``||g|| + wd * ||p||`` for every parameter
+(not ``||g + wd * p||`` for weights only) and it keeps the lr out of the momentum buffer.
 """
 
 from __future__ import annotations
@@ -64,14 +66,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Performs one optimisation step.
-
-        Args:
-            closure: Re-evaluates the model and returns the loss (optional).
-
-        Returns:
-            The closure's loss, if a closure was given.
-        """
+        """One optimisation step; returns the loss of ``closure`` (which re-evaluates the model), if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -50,6 +50,7 @@ from milan.train.checkpointing import (
     Checkpointer,
     CheckpointWriteError,
     build_checkpoint,
+    is_sharded,
     load_training_checkpoint,
     restore_checkpoint,
 )
@@ -181,7 +182,7 @@ class Trainer:
             run_dir, enabled=dist.is_main(), total_steps=derived.stop_step, start_step=self.state.step,
             steps_per_epoch=derived.steps_per_epoch, every_steps=cfg.log.every_steps, progress=cfg.log.progress,
             tensorboard=cfg.log.tensorboard, flops_per_image=flops_per_image, world_size=derived.world_size,
-            device=device, peak_flops=peak_flops(device, cfg.runtime.peak_tflops),
+            device=device, peak_flops=peak_flops(device, getattr(cfg.runtime, "peak_tflops", None)),  # pretraining's
         )  # fmt: skip
         if dist.is_main():
             save_config(self._config, run_dir / "config.yaml")
@@ -235,7 +236,7 @@ class Trainer:
             CheckpointWriteError: On every process, when the main one could not write (e.g. no space left).
         """
         failed: str | None = None
-        if dist.is_main() or _is_sharded(self.model):  # FSDP2 gathers the full state on every process
+        if dist.is_main() or is_sharded(self.model):  # FSDP2 gathers the full state on every process
             extra = {"eval_history": list(self.eval_history)} if self.evaluation is not None else {}
             extra.update(self.extra_state() if self.extra_state is not None else {})
             ckpt = build_checkpoint(
@@ -474,12 +475,6 @@ def protect_workers(loader: Any) -> None:
     init = loader.worker_init_fn
     if not (isinstance(init, functools.partial) and init.func is _ignore_stop_signals):  # not twice
         loader.worker_init_fn = functools.partial(_ignore_stop_signals, init)
-
-
-def _is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(dist.unwrap(module), FSDPModule)
 
 
 def _epoch_batches(loader: Iterable[Any], state: TrainState) -> Iterable[Any]:

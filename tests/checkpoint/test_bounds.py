@@ -21,7 +21,7 @@ from milan.checkpoint.arch import EncoderArch
 from milan.cli import main
 from milan.jobs.encoder import load_pretrained_encoder
 from milan.models.factory import TeacherConfig, build_teacher
-from milan.train.eval_config import EncoderSource
+from milan.train.config import EncoderSource
 from tests.checkpoint.lying import ExpandedBuffer, encoder_state, rewrite_zip
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -140,7 +140,7 @@ def test_pretrain_on_shards_with_a_truncated_one(tmp_path: Path, corpus: Path) -
 
 def test_knn_and_linprobe_on_the_corpus(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = [f"data.train={corpus}", f"data.val={corpus}", "data.num_workers=0", "runtime.device=cpu",
-              "encoder.model_name=milan_test_tiny", "log.progress=false", "log.tensorboard=false"]  # fmt: skip
+              "encoder.model_name=milan_test_tiny", "log.progress=false"]  # fmt: skip
     usable = 2 * (GOOD + ODD)
     assert cli(["knn", *common, f"out_dir={tmp_path / 'knn'}", "batch_size=4", "cache_dir=null", "k=[3]"]) == 0
     result = json.loads((tmp_path / "knn" / "results.json").read_text())
@@ -153,7 +153,7 @@ def test_knn_and_linprobe_on_the_corpus(tmp_path: Path, corpus: Path, capsys: py
     assert f"train: found {2 * PER_CLASS} images (2 classes) in {corpus} (ignored 2 files" in out
 
     probe = [*common, f"out_dir={tmp_path / 'probe'}", "batch_size=2", "schedule.epochs=1",
-             "schedule.warmup_epochs=0", "log.plot=false", "optim.lr=0.1"]  # fmt: skip
+             "schedule.warmup_epochs=0", "log.tensorboard=false", "log.plot=false", "optim.lr=0.1"]  # fmt: skip
     assert cli(["linprobe", *probe]) == 0
     (epoch,) = read_metrics(tmp_path / "probe" / "metrics.jsonl", "epoch")
     assert epoch["data"]["seen"] == 2 * PER_CLASS
@@ -181,7 +181,7 @@ def test_knn_and_linprobe_on_the_corpus(tmp_path: Path, corpus: Path, capsys: py
 
 def test_finetune_on_the_corpus(tmp_path: Path, corpus: Path) -> None:
     args = [f"data.train={corpus}", f"data.val={corpus}", "data.num_workers=0", "runtime.device=cpu",
-            "encoder.model_name=milan_test_tiny", "log.progress=false", "log.tensorboard=false", "log.plot=false",
+            "encoder.model_name=milan_test_tiny", "log.progress=false", "log.tensorboard=false",
             f"out_dir={tmp_path / 'ft'}", "batch_size=2", "schedule.epochs=1", "schedule.warmup_epochs=0"]  # fmt: skip
     assert cli(["finetune", *args]) == 0
     (epoch,) = read_metrics(tmp_path / "ft" / "metrics.jsonl", "epoch")

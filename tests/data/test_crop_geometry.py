@@ -23,8 +23,7 @@ from torchvision.transforms import functional as TF
 import milan.jobs.linprobe as linprobe_module
 from milan.data import open_image, pretrain_transform
 from milan.data.transforms import RandomResizedCropDecode, byol_crop_box, crop_box
-from milan.train.config import load_config
-from milan.train.eval_config import ClassifyDataConfig, LinprobeConfig
+from milan.train.config import LinprobeConfig, ProbeDataConfig, load_config
 
 from .conftest import encode, noisy_rgb
 
@@ -121,7 +120,7 @@ def test_the_decode_stage_crops_the_box_of_its_geometry() -> None:
 
 
 def test_the_linear_probe_uses_the_geometry_its_config_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ClassifyDataConfig().crop_geometry == "byol"  # the original's, which the preset cites
+    assert ProbeDataConfig().crop_geometry == "byol"  # the original's, which the preset cites
     assert LinprobeConfig().data.draft is False
 
     class Built(Exception):  # stops the job once its training view is built

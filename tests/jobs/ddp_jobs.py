@@ -18,8 +18,7 @@ from milan import distributed as dist
 from milan.jobs.evaluate import evaluate_checkpoint
 from milan.jobs.knn import knn
 from milan.jobs.linprobe import linprobe
-from milan.train.config import load_config
-from milan.train.eval_config import KnnConfig, LinprobeConfig
+from milan.train.config import KnnConfig, LinprobeConfig, load_config
 
 
 def gather_cases(rank: int) -> dict[str, torch.Tensor]:

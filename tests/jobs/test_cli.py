@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from milan.cli import main
-from milan.train.config import load_config
-from milan.train.eval_config import FinetuneConfig, KnnConfig, LinprobeConfig, check_finetune, check_knn, check_linprobe
+from milan.train.config import (
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    check_finetune,
+    check_knn,
+    check_linprobe,
+    load_config,
+)
 from tests.jobs.conftest import job_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

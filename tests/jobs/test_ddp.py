@@ -13,8 +13,7 @@ import torch
 
 from milan.jobs.evaluate import evaluate_checkpoint
 from milan.jobs.knn import knn
-from milan.train.config import load_config
-from milan.train.eval_config import KnnConfig
+from milan.train.config import KnnConfig, load_config
 from tests.jobs.conftest import job_overrides
 from tests.jobs.ddp_jobs import gather_cases
 

@@ -16,8 +16,7 @@ from milan.jobs.finetune import finetune
 from milan.jobs.knn import encoder_features, knn
 from milan.jobs.linprobe import linprobe
 from milan.knn import knn_scores
-from milan.train.config import load_config
-from milan.train.eval_config import FinetuneConfig, KnnConfig, LinprobeConfig
+from milan.train.config import FinetuneConfig, KnnConfig, LinprobeConfig, load_config
 from milan.train.logging import read_metrics
 from tests.jobs.conftest import job_overrides
 

@@ -8,6 +8,7 @@ from milan.models.classifier import LinearProbe
 from milan.models.lr_grid import LinearProbeGrid, grid_cross_entropy
 from milan.models.vit import VisionTransformer
 from milan.train.lars import LARS
+from milan.train.optim import param_groups
 
 
 def _encoder():
@@ -27,7 +28,8 @@ def test_grid_equals_separate_probes(variant):
         probe.head.fc.load_state_dict(grid.fcs[i].state_dict())
         probes.append(probe.train())
     base_lr = 0.3
-    opt = LARS(grid.param_groups(), lr=base_lr, variant=variant)
+    groups = [{**g, "lr_scale": s} for fc, s in zip(grid.fcs, scales, strict=True) for g in param_groups(fc, 0.0)]
+    opt = LARS(groups, lr=base_lr, variant=variant)  # as milan linprobe groups the heads
     opts = [LARS(p.head.parameters(), lr=base_lr * s, variant=variant) for p, s in zip(probes, scales, strict=True)]
     for _ in range(3):
         x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))

@@ -14,8 +14,7 @@ import pytest
 from milan.cli import main
 from milan.jobs.linprobe import linprobe
 from milan.train.checkpointing import load_training_checkpoint
-from milan.train.config import load_config
-from milan.train.eval_config import LinprobeConfig
+from milan.train.config import LinprobeConfig, load_config
 from milan.train.loop import RunInterrupted
 from tests.jobs.conftest import job_overrides
 from tests.train.test_kill_resume import last_step

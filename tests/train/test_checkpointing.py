@@ -95,8 +95,7 @@ def test_resume_falls_back_past_a_damaged_newest_file(tmp_path: Path) -> None:
     assert skipped == [
         (c.last, f"cannot read checkpoint {c.last}: truncated or corrupt zip archive (File is not a zip file)")
     ]
-    assert c.latest_valid() is not None and c.latest_valid()[0] == path  # type: ignore[index]
-    assert Checkpointer(tmp_path / "empty").latest_valid() is None
+    assert Checkpointer(tmp_path / "empty").scan() == (None, [])
 
 
 def test_the_previous_last_pt_is_the_fallback_for_mid_epoch_saves(tmp_path: Path) -> None:
@@ -212,3 +211,17 @@ def test_rng_state_round_trip() -> None:
     a = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
     set_rng_state(state)
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == a
+
+
+def test_restore_keeps_this_runs_optimizer_settings_and_groups() -> None:
+    """Before: the groups' settings came from the checkpoint, so a resume with optim.weight_decay=... changed nothing
+    (while saying 'changed'), and a checkpoint whose groups were laid out differently could not be restored."""
+    model, opt = trained_pair(0)
+    ckpt = build_checkpoint(model, opt, TrainState(), {})
+    fresh, _ = trained_pair(1)
+    decay, rest = [fresh[0].weight, fresh[2].weight], [fresh[0].bias, fresh[1].weight, fresh[1].bias, fresh[2].bias]
+    regrouped = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2}, {"params": rest, "weight_decay": 0.0}])
+    restore_checkpoint(ckpt, fresh, regrouped)
+    assert [g["weight_decay"] for g in regrouped.param_groups] == [0.2, 0.0]
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], regrouped.state[q]["exp_avg_sq"])

@@ -52,7 +52,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted(
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    found = Checkpointer(run).latest_valid()
+    found, _ = Checkpointer(run).scan()
     assert found is not None
     killed_at = found[1]["state"]
     assert 0 < killed_at["batch_in_epoch"] < 16 and killed_at["epoch"] == 0  # a mid-epoch position

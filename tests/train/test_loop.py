@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from milan.data import Batch, SkipReport
 from milan.jobs.pretrain import milan_step
 from milan.models import create_model
-from milan.train.config import OptimConfig
+from milan.train.config import AdamWConfig
 from milan.train.loop import NonFiniteLossError, StepOutput, TrainState, train_one_epoch
 from milan.train.optim import build_adamw, param_groups
 from milan.train.schedule import CosineSchedule
@@ -56,7 +56,7 @@ def test_smoke_steps_update_every_trainable_param_and_never_the_teacher() -> Non
     assert model.teacher is not None
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
-    opt = build_adamw(param_groups(model.student, 0.05), OptimConfig(), 1e-2, CPU)
+    opt = build_adamw(param_groups(model.student, 0.05), AdamWConfig(), 1e-2, CPU)
     log = Recorder()
     state = run(model, milan_batches(3, 4), opt, logger=log)
     assert state.step == 3 and state.images_seen == 12 and state.batch_in_epoch == 3
@@ -120,7 +120,7 @@ def test_a_classifier_step_trains_through_the_same_loop() -> None:
     x = torch.randn(64, 8)
     y = (x[:, 0] > 0).long()
     model = nn.Linear(8, 2)
-    opt = build_adamw(param_groups(model, 0.0), OptimConfig(), 0.1, CPU)
+    opt = build_adamw(param_groups(model, 0.0), AdamWConfig(), 0.1, CPU)
 
     def step_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
         xb, yb = batch
@@ -157,7 +157,7 @@ def test_the_fp16_scaler_path_gives_the_same_update() -> None:
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
         torch.manual_seed(0)
         model = create_model("milan_test_tiny")
-        opt = build_adamw(param_groups(model.student, 0.05), OptimConfig(), 1e-2, CPU)
+        opt = build_adamw(param_groups(model.student, 0.05), AdamWConfig(), 1e-2, CPU)
         run(model, milan_batches(2, 4), opt, scaler=scaler, clip_grad=1.0)
         results.append(model.student.state_dict())
         if scaler is not None:

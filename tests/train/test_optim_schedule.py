@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from milan.models import create_model
-from milan.train.config import ConfigError, OptimConfig
+from milan.train.config import AdamWConfig, ConfigError
 from milan.train.optim import build_adamw, fused_adamw_supported, no_weight_decay, param_groups
 from milan.train.schedule import CosineSchedule
 
@@ -64,7 +64,7 @@ def test_teacher_is_never_optimised() -> None:
     assert model.teacher is not None
     names = set().union(*groups_by_name(param_groups(model, 0.05)).values())
     assert not any(n.startswith("teacher.") for n in names)
-    opt = build_adamw(param_groups(model.student, 0.05), OptimConfig(), 1e-3, torch.device("cpu"))
+    opt = build_adamw(param_groups(model.student, 0.05), AdamWConfig(), 1e-3, torch.device("cpu"))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not in_opt & {id(p) for p in model.teacher.parameters()}
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
@@ -105,10 +105,10 @@ def test_fused_adamw_by_default_where_torch_has_it() -> None:
     cpu = torch.device("cpu")
     assert fused_adamw_supported(model.student.parameters())  # torch >= 2.4: CPUs have the kernel
     for fused, expected in ((None, True), (True, True), (False, False)):
-        opt = build_adamw(param_groups(model.student, 0.05), OptimConfig(fused=fused), 1e-3, cpu)
+        opt = build_adamw(param_groups(model.student, 0.05), AdamWConfig(fused=fused), 1e-3, cpu)
         assert [g["fused"] for g in opt.param_groups] == [expected, expected]
     assert not fused_adamw_supported([torch.zeros(2, dtype=torch.long)]) and not fused_adamw_supported([])
     meta = [{"params": [nn.Parameter(torch.empty(2, 2, device="meta"))]}]  # no fused kernel for this device
-    assert build_adamw(meta, OptimConfig(), 1e-3, torch.device("meta")).param_groups[0]["fused"] is False
+    assert build_adamw(meta, AdamWConfig(), 1e-3, torch.device("meta")).param_groups[0]["fused"] is False
     with pytest.raises(ConfigError, match=r"optim\.fused=true.*no fused AdamW"):
-        build_adamw(meta, OptimConfig(fused=True), 1e-3, torch.device("meta"))
+        build_adamw(meta, AdamWConfig(fused=True), 1e-3, torch.device("meta"))

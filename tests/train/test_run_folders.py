@@ -239,3 +239,25 @@ def test_an_unwritable_output_folder_is_one_line(
         assert "cannot create the run folder" in capsys.readouterr().err
     finally:
         folder.chmod(0o700)
+
+
+def test_a_process_group_is_torn_down_by_its_owner_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One owner rule for start_run and milan evaluate: a job inside a job leaves the caller's group alone."""
+    import socket
+
+    import milan.distributed as dist
+    from milan.train.run import process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "launched", lambda: True)  # a torchrun launch of one process
+    with process_group("cpu", timeout_s=60) as device:
+        assert device.type == "cpu" and dist.is_enabled()
+        with process_group("cpu"):  # e.g. milan evaluate's run() around evaluate_checkpoint()
+            assert dist.is_enabled()
+        assert dist.is_enabled()
+    assert not dist.is_enabled()

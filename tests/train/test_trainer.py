@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from milan.data import BadSample, Batch, SkipReport
 from milan.train.checkpointing import load_training_checkpoint
-from milan.train.config import RunConfig, derive, load_config
+from milan.train.config import AdamWConfig, RunConfig, derive, load_config
 from milan.train.logging import read_metrics
 from milan.train.loop import data_step
 from milan.train.optim import build_adamw, param_groups
@@ -63,7 +63,7 @@ class Job:
         report = SkipReport()
         self.trainer = Trainer(
             self.cfg, d, run_dir, model=self.model, train_module=self.model,
-            optimizer=build_adamw(param_groups(self.model, 0.0), self.cfg.optim, d.lr, CPU),
+            optimizer=build_adamw(param_groups(self.model, 0.0), AdamWConfig(), d.lr, CPU),
             step_fn=data_step(forward, self.model, CPU, report), loader=self.data, sampler=None, report=report,
             device=CPU, dtype=torch.float32, resume_from=resume_from, extra_state=extra_state,
             load_extra_state=load_extra,
