@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from milan import distributed as dist
-from milan.checkpoint import load_classifier, read_checkpoint
+from milan.checkpoint import load_classifier, read_checkpoint, resolve_spec
 from milan.checkpoint.io import CheckpointError
-from milan.checkpoint.spec import resolve_spec
 from milan.data import DataError, SkipReport, describe_found, eval_transform
 from milan.data.labelled import eval_loader, folder_by_names, resolve_split
 from milan.models.classifier import FinetuneClassifier, LinearProbe
