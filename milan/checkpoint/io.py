@@ -619,18 +619,6 @@ def _size(n: int) -> str:
 # archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript archives (OpenAI's CLIP files are ones).
 
 
-class ScriptObject:
-    """Inert stand-in for an instance of a TorchScript class; ``state`` is what the archive pickled for it."""
-
-    qualified_name = ""
-
-    def __init__(self, *args: Any) -> None:
-        self.state: Any = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
 @dataclass(frozen=True)
 class _StorageType:
     dtype: torch.dtype
@@ -667,22 +655,19 @@ _SCRIPT_HELPERS: dict[tuple[str, str], Any] = {  # what TorchScript pickles call
 class _ArchiveUnpickler(pickle.Unpickler):
     """Unpickles a TorchScript ``data.pkl`` without importing or calling anything it names.
 
-    ``__torch__.*`` classes become inert :class:`ScriptObject` s, storages come from the raw records, the helpers
-    above are allowed and any other global is refused.
+    Instances of ``__torch__.*`` classes become :class:`Inert` records (their state holds their parameters, buffers
+    and submodules), storages come from the raw records, the helpers above are allowed and any other global is
+    refused.
     """
 
     def __init__(self, data: bytes, zf: zipfile.ZipFile, prefix: str, path: Path) -> None:
         super().__init__(io.BytesIO(data))
         self._zf, self._prefix, self._path = zf, prefix, path
         self._storages: dict[str, torch.Tensor] = {}
-        self._classes: dict[str, type[ScriptObject]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith("__torch__.") or module == "__torch__":
-            qualified = f"{module}.{name}"
-            if qualified not in self._classes:
-                self._classes[qualified] = type(name, (ScriptObject,), {"qualified_name": qualified})
-            return self._classes[qualified]
+            return standin(module, name)
         if module == "torch" and name.endswith("Storage"):
             return _StorageType(_dtype(name))
         allowed = _SCRIPT_HELPERS.get((module, name))
@@ -770,10 +755,10 @@ def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]
     if isinstance(obj, torch.Tensor):
         out[prefix] = obj
         return
-    if not isinstance(obj, ScriptObject) or id(obj) in seen:
+    if not isinstance(obj, Inert) or id(obj) in seen:
         return
     seen.add(id(obj))
-    state = obj.state
+    state = obj.state if obj.state is not None else obj.args
     if isinstance(state, tuple) and len(state) == 1 and isinstance(state[0], dict):
         state = state[0]
     if isinstance(state, dict):

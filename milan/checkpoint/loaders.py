@@ -1,40 +1,19 @@
 """Our models from any supported checkpoint: right-sized from the shapes, loaded strictly, stored pos-embeds kept.
 
-Teachers: the format is detected and the architecture inferred from the shapes (:func:`load_teacher`).
-Supported (all from local paths, nothing is downloaded):
+Teachers (:func:`load_teacher`) come from local files only, in every format of :mod:`milan.checkpoint.formats`:
+OpenAI's TorchScript archive (read without running it) or state dicts, OpenCLIP, Hugging Face CLIP folders, and any
+timm ``VisionTransformer`` (bring your own teacher: pass ``model_name``, e.g. ``"vit_base_patch14_reg4_dinov2"``, to
+build it with timm's exact settings, or let the architecture be inferred; ``head=False`` drops a classifier head).
+What a format cannot record is assumed with a warning (:mod:`milan.checkpoint.keymaps`). The output width is the
+Linear ``head``'s width, else ``embed_dim``; register tokens are dropped from the features and the CLS attention is
+taken over the patch keys. Not supported: towers without a class token (SigLIP: MILAN's masking needs the CLS
+query's attention) and non-standard blocks (EVA / EVA-02 rotary blocks; a ``TypeError`` says so).
 
-1. OpenAI's TorchScript archive (``ViT-B-16.pt``): read without running TorchScript
-   (:func:`milan.checkpoint.io.read_torchscript`); the activation is the one its module tree names (QuickGELU for
-   OpenAI's files), LayerNorm eps 1e-5, ``width // 64`` heads.
-2. A plain state dict with OpenAI key names (MMSelfSup's ``clip_vit_base_16.pth.tar``). Its keys do not tell
-   QuickGELU (OpenAI's weights, the paper's teacher) from GELU (CLIPs trained by OpenCLIP, e.g.
-   ``open_clip.create_model('ViT-B-16').state_dict()``): QuickGELU is used and a warning says so; pass
-   ``act="gelu"`` (config ``model.teacher.act=gelu``, CLI ``--act gelu``) for a GELU model, or put its
-   ``open_clip_config.json`` next to it. Eps 1e-5 and ``width // 64`` heads as above.
-3. OpenCLIP checkpoints (``.bin`` / ``.pt`` / ``.safetensors``, training checkpoints with ``module.`` too), native
-   (OpenAI key names) or timm-backed (``visual.trunk.*``). OpenCLIP models differ in activation: OpenAI-pretrained
-   and ``*-quickgelu`` models use QuickGELU, most LAION/DataComp models GELU. Put the hub's
-   ``open_clip_config.json`` next to the weights (it is read), or pass ``act="quick_gelu"`` / ``act="gelu"``; an
-   OpenCLIP training checkpoint without either is read with GELU (open_clip's default), with a warning.
-4. A Hugging Face transformers CLIP folder (``config.json`` + weights; ``hidden_act``, ``layer_norm_eps`` and
-   ``num_attention_heads`` come from the config) or its weights file alone (transformers' CLIP defaults, QuickGELU,
-   with a warning).
-5. Bring your own teacher: any timm ``VisionTransformer`` checkpoint. Pass ``model_name`` (e.g.
-   ``"vit_base_patch14_reg4_dinov2"``) to build it with timm's exact settings, or let the architecture be inferred
-   (timm defaults: GELU, eps 1e-6, ``width // 64`` heads; a CLIP tower, recognised by CLIP's ``norm_pre``, gets
-   QuickGELU as OpenAI's CLIP and eps 1e-5, with a warning). DINOv2's original layout is converted by timm's rules.
-   The output width is the Linear ``head``'s width if the checkpoint has one (``head=False`` drops a classifier
-   head), else ``embed_dim``; the MILAN decoder then predicts that width (``build_milan`` reads ``teacher.out_dim``).
-   Register tokens are handled (their features are dropped, the CLS attention is taken over patch keys only).
-   Not supported: towers without a class token (SigLIP: MILAN's masking needs the CLS query's attention; use a
-   CLS-token model) and non-standard blocks (EVA / EVA-02 use rotary embeddings in their own block class; a
-   ``TypeError`` says so).
-
-Grid matching: MILAN needs the teacher's patch grid to equal the student's. A /14 or /32 teacher can be run at
-another resolution: ``img_size`` (or ``grid_size``) resamples its position table (bicubic, timm's
-``resample_abs_pos_embed``) and resizes the images it is given to that resolution (bicubic, antialiased). E.g. a
-ViT-B/16 student at 224 px (14 x 14) with a CLIP ViT-L/14 teacher: ``grid_size=14`` runs the teacher at 196 px.
-This is an approximation of the teacher's native behaviour; a teacher with the student's patch size is exact.
+Grid matching: MILAN needs the teacher's patch grid to equal the student's. ``img_size`` (or ``grid_size``) runs a
+teacher at another resolution: its position table is resampled (bicubic, timm's ``resample_abs_pos_embed``) and the
+images it is given are resized (bicubic, antialiased). E.g. a ViT-B/16 student at 224 px (14 x 14) with a CLIP
+ViT-L/14 teacher: ``grid_size=14`` runs the teacher at 196 px, an approximation of its native behaviour (a teacher
+with the student's patch size is exact).
 
 Pretraining builds its model with :func:`model_from_config`, which reads ``model.teacher.checkpoint`` when it is set.
 
@@ -85,7 +64,7 @@ def load_teacher(
     head: bool = True,
     spec: TowerSpec | None = None,
 ) -> Teacher:
-    """Loads a frozen teacher from a local weights file or folder (see the module docstring for the formats).
+    """Loads a frozen teacher from a local weights file or folder (see the module docstring).
 
     Args:
         path: Weights file, Hugging Face / OpenCLIP folder, or any of our checkpoints holding a teacher.
@@ -101,9 +80,6 @@ def load_teacher(
         head: Keep a timm checkpoint's Linear head as the output projection.
         spec: Build exactly this tower instead of the inferred one, e.g. the ``teacher_spec`` that training
             checkpoints store (the file then only provides the weights).
-
-    Returns:
-        The teacher (frozen, eval mode).
 
     Raises:
         CheckpointError: Unreadable file, unrecognised layout, or weights that do not fit the inferred architecture
@@ -138,15 +114,8 @@ def teacher_from_checkpoint(
 ) -> Teacher:
     """Builds the teacher held by a canonical checkpoint (a teacher, a MILAN checkpoint with one, or a timm ViT).
 
-    Args:
-        ck: From :func:`milan.checkpoint.read_checkpoint`.
-        input_norm: Teacher input normalisation.
-        grid_size: Run at ``grid_size * patch_size`` pixels.
-        resize_input: Resize inputs of another size to the teacher's resolution.
-        spec: The tower to build (default: the one inferred from ``ck``); ``ck`` then only provides the weights.
-
-    Returns:
-        The teacher.
+    ``grid_size`` runs it at ``grid_size * patch_size`` pixels; ``resize_input`` resizes inputs of another size; a
+    ``spec`` is built instead of the inferred tower (``ck`` then only provides the weights).
     """
     if ck.kind == "encoder":  # a plain timm ViT (or one of our encoders) brought as the teacher
         tower_sd, inferred = timm_tower(ck.state_dict, num_heads=ck.hints.get("num_heads"), **ck.tower_options)
@@ -199,14 +168,9 @@ def warn_assumed_heads(ck: Checkpoint, *, decoder: bool = False) -> None:
 
 
 def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """The student encoder of a canonical checkpoint (for a fine-tuned classifier: without its final norm).
+    """The student encoder of a canonical checkpoint, with its stored weights and position table.
 
-    Args:
-        ck: From :func:`~milan.checkpoint.formats.read_checkpoint`.
-        drop_path_rate: Stochastic depth of the built encoder (fine-tuning).
-
-    Returns:
-        The encoder with the stored weights, including the stored position table.
+    A fine-tuned classifier's encoder has no final norm; ``drop_path_rate`` is for fine-tuning.
     """
     warn_assumed_heads(ck)
     arch = ck.encoder_arch()
@@ -223,13 +187,7 @@ def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> V
 def load_encoder(src: Source, *, fmt: str = "auto", num_heads: int | None = None) -> VisionTransformer:
     """Loads the student encoder from any checkpoint that holds one (pretraining, classifier, timm ViT).
 
-    Args:
-        src: Path, folder or an already read :class:`Checkpoint`.
-        fmt: Source format (``auto`` detects it).
-        num_heads: Encoder heads when the file does not record them (default: the standard ViT table).
-
-    Returns:
-        The encoder with the stored weights, including the stored position table.
+    ``num_heads``: the encoder's heads when the file does not record them (default: the standard ViT table).
     """
     return encoder_from_checkpoint(_checkpoint(src, fmt=fmt, num_heads=num_heads))
 
@@ -239,14 +197,8 @@ def load_student(
 ) -> MaskedStudent:
     """Loads the trainable part of MILAN (encoder + decoder) from a pretraining checkpoint.
 
-    Args:
-        src: mmpretrain / MMSelfSup MILAN, original MILAN (MAE format) or our checkpoint.
-        fmt: Source format.
-        num_heads: Encoder heads (see :func:`load_encoder`).
-        decoder_num_heads: Decoder heads (default ``width // 32``: 16 for MILAN's 512-wide decoder).
-
-    Returns:
-        The student.
+    mmpretrain / MMSelfSup, original MILAN or ours; ``decoder_num_heads`` defaults to ``width // 32`` (16 for
+    MILAN's 512-wide decoder).
     """
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     warn_assumed_heads(ck, decoder=True)
@@ -281,9 +233,6 @@ def load_milan(
         teacher_num_heads: Heads of the teacher stored in ``src``.
         **milan_kwargs: :class:`~milan.models.MILAN` options (``mask_ratio``, ``masking``, ``loss_on`` ...); by
             default those stored in the checkpoint's config, else MILAN's defaults.
-
-    Returns:
-        The model.
     """
     ck = _checkpoint(
         src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads, teacher_num_heads=teacher_num_heads
@@ -331,11 +280,6 @@ def load_classifier(
     src: Source, *, fmt: str = "auto", num_heads: int | None = None
 ) -> LinearProbe | FinetuneClassifier:
     """Loads a linear probe or fine-tuned classifier (mmpretrain ``ImageClassifier``, original MILAN/MAE, ours).
-
-    Args:
-        src: Path, folder or :class:`Checkpoint`.
-        fmt: Source format.
-        num_heads: Encoder heads.
 
     Returns:
         A :class:`~milan.models.classifier.LinearProbe` (BN + linear on the normed CLS token) or a

@@ -219,18 +219,7 @@ def check_model(cfg: ModelConfig, prefix: str = "") -> None:
 
 def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
     """Builds the student encoder."""
-    return VisionTransformer(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        drop_path_rate=cfg.drop_path_rate,
-        pos_embed_layout=cfg.pos_embed_layout,
-    )
+    return VisionTransformer(**dataclasses.asdict(cfg))  # the config's fields are the constructor's arguments
 
 
 def build_decoder(
@@ -240,16 +229,8 @@ def build_decoder(
     if cfg.kind not in ("prompting", "mae"):
         raise ValueError(f"model.decoder.kind must be 'prompting' or 'mae', got {cfg.kind!r}")
     decoder_cls = PromptingDecoder if cfg.kind == "prompting" else MAEDecoder
-    return decoder_cls(
-        grid_size,
-        in_dim=in_dim,
-        out_dim=out_dim,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        pos_embed_layout=pos_embed_layout,
-    )
+    shape = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "kind"}  # embed_dim, depth, num_heads, ...
+    return decoder_cls(grid_size, in_dim, out_dim, pos_embed_layout=pos_embed_layout, **shape)
 
 
 def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
@@ -280,61 +261,33 @@ def _vit(size: str, patch_size: int = 16) -> EncoderConfig:
     return EncoderConfig(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
 
 
-_CLIP_B16 = TeacherConfig()  # OpenAI CLIP ViT-B/16 image tower, 512-d output
-_CLIP_L14 = TeacherConfig(width=1024, depth=24, num_heads=16, patch_size=14, out_dim=768)
+def _clip(size: str, patch_size: int, out_dim: int) -> TeacherConfig:
+    width, depth, heads = VIT_ARCHS[size]
+    return TeacherConfig(width=width, depth=depth, num_heads=heads, patch_size=patch_size, out_dim=out_dim)
 
 
-def milan_vit_tiny_patch16() -> ModelConfig:
-    """ViT-Ti/16 student, CLIP ViT-B/16 teacher."""
-    return ModelConfig(encoder=_vit("tiny"), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_small_patch16() -> ModelConfig:
-    """ViT-S/16 student, CLIP ViT-B/16 teacher."""
-    return ModelConfig(encoder=_vit("small"), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_base_patch16() -> ModelConfig:
-    """The paper's model: ViT-B/16 student, 512-d 8-block prompting decoder, CLIP ViT-B/16 teacher."""
-    return ModelConfig(encoder=_vit("base"), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_large_patch16() -> ModelConfig:
-    """ViT-L/16 student; the original code keeps the CLIP ViT-B/16 teacher and the same decoder."""
-    return ModelConfig(encoder=_vit("large"), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_huge_patch14() -> ModelConfig:
-    """ViT-H/14 student with a CLIP ViT-L/14 teacher (both a 16 x 16 grid at 224 px)."""
-    return ModelConfig(encoder=_vit("huge", patch_size=14), teacher=dataclasses.replace(_CLIP_L14))
-
-
-def milan_test_tiny() -> ModelConfig:
-    """A 32 px, patch 8 (4 x 4 grid) model of a few hundred thousand parameters, for tests."""
-    return ModelConfig(
-        encoder=EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
-        decoder=DecoderConfig(embed_dim=32, depth=2, num_heads=4),
-        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, out_dim=32),
-    )
-
-
-def milan_demo_small() -> ModelConfig:
-    """The CPU demo model: 64 px, patch 8 (8 x 8 grid), a 4-block 128-wide student and a small teacher."""
-    return ModelConfig(
+# The named variants. The teacher is OpenAI CLIP ViT-B/16's image tower (TeacherConfig's defaults) unless stated.
+VARIANTS: dict[str, Callable[[], ModelConfig]] = {
+    "milan_vit_tiny_patch16": lambda: ModelConfig(encoder=_vit("tiny")),
+    "milan_vit_small_patch16": lambda: ModelConfig(encoder=_vit("small")),
+    # The paper's model: ViT-B/16 student, 512-d 8-block prompting decoder, CLIP ViT-B/16 teacher.
+    "milan_vit_base_patch16": lambda: ModelConfig(encoder=_vit("base")),
+    # The original code keeps the CLIP ViT-B/16 teacher and the same decoder for ViT-L.
+    "milan_vit_large_patch16": lambda: ModelConfig(encoder=_vit("large")),
+    # ViT-H/14 student with a CLIP ViT-L/14 teacher (both a 16 x 16 grid at 224 px).
+    "milan_vit_huge_patch14": lambda: ModelConfig(encoder=_vit("huge", 14), teacher=_clip("large", 14, 768)),
+    # The CPU demo model: 64 px, patch 8 (8 x 8 grid), a 4-block 128-wide student and a small teacher.
+    "milan_demo_small": lambda: ModelConfig(
         encoder=EncoderConfig(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
         decoder=DecoderConfig(embed_dim=64, depth=2, num_heads=4),
         teacher=TeacherConfig(width=128, depth=4, num_heads=2, patch_size=8, out_dim=64),
-    )
-
-
-VARIANTS: dict[str, Callable[[], ModelConfig]] = {
-    "milan_vit_tiny_patch16": milan_vit_tiny_patch16,
-    "milan_vit_small_patch16": milan_vit_small_patch16,
-    "milan_vit_base_patch16": milan_vit_base_patch16,
-    "milan_vit_large_patch16": milan_vit_large_patch16,
-    "milan_vit_huge_patch14": milan_vit_huge_patch14,
-    "milan_demo_small": milan_demo_small,
-    "milan_test_tiny": milan_test_tiny,
+    ),
+    # For tests: 32 px, patch 8 (4 x 4 grid), a few hundred thousand parameters.
+    "milan_test_tiny": lambda: ModelConfig(
+        encoder=EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+        decoder=DecoderConfig(embed_dim=32, depth=2, num_heads=4),
+        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, out_dim=32),
+    ),
 }
 
 

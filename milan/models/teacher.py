@@ -66,15 +66,10 @@ def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a timm ``Block`` and also returns its CLS-query attention row over the patch keys.
+    """Runs a pre-norm timm ``Block`` and also returns its CLS-query attention row over the patch keys.
 
-    Args:
-        block: A pre-norm timm block with a standard ``Attention``.
-        x: (B, N, C) tokens entering the block; token 0 is the class token.
-        num_prefix: Number of non-patch tokens (cls + registers) at the front.
-
-    Returns:
-        The block output (B, N, C) and the head-averaged attention (B, N - num_prefix).
+    (B, N, C) tokens (token 0: the class token) -> (B, N, C) and the head-averaged (B, N - num_prefix) attention
+    (cls and registers dropped).
     """
     attn = cast(Attention, block.attn)
     b, n, _ = x.shape
@@ -155,13 +150,7 @@ class Teacher(nn.Module):
         another resolution than the images (CPU resampling kernels have no bf16 version), then cast as it enters
         the patch embedding; the CLS attention is still computed in fp32; the features come out in ``dtype`` (the
         loss normalises them in fp32). Casting back to fp32 later cannot restore the rounded weights: load the
-        weights first, then call this.
-
-        Args:
-            dtype: The floating-point dtype to compute in.
-
-        Returns:
-            self.
+        weights first, then call this. Returns ``self``.
         """
         if not dtype.is_floating_point:
             raise ValueError(f"teacher compute dtype must be floating point, got {dtype}")
@@ -189,14 +178,7 @@ class Teacher(nn.Module):
         return TeacherOutput(x, cls_attention)
 
     def forward(self, images: torch.Tensor) -> TeacherOutput:
-        """Computes the targets and the importance.
-
-        Args:
-            images: (B, 3, H, W) ImageNet-normalised images (the student's exact view).
-
-        Returns:
-            The teacher output (features (B, 1 + L, D_out), cls_attention (B, L)).
-        """
+        """(B, 3, H, W) ImageNet-normalised images (the student's exact view) -> targets and importance."""
         with torch.inference_mode():
             if self.input_norm == "clip":
                 images = images * self.in_scale + self.in_shift
