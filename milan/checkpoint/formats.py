@@ -269,8 +269,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"cannot parse {folder / name}: {e}") from e
     if not path.is_dir():
-        meta = read_safetensors_metadata(path) if _is_safetensors(path) else {}
-        return safe_load(path), configs, meta
+        return safe_load(path), configs, _safetensors_metadata(path)
     weights = next((folder / n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
@@ -279,8 +278,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
         for shard in _index_shards(weights):
             merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
         return merged, configs, {}
-    meta = read_safetensors_metadata(weights) if _is_safetensors(weights) else {}
-    return safe_load(weights), configs, meta
+    return safe_load(weights), configs, _safetensors_metadata(weights)
 
 
 def _torchscript_act(path: Path) -> Act | None:
@@ -313,12 +311,12 @@ def _index_shards(index_path: Path) -> list[str]:
     return shards
 
 
-def _is_safetensors(path: Path) -> bool:
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (``{}`` for any other file)."""
     try:
-        read_safetensors_metadata(path)
+        return read_safetensors_metadata(path)
     except CheckpointError:
-        return False
-    return True
+        return {}
 
 
 def _as_tensors(obj: Any, path: Path) -> StateDict:
