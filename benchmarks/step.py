@@ -47,10 +47,11 @@ import torch
 import torch.nn as nn
 
 from benchmarks.environment import REPO, cpu_name, git_state, package_version
-from milan.flops import peak_flops, pretrain_flops
-from milan.masking import attention_masking, from_permutation
+from milan.flops import peak_flops
+from milan.masking import attention_masking
 from milan.models import MILAN, build_milan, model_config
 from milan.models.compile import compile_milan
+from milan.models.factory import model_flops
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("fused", "foreach", "forloop", "stock")
@@ -275,7 +276,8 @@ def ours_runner(
     def forward() -> torch.Tensor:
         x = images()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return model(x, generator=generator).loss
+            noise = torch.rand(x.shape[0], model.encoder.num_patches, generator=generator, device=device)
+            return model(x, noise=noise).loss
 
     def hooks(clock: Clock) -> list[Any]:
         assert model.teacher is not None
@@ -384,8 +386,8 @@ def loss_check(
     assert ours.teacher is not None
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         importance = ours.teacher(x).cls_attention
-        generator = torch.Generator(device).manual_seed(1)
-        mask = from_permutation(attention_masking(importance, ours.mask_ratio, generator).ids_shuffle, ours.mask_ratio)
+        noise = torch.rand(importance.shape, generator=torch.Generator(device).manual_seed(1), device=device)
+        mask = attention_masking(importance, ours.mask_ratio, noise)
         ours_loss = ours(x, mask=mask).loss.item()
         with forced_multinomial(mask.ids_shuffle):
             ref_loss = reference.loss(x, None)["loss"].item()  # type: ignore[operator]
@@ -526,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for runner in runners:
             runner.instrumented_step()
 
-    counted = pretrain_flops(cfg)
+    counted = model_flops(cfg)
     flops = counted.total
     peak = peak_flops(device, args.peak_tflops)
     record["flops_per_image"] = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -72,12 +71,7 @@ def resolve_device(kind: Literal["auto", "cpu", "cuda"] = "auto") -> torch.devic
 def init(device_kind: Literal["auto", "cpu", "cuda"] = "auto", timeout_s: float = 1800.0) -> torch.device:
     """Initialises the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); idempotent.
 
-    Args:
-        device_kind: ``auto``, ``cpu`` or ``cuda``.
-        timeout_s: Collective timeout.
-
-    Returns:
-        This process's device.
+    Returns this process's device; ``timeout_s`` is the collectives' timeout.
     """
     device = resolve_device(device_kind)
     if device.type == "cuda":
@@ -118,25 +112,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reduce_means(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
-    """Means of scalar metrics over processes, in one collective."""
-    if not is_enabled() or not values:
-        return dict(values)
-    t = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
-    return dict(zip(values.keys(), t.tolist(), strict=True))
-
-
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's ``(n_rank, ...)`` tensor concatenated in rank order, on every process; ``n_rank`` may differ.
 
     The trailing dimensions and the dtype must agree, except on processes without rows (any ``(0, ...)`` shape of
-    the same number of dimensions, e.g. ``torch.zeros(0, 0)`` from an empty shard).
-
-    Args:
-        tensor: This process's rows (on this process's device: CUDA for NCCL).
-
-    Returns:
-        ``(sum of n_rank, ...)``; ``tensor`` itself without a process group.
+    the same number of dimensions, e.g. ``torch.zeros(0, 0)`` from an empty shard). The rows are on this process's
+    device (CUDA for NCCL); without a process group ``tensor`` itself is returned.
     """
     if not is_enabled():
         return tensor
@@ -177,15 +158,10 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: torch.dtype | None = None) -> nn.Module:
-    """Shards ``module`` with FSDP2 (``fully_shard``): each block in ``blocks`` is its own unit, then the root.
+    """Shards ``module`` (``MILAN.student``) in place with FSDP2: each of ``blocks`` is its own unit, then the root.
 
-    Args:
-        module: The trainable module (``MILAN.student``); sharded in place.
-        blocks: Sub-modules to shard individually (encoder and decoder blocks).
-        mixed_precision: Parameter dtype for compute (e.g. ``torch.bfloat16``); gradients are reduced in fp32.
-
-    Returns:
-        ``module`` (now an ``FSDPModule``); a no-op without a process group.
+    ``mixed_precision`` is the parameters' compute dtype (e.g. ``torch.bfloat16``); gradients are reduced in fp32.
+    A no-op without a process group.
     """
     if not is_enabled():
         return module

@@ -10,6 +10,7 @@ instead; anything else (a bug) always prints its traceback.
 from __future__ import annotations
 
 import os
+import warnings
 
 TRACEBACK_ENV = "MILAN_TRACEBACK"
 
@@ -26,9 +27,30 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that cannot be used (missing, truncated, corrupt, unsafe, or lying about its contents)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A value a checkpoint does not record was assumed (the message says which, why, and how to set it)."""
+
+
+def warn_assumption(message: str) -> None:
+    """Issues ``message`` as a :class:`CheckpointWarning` (shown once per message by Python's default filter)."""
+    warnings.warn(message, CheckpointWarning, stacklevel=3)
+
+
 def traceback_requested() -> bool:
     """Whether the user asked for full tracebacks (``milan --traceback`` or ``MILAN_TRACEBACK=1``)."""
     return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-__all__ = ["TRACEBACK_ENV", "ConfigError", "UserError", "traceback_requested"]
+__all__ = [
+    "TRACEBACK_ENV",
+    "CheckpointError",
+    "CheckpointWarning",
+    "ConfigError",
+    "UserError",
+    "traceback_requested",
+    "warn_assumption",
+]

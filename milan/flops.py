@@ -10,8 +10,8 @@ One MILAN image = teacher forward on all ``1 + L`` tokens + 3 x student forward 
 the forward) minus the patch embedding's input gradient (images need none), where the student forward is the
 patch embedding of all ``L`` patches, the encoder on the ``1 + K`` visible tokens, and the decoder. For the
 ViT-B/16 recipe (224 px, L = 196, K = 49, CLIP ViT-B/16 teacher, 512-d 8-block prompting decoder) this gives
-35.3 (teacher) + 3 x 17.3 (student) - 0.2 = 86.8 GFLOP per image. A teacher loaded from a file is counted from its
-own shape at the resolution it runs at (:func:`teacher_shape`).
+35.3 (teacher) + 3 x 17.3 (student) - 0.2 = 86.8 GFLOP per image. The functions take shapes (numbers);
+:func:`milan.models.factory.model_flops` reads them from a model config and a built teacher.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from milan.masking import num_visible
-from milan.models.factory import ModelConfig
-from milan.models.teacher import Teacher
 
 # Dense bf16/fp16 tensor-core peak, TFLOP/s per GPU (vendor spec sheets, without sparsity). Matched by substring of
 # torch.cuda.get_device_name(), first match wins (so the longer names come first).
@@ -66,7 +64,6 @@ class PretrainFlops:
         teacher: Teacher forward.
         student_forward: Encoder (visible tokens) + decoder forward.
         patch_embed: Part of ``student_forward`` spent in the patch embedding.
-        total: ``teacher + 3 * student_forward - patch_embed``.
     """
 
     teacher: float
@@ -75,7 +72,7 @@ class PretrainFlops:
 
     @property
     def total(self) -> float:
-        """FLOPs per image of a whole training step.
+        """``teacher + 3 * student_forward - patch_embed``.
 
         The images need no gradient, so the patch embedding's backward only computes its weight gradient.
         """
@@ -84,7 +81,7 @@ class PretrainFlops:
 
 @dataclass(frozen=True)
 class TowerShape:
-    """What the teacher's FLOPs depend on.
+    """What a ViT's FLOPs depend on.
 
     Attributes:
         width: Token width.
@@ -100,28 +97,9 @@ class TowerShape:
     depth: int
     patch_size: int
     grid: int
-    out_dim: int
+    out_dim: int = 0
     mlp_ratio: float = 4.0
     prefix_tokens: int = 1
-
-
-def teacher_shape(teacher: Teacher) -> TowerShape:
-    """The shape of a built teacher (e.g. one loaded from a file, whose config fields describe another)."""
-    tower = teacher.model
-    block = tower.blocks[0]
-    fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
-    width = int(tower.embed_dim)
-    hidden = fc1.out_features if isinstance(fc1, torch.nn.Linear) else 4 * width
-    head = tower.head
-    return TowerShape(
-        width=width,
-        depth=len(tower.blocks),
-        patch_size=teacher.patch_size,
-        grid=teacher.grid_size[0],
-        out_dim=head.out_features if isinstance(head, torch.nn.Linear) else 0,
-        mlp_ratio=hidden / width,
-        prefix_tokens=teacher.num_prefix_tokens,
-    )
 
 
 def teacher_flops(shape: TowerShape) -> float:
@@ -133,44 +111,38 @@ def teacher_flops(shape: TowerShape) -> float:
     return flops + 2 * tokens * shape.width * shape.out_dim
 
 
-def pretrain_flops(cfg: ModelConfig, teacher: Teacher | None = None) -> PretrainFlops:
+def pretrain_flops(
+    encoder: TowerShape, decoder: TowerShape, teacher: TowerShape | None, mask_ratio: float, *, prompting: bool = True
+) -> PretrainFlops:
     """Analytic FLOPs per image of a MILAN pretraining step (see the module docstring).
 
     Args:
-        cfg: The model config.
-        teacher: The built teacher, whose shape then replaces ``cfg.teacher``'s (pass it for a teacher loaded from
-            ``model.teacher.checkpoint``: the config's architecture fields describe a random teacher only).
-
-    Returns:
-        Teacher and student FLOPs.
+        encoder: The student encoder (its ``out_dim`` is not used).
+        decoder: The decoder's width, depth and MLP ratio (it runs on the encoder's grid).
+        teacher: The teacher as it runs (``None``: pixel targets).
+        mask_ratio: Fraction of the patches masked.
+        prompting: MILAN's prompting decoder (only the mask tokens are queries); else MAE's full self-attention.
 
     Examples:
-        >>> from milan.models.factory import model_config
-        >>> round(pretrain_flops(model_config("milan_vit_base_patch16")).total / 1e9, 1)
+        >>> vit_b, decoder = TowerShape(768, 12, 16, 14), TowerShape(512, 8, 16, 14)
+        >>> round(pretrain_flops(vit_b, decoder, TowerShape(768, 12, 16, 14, out_dim=512), 0.75).total / 1e9, 1)
         86.8
     """
-    enc, dec, tea = cfg.encoder, cfg.decoder, cfg.teacher
-    grid = enc.img_size // enc.patch_size
-    num_patches = grid**2
-    keep = num_visible(num_patches, cfg.mask_ratio)
-    patch_dim = 3 * enc.patch_size**2
-    stem = 2.0 * num_patches * patch_dim * enc.embed_dim  # patch embedding of every patch (masking comes after)
-    encoder = stem + enc.depth * block_flops(1 + keep, enc.embed_dim, enc.mlp_ratio)
-    shape: TowerShape | None = None
-    if teacher is not None:
-        shape = teacher_shape(teacher)
-    elif tea.kind != "none":
-        t_grid = tea.img_size // tea.patch_size if tea.img_size is not None else grid  # null: follows the student
-        shape = TowerShape(tea.width, tea.depth, tea.patch_size, t_grid, tea.out_dim)
-    out_dim = patch_dim if shape is None else (shape.out_dim or shape.width)
+    num_patches = encoder.grid**2
+    keep = num_visible(num_patches, mask_ratio)
+    patch_dim = 3 * encoder.patch_size**2
+    stem = 2.0 * num_patches * patch_dim * encoder.width  # patch embedding of every patch (masking comes after)
+    student = stem + encoder.depth * block_flops(1 + keep, encoder.width, encoder.mlp_ratio)
+    out_dim = patch_dim if teacher is None else (teacher.out_dim or teacher.width)
     tokens = 1 + num_patches
-    decoder = 2.0 * (1 + keep) * enc.embed_dim * dec.embed_dim + 2.0 * tokens * dec.embed_dim * out_dim
-    if dec.kind == "prompting":
-        decoder += dec.depth * prompt_block_flops(num_patches - keep, tokens, dec.embed_dim, dec.mlp_ratio)
+    d = decoder.width
+    student += 2.0 * (1 + keep) * encoder.width * d + 2.0 * tokens * d * out_dim  # embedding and prediction
+    if prompting:
+        student += decoder.depth * prompt_block_flops(num_patches - keep, tokens, d, decoder.mlp_ratio)
     else:
-        decoder += dec.depth * block_flops(tokens, dec.embed_dim, dec.mlp_ratio)
-    teacher_total = teacher_flops(shape) if shape is not None else 0.0
-    return PretrainFlops(teacher=teacher_total, student_forward=encoder + decoder, patch_embed=stem)
+        student += decoder.depth * block_flops(tokens, d, decoder.mlp_ratio)
+    teacher_total = teacher_flops(teacher) if teacher is not None else 0.0
+    return PretrainFlops(teacher=teacher_total, student_forward=student, patch_embed=stem)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -30,17 +30,13 @@ def knn_neighbours(
     query_chunk: int = 256,
     train_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` most cosine-similar train features of every query, most similar first.
+    """The ``k`` (capped at N) most cosine-similar of (N, D) train features for each of (M, D) queries.
 
-    Args:
-        train_features: (N, D) (normalised here).
-        query_features: (M, D) (normalised here).
-        k: Neighbours per query (capped at N).
-        query_chunk: Queries per chunk.
-        train_chunk: Train features per chunk (``None``: all at once); per-chunk top-k lists are merged.
+    Both are normalised here; ``train_chunk=None`` compares with every train feature at once, else per-chunk top-k
+    lists are merged.
 
     Returns:
-        ``(similarities (M, k) float32, indices (M, k) int64)``.
+        ``(similarities (M, k) float32, indices (M, k) int64)``, most similar first.
     """
     _check(train_features, None, query_features)
     n = train_features.shape[0]
@@ -68,17 +64,7 @@ def knn_neighbours(
 def knn_vote(
     similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float = 0.07
 ) -> torch.Tensor:
-    """Class scores from neighbours: each votes for its class with weight ``exp(similarity / temperature)``.
-
-    Args:
-        similarities: (M, k) cosine similarities.
-        neighbour_labels: (M, k) int labels of the neighbours.
-        num_classes: Number of classes.
-        temperature: Vote temperature.
-
-    Returns:
-        (M, num_classes) summed weights.
-    """
+    """(M, k) similarities and int labels of the neighbours -> (M, num_classes) summed ``exp(similarity / T)`` votes."""
     weights = (similarities.float() / temperature).exp()  # (M, k)
     scores = weights.new_zeros(weights.shape[0], num_classes)
     return scores.scatter_add_(1, neighbour_labels.long(), weights)  # (M, C)
@@ -97,18 +83,8 @@ def knn_scores(
 ) -> torch.Tensor:
     """Class scores of weighted k-NN (:func:`knn_neighbours` then :func:`knn_vote`).
 
-    Args:
-        train_features: (N, D) features of the labelled set.
-        train_labels: (N,) int labels in ``[0, num_classes)``.
-        query_features: (M, D) features to classify.
-        num_classes: Number of classes.
-        k: Number of neighbours (capped at N).
-        temperature: Vote temperature.
-        query_chunk: Queries per chunk.
-        train_chunk: Train features per chunk (``None``: all at once).
-
-    Returns:
-        (M, num_classes) summed vote weights (float32); ``argmax`` is the prediction.
+    (N, D) train features with (N,) int labels in ``[0, num_classes)``, (M, D) queries -> (M, num_classes) summed
+    vote weights (float32); ``argmax`` is the prediction.
     """
     _check(train_features, train_labels, query_features)
     sims, idx = knn_neighbours(train_features, query_features, k, query_chunk=query_chunk, train_chunk=train_chunk)

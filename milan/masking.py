@@ -3,6 +3,8 @@
 ``ids_shuffle`` is a per-sample permutation of the ``L`` patch indices; its first ``num_keep`` entries are the
 visible patches (in the order the encoder sees them) and the rest are masked. ``ids_restore`` is its inverse
 permutation, so ``gather(shuffled, ids_restore)`` puts tokens back in spatial (row-major) order.
+
+One source of randomness: every draw is a function of a (B, L) uniform ``noise`` tensor, one row per sample.
 """
 
 from __future__ import annotations
@@ -55,82 +57,36 @@ def from_permutation(ids_shuffle: torch.Tensor, mask_ratio: float) -> MaskIndice
     return MaskIndices(ids_shuffle, torch.argsort(ids_shuffle, dim=1), num_keep)
 
 
-def attention_masking(
-    importance: torch.Tensor,
-    mask_ratio: float,
-    generator: torch.Generator | None = None,
-    *,
-    noise: torch.Tensor | None = None,
-) -> MaskIndices:
+def attention_masking(importance: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> MaskIndices:
     """MILAN's semantic-aware masking: patches the teacher attends to are more likely to stay visible.
 
-    A full permutation is drawn with ``torch.multinomial(importance, L, replacement=False)`` (sequential
-    sampling proportional to importance among the patches not yet drawn, i.e. Plackett-Luce); the first
-    ``int(L * (1 - mask_ratio))`` drawn are kept. The importance is used unnormalised and untempered, exactly
-    as in the original code and mmpretrain.
+    The permutation is the references' ``torch.multinomial(importance, L, replacement=False)`` draw (each next patch
+    with probability proportional to its weight among those not yet drawn, i.e. Plackett-Luce), realised as
+    exponential races ``argsort(-log(u) / w)`` so that each sample's mask depends only on its own noise row: a batch
+    split across processes draws the same masks. The first ``int(L * (1 - mask_ratio))`` drawn are kept. The
+    importance is used unnormalised and untempered, as in the original code and mmpretrain.
 
     Args:
         importance: (B, L) non-negative weights, e.g. the teacher's CLS-to-patch attention.
         mask_ratio: Fraction of patches to mask.
-        generator: Optional RNG for reproducible draws.
-        noise: Optional (B, L) uniform [0, 1) noise to draw from instead of ``generator``. The same Plackett-Luce
-            permutation is then drawn by exponential races (``argsort(-log(u) / w)``), so each sample's mask
-            depends only on its own noise row: a batch split across processes draws the same masks.
-
-    Returns:
-        The mask indices.
+        noise: (B, L) uniform [0, 1) noise (draw it with a generator for reproducible masks).
     """
     if importance.ndim != 2:
         raise ValueError(f"importance must be (B, L), got shape {tuple(importance.shape)}")
-    # Clamping at the smallest normal float leaves every positive weight unchanged (so draws match the references)
-    # but keeps multinomial valid if a teacher gives exact zeros.
+    # Clamping at the smallest normal float leaves every positive weight unchanged but keeps a teacher's exact zeros
+    # from dividing by zero (they are drawn last).
     weights = importance.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
-    if noise is not None:
-        arrival = -torch.log(noise.to(weights.device, torch.float32).clamp_min(1e-30)) / weights  # (B, L)
-        return from_permutation(torch.argsort(arrival, dim=1, stable=True), mask_ratio)
-    ids_shuffle = torch.multinomial(weights, weights.shape[1], replacement=False, generator=generator)
-    return from_permutation(ids_shuffle, mask_ratio)
+    arrival = -torch.log(noise.to(weights.device, torch.float32).clamp_min(1e-30)) / weights  # (B, L)
+    return from_permutation(torch.argsort(arrival, dim=1, stable=True), mask_ratio)
 
 
-def random_masking(
-    batch_size: int,
-    num_patches: int,
-    mask_ratio: float,
-    *,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-    noise: torch.Tensor | None = None,
-) -> MaskIndices:
-    """Uniformly random masking (MAE): ``argsort`` of i.i.d. uniform noise.
-
-    Args:
-        batch_size: B.
-        num_patches: L.
-        mask_ratio: Fraction of patches to mask.
-        device: Where to put the indices.
-        generator: Optional RNG for reproducible draws (must live on ``device``).
-        noise: Optional (B, L) uniform noise to use instead of drawing it.
-
-    Returns:
-        The mask indices.
-    """
-    if noise is None:
-        noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
-    else:
-        noise = noise.to(device)
+def random_masking(noise: torch.Tensor, mask_ratio: float) -> MaskIndices:
+    """Uniformly random masking (MAE): ``argsort`` of (B, L) uniform noise."""
     return from_permutation(torch.argsort(noise, dim=1), mask_ratio)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Selects tokens per sample.
-
-    Args:
-        x: (B, L, D) tokens.
-        ids: (B, K) indices into L.
-
-    Returns:
-        (B, K, D) the selected tokens, in the order of ``ids``.
-    """
+    """(B, L, D) tokens, (B, K) indices into L -> (B, K, D) the selected tokens, in the order of ``ids``."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 

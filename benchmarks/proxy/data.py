@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode, v2
 
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
 from milan.data import ImagePipeline, build_dataset, build_loader, default_cache_dir, extract_archive_subset
 from milan.data.transforms import ResizeDecode
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = next(
@@ -93,8 +93,8 @@ def uint8_pipeline(img_size: int) -> ImagePipeline:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` -> ImageNet-normalised float32, as the library's transforms produce them."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
 
 

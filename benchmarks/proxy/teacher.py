@@ -1,7 +1,7 @@
 """The stand-in semantic teacher: a CLIP-shaped ViT trained with labels on the Tiny-ImageNet subset.
 
 No CLIP weights can be had offline, so the teacher is a small OpenAI-CLIP-shaped image tower
-(:func:`milan.models.teacher.clip_vision_tower`: ``ln_pre``, QuickGELU, LayerNorm eps 1e-5, a bias-free projection)
+(:func:`milan.models.tower.clip_vision_tower`: ``ln_pre``, QuickGELU, LayerNorm eps 1e-5, a bias-free projection)
 trained on *other images* (Tiny-ImageNet, 202 classes, none of them CIFAR-10's) with labels. Like CLIP's image
 embedding, its projected CLS token is trained against learned class embeddings through a cosine-similarity softmax
 (CLIP's zero-shot head, with the class names replaced by learned vectors). MILAN then uses the tower's per-token
@@ -30,9 +30,9 @@ from timm.layers.weight_init import trunc_normal_
 from benchmarks.proxy.data import folder_tensors, random_resized_crop, resize, split_per_class, tiny_root
 from benchmarks.proxy.settings import IMG_SIZE, PATCH, TeacherBudget
 from milan.checkpoint import Checkpoint, load_teacher, save_canonical
-from milan.checkpoint.arch import describe_tower
 from milan.data import Batch
-from milan.models.teacher import Teacher, clip_vision_tower
+from milan.models.teacher import Teacher
+from milan.models.tower import clip_vision_tower, describe_tower
 from milan.train.config import AdamWConfig
 from milan.train.evaluation import TopKAccuracy
 from milan.train.loop import StepOutput, TrainState, autocast_context, fit_epochs, train_one_epoch

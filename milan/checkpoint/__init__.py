@@ -1,25 +1,29 @@
-"""Checkpoint layouts, conversion and I/O: teachers in, official checkpoints in, backbones out, safely.
+"""Checkpoint files into our models and out of them: teachers in, official checkpoints in, backbones out, safely.
 
-Entry points:
+Modules, each one concept:
 
-* :func:`read_checkpoint`: any supported file or folder -> :class:`Checkpoint` (our key names, detected format).
-* :func:`load_teacher`: OpenAI (state dict or TorchScript archive), OpenCLIP, Hugging Face CLIP, timm ViTs.
-* :func:`load_milan`, :func:`load_student`, :func:`load_encoder`, :func:`load_classifier`: our modules from
-  mmpretrain / MMSelfSup, original MILAN / MAE, timm or our own checkpoints.
-* :func:`export_timm`, :func:`export_hf`, :func:`save_canonical`: backbones out.
-* :func:`safe_load`, :func:`atomic_save`: file I/O that never runs pickled code / never leaves partial files, and
-  never allocates more than a file really holds.
-* :class:`CheckpointError` (a file that cannot be used, one line) and :class:`CheckpointWarning` (a value the file
-  does not record was assumed: which, why, and the option that sets it).
-* :class:`ModelSpec`: what every checkpoint we write says about its model (:mod:`milan.checkpoint.spec`), and
-  :func:`resolve_spec`, which completes it for files that carry none, naming each assumption.
+* :mod:`~milan.checkpoint.io`: :func:`safe_load` (never runs pickled code, never allocates more than a file holds,
+  TorchScript archives included) and :func:`atomic_save` / :func:`save_safetensors` (never leave partial files);
+* :mod:`~milan.checkpoint.spec`: :class:`ModelSpec`, what every checkpoint we write says about its model, and the
+  architectures that weights imply;
+* :mod:`~milan.checkpoint.keymaps`: pure key maps between layouts (mmpretrain, original MILAN/MAE, OpenAI / OpenCLIP /
+  Hugging Face CLIP, timm);
+* :mod:`~milan.checkpoint.formats`: :func:`read_checkpoint`, any supported file or folder -> :class:`Checkpoint`
+  (our key names, detected format), and :func:`resolve_spec`, which completes the spec of files that carry none,
+  naming each assumption;
+* :mod:`~milan.checkpoint.loaders`: our modules from files (:func:`load_teacher`, :func:`load_milan`,
+  :func:`load_student`, :func:`load_encoder`, :func:`load_classifier`) and :func:`model_from_config`, the
+  pretraining model with the teacher ``model.teacher.checkpoint`` names;
+* :mod:`~milan.checkpoint.export`: :func:`export_timm`, :func:`export_hf`, :func:`save_canonical` and the
+  ``milan inspect`` text.
+
+:class:`CheckpointError` is a file that cannot be used (one line); :class:`CheckpointWarning` a value the file does not
+record was assumed (which, why, and the option that sets it).
 """
 
-from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec, describe_tower
-from milan.checkpoint.errors import CheckpointError, CheckpointWarning
 from milan.checkpoint.export import Exported, export_hf, export_timm, save_canonical
-from milan.checkpoint.formats import FORMATS, Checkpoint, read_checkpoint
-from milan.checkpoint.io import atomic_save, safe_load, save_safetensors
+from milan.checkpoint.formats import FORMATS, Checkpoint, read_checkpoint, resolve_spec
+from milan.checkpoint.io import atomic_save, read_torchscript, safe_load, save_safetensors
 from milan.checkpoint.keymaps import (
     encoder_to_hf_vit,
     hf_clip_to_timm,
@@ -29,10 +33,19 @@ from milan.checkpoint.keymaps import (
     mmpretrain_milan_to_milan,
     openai_clip_to_timm,
 )
-from milan.checkpoint.loaders import load_classifier, load_encoder, load_milan, load_student
-from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, TeacherSpec, resolve_spec
-from milan.checkpoint.teachers import load_teacher, teacher_from_checkpoint
-from milan.checkpoint.torchscript import read_torchscript
+from milan.checkpoint.loaders import (
+    load_classifier,
+    load_encoder,
+    load_milan,
+    load_student,
+    load_teacher,
+    model_from_config,
+    teacher_from_checkpoint,
+    teacher_from_config,
+)
+from milan.checkpoint.spec import DecoderArch, EncoderArch, HeadSpec, ModelSpec, Preprocessing, TeacherSpec
+from milan.errors import CheckpointError, CheckpointWarning
+from milan.models.tower import TowerSpec, describe_tower
 
 __all__ = [
     "FORMATS",
@@ -62,6 +75,7 @@ __all__ = [
     "milan_orig_to_milan",
     "mmpretrain_classifier_to_milan",
     "mmpretrain_milan_to_milan",
+    "model_from_config",
     "openai_clip_to_timm",
     "read_checkpoint",
     "read_torchscript",
@@ -70,4 +84,5 @@ __all__ = [
     "save_canonical",
     "save_safetensors",
     "teacher_from_checkpoint",
+    "teacher_from_config",
 ]

@@ -21,41 +21,55 @@ Kinds (what the canonical ``state_dict`` holds, in our key names): ``milan`` (``
 ``student.decoder.*`` and optionally ``teacher.model.*``), ``encoder`` (our encoder / a plain timm ViT),
 ``linear_probe`` (:class:`~milan.models.classifier.LinearProbe`), ``finetune``
 (:class:`~milan.models.classifier.FinetuneClassifier`),
-``teacher`` (:class:`~milan.models.Teacher`: ``model.*`` timm tower keys, with its :class:`TowerSpec`).
+``teacher`` (:class:`~milan.models.Teacher`: ``model.*`` timm tower keys, with its :class:`~milan.models.TowerSpec`).
+
+:func:`resolve_spec` completes the model spec (:mod:`milan.checkpoint.spec`) of a checkpoint that holds a student:
+stored values first, then conventions, each one named with the flag that overrides it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import yaml
 
-from milan.checkpoint.arch import (
-    Act,
-    DecoderArch,
-    EncoderArch,
-    StateDict,
-    TowerSpec,
-    infer_decoder,
-    infer_encoder,
-    infer_tower,
-)
-from milan.checkpoint.errors import CheckpointError, warn_assumption
-from milan.checkpoint.io import read_safetensors_metadata, safe_load
+from milan.checkpoint.io import read_safetensors_metadata, safe_load, torchscript_classes
 from milan.checkpoint.keymaps import (
+    hf_clip_tower,
     hf_vit_to_encoder,
     milan_orig_to_milan,
     mmpretrain_classifier_to_milan,
     mmpretrain_milan_to_milan,
+    open_clip_tower,
+    openai_tower,
+    timm_tower,
 )
-from milan.checkpoint.spec import spec_hints
-from milan.checkpoint.torchscript import torchscript_classes
-from milan.checkpoint.towers import hf_clip_tower, open_clip_tower, openai_tower, timm_tower
+from milan.checkpoint.spec import (
+    RGB,
+    DecoderArch,
+    EncoderArch,
+    HeadKind,
+    HeadSpec,
+    ModelSpec,
+    Pool,
+    Preprocessing,
+    Resample,
+    SpecKind,
+    TeacherSpec,
+    infer_decoder,
+    infer_encoder,
+    infer_tower,
+    spec_hints,
+    vit_table_heads,
+)
+from milan.errors import CheckpointError, warn_assumption
+from milan.models.tower import Act, StateDict, TowerSpec
 
 FORMATS = ("milan", "mmpretrain", "milan-orig", "openai-clip", "open-clip", "hf", "timm")
 Kind = Literal["milan", "encoder", "linear_probe", "finetune", "teacher"]
@@ -124,9 +138,6 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: a {self.kind} checkpoint has no decoder")
         return infer_decoder(self.part("student.decoder."), num_heads=self.hints.get("decoder_num_heads"))
 
-    def has_teacher(self) -> bool:
-        return self.tower is not None
-
     def num_params(self) -> int:
         return sum(v.numel() for v in self.state_dict.values() if v.is_floating_point())
 
@@ -150,16 +161,13 @@ def read_checkpoint(
         path: File or folder.
         fmt: One of :data:`FORMATS`, or ``"auto"`` to detect it from the keys.
         num_heads: Heads of the checkpoint's main network: the student encoder, or the teacher for teacher formats.
-        decoder_num_heads: Decoder heads.
+        decoder_num_heads: Heads of the decoder.
         teacher_num_heads: Heads of the teacher inside a MILAN checkpoint.
         act: Teacher MLP activation (``quick_gelu``, ``gelu``, ``gelu_tanh``), overriding the format's default.
         norm_eps: Teacher LayerNorm epsilon, overriding the format's default.
         img_size: Run the teacher at this resolution (its position table is resampled when it is built).
         model_name: timm model name of a timm / OpenCLIP ``visual.trunk`` teacher.
         head: Keep a timm teacher's Linear head as its output projection.
-
-    Returns:
-        The canonical checkpoint.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
@@ -261,8 +269,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"cannot parse {folder / name}: {e}") from e
     if not path.is_dir():
-        meta = read_safetensors_metadata(path) if _is_safetensors(path) else {}
-        return safe_load(path), configs, meta
+        return safe_load(path), configs, _safetensors_metadata(path)
     weights = next((folder / n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
@@ -271,8 +278,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
         for shard in _index_shards(weights):
             merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
         return merged, configs, {}
-    meta = read_safetensors_metadata(weights) if _is_safetensors(weights) else {}
-    return safe_load(weights), configs, meta
+    return safe_load(weights), configs, _safetensors_metadata(weights)
 
 
 def _torchscript_act(path: Path) -> Act | None:
@@ -305,12 +311,12 @@ def _index_shards(index_path: Path) -> list[str]:
     return shards
 
 
-def _is_safetensors(path: Path) -> bool:
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (``{}`` for any other file)."""
     try:
-        read_safetensors_metadata(path)
+        return read_safetensors_metadata(path)
     except CheckpointError:
-        return False
-    return True
+        return {}
 
 
 def _as_tensors(obj: Any, path: Path) -> StateDict:
@@ -564,4 +570,130 @@ def _read_hf_vit(ck: Checkpoint, sd: StateDict, config: dict[str, Any]) -> None:
         raise CheckpointError(
             f"{ck.source}: this Hugging Face ViT uses LayerNorm eps {eps:g} and {act!r}; our encoder (and timm's ViT) "
             "use eps 1e-6 and exact GELU, so it would not compute the same features"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The spec a reader uses: stored, or completed from the weights with stated assumptions
+
+
+@dataclass
+class Resolved:
+    """A checkpoint's spec as a reader uses it.
+
+    Attributes:
+        spec: Complete: stored values, the caller's overrides, and conventions for what neither gives.
+        stored: Whether the file carries a spec.
+        assumed: What was assumed (``encoder_heads``, ``decoder_heads``, ``preprocessing``) -> one line naming the
+            assumption and the flag that overrides it.
+    """
+
+    spec: ModelSpec
+    stored: bool
+    assumed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """The lines of :attr:`assumed`."""
+        return list(self.assumed.values())
+
+    def adopt(self, ck: Checkpoint) -> None:
+        """Records the resolved head counts in ``ck.hints``: once reported, the loaders build them without warning."""
+        ck.hints.setdefault("num_heads", self.spec.encoder.num_heads)
+        if self.spec.decoder is not None:
+            ck.hints.setdefault("decoder_num_heads", self.spec.decoder.num_heads)
+
+
+def stored_spec(ck: Checkpoint) -> ModelSpec | None:
+    """The spec stored in a checkpoint, if any."""
+    spec = ck.hints.get("spec")
+    return spec if isinstance(spec, ModelSpec) else None
+
+
+def resolve_spec(
+    ck: Checkpoint,
+    *,
+    crop_pct: float | None = None,
+    interpolation: Resample | None = None,
+    mean: RGB | None = None,
+    std: RGB | None = None,
+    heads_flag: str = "--num-heads N",
+    decoder_heads_flag: str = "--decoder-num-heads N",
+) -> Resolved:
+    """The spec of a checkpoint holding a student encoder: stored values first, then conventions (with notes).
+
+    Args:
+        ck: From :func:`read_checkpoint` (caller flags such as ``num_heads`` already applied).
+        crop_pct: Override the evaluation crop fraction.
+        interpolation: Override the evaluation resampling.
+        mean: Override the normalisation mean.
+        std: Override the normalisation std.
+        heads_flag: How the caller's users set the encoder's heads (named in the note when they are assumed).
+        decoder_heads_flag: The same for the decoder's heads.
+
+    Raises:
+        CheckpointError: No student encoder, or a stored spec that contradicts the weights.
+    """
+    stored = stored_spec(ck)
+    notes: dict[str, str] = {}
+    arch = ck.encoder_arch()
+    if stored is not None:
+        _check_agrees(ck, stored.encoder, arch)
+    elif "num_heads" not in ck.hints:
+        table = vit_table_heads(arch.embed_dim, arch.depth) is not None
+        why = f"the standard ViT table for width {arch.embed_dim}" if table else f"width {arch.embed_dim} / 64"
+        notes["encoder_heads"] = (
+            f"encoder heads: {arch.num_heads} assumed ({why}; the file does not record them); pass {heads_flag} if "
+            "the model has another count"
+        )
+    decoder = None
+    if ck.kind == "milan" and any(k.startswith("student.decoder.") for k in ck.state_dict):
+        decoder = ck.decoder_arch()
+        if stored is None and "decoder_num_heads" not in ck.hints:
+            notes["decoder_heads"] = (
+                f"decoder heads: {decoder.num_heads} assumed (width {decoder.embed_dim} / 32, MILAN's and MAE's "
+                f"convention; the file does not record them); pass {decoder_heads_flag} if different"
+            )
+    teacher = stored.teacher if stored is not None else None
+    if teacher is None and ck.tower is not None and ck.kind == "milan":
+        norm = cast(Any, ck.hints.get("teacher_input_norm", "imagenet"))
+        teacher = TeacherSpec(ck.tower, norm, ck.format, None)
+    pre = stored.preprocessing if stored is not None else None
+    options: dict[str, Any] = {"crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std}
+    given = {k: v for k, v in options.items() if v is not None}
+    if pre is None:
+        pre = Preprocessing(arch.img_size)
+        assumed = [_describe_field(pre, k) for k in ("mean", "std", "interpolation", "crop_pct") if k not in given]
+        if assumed:
+            notes["preprocessing"] = (
+                f"preprocessing: {', '.join(assumed)} assumed (the references' evaluation view; the file does not "
+                "record its preprocessing); pass --mean, --std, --interpolation, --crop-pct to change"
+            )
+    pre = dataclasses.replace(pre, **given)
+    head = stored.head if stored is not None else None
+    if head is None and ck.kind in ("linear_probe", "finetune"):
+        weight = ck.state_dict["head.fc.weight" if ck.kind == "linear_probe" else "head.weight"]
+        pool: Pool = "token" if ck.kind == "linear_probe" else ck.hints.get("global_pool", "avg")
+        head = HeadSpec(cast(HeadKind, ck.kind), int(weight.shape[0]), global_pool=pool)
+    kind = cast(SpecKind, ck.kind)
+    spec = ModelSpec(kind, arch, pre, decoder, teacher, head)
+    return Resolved(spec, stored is not None, notes)
+
+
+def _describe_field(pre: Preprocessing, name: str) -> str:
+    if name in ("mean", "std"):
+        values = ", ".join(f"{v:g}" for v in getattr(pre, name))
+        return f"ImageNet {name} ({values})"
+    if name == "crop_pct":
+        return f"crop_pct {pre.crop_pct:g} (resize to {pre.resize}, center crop {pre.img_size})"
+    return f"{pre.interpolation} resize"
+
+
+def _check_agrees(ck: Checkpoint, spec: EncoderArch, arch: EncoderArch) -> None:
+    """Raises when the stored encoder spec and the weights' shapes disagree (a spec copied onto other weights)."""
+    names = ("img_size", "patch_size", "embed_dim", "depth", "in_chans")  # heads: a caller's flag may override
+    diff = [f"{n} {getattr(spec, n)} vs {getattr(arch, n)}" for n in names if getattr(spec, n) != getattr(arch, n)]
+    if diff:
+        raise CheckpointError(
+            f"{ck.source}: the stored model spec does not describe these weights (spec vs weights: {', '.join(diff)})"
         )

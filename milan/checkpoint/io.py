@@ -1,63 +1,71 @@
-"""Safe checkpoint file I/O: atomic writes, and loads that never execute pickled code.
+"""Safe checkpoint file I/O: loads that never execute pickled code nor allocate more than a file holds; atomic writes.
 
 What :func:`safe_load` accepts:
 
 * ``torch.save`` files (zip or legacy format), read with ``weights_only=True``: tensors and plain containers only
   (plus ``argparse.Namespace``, which the original MILAN/MAE checkpoints use for their ``args``);
-* training checkpoints of OpenMMLab's mmengine (mmpretrain, MMSelfSup 1.x): their weights and plain metadata load as
-  above; the bookkeeping objects pickled next to them (the ``message_hub`` history, numpy arrays) come back as inert
-  :class:`~milan.checkpoint.inert.Inert` records. mmengine is not imported and nothing named in the file is called;
+* training checkpoints of OpenMMLab's mmengine (mmpretrain, MMSelfSup 1.x): the bookkeeping objects pickled next to
+  the weights (mmengine's ``MessageHub`` history of ``HistoryBuffer`` objects holding numpy arrays, reached through
+  ``getattr``) come back as inert :class:`Inert` records of what was pickled. mmengine is not imported and nothing
+  named in the file is called;
 * ``.safetensors`` files (recognised by their header, whatever the suffix);
-* TorchScript archives (e.g. OpenAI's ``ViT-B-16.pt``): their tensors are read by a restricted unpickler that never
-  runs TorchScript (see :mod:`milan.checkpoint.torchscript`), and come back as a flat ``{name: tensor}`` dict.
+* TorchScript archives (e.g. OpenAI's ``ViT-B-16.pt``), read by :func:`read_torchscript`.
 
-Before anything is materialised, every tensor's claimed size is checked against the bytes in the file (stride-0
-views, storage records shorter than their tensors, compressed records that would inflate beyond them: see
-:mod:`milan.checkpoint.bounds`).
+A file can lie about its size: a tensor can be a stride-0 view of one element that claims gigabytes, a zip record
+can deflate to gigabytes. Before anything is materialised, each tensor's claimed bytes are checked against the file
+(:func:`check_zip`, :func:`check_legacy`, :func:`check_tensors`), and records are read with a bound
+(:func:`read_record`). Every refusal is one :class:`~milan.errors.CheckpointError` line naming the file and the
+problem: missing, empty, truncated, corrupt (CRC mismatch), not a checkpoint, lying about its size, or a pickle that
+would import and call Python objects (the message lists them; nothing is imported or run).
 
-Anything else raises :class:`CheckpointError` with a message naming the file and the problem: missing, empty,
-truncated (no zip directory), corrupt (CRC mismatch), not a checkpoint at all, lying about its size, or a pickle
-that would import and call Python objects (the message lists them; nothing is imported or run).
-
-Files are written atomically (a temporary file in the same folder, renamed over the destination) and, like any file
-a program creates, with the permissions the user's umask allows.
+Files are written atomically (a temporary file in the same folder, fsynced, renamed over the destination) and, like
+any file a program creates, with the permissions the user's umask allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import os
+import pickle
+import pickletools
 import secrets
 import struct
+import sys
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, ClassVar
 
 import torch
 
-from milan.checkpoint.bounds import check_legacy, check_tensors, check_zip, read_record
-from milan.checkpoint.errors import CheckpointError
-from milan.checkpoint.inert import inert_allowed, pickle_globals, python3_name, standins
-from milan.checkpoint.torchscript import read_torchscript
+from milan.errors import CheckpointError
 
-__all__ = ["CheckpointError", "atomic_save", "read_safetensors_metadata", "safe_load", "save_safetensors"]
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "read_safetensors_metadata",
+    "read_torchscript",
+    "safe_load",
+    "save_safetensors",
+]
+
+MAX_INFLATED_METADATA = 64 << 20  # a compressed record that holds no tensor data (a pickle, code) inflates to <= this
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` to a temporary file next to ``path``, fsync, then rename: a crash leaves the old file intact.
 
-    A crash mid-write leaves the previous file intact; readers never see a partial file.
-
-    Args:
-        obj: Anything ``torch.save`` accepts (keep it to tensors and plain containers so that
-            ``weights_only=True`` can load it).
-        path: Destination.
-
-    Returns:
-        The destination path.
+    Keep ``obj`` to tensors and plain containers so that ``weights_only=True`` can load it.
     """
     with _atomic_path(Path(path)) as tmp, tmp.open("wb") as f:
         torch.save(obj, f)
@@ -69,14 +77,7 @@ def save_safetensors(
 ) -> Path:
     """Writes tensors as ``.safetensors`` atomically (contiguous CPU tensors; shared storage is un-shared).
 
-    Args:
-        tensors: Flat ``{name: tensor}`` dict.
-        path: Destination.
-        metadata: String key/values stored in the header (``{"format": "pt"}`` is always added, which Hugging Face
-            loaders require).
-
-    Returns:
-        The destination path.
+    ``{"format": "pt"}`` is always added to ``metadata`` (Hugging Face loaders require it).
     """
     from safetensors.torch import save_file
 
@@ -92,52 +93,6 @@ def save_safetensors(
     with _atomic_path(Path(path)) as tmp:
         save_file(data, tmp, metadata={"format": "pt", **(metadata or {})})
     return Path(path)
-
-
-def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a ``.safetensors`` header (empty when there is none)."""
-    header = _safetensors_header(Path(path))
-    if header is None:
-        raise CheckpointError(f"not a safetensors file: {path}")
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-def safe_load(path: str | os.PathLike[str]) -> Any:
-    """Loads a checkpoint onto the CPU without ever executing pickled code.
-
-    Args:
-        path: A ``torch.save`` file, a ``.safetensors`` file, or a TorchScript archive.
-
-    Returns:
-        The loaded object (a flat ``{name: tensor}`` dict for safetensors files and TorchScript archives).
-
-    Raises:
-        CheckpointError: The file is missing, empty, truncated/corrupt, not a checkpoint, or needs arbitrary code to
-            unpickle.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"not a file: {path} (for a Hugging Face folder use milan.checkpoint.read_checkpoint)")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if _safetensors_header(path) is not None or path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    if magic == b"PK\x03\x04":
-        return _load_zip(path)
-    if not magic.startswith(b"\x80"):  # legacy torch.save files are pickles with a protocol >= 2 header
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file (it starts with {magic!r})"
-        )
-    return _load_legacy(path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -169,6 +124,54 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """Loads a checkpoint onto the CPU without ever executing pickled code.
+
+    Returns:
+        The loaded object (a flat ``{name: tensor}`` dict for safetensors files and TorchScript archives).
+
+    Raises:
+        CheckpointError: Missing, empty, truncated/corrupt, not a checkpoint, lying about its size, or needing
+            arbitrary code to unpickle.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"not a file: {path} (for a Hugging Face folder use milan.checkpoint.read_checkpoint)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if _safetensors_header(path) is not None or path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+    if magic == b"PK\x03\x04":
+        return _load_zip(path)
+    if not magic.startswith(b"\x80"):  # legacy torch.save files are pickles with a protocol >= 2 header
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file (it starts with {magic!r})"
+        )
+    check_legacy(path)
+    return _torch_load(path, path.read_bytes)
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (empty when there is none)."""
+    header = _safetensors_header(Path(path))
+    if header is None:
+        raise CheckpointError(f"not a safetensors file: {path}")
+    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+
+
 def _safetensors_header(path: Path) -> dict[str, Any] | None:
     """The parsed JSON header if ``path`` looks like a safetensors file, else ``None``."""
     size = path.stat().st_size
@@ -187,15 +190,6 @@ def _safetensors_header(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return header if isinstance(header, dict) else None
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
 
 
 def _load_zip(path: Path) -> Any:
@@ -221,16 +215,11 @@ def _load_zip(path: Path) -> Any:
     return _torch_load(path, pickled)
 
 
-def _load_legacy(path: Path) -> Any:
-    check_legacy(path)
-    return _torch_load(path, path.read_bytes)
-
-
 def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
     """``torch.load(weights_only=True)``, then the size checks of every loaded tensor.
 
-    A file refused only for training bookkeeping (see :func:`~milan.checkpoint.inert.inert_allowed`) is loaded again
-    with those objects as inert records.
+    A file refused only for training bookkeeping (see :func:`inert_allowed`) is loaded again with those objects as
+    inert records.
     """
     try:
         obj = _weights_only_load(path, [])
@@ -244,7 +233,7 @@ def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
         if not unsafe or not all(inert_allowed(*g) for g in unsafe):
             raise _explain(path, data, e) from e
         try:
-            obj = _weights_only_load(path, standins(unsafe))
+            obj = _weights_only_load(path, [standin(m, n) for m, n in unsafe])
         except Exception as again:
             raise CheckpointError(
                 f"cannot read checkpoint {path}: its {', '.join('.'.join(g) for g in unsafe[:6])} objects could not "
@@ -295,3 +284,484 @@ def _allowed_globals() -> set[str]:
         return set(_get_allowed_globals()) | {"argparse.Namespace"}
     except (ImportError, AttributeError):  # private API moved: report every global
         return {"argparse.Namespace"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pickles read without importing or calling anything they name
+
+# Names whose objects may be read as inert records (anything else torch's weights_only loader refuses stays refused):
+# OpenMMLab's training bookkeeping, numpy arrays and scalars inside it, and ``getattr``, by which pickles refer to
+# methods (e.g. ``getattr(HistoryBuffer, 'min')``).
+_INERT_PACKAGES = ("mmengine", "mmcv", "mmpretrain", "mmselfsup", "mmcls", "numpy")
+_INERT_NAMES = {("builtins", "getattr"), ("__builtin__", "getattr")}
+
+
+class Inert:
+    """What the pickle built from a name we do not import: the name, the call's arguments, the restored state."""
+
+    qualified_name: ClassVar[str] = ""
+    args: tuple[Any, ...] = ()
+    state: Any = None
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self.qualified_name}>"
+
+
+def inert_allowed(module: str, name: str) -> bool:
+    """Whether objects named ``module.name`` may be read as :class:`Inert` records instead of being refused."""
+    return (module, name) in _INERT_NAMES or module.split(".")[0] in _INERT_PACKAGES
+
+
+@functools.cache
+def standin(module: str, name: str) -> type[Inert]:
+    """The :class:`Inert` subclass that torch's ``weights_only`` allowlist finds by the name ``module.name``.
+
+    Calling it (the pickle's REDUCE), creating it (NEWOBJ) and restoring its state (BUILD) only record what the pickle
+    gave; the real class or function is never imported.
+    """
+    module, name = python3_name(module, name)
+    # torch's allowlist looks classes up by ``__module__`` + ``__qualname__``.
+    attrs = {"qualified_name": f"{module}.{name}", "__module__": module, "__qualname__": name}
+    return type(name.rpartition(".")[2] or "Inert", (Inert,), attrs)
+
+
+def python3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 name of a protocol-2 global (``__builtin__.getattr`` -> ``builtins.getattr``), as torch maps it."""
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    if (module, name) in NAME_MAPPING:
+        return NAME_MAPPING[(module, name)]
+    return IMPORT_MAPPING.get(module, module), name
+
+
+def pickle_globals(data: bytes) -> Iterator[tuple[str, str]]:
+    """``(module, name)`` of every global the pickle stream(s) in ``data`` refer to, found from the opcodes alone.
+
+    Legacy ``torch.save`` files are several pickles in a row followed by raw storage bytes; the scan stops at the
+    first byte that is not a pickle. Raises if ``data`` does not start with a pickle.
+    """
+    stream = io.BytesIO(data)
+    strings: list[str] = []
+    first = True
+    while stream.tell() < len(data):
+        start = stream.tell()
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    module, _, name = arg.partition(" ")
+                    yield module, name
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    yield strings[-2], strings[-1]
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:
+            if first:
+                raise
+            stream.seek(start)
+            break
+        first = False
+
+
+@dataclass(frozen=True)
+class StorageClaim:
+    """One tensor storage a pickle refers to: its record ``key``, ``numel`` elements of ``itemsize`` bytes."""
+
+    key: str
+    numel: int
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+class _Sink:
+    """Absorbs whatever a pickle does with an object built from a global (calls, state, items, appends)."""
+
+    storage_name: ClassVar[str | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Sink:
+        return _Sink()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _ClaimScanner(pickle.Unpickler):
+    """Unpickles with every global replaced by :class:`_Sink` and records the storage persistent ids."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__(file)
+        self.claims: list[StorageClaim] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name.endswith("Storage"):
+            return type(name, (_Sink,), {"storage_name": name})
+        return _Sink
+
+    def persistent_load(self, pid: Any) -> Any:
+        # zip files and TorchScript: ('storage', type, key, location, numel); legacy files add view metadata.
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            storage_name = getattr(pid[1], "storage_name", None)
+            if not isinstance(storage_name, str) or not isinstance(pid[4], int) or pid[4] < 0:
+                raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.120}")
+            itemsize = 1 if storage_name == "UntypedStorage" else _dtype(storage_name).itemsize
+            self.claims.append(StorageClaim(str(pid[2]), int(pid[4]), itemsize))
+        return _Sink()
+
+
+def storage_claims(file: IO[bytes]) -> tuple[Any, list[StorageClaim]]:
+    """Reads one pickle from ``file`` with every global inert: (the object, with placeholders; the storages it names).
+
+    Raises on a malformed pickle.
+    """
+    scanner = _ClaimScanner(file)
+    obj = scanner.load()
+    return obj, scanner.claims
+
+
+def _dtype(storage_name: str) -> torch.dtype:
+    """``FloatStorage`` -> ``torch.float32`` ..."""
+    try:
+        return torch.serialization.StorageType(storage_name).dtype  # type: ignore[no-untyped-call,no-any-return]
+    except (KeyError, AttributeError) as e:
+        raise pickle.UnpicklingError(f"unknown storage type torch.{storage_name}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Size checks, before anything is materialised
+
+
+def check_zip(path: Path, zf: zipfile.ZipFile) -> None:
+    """Checks the records of a zip-based checkpoint (``torch.save`` zip or TorchScript) against the file and tensors.
+
+    Every record lies inside the file and a stored record declares the size it occupies; a tensor record holds the
+    bytes its storage needs (read from the archive's ``data.pkl``) and, if compressed, inflates to no more; any other
+    compressed record (pickles, code) to at most :data:`MAX_INFLATED_METADATA` bytes. Only the central directory and
+    ``data.pkl`` are read.
+    """
+    file_size = path.stat().st_size
+    infos = zf.infolist()
+    for info in infos:
+        if info.header_offset + info.compress_size > file_size:
+            raise CheckpointError(
+                f"{path}: zip record {info.filename!r} claims {info.compress_size} bytes past the end of the "
+                f"{file_size}-byte file (truncated or forged)"
+            )
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise CheckpointError(
+                f"{path}: zip record {info.filename!r} declares {info.file_size} bytes but stores {info.compress_size}"
+            )
+    by_name = {info.filename: info for info in infos}
+    needs: dict[str, int] = {}
+    for info in infos:
+        parts = info.filename.split("/")
+        if len(parts) != 2 or parts[1] != "data.pkl":  # the pickle the loaders read (TorchScript's others are not)
+            continue
+        _bound_metadata(path, info)
+        try:
+            _, claims = storage_claims(io.BytesIO(read_record(zf, info)))
+        except Exception as e:  # read with every name inert: only a damaged or malformed pickle fails here
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: its record {info.filename!r} is not a valid pickle, truncated or "
+                f"corrupt ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
+        for claim in claims:
+            name = f"{parts[0]}/data/{claim.key}"
+            if name not in by_name:
+                raise CheckpointError(f"{path}: the tensor record {name!r} is missing")
+            needs[name] = max(needs.get(name, 0), claim.nbytes)
+    for name, need in needs.items():
+        info = by_name[name]
+        if info.file_size < need:
+            raise CheckpointError(
+                f"{path}: zip record {name!r} holds {_size(info.file_size)} but its tensor storage needs {_size(need)} "
+                "(truncated or forged)"
+            )
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > need:
+            raise CheckpointError(
+                f"{path}: compressed zip record {name!r} would inflate to {_size(info.file_size)} but its tensor "
+                f"storage needs only {_size(need)}; refusing to inflate it"
+            )
+    for info in infos:
+        if info.filename not in needs:
+            _bound_metadata(path, info)
+
+
+def read_record(zf: zipfile.ZipFile, name: str | zipfile.ZipInfo, limit: int | None = None) -> bytes:
+    """A record's bytes, never inflating more than its declared size (or ``limit``).
+
+    ``ZipFile.read`` inflates each compressed chunk completely before cutting it to the declared size, so a record
+    whose header lies about its size can still inflate to gigabytes; reading with a size bounds every step.
+    """
+    info = name if isinstance(name, zipfile.ZipInfo) else zf.getinfo(name)
+    size = info.file_size if limit is None else min(info.file_size, limit)
+    with zf.open(info) as f:
+        return f.read(size) if size else b""
+
+
+def check_legacy(path: Path) -> None:
+    """Checks that a legacy ``torch.save`` file holds every storage its pickle declares, at the declared size.
+
+    Files that are not in the legacy layout (plain pickles, garbage) pass unchecked: the loader reports them.
+    """
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        try:
+            for _ in range(3):  # magic number, protocol version, system info
+                storage_claims(f)
+            _, claims = storage_claims(f)
+            keys, _ = storage_claims(f)
+        except Exception:
+            return
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return
+        declared = {c.key: c for c in claims}
+        for key in keys:
+            claim = declared.get(key)
+            head = f.read(8)
+            if claim is None or len(head) < 8:
+                return  # not the layout we know: the loader reports it
+            (numel,) = struct.unpack("<q", head)
+            if numel != claim.numel:
+                raise CheckpointError(
+                    f"{path}: storage {key!r} is declared with {claim.numel} elements but the file stores {numel}"
+                )
+            end = f.tell() + claim.nbytes
+            if end > file_size:
+                raise CheckpointError(
+                    f"{path}: storage {key!r} needs {_size(claim.nbytes)} but the file ends "
+                    f"{_size(end - file_size)} short of it (truncated or forged)"
+                )
+            f.seek(end)
+
+
+def check_tensors(obj: Any, path: str | Path) -> None:
+    """Checks every tensor in a loaded object (not yet copied) against its storage.
+
+    No stride-0 or overlapping view may claim more elements than its storage holds, and every view stays inside it.
+    """
+    stack: list[tuple[str, Any]] = [("", obj)]
+    seen: set[int] = set()
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            _check_tensor(value, name or "<top level>", path)
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}.{i}" if name else str(i), v) for i, v in enumerate(value))
+        elif isinstance(value, Inert):
+            stack.extend([(name, value.args), (name, value.state)])
+        elif hasattr(value, "__dict__") and not isinstance(value, type):  # e.g. argparse.Namespace
+            stack.extend((f"{name}.{k}" if name else k, v) for k, v in vars(value).items())
+
+
+def _check_tensor(t: torch.Tensor, name: str, path: str | Path) -> None:
+    if t.layout != torch.strided or t.device.type == "meta" or t.numel() == 0:
+        return
+    itemsize = t.element_size()
+    held = t.untyped_storage().nbytes() // itemsize
+    if t.numel() > held:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} claims shape {tuple(t.shape)} ({_size(t.numel() * itemsize)}) but the file "
+            f"holds {held} element(s) ({_size(held * itemsize)}) for it (a stride-0 or overlapping view); refusing "
+            "to expand it"
+        )
+    if min(t.stride(), default=0) < 0 or t.storage_offset() < 0:
+        raise CheckpointError(f"{path}: tensor {name!r} has a negative stride or offset")
+    extent = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
+    if extent > held:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} (shape {tuple(t.shape)}) reaches element {extent} of a storage of {held}"
+        )
+
+
+def _bound_metadata(path: Path, info: zipfile.ZipInfo) -> None:
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATED_METADATA:
+        raise CheckpointError(
+            f"{path}: compressed zip record {info.filename!r} would inflate to {_size(info.file_size)} (limit "
+            f"{_size(MAX_INFLATED_METADATA)} for records that hold no tensor data); refusing to inflate it"
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TorchScript archives. Our own reader because torch has no safe one: ``torch.jit.load`` compiles and runs the
+# archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript archives (OpenAI's CLIP files are ones).
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+def _rebuild_tensor(
+    storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
+) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor_v2`` over a flat tensor holding the storage's bytes (a view: nothing copied)."""
+    values = [offset, *size, *stride]
+    if not all(isinstance(v, int) and v >= 0 for v in values) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"malformed tensor view: offset {offset!r}, shape {size!r}, strides {stride!r}")
+    if 0 not in size:
+        extent = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1
+        if extent > storage.numel():
+            raise pickle.UnpicklingError(
+                f"a tensor view of shape {tuple(size)} reaches element {extent} of a storage of {storage.numel()}"
+            )
+    return torch.as_strided(storage, tuple(size), tuple(stride), int(offset))
+
+
+_SCRIPT_HELPERS: dict[tuple[str, str], Any] = {  # what TorchScript pickles call: they only build lists and tensors
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch.jit._pickle", "restore_type_tag"): lambda value, *_: value,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
+}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript ``data.pkl`` without importing or calling anything it names.
+
+    Instances of ``__torch__.*`` classes become :class:`Inert` records (their state holds their parameters, buffers
+    and submodules), storages come from the raw records, the helpers above are allowed and any other global is
+    refused.
+    """
+
+    def __init__(self, data: bytes, zf: zipfile.ZipFile, prefix: str, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self._zf, self._prefix, self._path = zf, prefix, path
+        self._storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__.") or module == "__torch__":
+            return standin(module, name)
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(_dtype(name))
+        allowed = _SCRIPT_HELPERS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}, which is not allowed")
+        return allowed
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unknown storage type {storage_type!r:.80}")
+        if not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"malformed storage size {numel!r:.80}")
+        cache_key = f"{key}:{storage_type.dtype}"
+        if cache_key not in self._storages:  # check_zip has checked the record's size against this storage
+            record = f"{self._prefix}/data/{key}"
+            dtype = storage_type.dtype
+            need = numel * dtype.itemsize
+            raw = read_record(self._zf, record, need)  # never more than the tensor needs, whatever the record claims
+            if len(raw) < need:
+                raise CheckpointError(f"TorchScript archive {self._path}: record {record!r} is truncated")
+            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            self._storages[cache_key] = flat
+        return self._storages[cache_key]
+
+
+def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Reads every tensor attribute of a TorchScript archive's module tree, without running any of its code.
+
+    Returns:
+        ``{dotted.name: tensor}`` in module order, as ``torch.jit.load(path).state_dict()`` would name them (plain
+        tensor attributes that are not parameters or buffers included), in their stored dtype.
+
+    Raises:
+        CheckpointError: Not a TorchScript archive, corrupt, or it references anything but TorchScript classes,
+            tensors and lists.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            check_zip(path, zf)
+            pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pkls) != 1 or f"{pkls[0].split('/')[0]}/constants.pkl" not in zf.namelist():
+                raise CheckpointError(f"{path} is not a TorchScript archive (no <name>/data.pkl + constants.pkl)")
+            prefix = pkls[0].split("/")[0]
+            order = f"{prefix}/byteorder"
+            stored_order = read_record(zf, order, 16).decode().strip() if order in zf.namelist() else sys.byteorder
+            if stored_order != sys.byteorder:
+                raise CheckpointError(f"{path}: stored with {stored_order} byte order; not supported here")
+            root = _ArchiveUnpickler(read_record(zf, pkls[0]), zf, prefix, path).load()
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:  # incl. malformed views (see _rebuild_tensor)
+        raise CheckpointError(f"refusing to read TorchScript archive {path}: {e}") from e
+    except Exception as e:  # zip/pickle structure errors on a damaged file
+        raise CheckpointError(f"cannot read TorchScript archive {path} (truncated or corrupt?): {e}") from e
+    out: dict[str, torch.Tensor] = {}
+    _flatten(root, "", out, set())
+    if not out:
+        raise CheckpointError(f"TorchScript archive {path} holds no tensors")
+    check_tensors(out, path)  # no stride-0 view expands into more than the file holds
+    return {k: v.clone() for k, v in out.items()}  # own storage: no views into the whole record buffers
+
+
+def torchscript_classes(path: str | os.PathLike[str]) -> list[str]:
+    """The qualified names of the TorchScript classes in an archive's module tree (``__torch__....QuickGELU`` ...).
+
+    Read from the pickle's opcodes; an empty list if ``path`` is not a TorchScript archive.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pkls) != 1:
+                return []
+            data = read_record(zf, pkls[0], MAX_INFLATED_METADATA)
+        names = {f"{m}.{n}" for m, n in pickle_globals(data)}
+    except Exception:  # damaged: the reader reports it
+        return []
+    return sorted(n for n in names if n.startswith("__torch__."))
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+        return
+    if not isinstance(obj, Inert) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    state = obj.state if obj.state is not None else obj.args
+    if isinstance(state, tuple) and len(state) == 1 and isinstance(state[0], dict):
+        state = state[0]
+    if isinstance(state, dict):
+        for name, value in state.items():
+            if isinstance(name, str):
+                _flatten(value, f"{prefix}.{name}" if prefix else name, out, seen)

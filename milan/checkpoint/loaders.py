@@ -1,5 +1,22 @@
 """Our models from any supported checkpoint: right-sized from the shapes, loaded strictly, stored pos-embeds kept.
 
+Teachers (:func:`load_teacher`) come from local files only, in every format of :mod:`milan.checkpoint.formats`:
+OpenAI's TorchScript archive (read without running it) or state dicts, OpenCLIP, Hugging Face CLIP folders, and any
+timm ``VisionTransformer`` (bring your own teacher: pass ``model_name``, e.g. ``"vit_base_patch14_reg4_dinov2"``, to
+build it with timm's exact settings, or let the architecture be inferred; ``head=False`` drops a classifier head).
+What a format cannot record is assumed with a warning (:mod:`milan.checkpoint.keymaps`). The output width is the
+Linear ``head``'s width, else ``embed_dim``; register tokens are dropped from the features and the CLS attention is
+taken over the patch keys. Not supported: towers without a class token (SigLIP: MILAN's masking needs the CLS
+query's attention) and non-standard blocks (EVA / EVA-02 rotary blocks; a ``TypeError`` says so).
+
+Grid matching: MILAN needs the teacher's patch grid to equal the student's. ``img_size`` (or ``grid_size``) runs a
+teacher at another resolution: its position table is resampled (bicubic, timm's ``resample_abs_pos_embed``) and the
+images it is given are resized (bicubic, antialiased). E.g. a ViT-B/16 student at 224 px (14 x 14) with a CLIP
+ViT-L/14 teacher: ``grid_size=14`` runs the teacher at 196 px, an approximation of its native behaviour (a teacher
+with the student's patch size is exact).
+
+Pretraining builds its model with :func:`model_from_config`, which reads ``model.teacher.checkpoint`` when it is set.
+
 Examples:
     >>> import tempfile, torch
     >>> from milan.models import create_model
@@ -13,23 +30,122 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, cast
 
 import torch.nn as nn
 
-from milan.checkpoint.arch import TowerSpec, build_strict
-from milan.checkpoint.errors import CheckpointError
-from milan.checkpoint.formats import Checkpoint, read_checkpoint
-from milan.checkpoint.spec import resolve_spec
-from milan.checkpoint.teachers import load_teacher, teacher_from_checkpoint
+from milan.checkpoint.formats import Checkpoint, read_checkpoint, resolve_spec
+from milan.checkpoint.keymaps import timm_tower
+from milan.errors import CheckpointError
 from milan.models.classifier import FinetuneClassifier, LinearProbe
+from milan.models.factory import ModelConfig, TeacherConfig, build_milan
 from milan.models.milan import MILAN, MaskedStudent
 from milan.models.teacher import Teacher, TeacherInputNorm
+from milan.models.tower import Act, TowerSpec, build_strict, build_tower
 from milan.models.vit import VisionTransformer
 
 Source = str | os.PathLike[str] | Checkpoint
+
+
+def load_teacher(
+    path: str | os.PathLike[str],
+    input_norm: TeacherInputNorm = "imagenet",
+    *,
+    fmt: str = "auto",
+    num_heads: int | None = None,
+    act: Act | None = None,
+    norm_eps: float | None = None,
+    img_size: int | None = None,
+    grid_size: int | None = None,
+    model_name: str | None = None,
+    head: bool = True,
+    spec: TowerSpec | None = None,
+) -> Teacher:
+    """Loads a frozen teacher from a local weights file or folder (see the module docstring).
+
+    Args:
+        path: Weights file, Hugging Face / OpenCLIP folder, or any of our checkpoints holding a teacher.
+        input_norm: Teacher input normalisation (see :class:`milan.models.Teacher`).
+        fmt: Force a format (``openai-clip``, ``open-clip``, ``hf``, ``timm``, ``milan``, ``mmpretrain``); ``auto``
+            detects it.
+        num_heads: Attention heads, when the default for the format is wrong.
+        act: MLP activation (``quick_gelu``, ``gelu``, ``gelu_tanh``) overriding the format's default.
+        norm_eps: LayerNorm epsilon overriding the format's default.
+        img_size: Run the teacher at this resolution (position table resampled, inputs resized).
+        grid_size: Same, given as a patch grid side (``img_size = grid_size * patch_size``).
+        model_name: timm model name for timm / OpenCLIP ``visual.trunk`` teachers.
+        head: Keep a timm checkpoint's Linear head as the output projection.
+        spec: Build exactly this tower instead of the inferred one, e.g. the ``teacher_spec`` that training
+            checkpoints store (the file then only provides the weights).
+
+    Raises:
+        CheckpointError: Unreadable file, unrecognised layout, or weights that do not fit the inferred architecture
+            (the message names the keys).
+        TypeError: The tower's blocks are not timm ViT blocks (e.g. EVA).
+    """
+    if img_size and grid_size:
+        raise ValueError("pass img_size or grid_size, not both")
+    ck = read_checkpoint(
+        path,
+        fmt,
+        num_heads=num_heads,
+        teacher_num_heads=num_heads,
+        act=act,
+        norm_eps=norm_eps,
+        img_size=img_size,
+        model_name=model_name,
+        head=head,
+    )
+    return teacher_from_checkpoint(
+        ck, input_norm, grid_size=grid_size, resize_input=bool(img_size or grid_size), spec=spec
+    )
+
+
+def teacher_from_checkpoint(
+    ck: Checkpoint,
+    input_norm: TeacherInputNorm = "imagenet",
+    *,
+    grid_size: int | None = None,
+    resize_input: bool = False,
+    spec: TowerSpec | None = None,
+) -> Teacher:
+    """Builds the teacher held by a canonical checkpoint (a teacher, a MILAN checkpoint with one, or a timm ViT).
+
+    ``grid_size`` runs it at ``grid_size * patch_size`` pixels; ``resize_input`` resizes inputs of another size; a
+    ``spec`` is built instead of the inferred tower (``ck`` then only provides the weights).
+    """
+    if ck.kind == "encoder":  # a plain timm ViT (or one of our encoders) brought as the teacher
+        tower_sd, inferred = timm_tower(ck.state_dict, num_heads=ck.hints.get("num_heads"), **ck.tower_options)
+    elif ck.tower is not None:
+        tower_sd, inferred = ck.part("teacher.model." if ck.kind == "milan" else "model."), ck.tower
+    else:
+        raise CheckpointError(f"{ck.source}: this {ck.format} {ck.kind} checkpoint holds no teacher weights")
+    spec = spec or inferred
+    if grid_size:
+        spec = dataclasses.replace(spec, img_size=grid_size * spec.patch_size)
+    if resize_input:
+        spec = dataclasses.replace(spec, resize_input=True)
+    teacher = Teacher(build_tower(spec, tower_sd), input_norm=input_norm)
+    teacher.source_format = ck.format
+    return teacher
+
+
+def teacher_from_config(cfg: TeacherConfig) -> Teacher | None:
+    """The teacher ``model.teacher.checkpoint`` names, read as pretraining reads it (``None``: no file named).
+
+    It is run on the student's grid when :func:`~milan.models.build_milan` receives it.
+    """
+    if cfg.kind == "none" or not cfg.checkpoint:
+        return None
+    return load_teacher(cfg.checkpoint, cfg.input_norm, fmt=cfg.format, model_name=cfg.model_name, act=cfg.act)
+
+
+def model_from_config(cfg: ModelConfig) -> MILAN:
+    """Builds the MILAN model a config describes, reading its teacher from ``model.teacher.checkpoint`` if set."""
+    return build_milan(cfg, teacher=teacher_from_config(cfg.teacher))
 
 
 def _checkpoint(src: Source, **options: Any) -> Checkpoint:
@@ -52,14 +168,9 @@ def warn_assumed_heads(ck: Checkpoint, *, decoder: bool = False) -> None:
 
 
 def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """The student encoder of a canonical checkpoint (for a fine-tuned classifier: without its final norm).
+    """The student encoder of a canonical checkpoint, with its stored weights and position table.
 
-    Args:
-        ck: From :func:`~milan.checkpoint.formats.read_checkpoint`.
-        drop_path_rate: Stochastic depth of the built encoder (fine-tuning).
-
-    Returns:
-        The encoder with the stored weights, including the stored position table.
+    A fine-tuned classifier's encoder has no final norm; ``drop_path_rate`` is for fine-tuning.
     """
     warn_assumed_heads(ck)
     arch = ck.encoder_arch()
@@ -76,13 +187,7 @@ def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> V
 def load_encoder(src: Source, *, fmt: str = "auto", num_heads: int | None = None) -> VisionTransformer:
     """Loads the student encoder from any checkpoint that holds one (pretraining, classifier, timm ViT).
 
-    Args:
-        src: Path, folder or an already read :class:`Checkpoint`.
-        fmt: Source format (``auto`` detects it).
-        num_heads: Encoder heads when the file does not record them (default: the standard ViT table).
-
-    Returns:
-        The encoder with the stored weights, including the stored position table.
+    ``num_heads``: the encoder's heads when the file does not record them (default: the standard ViT table).
     """
     return encoder_from_checkpoint(_checkpoint(src, fmt=fmt, num_heads=num_heads))
 
@@ -92,14 +197,8 @@ def load_student(
 ) -> MaskedStudent:
     """Loads the trainable part of MILAN (encoder + decoder) from a pretraining checkpoint.
 
-    Args:
-        src: mmpretrain / MMSelfSup MILAN, original MILAN (MAE format) or our checkpoint.
-        fmt: Source format.
-        num_heads: Encoder heads (see :func:`load_encoder`).
-        decoder_num_heads: Decoder heads (default ``width // 32``: 16 for MILAN's 512-wide decoder).
-
-    Returns:
-        The student.
+    mmpretrain / MMSelfSup, original MILAN or ours; ``decoder_num_heads`` defaults to ``width // 32`` (16 for
+    MILAN's 512-wide decoder).
     """
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     warn_assumed_heads(ck, decoder=True)
@@ -134,9 +233,6 @@ def load_milan(
         teacher_num_heads: Heads of the teacher stored in ``src``.
         **milan_kwargs: :class:`~milan.models.MILAN` options (``mask_ratio``, ``masking``, ``loss_on`` ...); by
             default those stored in the checkpoint's config, else MILAN's defaults.
-
-    Returns:
-        The model.
     """
     ck = _checkpoint(
         src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads, teacher_num_heads=teacher_num_heads
@@ -163,7 +259,7 @@ def load_milan(
             f"{ck.source} holds no teacher weights{missing} and its decoder predicts {student.decoder.out_dim}-d "
             "features; pass teacher=<teacher weights> (the teacher it was trained with)"
         )
-    kwargs = {k: stored[k] for k in ("mask_ratio", "masking", "loss_on", "restore_order") if k in stored}
+    kwargs = {k: stored[k] for k in ("mask_ratio", "masking", "loss_on") if k in stored}
     if teacher is None:
         kwargs["masking"] = "random"
     kwargs.update(milan_kwargs)
@@ -184,11 +280,6 @@ def load_classifier(
     src: Source, *, fmt: str = "auto", num_heads: int | None = None
 ) -> LinearProbe | FinetuneClassifier:
     """Loads a linear probe or fine-tuned classifier (mmpretrain ``ImageClassifier``, original MILAN/MAE, ours).
-
-    Args:
-        src: Path, folder or :class:`Checkpoint`.
-        fmt: Source format.
-        num_heads: Encoder heads.
 
     Returns:
         A :class:`~milan.models.classifier.LinearProbe` (BN + linear on the normed CLS token) or a

@@ -1,20 +1,26 @@
-"""The model spec: what every checkpoint we write says about its model, and what every reader takes from it.
+"""The model spec: what every checkpoint we write says about its model, and the architectures weights imply.
 
 One versioned plain-data record, stored as the ``"spec"`` entry of every checkpoint a job writes (pretraining
 ``last.pt`` / ``epoch_N.pt``, linear-probe and fine-tuning checkpoints, ``classifier.pt``) and in the metadata of our
 exports and conversions. It holds what the weights' shapes cannot say:
 
-* ``encoder``: the student ViT (:class:`~milan.checkpoint.arch.EncoderArch`, heads included);
-* ``decoder``: the MILAN decoder (:class:`~milan.checkpoint.arch.DecoderArch`; pretraining checkpoints);
+* ``encoder``: the student ViT (:class:`EncoderArch`, heads included);
+* ``decoder``: the MILAN decoder (:class:`DecoderArch`; pretraining checkpoints);
 * ``teacher``: the frozen teacher (:class:`TeacherSpec`: the tower with its activation and image size, its input
   normalisation, the weights' format and file);
 * ``preprocessing``: the evaluation view the model expects (:class:`Preprocessing`: size, mean, std, resampling,
   crop fraction);
 * ``head``: classifiers (:class:`HeadSpec`: kind, pooling, class names in index order, the probe's lr).
 
-Readers (``milan export``, ``inspect``, ``evaluate``, ``visualize`` and the loaders of :mod:`milan.checkpoint`) take
-their values from here. Files without a spec (official and foreign checkpoints) go through :func:`resolve_spec`,
-which fills each gap with a stated convention and returns one note per assumption naming the flag that overrides it.
+Files without a spec (official and foreign checkpoints) are described from their shapes (:func:`infer_encoder`,
+:func:`infer_decoder`, :func:`infer_tower`). Shapes give widths, depths, patch size, grid, MLP ratio, token layout and
+head widths, not the number of heads, the activation or the LayerNorm epsilon: those come from the caller, stored
+metadata, or these conventions (:func:`milan.checkpoint.resolve_spec` names each one it used):
+
+* student encoders: the standard ViT table (:data:`milan.models.VIT_ARCHS`) by (width, depth), else ``width // 64``;
+* decoders: ``width // 32`` (MILAN's and MAE's 512-wide decoders have 16 heads);
+* teacher towers: ``width // 64`` (OpenAI and OpenCLIP's 64-wide heads), except the OpenCLIP ViT-H/g/bigG widths
+  1280/1408/1664, which have 16 heads.
 
 Examples:
     >>> spec = ModelSpec("encoder", EncoderArch(64, 8, 128, 4, num_heads=4), Preprocessing(64))
@@ -27,27 +33,71 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
-from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec, infer_decoder, infer_encoder
-from milan.checkpoint.io import CheckpointError
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
-from milan.models.vit import VIT_ARCHS
+import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-if TYPE_CHECKING:
-    from milan.checkpoint.formats import Checkpoint
-    from milan.models.decoder import MAEDecoder, PromptingDecoder
-    from milan.models.milan import MILAN
-    from milan.models.teacher import Teacher
-    from milan.models.vit import VisionTransformer
+from milan.errors import CheckpointError
+from milan.models.decoder import MAEDecoder, PromptingDecoder
+from milan.models.factory import DecoderConfig, EncoderConfig, build_decoder, build_encoder
+from milan.models.milan import MILAN
+from milan.models.tower import Act, StateDict, TowerSpec, ViTShape, describe_tower, square_grid, vit_kwargs
+from milan.models.vit import VIT_ARCHS, VisionTransformer
+from milan.pos_embed import PosEmbedLayout, sincos_2d
 
 SPEC_VERSION = 1
 SpecKind = Literal["milan", "encoder", "linear_probe", "finetune"]
 HeadKind = Literal["linear_probe", "finetune", "linear"]  # "linear": a plain Linear (a probe exported with BN folded)
+PosLayout = Literal["mmpretrain", "mae", "learned"]
 Pool = Literal["token", "avg"]
 Resample = Literal["bicubic", "bilinear"]
 RGB = tuple[float, float, float]
+
+_TOWER_HEADS = {1280: 16, 1408: 16, 1664: 16}  # OpenCLIP ViT-H/14 (head width 80), g/14 (88), bigG/14 (104)
+
+
+@dataclass
+class EncoderArch(ViTShape):
+    """Our :class:`~milan.models.VisionTransformer` (timm key names)."""
+
+    in_chans: int = 3
+    qkv_bias: bool = True
+    pos_embed_layout: PosLayout = "mmpretrain"
+
+    def build(self, drop_path_rate: float = 0.0) -> VisionTransformer:
+        """A randomly initialised encoder of this shape (load the weights next); ``drop_path_rate`` for fine-tuning."""
+        return build_encoder(self.to_config(drop_path_rate))
+
+    def to_config(self, drop_path_rate: float = 0.0) -> EncoderConfig:
+        """This shape as the factory's config.
+
+        A learned position table is described as ``mmpretrain``: loading the weights restores it.
+        """
+        layout: PosEmbedLayout = "mae" if self.pos_embed_layout == "mae" else "mmpretrain"
+        return EncoderConfig(**vit_kwargs(self), pos_embed_layout=layout, drop_path_rate=drop_path_rate)
+
+
+@dataclass
+class DecoderArch:
+    """A :class:`~milan.models.PromptingDecoder` or :class:`~milan.models.MAEDecoder`."""
+
+    kind: Literal["prompting", "mae"]
+    grid: int
+    in_dim: int
+    out_dim: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+    def build(self) -> PromptingDecoder | MAEDecoder:
+        """A randomly initialised decoder of this shape (the stored position table replaces the fresh one)."""
+        cfg = DecoderConfig(self.kind, self.embed_dim, self.depth, self.num_heads, self.mlp_ratio)
+        return build_decoder(cfg, (self.grid, self.grid), self.in_dim, self.out_dim, "mmpretrain")
 
 
 @dataclass
@@ -55,8 +105,8 @@ class Preprocessing:
     """The evaluation view: Resize(shorter side to :attr:`resize`) + CenterCrop(``img_size``) + Normalize."""
 
     img_size: int
-    mean: RGB = IMAGENET_MEAN
-    std: RGB = IMAGENET_STD
+    mean: RGB = IMAGENET_DEFAULT_MEAN
+    std: RGB = IMAGENET_DEFAULT_STD
     interpolation: Resample = "bicubic"
     crop_pct: float = 0.875
 
@@ -176,7 +226,7 @@ class ModelSpec:
             raise CheckpointError(f"the stored model spec is malformed ({type(e).__name__}: {e})") from e
 
     def hints(self) -> dict[str, Any]:
-        """The facts :class:`~milan.checkpoint.formats.Checkpoint` readers use (``num_heads``, ``tower`` ...)."""
+        """The facts checkpoint readers use (``num_heads``, ``tower`` ...)."""
         out: dict[str, Any] = {"spec": self, "num_heads": self.encoder.num_heads}
         if self.decoder is not None:
             out["decoder_num_heads"] = self.decoder.num_heads
@@ -205,26 +255,13 @@ def spec_hints(data: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writers: the spec of live modules
+# The spec of live modules (what the jobs store)
 
 
 def encoder_arch_of(encoder: VisionTransformer) -> EncoderArch:
     """The architecture of a built encoder (its stored position table decides ``pos_embed_layout``)."""
     sd = {k: v.detach().cpu() if k == "pos_embed" else v.detach() for k, v in encoder.state_dict().items()}
-    return infer_encoder(sd, num_heads=encoder.num_heads)  # shapes, and the position table's values
-
-
-def decoder_arch_of(decoder: PromptingDecoder | MAEDecoder) -> DecoderArch:
-    """The architecture of a built decoder."""
-    heads = int(cast(Any, decoder.decoder_blocks[0]).attn.num_heads)
-    return infer_decoder({k: v.detach() for k, v in decoder.state_dict().items()}, num_heads=heads)
-
-
-def teacher_spec_of(teacher: Teacher, *, weights: str | None, fmt: str) -> TeacherSpec:
-    """The spec of a built teacher (``weights=None`` and ``fmt="random"`` for a randomly initialised one)."""
-    from milan.checkpoint.arch import describe_tower
-
-    return TeacherSpec(describe_tower(teacher.model), teacher.input_norm, fmt, weights)
+    return infer_encoder(sd, num_heads=encoder.num_heads)
 
 
 def milan_spec(model: MILAN, *, interpolation: Resample = "bicubic", teacher_weights: str | None = None) -> ModelSpec:
@@ -237,138 +274,141 @@ def milan_spec(model: MILAN, *, interpolation: Resample = "bicubic", teacher_wei
     """
     teacher = None
     if model.teacher is not None:
-        fmt = str(getattr(model.teacher, "source_format", "random")) if teacher_weights else "random"
-        teacher = teacher_spec_of(model.teacher, weights=teacher_weights, fmt=fmt)
+        fmt = model.teacher.source_format if teacher_weights else "random"
+        teacher = TeacherSpec(describe_tower(model.teacher.model), model.teacher.input_norm, fmt, teacher_weights)
     encoder = encoder_arch_of(model.encoder)
-    pre = Preprocessing(encoder.img_size, interpolation=interpolation)
-    return ModelSpec("milan", encoder, pre, decoder_arch_of(model.decoder), teacher)
+    heads = int(cast(Any, model.decoder.decoder_blocks[0]).attn.num_heads)
+    decoder = infer_decoder({k: v.detach() for k, v in model.decoder.state_dict().items()}, num_heads=heads)
+    return ModelSpec("milan", encoder, Preprocessing(encoder.img_size, interpolation=interpolation), decoder, teacher)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Readers: the stored spec, or one completed from the weights with stated assumptions
+# Architectures from shapes
 
 
-@dataclass
-class Resolved:
-    """A checkpoint's spec as a reader uses it.
+def _need(sd: StateDict, key: str, what: str) -> torch.Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{what}: missing key {key!r} (have e.g. {list(sd)[:6]})")
+    return sd[key]
 
-    Attributes:
-        spec: Complete: stored values, the caller's overrides, and conventions for what neither gives.
-        stored: Whether the file carries a spec.
-        assumed: What was assumed (``encoder_heads``, ``decoder_heads``, ``preprocessing``) -> one line naming the
-            assumption and the flag that overrides it.
+
+def count_blocks(sd: StateDict, prefix: str) -> int:
+    """Number of ``{prefix}N.`` blocks; raises if the indices are not 0..N-1."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    ids = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    if ids and ids != set(range(len(ids))):
+        raise CheckpointError(f"blocks under {prefix!r} are not numbered 0..{len(ids) - 1}: {sorted(ids)}")
+    return len(ids)
+
+
+def _heads(width: int, given: int | None, default: int, what: str) -> int:
+    heads = given or default
+    if width % heads:
+        raise CheckpointError(f"{what}: width {width} is not divisible by num_heads={heads}")
+    return heads
+
+
+def vit_table_heads(width: int, depth: int) -> int | None:
+    """The heads of the standard ViT of this width and depth (:data:`~milan.models.VIT_ARCHS`), if there is one."""
+    return next((h for d, n, h in VIT_ARCHS.values() if (d, n) == (width, depth)), None)
+
+
+def detect_layout(pos_embed: torch.Tensor, grid: tuple[int, int]) -> PosLayout:
+    """Which fixed sin-cos layout a stored (1, 1 + L, D) position table is, or ``"learned"`` (anything else)."""
+    dim = int(pos_embed.shape[-1])
+    if dim % 4 or pos_embed.shape[1] != grid[0] * grid[1] + 1:
+        return "learned"
+    for layout in ("mmpretrain", "mae"):
+        table = sincos_2d(grid, dim, layout=layout)
+        if torch.allclose(pos_embed.float().reshape(table.shape), table, atol=1e-4):
+            return layout
+    return "learned"
+
+
+def infer_encoder(sd: StateDict, num_heads: int | None = None) -> EncoderArch:
+    """An encoder from its timm-layout keys (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N``)."""
+    what = "student encoder"
+    proj = _need(sd, "patch_embed.proj.weight", what)  # (D, C, p, p)
+    pos = _need(sd, "pos_embed", what)  # (1, 1 + L, D)
+    _need(sd, "cls_token", what)
+    embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[-1])
+    depth = count_blocks(sd, "blocks.")
+    if depth == 0:
+        raise CheckpointError(f"{what}: no blocks.N.* keys")
+    grid = square_grid(int(pos.shape[1]) - 1, what)
+    fc1 = _need(sd, "blocks.0.mlp.fc1.weight", what)
+    standard = vit_table_heads(embed_dim, depth) or max(1, embed_dim // 64)
+    return EncoderArch(
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=_heads(embed_dim, num_heads, standard, what),
+        mlp_ratio=fc1.shape[0] / embed_dim,
+        in_chans=in_chans,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        pos_embed_layout=detect_layout(pos, (grid, grid)),
+    )
+
+
+def infer_decoder(sd: StateDict, num_heads: int | None = None) -> DecoderArch:
+    """A decoder from our/MAE key names (``decoder_embed``, ``mask_token``, ``decoder_blocks.N`` ...)."""
+    what = "decoder"
+    embed = _need(sd, "decoder_embed.weight", what)  # (C, E)
+    pred = _need(sd, "decoder_pred.weight", what)  # (out, C)
+    pos = _need(sd, "decoder_pos_embed", what)
+    width = int(embed.shape[0])
+    fc1 = sd.get("decoder_blocks.0.mlp.fc1.weight")
+    return DecoderArch(
+        kind="mae" if "decoder_blocks.0.attn.qkv.weight" in sd else "prompting",
+        grid=square_grid(int(pos.shape[1]) - 1, what),
+        in_dim=int(embed.shape[1]),
+        out_dim=int(pred.shape[0]),
+        embed_dim=width,
+        depth=count_blocks(sd, "decoder_blocks."),
+        num_heads=_heads(width, num_heads, max(1, width // 32), what),
+        mlp_ratio=fc1.shape[0] / width if fc1 is not None else 4.0,
+    )
+
+
+def infer_tower(
+    sd: StateDict, *, act: Act, norm_eps: float, num_heads: int | None = None, img_size: int | None = None
+) -> TowerSpec:
+    """A teacher tower from timm-layout keys.
+
+    ``act`` and ``norm_eps`` are not in the weights; ``img_size`` runs it at another resolution than the stored
+    table's (resampled when it is built).
     """
-
-    spec: ModelSpec
-    stored: bool
-    assumed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def notes(self) -> list[str]:
-        """The lines of :attr:`assumed`."""
-        return list(self.assumed.values())
-
-    def adopt(self, ck: Checkpoint) -> None:
-        """Records the resolved head counts in ``ck.hints``: once reported, the loaders build them without warning."""
-        ck.hints.setdefault("num_heads", self.spec.encoder.num_heads)
-        if self.spec.decoder is not None:
-            ck.hints.setdefault("decoder_num_heads", self.spec.decoder.num_heads)
-
-
-def stored_spec(ck: Checkpoint) -> ModelSpec | None:
-    """The spec stored in a checkpoint read by :func:`~milan.checkpoint.formats.read_checkpoint`, if any."""
-    spec = ck.hints.get("spec")
-    return spec if isinstance(spec, ModelSpec) else None
-
-
-def resolve_spec(
-    ck: Checkpoint,
-    *,
-    crop_pct: float | None = None,
-    interpolation: Resample | None = None,
-    mean: RGB | None = None,
-    std: RGB | None = None,
-    heads_flag: str = "--num-heads N",
-    decoder_heads_flag: str = "--decoder-num-heads N",
-) -> Resolved:
-    """The spec of a checkpoint holding a student encoder: stored values first, then conventions (with notes).
-
-    Args:
-        ck: From :func:`~milan.checkpoint.formats.read_checkpoint` (caller flags such as ``num_heads`` already
-            applied).
-        crop_pct: Override the evaluation crop fraction.
-        interpolation: Override the evaluation resampling.
-        mean: Override the normalisation mean.
-        std: Override the normalisation std.
-        heads_flag: How the caller's users set the encoder's heads (named in the note when they are assumed).
-        decoder_heads_flag: The same for the decoder's heads.
-
-    Returns:
-        The resolved spec.
-
-    Raises:
-        CheckpointError: No student encoder, or a stored spec that contradicts the weights.
-    """
-    stored = stored_spec(ck)
-    notes: dict[str, str] = {}
-    arch = ck.encoder_arch()
-    if stored is not None:
-        _check_agrees(ck, stored.encoder, arch)
-    elif "num_heads" not in ck.hints:
-        table = any((dim, depth) == (arch.embed_dim, arch.depth) for dim, depth, _ in VIT_ARCHS.values())
-        why = f"the standard ViT table for width {arch.embed_dim}" if table else f"width {arch.embed_dim} / 64"
-        notes["encoder_heads"] = (
-            f"encoder heads: {arch.num_heads} assumed ({why}; the file does not record them); pass {heads_flag} if "
-            "the model has another count"
-        )
-    decoder = None
-    if ck.kind == "milan" and any(k.startswith("student.decoder.") for k in ck.state_dict):
-        decoder = ck.decoder_arch()
-        if stored is None and "decoder_num_heads" not in ck.hints:
-            notes["decoder_heads"] = (
-                f"decoder heads: {decoder.num_heads} assumed (width {decoder.embed_dim} / 32, MILAN's and MAE's "
-                f"convention; the file does not record them); pass {decoder_heads_flag} if different"
-            )
-    teacher = stored.teacher if stored is not None else None
-    if teacher is None and ck.tower is not None and ck.kind == "milan":
-        norm = cast(Any, ck.hints.get("teacher_input_norm", "imagenet"))
-        teacher = TeacherSpec(ck.tower, norm, ck.format, None)
-    pre = stored.preprocessing if stored is not None else None
-    options: dict[str, Any] = {"crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std}
-    given = {k: v for k, v in options.items() if v is not None}
-    if pre is None:
-        pre = Preprocessing(arch.img_size)
-        assumed = [_describe_field(pre, k) for k in ("mean", "std", "interpolation", "crop_pct") if k not in given]
-        if assumed:
-            notes["preprocessing"] = (
-                f"preprocessing: {', '.join(assumed)} assumed (the references' evaluation view; the file does not "
-                "record its preprocessing); pass --mean, --std, --interpolation, --crop-pct to change"
-            )
-    pre = dataclasses.replace(pre, **given)
-    head = stored.head if stored is not None else None
-    if head is None and ck.kind in ("linear_probe", "finetune"):
-        weight = ck.state_dict["head.fc.weight" if ck.kind == "linear_probe" else "head.weight"]
-        pool: Pool = "token" if ck.kind == "linear_probe" else ck.hints.get("global_pool", "avg")
-        head = HeadSpec(cast(HeadKind, ck.kind), int(weight.shape[0]), global_pool=pool)
-    kind = cast(SpecKind, ck.kind)
-    spec = ModelSpec(kind, arch, pre, decoder, teacher, head)
-    return Resolved(spec, stored is not None, notes)
-
-
-def _describe_field(pre: Preprocessing, name: str) -> str:
-    if name in ("mean", "std"):
-        values = ", ".join(f"{v:g}" for v in getattr(pre, name))
-        return f"ImageNet {name} ({values})"
-    if name == "crop_pct":
-        return f"crop_pct {pre.crop_pct:g} (resize to {pre.resize}, center crop {pre.img_size})"
-    return f"{pre.interpolation} resize"
-
-
-def _check_agrees(ck: Checkpoint, spec: EncoderArch, arch: EncoderArch) -> None:
-    """Raises when the stored encoder spec and the weights' shapes disagree (a spec copied onto other weights)."""
-    names = ("img_size", "patch_size", "embed_dim", "depth", "in_chans")  # heads: a caller's flag may override
-    diff = [f"{n} {getattr(spec, n)} vs {getattr(arch, n)}" for n in names if getattr(spec, n) != getattr(arch, n)]
-    if diff:
-        raise CheckpointError(
-            f"{ck.source}: the stored model spec does not describe these weights (spec vs weights: {', '.join(diff)})"
-        )
+    what = "teacher tower"
+    proj = _need(sd, "patch_embed.proj.weight", what)
+    pos = _need(sd, "pos_embed", what)
+    embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[-1])
+    depth = count_blocks(sd, "blocks.")
+    if depth == 0:
+        raise CheckpointError(f"{what}: no blocks.N.* keys")
+    class_token = "cls_token" in sd
+    reg_tokens = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+    prefix = int(class_token) + reg_tokens
+    n = int(pos.shape[1])
+    no_embed_class = math.isqrt(n) ** 2 == n and prefix > 0 and math.isqrt(n - prefix) ** 2 != n - prefix
+    grid = square_grid(n if no_embed_class else n - prefix, what)
+    head = sd.get("head.weight")
+    return TowerSpec(
+        img_size=img_size or grid * patch,
+        patch_size=patch,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=_heads(embed_dim, num_heads, _TOWER_HEADS.get(embed_dim, max(1, embed_dim // 64)), what),
+        mlp_ratio=_need(sd, "blocks.0.mlp.fc1.weight", what).shape[0] / embed_dim,
+        out_dim=int(head.shape[0]) if head is not None else 0,
+        act=act,
+        norm_eps=norm_eps,
+        pre_norm="norm_pre.weight" in sd,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        no_embed_class=no_embed_class,
+        layer_scale="blocks.0.ls1.gamma" in sd,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        in_chans=in_chans,
+    )

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from milan.checkpoint.formats import read_checkpoint
+from milan.checkpoint.formats import read_checkpoint, resolve_spec
 from milan.checkpoint.io import CheckpointError
 from milan.checkpoint.loaders import encoder_from_checkpoint
-from milan.checkpoint.spec import resolve_spec
 from milan.models.factory import build_encoder, list_models, model_config
 from milan.models.vit import VisionTransformer
 from milan.train.config import ConfigError, EncoderSource

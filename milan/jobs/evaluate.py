@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from milan import distributed as dist
-from milan.checkpoint import load_classifier, read_checkpoint
+from milan.checkpoint import load_classifier, read_checkpoint, resolve_spec
 from milan.checkpoint.io import CheckpointError
-from milan.checkpoint.spec import resolve_spec
 from milan.data import DataError, SkipReport, build_dataset, describe_found, eval_loader, eval_transform
 from milan.data.datasets import match_classes
 from milan.models.classifier import FinetuneClassifier, LinearProbe

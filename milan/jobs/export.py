@@ -72,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
     Values a file does not record and the command had to assume are printed as warnings, one line each, naming
     the flag that sets them.
     """
-    from milan.checkpoint.export import Exported, export_hf, export_timm, save_canonical
-    from milan.checkpoint.report import describe
-    from milan.checkpoint.spec import resolve_spec
+    from milan.checkpoint.export import Exported, describe, export_hf, export_timm, save_canonical
+    from milan.checkpoint.formats import resolve_spec
 
     options = {
         "num_heads": args.num_heads,

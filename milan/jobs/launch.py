@@ -171,7 +171,10 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
 
 def _config_from(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[str], path: Path) -> C:
     """``cls`` from a checkpoint's plain-data config, with ``overrides`` on top."""
-    raw = _merge(dict(stored), parse_overrides(overrides))
+    stored = dict(stored)
+    if isinstance(stored.get("model"), Mapping):  # model.restore_order: stored by older versions, no longer a key
+        stored["model"] = {k: v for k, v in stored["model"].items() if k != "restore_order"}
+    raw = _merge(stored, parse_overrides(overrides))
     try:
         factory = getattr(cls, "defaults_from", None)
         return update(factory(raw) if factory is not None else cls(), raw)

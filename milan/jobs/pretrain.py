@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, IterableDataset
 
 from milan import distributed as dist
-from milan.checkpoint.arch import describe_tower
+from milan.checkpoint.loaders import model_from_config
 from milan.checkpoint.spec import milan_spec
 from milan.data import (
     Batch,
@@ -33,11 +33,11 @@ from milan.data import (
 from milan.data.device import DeviceAugment, EncodedBatch, EncodedImages, collate_encoded, decode_batch
 from milan.data.sampling import EpochSampler, seeded_loader
 from milan.data.sources import is_shard_source
-from milan.flops import pretrain_flops
 from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.compile import compile_milan
-from milan.models.factory import build_milan
+from milan.models.factory import model_flops
 from milan.models.milan import MILAN
+from milan.models.tower import describe_tower
 from milan.train.checkpointing import is_sharded
 from milan.train.config import ConfigError, PretrainConfig, TeacherDtype, check_pretrain, derive
 from milan.train.loop import StepFn, StepOutput, TrainState, data_step
@@ -80,7 +80,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             return Summary(run.run_dir, f.checkpoint, f.state, None, time.perf_counter() - run.t_start, 0.0)
         device, dtype = run.device, run.dtype
         model = _build_model(cfg, device)
-        flops = pretrain_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
+        flops = model_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
         loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
         derived = derive(cfg, dist.world_size(), batches_per_epoch)
         found = _describe_data(cfg, loader, derived.steps_per_epoch)
@@ -150,16 +150,18 @@ def milan_step(
 
     Returns:
         ``batch -> StepOutput``; a batch is ``(Batch, noise (B, L))`` from :class:`SeededSamples` or a plain
-        :class:`~milan.data.Batch` (shards: masks from the global RNG).
+        :class:`~milan.data.Batch` (shards: the mask noise from the global RNG).
     """
 
     def forward(data: Batch, noise: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         images = data.images.to(device, non_blocking=True)  # (B, 3, H, W)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        noise = noise.to(device, non_blocking=True) if noise is not None else None  # (B, L)
-        out = model(images, noise=noise, student=student)
-        return out.loss, images.shape[0]
+        if noise is None:  # shards: the global RNG
+            noise = torch.rand(images.shape[0], model.encoder.num_patches, device=device)
+        target, importance = model.targets(images)  # (B, 1 + L, D), (B, L)
+        mask = model.draw_mask(importance, noise.to(device, non_blocking=True))
+        return model.loss(student(images, mask), target, mask), images.shape[0]
 
     return data_step(forward, model.student, device, report)
 
@@ -234,7 +236,7 @@ def precision_note(precision: str, device: torch.device, dtype: torch.dtype) -> 
 
 def _build_model(cfg: PretrainConfig, device: torch.device) -> MILAN:
     seed_everything(cfg.seed)  # the same initial weights on every process
-    model = build_milan(cfg.model).to(device)
+    model = model_from_config(cfg.model).to(device)
     model.encoder.set_grad_checkpointing(cfg.runtime.grad_checkpointing)
     seed_everything(cfg.seed + dist.rank())  # then a different stream per process
     return model
@@ -313,7 +315,7 @@ def _log_model(
     log, rt = trainer.log, cfg.runtime
     n_student = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     n_teacher = sum(p.numel() for p in model.teacher.parameters()) if model.teacher is not None else 0
-    flops = pretrain_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
+    flops = model_flops(cfg.model, model.teacher)  # a teacher loaded from a file counts with its own shape
     teacher = model.teacher
     details = []
     if teacher is not None:

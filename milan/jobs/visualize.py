@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from milan.checkpoint.io import CheckpointError
 from milan.models.milan import MILAN, Masking, patchify
-from milan.models.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 CELL_INCHES = 2.2  # side of one panel
 DPI = 100
@@ -89,8 +89,8 @@ class Views:
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised (B, 3, H, W) -> display images in [0, 1]."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = images.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return (images * std + mean).clamp(0.0, 1.0)
 
 
@@ -138,7 +138,8 @@ def compute_views(
     model.masking = masking
     model.eval()
     try:
-        out = model(images, generator=generator)
+        noise = torch.rand(images.shape[0], encoder.num_patches, generator=generator, device=images.device)
+        out = model(images, noise=noise)
     finally:
         model.mask_ratio, model.masking = saved[0], saved[1]
         model.train(saved[2])
@@ -414,9 +415,8 @@ def visualize(
     Raises:
         CheckpointError: Unreadable checkpoint, or no teacher to be had (the message names ``--teacher``).
     """
-    from milan.checkpoint import load_milan, read_checkpoint
+    from milan.checkpoint import load_milan, read_checkpoint, resolve_spec
     from milan.checkpoint.loaders import teacher_file
-    from milan.checkpoint.spec import resolve_spec
 
     ck = read_checkpoint(checkpoint)
     resolved = resolve_spec(ck, crop_pct=crop_pct)

@@ -13,7 +13,8 @@ from milan.models.factory import (
     model_config,
 )
 from milan.models.milan import MILAN, MaskedStudent, MILANOutput
-from milan.models.teacher import Teacher, TeacherOutput, clip_vision_tower
+from milan.models.teacher import Teacher, TeacherOutput
+from milan.models.tower import TowerSpec, build_tower, clip_vision_tower, describe_tower
 from milan.models.vit import VIT_ARCHS, VisionTransformer
 
 __all__ = [
@@ -30,11 +31,14 @@ __all__ = [
     "Teacher",
     "TeacherConfig",
     "TeacherOutput",
+    "TowerSpec",
     "VisionTransformer",
     "build_milan",
     "build_teacher",
+    "build_tower",
     "clip_vision_tower",
     "create_model",
+    "describe_tower",
     "list_models",
     "model_config",
 ]

@@ -1,116 +1,108 @@
-"""``torch.compile`` for MILAN with a clean eager fallback.
+"""``torch.compile`` of MILAN's student and teacher, with torch's own eager fallback.
 
-Only the ``forward`` of a module is replaced (an instance attribute shadowing the method), so the module keeps
-its parameters, state-dict keys and hooks, DDP can wrap it as usual, and forward hooks run eagerly around the
-compiled region (no recompilation when hooks are added or removed). If compiling fails (no C++ compiler on a CPU
-machine, an unsupported op, a backend error), the module warns once and runs eagerly from then on.
+Only a method of a module is replaced (an instance attribute shadowing it), so the module keeps its parameters,
+state-dict keys and hooks, DDP can wrap it as usual, and forward hooks run eagerly around the compiled region (no
+recompilation when hooks are added or removed). If compiling fails (no C++ compiler on a CPU machine, an unsupported
+op, a backend error), ``torch._dynamo.config.suppress_errors`` runs that code eagerly from then on; torch logs the
+failure with its traceback, which is turned into one :class:`CompileWarning` line per function here.
 
-Compilation happens on the first call, when the forward graph is traced and compiled; the backward graph is
-compiled at the first backward pass, where a failure cannot be caught here (set ``TORCH_COMPILE_DISABLE=1`` then).
+Compilation happens on the first call; the backward graph is compiled at the first backward pass, where torch does
+not suppress a failure (set ``TORCHDYNAMO_DISABLE=1`` then).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
-from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from milan.models.milan import MILAN
 
 
-class EagerFallback:
-    """Calls a compiled function; on an error, warns once and calls the eager function from then on.
-
-    Out-of-memory errors are re-raised (falling back to eager would only use more memory).
-
-    Args:
-        compiled: The ``torch.compile`` result.
-        eager: The original function.
-        what: Name used in the warning.
-    """
-
-    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], what: str) -> None:
-        self.compiled: Callable[..., Any] | None = compiled
-        self.eager = eager
-        self.what = what
-
-    @property
-    def active(self) -> bool:
-        """Whether the compiled function is still in use."""
-        return self.compiled is not None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # any compile-stack error; a genuine model error re-raises eagerly below
-                reason = f"{type(exc).__name__}: {_first_line(exc)}"
-                cause = exc.__cause__ or getattr(exc, "inner_exception", None)  # dynamo wraps backend errors
-                if isinstance(cause, BaseException):
-                    reason += f" {type(cause).__name__}: {_first_line(cause)}"
-                warnings.warn(
-                    f"torch.compile of {self.what} failed ({reason}); running it eagerly",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.compiled = None
-        return self.eager(*args, **kwargs)
+class CompileWarning(RuntimeWarning):
+    """``torch.compile`` failed and the code runs eagerly."""
 
 
 def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, at most 300 characters."""
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else ""
 
 
-def compile_method(module: nn.Module, name: str = "forward", **compile_kwargs: Any) -> EagerFallback:
-    """Replaces ``module.<name>`` with a compiled version that falls back to eager on failure.
+class _OneWarning(logging.Filter):
+    """Turns dynamo's "WON'T CONVERT ... Traceback" log records into one :class:`CompileWarning` per function.
+
+    After a function's frame fails, dynamo also tries (and fails on) every frame it calls; those repeat the reason
+    already reported and are dropped. Dynamo names the failing frame only inside its pre-formatted message
+    (``WON'T CONVERT <name> <file> line <n>``), which is matched against the methods :func:`compile_method` compiled.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compiled: dict[tuple[str, int], str] = {}  # (file, first line) of a compiled method -> its name
+        self.reported: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.WARNING or exc is None:
+            return True
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        cause = exc.__cause__ or getattr(exc, "inner_exception", None)  # dynamo wraps backend errors
+        if isinstance(cause, BaseException):
+            reason += f" {type(cause).__name__}: {_first_line(cause)}"
+        frame = re.match(r"WON'T CONVERT \S+ (.+) line (\d+)", record.getMessage())
+        what = self.compiled.get((frame.group(1), int(frame.group(2)))) if frame else None
+        if what is not None and what not in self.reported:
+            self._warn(f"torch.compile of {what}", reason)
+        elif what is None and reason not in self.reported:  # a frame we did not compile ourselves
+            self._warn("torch.compile", reason)
+        self.reported.update({reason} if what is None else {reason, what})
+        return False
+
+    @staticmethod
+    def _warn(what: str, reason: str) -> None:
+        warnings.warn(f"{what} failed ({reason}); running it eagerly", CompileWarning, stacklevel=3)
+
+
+_FILTER = _OneWarning()
+
+
+def compile_method(module: nn.Module, name: str = "forward", **compile_kwargs: Any) -> None:
+    """Replaces ``module.<name>`` with its ``torch.compile`` version, which runs eagerly if compilation fails.
+
+    Dynamo's caches are cleared first (compile at set-up, before anything compiled runs).
 
     Args:
         module: The module to compile in place.
         name: The method to compile (``forward`` or another method the module's ``forward`` calls).
         **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``backend``, ``fullgraph``, ``dynamic``).
-
-    Returns:
-        The installed wrapper (``.active`` tells whether compilation is still in use).
     """
-    undo_compile(module, name)
-    eager = getattr(module, name)
-    wrapper = EagerFallback(torch.compile(eager, **compile_kwargs), eager, f"{type(module).__name__}.{name}")
-    setattr(module, name, wrapper)
-    return wrapper
+    import torch._dynamo  # imported here: heavy, and only needed when compiling
+
+    # A failed compilation marks its code as not compilable for the rest of the process: start each compile afresh.
+    torch._dynamo.reset()
+    _FILTER.reported.clear()
+    torch._dynamo.config.suppress_errors = True
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    module.__dict__.pop(name, None)  # compiling twice compiles the eager method again
+    method = getattr(module, name)
+    code = getattr(getattr(method, "__func__", method), "__code__", None)
+    if code is not None:
+        _FILTER.compiled[(code.co_filename, code.co_firstlineno)] = f"{type(module).__name__}.{name}"
+    setattr(module, name, torch.compile(method, **compile_kwargs))
 
 
-def undo_compile(module: nn.Module, name: str = "forward") -> None:
-    """Restores the eager method if :func:`compile_method` replaced it."""
-    if isinstance(module.__dict__.get(name), EagerFallback):
-        delattr(module, name)
-
-
-def compile_milan(
-    model: MILAN, *, mode: str | None = None, backend: str = "inductor", teacher: bool = True
-) -> list[EagerFallback]:
+def compile_milan(model: MILAN, *, mode: str | None = None, backend: str = "inductor", teacher: bool = True) -> None:
     """Compiles the student (encoder + decoder, forward and backward) and the teacher's inference pass.
 
-    The mask draw and the loss stay eager (small, and ``torch.multinomial`` breaks graphs). With
-    ``mode="reduce-overhead"`` inductor replays CUDA graphs of the compiled parts.
-
-    Args:
-        model: The MILAN model, modified in place (state dict and DDP wrapping are unaffected).
-        mode: ``torch.compile`` mode (``None``, ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``, ...).
-        backend: ``torch.compile`` backend.
-        teacher: Also compile the teacher.
-
-    Returns:
-        The wrappers installed.
+    The mask draw and the loss stay eager (small). With ``mode="reduce-overhead"`` inductor replays CUDA graphs of
+    the compiled parts. The model is modified in place (state dict and DDP wrapping are unaffected).
     """
     kwargs: dict[str, Any] = {"backend": backend} if mode is None else {"backend": backend, "mode": mode}
-    wrappers = [compile_method(model.student, "forward", **kwargs)]
+    compile_method(model.student, "forward", **kwargs)
     if teacher and model.teacher is not None:
-        wrappers.append(compile_method(model.teacher, "_forward", **kwargs))
-    return wrappers
+        compile_method(model.teacher, "_forward", **kwargs)

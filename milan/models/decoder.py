@@ -2,8 +2,9 @@
 
 Both decoders work in *mask order* (``[cls, visible..., masked...]``, the order of ``ids_shuffle``) instead of
 restoring the spatial order before every block: attention is permutation-equivariant once the position
-embedding has been added, so the result is the same while the per-block gathers disappear. The spatial order
-is restored once at the end when ``restore_order=True``.
+embedding has been added, so the result is the same while the per-block gathers disappear. They return mask order;
+:func:`milan.masking.restore_order` gives the spatial order (tests/models/test_decoder.py holds the naive
+spatial-order algorithms they are checked against).
 
 Key names follow the original MILAN/MAE layout (``decoder_embed``, ``mask_token``, ``decoder_pos_embed``,
 ``decoder_blocks.N.{norm1,attn,norm2,mlp}``, ``decoder_norm``, ``decoder_pred``).
@@ -20,19 +21,13 @@ from timm.layers.drop import DropPath
 from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block
 
-from milan.masking import MaskIndices, gather_tokens, restore_order
-from milan.models.init import mae_init_
+from milan.masking import MaskIndices, gather_tokens
+from milan.models.vit import mae_init_
 from milan.pos_embed import PosEmbedLayout, sincos_2d
 
 
 class PromptAttention(nn.Module):
-    """Multi-head attention whose queries come only from the mask tokens.
-
-    Args:
-        dim: Token width.
-        num_heads: Attention heads.
-        qkv_bias: Bias on the q and kv projections.
-    """
+    """Multi-head attention whose queries come only from the mask tokens."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -45,15 +40,7 @@ class PromptAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Attends from the queries over the keys/values.
-
-        Args:
-            queries: (B, M, C) normalised mask tokens.
-            keys: (B, N, C) the sequence the queries look at (raw prompts + normalised mask tokens).
-
-        Returns:
-            (B, M, C) attention output after the projection.
-        """
+        """(B, M, C) normalised mask tokens attend over (B, N, C) keys (raw prompts + normalised mask tokens)."""
         b, m, c = queries.shape
         n = keys.shape[1]
         q = self.q(queries).reshape(b, m, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, M, hd)
@@ -69,14 +56,6 @@ class PromptBlock(nn.Module):
 
     ``h = norm1(mask)``; queries from ``h``; keys/values over ``[prompts (raw, never normalised), h]``;
     then the usual residual MLP on the mask tokens. The prompts (cls + visible tokens) pass through unchanged.
-
-    Args:
-        dim: Token width.
-        num_heads: Attention heads.
-        mlp_ratio: MLP hidden width / dim.
-        qkv_bias: Bias on the q and kv projections.
-        drop_path: Stochastic depth rate.
-        norm_eps: LayerNorm epsilon.
     """
 
     def __init__(
@@ -96,15 +75,7 @@ class PromptBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, mask_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Updates the mask tokens.
-
-        Args:
-            mask_tokens: (B, M, C).
-            prompts: (B, P, C) cls + visible tokens (fixed).
-
-        Returns:
-            (B, M, C) updated mask tokens.
-        """
+        """(B, M, C) mask tokens, (B, P, C) fixed prompts (cls + visible tokens) -> (B, M, C) updated mask tokens."""
         h = self.norm1(mask_tokens)
         x: torch.Tensor = mask_tokens + self.drop_path(self.attn(h, torch.cat([prompts, h], dim=1)))
         out: torch.Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -119,11 +90,7 @@ class _Decoder(nn.Module):
         in_dim: Encoder width.
         out_dim: Prediction width (teacher width, or ``patch_size**2 * 3`` for pixels).
         embed_dim: Decoder width.
-        depth: Number of blocks.
-        num_heads: Attention heads.
-        mlp_ratio: MLP hidden width / embed_dim.
         pos_embed_layout: Sin-cos layout (see ``milan.pos_embed``).
-        norm_eps: LayerNorm epsilon.
     """
 
     def __init__(
@@ -171,9 +138,9 @@ class _Decoder(nn.Module):
         prompts = torch.cat([z[:, :1] + pos[:, :1], z[:, 1:] + pos_keep], dim=1)
         return prompts, self.mask_token + pos_mask
 
-    def _predict(self, tokens: torch.Tensor, mask: MaskIndices, restore: bool) -> torch.Tensor:
-        pred = self.decoder_pred(self.decoder_norm(tokens))  # (B, 1 + L, out_dim), mask order
-        return restore_order(pred, mask) if restore else pred
+    def _predict(self, tokens: torch.Tensor) -> torch.Tensor:
+        pred: torch.Tensor = self.decoder_pred(self.decoder_norm(tokens))  # (B, 1 + L, out_dim)
+        return pred
 
 
 class PromptingDecoder(_Decoder):
@@ -183,22 +150,21 @@ class PromptingDecoder(_Decoder):
     def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
         return PromptBlock(dim, num_heads, mlp_ratio, norm_eps=norm_eps)
 
-    def forward(self, latent: torch.Tensor, mask: MaskIndices, restore_order: bool = True) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
         """Predicts the teacher features of every token.
 
         Args:
             latent: (B, 1 + K, E) encoder output (cls + visible, in ``mask.ids_keep`` order).
             mask: The mask indices used by the encoder.
-            restore_order: Return tokens in spatial order; otherwise in mask order ``[cls, visible, masked]``.
 
         Returns:
-            (B, 1 + L, out_dim) predictions. Positions of the cls and visible tokens are the prompts, unchanged
-            by the blocks, passed through ``decoder_norm`` and ``decoder_pred``.
+            (B, 1 + L, out_dim) predictions in mask order ``[cls, visible, masked]``. The cls and visible rows are
+            the prompts, unchanged by the blocks, passed through ``decoder_norm`` and ``decoder_pred``.
         """
         prompts, tokens = self._embed(latent, mask)
         for blk in self.decoder_blocks:
             tokens = blk(tokens, prompts)
-        return self._predict(torch.cat([prompts, tokens], dim=1), mask, restore_order)
+        return self._predict(torch.cat([prompts, tokens], dim=1))
 
 
 class MAEDecoder(_Decoder):
@@ -212,10 +178,10 @@ class MAEDecoder(_Decoder):
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
 
-    def forward(self, latent: torch.Tensor, mask: MaskIndices, restore_order: bool = True) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
         """Predicts every token with full self-attention (same contract as :class:`PromptingDecoder`)."""
         prompts, tokens = self._embed(latent, mask)
         x = torch.cat([prompts, tokens], dim=1)  # (B, 1 + L, C) in mask order
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self._predict(x, mask, restore_order)
+        return self._predict(x)

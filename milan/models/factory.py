@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from milan.errors import ConfigError
+from milan.flops import PretrainFlops, TowerShape, pretrain_flops
 from milan.masking import num_visible
 from milan.models.decoder import MAEDecoder, PromptingDecoder
 from milan.models.milan import MILAN, LossOn, Masking
-from milan.models.teacher import Teacher, TeacherInputNorm, clip_vision_tower
-from milan.models.vit import VisionTransformer
+from milan.models.teacher import Teacher, TeacherInputNorm
+from milan.models.tower import build_tower, clip_vision_tower, describe_tower
+from milan.models.vit import VIT_ARCHS, VisionTransformer
 from milan.pos_embed import PosEmbedLayout
 from milan.ranges import Fraction, Positive, PositiveFloat
 
@@ -48,8 +50,8 @@ class DecoderConfig:
 class TeacherConfig:
     """Frozen teacher. ``kind='clip'`` builds an OpenAI-CLIP-shaped tower (random unless ``checkpoint``).
 
-    With ``checkpoint`` the architecture comes from the file and the fields from ``width`` to ``out_dim`` are not
-    used; the teacher always runs on the student's patch grid.
+    With ``checkpoint`` the architecture comes from the file (:func:`milan.checkpoint.model_from_config` reads it)
+    and the fields from ``width`` to ``out_dim`` are not used; the teacher always runs on the student's patch grid.
     """
 
     kind: Literal["clip", "none"] = "clip"  # "none": pixel targets (MAE ablation)
@@ -63,7 +65,7 @@ class TeacherConfig:
     out_dim: Positive = 512  # random teacher: width of CLIP's proj (MILAN's prediction width)
     input_norm: TeacherInputNorm = "imagenet"  # the references feed the ImageNet-normalised view; "clip" renormalises
     checkpoint: str | None = None  # a local weights file/folder; format and architecture are inferred
-    # Hints for `checkpoint` (see milan.checkpoint.teachers.load_teacher); the fields above describe a random teacher.
+    # Hints for `checkpoint` (see milan.checkpoint.load_teacher); the fields above describe a random teacher.
     format: str = "auto"  # openai-clip | open-clip | hf | timm | milan | mmpretrain | auto
     model_name: str | None = None  # timm model name, for timm / OpenCLIP `visual.trunk` checkpoints
     act: Literal["quick_gelu", "gelu", "gelu_tanh"] | None = None  # MLP activation, when the format's default is wrong
@@ -79,7 +81,6 @@ class ModelConfig:
     mask_ratio: Fraction = 0.75  # share of the patches hidden from the encoder (MILAN: 75 %)
     masking: Masking = "attention"  # semantic-aware (MILAN) or "random"
     loss_on: LossOn = "all"  # the references average over all 1 + L tokens
-    restore_order: bool = False  # compute the loss in spatial order (slower, same value)
 
 
 def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
@@ -92,36 +93,18 @@ def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
 
 
 def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) -> Teacher | None:
-    """Builds the frozen teacher from its config (``None`` for pixel targets).
+    """Builds a random frozen teacher from its config (``None`` for pixel targets).
 
     Args:
-        cfg: Teacher config.
-        grid_size: The student's patch grid. A random teacher's resolution follows it unless ``cfg.img_size`` is
-            set; a teacher loaded from ``cfg.checkpoint`` whose own grid differs (e.g. a ViT-L/14 teacher for a /16
-            student) is run at ``grid * its patch size`` pixels so the grids match (:func:`match_teacher_grid`).
-
-    Returns:
-        The teacher, or ``None``.
+        cfg: Teacher config; one naming a weights file is read by :func:`milan.checkpoint.teacher_from_config`.
+        grid_size: The student's patch grid; the teacher's resolution follows it unless ``cfg.img_size`` is set.
     """
     if cfg.kind == "none":
         return None
     if cfg.checkpoint:
-        from milan.checkpoint.teachers import load_teacher  # local import: file formats are not needed otherwise
-
-        teacher = load_teacher(
-            cfg.checkpoint, input_norm=cfg.input_norm, fmt=cfg.format, model_name=cfg.model_name, act=cfg.act
-        )
-        if grid_size is None or teacher.grid_size == grid_size:
-            return teacher
-        if grid_size[0] != grid_size[1]:
-            raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
-        return load_teacher(
-            cfg.checkpoint,
-            input_norm=cfg.input_norm,
-            fmt=cfg.format,
-            model_name=cfg.model_name,
-            act=cfg.act,
-            grid_size=grid_size[0],
+        raise ValueError(
+            f"model.teacher.checkpoint={cfg.checkpoint!r} names a weights file: build the model with "
+            "milan.checkpoint.model_from_config(cfg), or pass teacher=milan.checkpoint.load_teacher(path)"
         )
     if grid_size is not None:
         img_size = teacher_img_size(cfg, grid_size)
@@ -141,35 +124,52 @@ def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) 
 
 
 def match_teacher_grid(teacher: Teacher, grid_size: tuple[int, int]) -> Teacher:
-    """The teacher run on the student's patch grid, as the command line builds it from a file.
+    """The teacher run on the student's patch grid (itself when its grid already matches).
 
     A teacher whose grid differs (e.g. CLIP ViT-B/16 at 224 px, 14 x 14, for a 64 px /8 student, 8 x 8) is rebuilt
-    at ``grid * its patch size`` pixels: the position table is resampled (bicubic) and the images it is given are
-    resized to that resolution, exactly as ``load_teacher(path, grid_size=...)`` does.
-
-    Args:
-        teacher: A teacher, e.g. from :func:`milan.checkpoint.load_teacher`.
-        grid_size: The student's patch grid.
-
-    Returns:
-        ``teacher`` itself when its grid already matches, else a new teacher with the same weights.
+    at ``grid * its patch size`` pixels with the same weights: the position table is resampled (bicubic) and the
+    images it is given are resized to that resolution.
     """
     if teacher.grid_size == grid_size:
         return teacher
     if grid_size[0] != grid_size[1]:
         raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
-    # Local imports: the checkpoint package builds towers from specs (and itself imports this module).
-    from milan.checkpoint.arch import describe_tower
-    from milan.checkpoint.teachers import build_tower
-
     spec = describe_tower(teacher.model)
     spec = dataclasses.replace(spec, img_size=grid_size[0] * spec.patch_size, resize_input=True)
     weights = {k: v.detach().float() for k, v in teacher.model.state_dict().items()}
     device = next(teacher.parameters()).device
     matched = Teacher(build_tower(spec, weights), input_norm=teacher.input_norm).to(device)
+    matched.source_format = teacher.source_format
     if teacher.compute_dtype is not None:
         matched.to_compute_dtype(teacher.compute_dtype)
     return matched
+
+
+def model_flops(cfg: ModelConfig, teacher: Teacher | None = None) -> PretrainFlops:
+    """Analytic FLOPs per image of a pretraining step (:mod:`milan.flops`).
+
+    Args:
+        cfg: The model config.
+        teacher: The built teacher, counted with its own shape instead of ``cfg.teacher``'s (a teacher loaded from
+            ``model.teacher.checkpoint`` is not the one the config's architecture fields describe).
+
+    Examples:
+        >>> round(model_flops(model_config("milan_vit_base_patch16")).total / 1e9, 1)
+        86.8
+    """
+    enc, dec, tea = cfg.encoder, cfg.decoder, cfg.teacher
+    grid = enc.img_size // enc.patch_size
+    shape: TowerShape | None = None
+    if teacher is not None:
+        t = describe_tower(teacher.model)
+        prefix = int(t.class_token) + t.reg_tokens
+        shape = TowerShape(t.embed_dim, t.depth, t.patch_size, t.grid, t.out_dim, t.mlp_ratio, prefix)
+    elif tea.kind != "none":
+        t_grid = tea.img_size // tea.patch_size if tea.img_size is not None else grid  # null: follows the student
+        shape = TowerShape(tea.width, tea.depth, tea.patch_size, t_grid, tea.out_dim)
+    student = TowerShape(enc.embed_dim, enc.depth, enc.patch_size, grid, mlp_ratio=enc.mlp_ratio)
+    decoder = TowerShape(dec.embed_dim, dec.depth, enc.patch_size, grid, mlp_ratio=dec.mlp_ratio)
+    return pretrain_flops(student, decoder, shape, cfg.mask_ratio, prompting=dec.kind == "prompting")
 
 
 def check_model(cfg: ModelConfig, prefix: str = "") -> None:
@@ -219,18 +219,7 @@ def check_model(cfg: ModelConfig, prefix: str = "") -> None:
 
 def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
     """Builds the student encoder."""
-    return VisionTransformer(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        drop_path_rate=cfg.drop_path_rate,
-        pos_embed_layout=cfg.pos_embed_layout,
-    )
+    return VisionTransformer(**dataclasses.asdict(cfg))  # the config's fields are the constructor's arguments
 
 
 def build_decoder(
@@ -240,16 +229,8 @@ def build_decoder(
     if cfg.kind not in ("prompting", "mae"):
         raise ValueError(f"model.decoder.kind must be 'prompting' or 'mae', got {cfg.kind!r}")
     decoder_cls = PromptingDecoder if cfg.kind == "prompting" else MAEDecoder
-    return decoder_cls(
-        grid_size,
-        in_dim=in_dim,
-        out_dim=out_dim,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        pos_embed_layout=pos_embed_layout,
-    )
+    shape = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "kind"}  # embed_dim, depth, num_heads, ...
+    return decoder_cls(grid_size, in_dim, out_dim, pos_embed_layout=pos_embed_layout, **shape)
 
 
 def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
@@ -272,69 +253,41 @@ def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
     layout = cfg.encoder.pos_embed_layout
     decoder = build_decoder(cfg.decoder, encoder.grid_size, cfg.encoder.embed_dim, out_dim, layout)
     masking = cfg.masking if teacher is not None else "random"
-    return MILAN(encoder, decoder, teacher, cfg.mask_ratio, masking, cfg.loss_on, cfg.restore_order)
+    return MILAN(encoder, decoder, teacher, cfg.mask_ratio, masking, cfg.loss_on)
 
 
-def _vit(arch: tuple[int, int, int], patch_size: int = 16, img_size: int = 224) -> EncoderConfig:
-    dim, depth, heads = arch
-    return EncoderConfig(img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
+def _vit(size: str, patch_size: int = 16) -> EncoderConfig:
+    dim, depth, heads = VIT_ARCHS[size]
+    return EncoderConfig(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
 
 
-_CLIP_B16 = TeacherConfig()  # OpenAI CLIP ViT-B/16 image tower, 512-d output
-_CLIP_L14 = TeacherConfig(width=1024, depth=24, num_heads=16, patch_size=14, out_dim=768)
+def _clip(size: str, patch_size: int, out_dim: int) -> TeacherConfig:
+    width, depth, heads = VIT_ARCHS[size]
+    return TeacherConfig(width=width, depth=depth, num_heads=heads, patch_size=patch_size, out_dim=out_dim)
 
 
-def milan_vit_tiny_patch16() -> ModelConfig:
-    """ViT-Ti/16 student, CLIP ViT-B/16 teacher."""
-    return ModelConfig(encoder=_vit((192, 12, 3)), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_small_patch16() -> ModelConfig:
-    """ViT-S/16 student, CLIP ViT-B/16 teacher."""
-    return ModelConfig(encoder=_vit((384, 12, 6)), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_base_patch16() -> ModelConfig:
-    """The paper's model: ViT-B/16 student, 512-d 8-block prompting decoder, CLIP ViT-B/16 teacher."""
-    return ModelConfig(encoder=_vit((768, 12, 12)), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_large_patch16() -> ModelConfig:
-    """ViT-L/16 student; the original code keeps the CLIP ViT-B/16 teacher and the same decoder."""
-    return ModelConfig(encoder=_vit((1024, 24, 16)), teacher=dataclasses.replace(_CLIP_B16))
-
-
-def milan_vit_huge_patch14() -> ModelConfig:
-    """ViT-H/14 student with a CLIP ViT-L/14 teacher (both a 16 x 16 grid at 224 px)."""
-    return ModelConfig(encoder=_vit((1280, 32, 16), patch_size=14), teacher=dataclasses.replace(_CLIP_L14))
-
-
-def milan_test_tiny() -> ModelConfig:
-    """A 32 px, patch 8 (4 x 4 grid) model of a few hundred thousand parameters, for tests."""
-    return ModelConfig(
-        encoder=EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
-        decoder=DecoderConfig(embed_dim=32, depth=2, num_heads=4),
-        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, out_dim=32),
-    )
-
-
-def milan_demo_small() -> ModelConfig:
-    """The CPU demo model: 64 px, patch 8 (8 x 8 grid), a 4-block 128-wide student and a small teacher."""
-    return ModelConfig(
+# The named variants. The teacher is OpenAI CLIP ViT-B/16's image tower (TeacherConfig's defaults) unless stated.
+VARIANTS: dict[str, Callable[[], ModelConfig]] = {
+    "milan_vit_tiny_patch16": lambda: ModelConfig(encoder=_vit("tiny")),
+    "milan_vit_small_patch16": lambda: ModelConfig(encoder=_vit("small")),
+    # The paper's model: ViT-B/16 student, 512-d 8-block prompting decoder, CLIP ViT-B/16 teacher.
+    "milan_vit_base_patch16": lambda: ModelConfig(encoder=_vit("base")),
+    # The original code keeps the CLIP ViT-B/16 teacher and the same decoder for ViT-L.
+    "milan_vit_large_patch16": lambda: ModelConfig(encoder=_vit("large")),
+    # ViT-H/14 student with a CLIP ViT-L/14 teacher (both a 16 x 16 grid at 224 px).
+    "milan_vit_huge_patch14": lambda: ModelConfig(encoder=_vit("huge", 14), teacher=_clip("large", 14, 768)),
+    # The CPU demo model: 64 px, patch 8 (8 x 8 grid), a 4-block 128-wide student and a small teacher.
+    "milan_demo_small": lambda: ModelConfig(
         encoder=EncoderConfig(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
         decoder=DecoderConfig(embed_dim=64, depth=2, num_heads=4),
         teacher=TeacherConfig(width=128, depth=4, num_heads=2, patch_size=8, out_dim=64),
-    )
-
-
-VARIANTS: dict[str, Callable[[], ModelConfig]] = {
-    "milan_vit_tiny_patch16": milan_vit_tiny_patch16,
-    "milan_vit_small_patch16": milan_vit_small_patch16,
-    "milan_vit_base_patch16": milan_vit_base_patch16,
-    "milan_vit_large_patch16": milan_vit_large_patch16,
-    "milan_vit_huge_patch14": milan_vit_huge_patch14,
-    "milan_demo_small": milan_demo_small,
-    "milan_test_tiny": milan_test_tiny,
+    ),
+    # For tests: 32 px, patch 8 (4 x 4 grid), a few hundred thousand parameters.
+    "milan_test_tiny": lambda: ModelConfig(
+        encoder=EncoderConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+        decoder=DecoderConfig(embed_dim=32, depth=2, num_heads=4),
+        teacher=TeacherConfig(width=128, depth=2, num_heads=2, patch_size=8, out_dim=32),
+    ),
 }
 
 

@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.weight_init import trunc_normal_
 
-from milan.models.classifier import LinearProbe
 from milan.models.vit import VisionTransformer
 
 
@@ -74,14 +73,6 @@ class LinearProbeGrid(nn.Module):
         sd.update((f"head.bn.{k}", v) for k, v in self.bn.state_dict().items())
         sd.update((f"head.fc.{k}", v) for k, v in self.fcs[index].state_dict().items())
         return sd
-
-    def to_probe(self, index: int) -> LinearProbe:
-        """A :class:`~milan.models.classifier.LinearProbe` holding head ``index`` (shares the encoder)."""
-        probe = LinearProbe(self.encoder, self.num_classes)
-        probe.head.load_state_dict(
-            {k.removeprefix("head."): v for k, v in self.probe_state_dict(index).items() if k.startswith("head.")}
-        )
-        return probe
 
 
 def grid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

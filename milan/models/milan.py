@@ -2,11 +2,11 @@
 
 One step, for a batch of ImageNet-normalised images:
 
-1. the teacher gives per-token targets (B, 1 + L, D_out) and the CLS-to-patch attention (B, L);
-2. semantic-aware masking draws a permutation with probability proportional to that attention and keeps the
-   first 25 % visible (or uniformly random masking, for ablations);
-3. the encoder sees only the visible patches; the decoder predicts every token's target;
-4. the loss is the mean of ``2 - 2 cos(pred, target)`` over all tokens (or the masked ones only).
+1. ``targets``: the teacher gives per-token targets (B, 1 + L, D_out) and the CLS-to-patch attention (B, L);
+2. ``draw_mask``: semantic-aware masking draws a permutation with probability proportional to that attention and
+   keeps the first 25 % visible (or uniformly random masking, for ablations);
+3. the student: the encoder sees only the visible patches; the decoder predicts every token's target;
+4. ``loss``: the mean of ``2 - 2 cos(pred, target)`` over all tokens (or the masked ones only).
 """
 
 from __future__ import annotations
@@ -65,24 +65,18 @@ class MaskedStudent(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, images: torch.Tensor, mask: MaskIndices, restore_order: bool = False) -> torch.Tensor:
-        """Predicts all tokens.
-
-        Args:
-            images: (B, 3, H, W) normalised images.
-            mask: Which patches the encoder sees.
-            restore_order: Spatial output order instead of mask order.
-
-        Returns:
-            (B, 1 + L, D) predictions.
-        """
+    def forward(self, images: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, 1 + L, D) predictions in mask order ``[cls, visible, masked]``."""
         latent = self.encoder.forward_masked(images, mask.ids_keep)  # (B, 1 + K, E)
-        pred: torch.Tensor = self.decoder(latent, mask, restore_order)
+        pred: torch.Tensor = self.decoder(latent, mask)
         return pred
 
 
 class MILAN(nn.Module):
-    """The MILAN pretraining model.
+    """The MILAN pretraining model, as named stages a training step calls in order.
+
+    ``targets`` (the frozen teacher), ``draw_mask`` (from per-sample noise), the student (``self.student``, or the
+    DDP/FSDP wrapper a job puts around it) and ``loss``; :meth:`forward` composes them with ``self.student``.
 
     Args:
         encoder: Student ViT.
@@ -91,8 +85,6 @@ class MILAN(nn.Module):
         mask_ratio: Fraction of patches masked (0.75).
         masking: ``"attention"`` (semantic-aware, MILAN) or ``"random"``.
         loss_on: ``"all"`` tokens (the references) or only the ``"masked"`` ones. Pixel targets never count cls.
-        restore_order: Compute the loss in spatial order (the reference's layout). The default computes it in
-            mask order and gathers the target instead, which gives the same value with fewer gathers.
         norm_pix: Normalise each target patch for pixel targets (MAE's ``norm_pix_loss``).
     """
 
@@ -104,7 +96,6 @@ class MILAN(nn.Module):
         mask_ratio: float = 0.75,
         masking: Masking = "attention",
         loss_on: LossOn = "all",
-        restore_order: bool = False,
         norm_pix: bool = True,
     ) -> None:
         super().__init__()
@@ -130,7 +121,6 @@ class MILAN(nn.Module):
         self.mask_ratio = mask_ratio
         self.masking: Masking = masking
         self.loss_on: LossOn = loss_on
-        self.restore_order = restore_order
         self.norm_pix = norm_pix
 
     @property
@@ -143,75 +133,60 @@ class MILAN(nn.Module):
         """The student decoder."""
         return self.student.decoder
 
-    def _token_weight(self, mask: MaskIndices) -> torch.Tensor | None:
-        """(B, 1 + L) loss weights in the decoder's output order; ``None`` is a plain mean over every token."""
-        if self.teacher is not None and self.loss_on == "all":
-            return None
-        ids = mask.ids_shuffle
-        patches = mask.binary_mask() if self.loss_on == "masked" else torch.ones(ids.shape, device=ids.device)
-        weight = torch.cat([torch.zeros_like(patches[:, :1]), patches], dim=1)  # (B, 1 + L) spatial; cls never counts
-        if self.restore_order:
-            return weight
-        return to_mask_order(weight.unsqueeze(-1), mask).squeeze(-1)
+    def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1 + L, D) targets in spatial order and the (B, L) masking importance (``None`` for pixel targets).
 
-    def draw_mask(
-        self,
-        images: torch.Tensor,
-        importance: torch.Tensor | None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> MaskIndices:
-        """Draws the mask for a batch, by the configured masking rule (from ``noise`` (B, L) when given)."""
-        if self.masking == "attention":
-            assert importance is not None
-            return attention_masking(importance, self.mask_ratio, generator, noise=noise)
-        return random_masking(
-            images.shape[0],
-            self.encoder.num_patches,
-            self.mask_ratio,
-            device=images.device,
-            generator=generator,
-            noise=noise,
-        )
+        The teacher's features and CLS attention; pixel targets are the patches with a zero cls row.
+        """
+        if self.teacher is not None:
+            out = self.teacher(images)
+            return out.features, out.cls_attention
+        pixels = patchify(images, self.encoder.patch_size)  # (B, L, P)
+        return torch.cat([pixels.new_zeros(pixels.shape[0], 1, pixels.shape[2]), pixels], dim=1), None
+
+    def draw_mask(self, importance: torch.Tensor | None, noise: torch.Tensor) -> MaskIndices:
+        """The mask by the configured rule, from (B, L) uniform noise (the importance is used by attention masking)."""
+        if self.masking == "random":
+            return random_masking(noise, self.mask_ratio)
+        if importance is None:
+            raise ValueError("attention masking needs the teacher's importance")
+        return attention_masking(importance, self.mask_ratio, noise)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
+        """Scalar fp32 loss of (B, 1 + L, D) predictions in mask order against (B, 1 + L, D) targets in spatial order.
+
+        Computed in mask order: the target is gathered once instead of un-shuffling the predictions (the same value;
+        tests/models/test_milan.py checks it against a naive spatial-order loss).
+        """
+        target = to_mask_order(target, mask)
+        weight = None  # a plain mean over every token (the references' feature loss)
+        if self.teacher is None or self.loss_on == "masked":
+            ids = mask.ids_shuffle
+            patches = torch.ones(ids.shape, device=ids.device)  # (B, L) in mask order
+            if self.loss_on == "masked":
+                patches[:, : mask.num_keep] = 0.0
+            weight = torch.cat([torch.zeros_like(patches[:, :1]), patches], dim=1)  # (B, 1 + L); cls never counts
+        if self.teacher is None:
+            return pixel_mse_loss(pred, target, weight, self.norm_pix)
+        return cosine_loss(pred, target, weight)
 
     def forward(
-        self,
-        images: torch.Tensor,
-        *,
-        mask: MaskIndices | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        student: nn.Module | None = None,
+        self, images: torch.Tensor, *, noise: torch.Tensor | None = None, mask: MaskIndices | None = None
     ) -> MILANOutput:
-        """One pretraining forward pass.
+        """One pretraining forward pass with ``self.student``.
 
         Args:
             images: (B, 3, H, W) ImageNet-normalised images.
+            noise: (B, L) uniform noise for the mask draw (default: drawn from the global RNG).
             mask: Use this mask instead of drawing one.
-            generator: RNG for the mask draw.
-            noise: (B, L) uniform noise for the mask draw instead of ``generator`` (per-sample reproducible masks,
-                see :func:`milan.masking.attention_masking`).
-            student: Call this module instead of ``self.student`` (e.g. its DDP wrapper).
 
         Returns:
-            Loss, predictions, targets, mask and importance.
+            Loss, predictions (spatial order), targets, mask and importance.
         """
-        importance: torch.Tensor | None = None
-        if self.teacher is not None:
-            teacher_out = self.teacher(images)
-            target, importance = teacher_out.features, teacher_out.cls_attention  # (B, 1 + L, D), (B, L)
-        else:
-            pixels = patchify(images, self.encoder.patch_size)  # (B, L, P)
-            target = torch.cat([pixels.new_zeros(pixels.shape[0], 1, pixels.shape[2]), pixels], dim=1)
+        target, importance = self.targets(images)
         if mask is None:
-            mask = self.draw_mask(images, importance, generator, noise)
-        pred = (student if student is not None else self.student)(images, mask, restore_order=self.restore_order)
-
-        weight = self._token_weight(mask)
-        target_o = target if self.restore_order else to_mask_order(target, mask)
-        if self.teacher is None:
-            loss = pixel_mse_loss(pred, target_o, weight, self.norm_pix)
-        else:
-            loss = cosine_loss(pred, target_o, weight)
-        pred_spatial = pred if self.restore_order else restore_order(pred, mask)
-        return MILANOutput(loss, pred_spatial, target, mask, importance)
+            if noise is None:
+                noise = torch.rand(images.shape[0], self.encoder.num_patches, device=images.device)
+            mask = self.draw_mask(importance, noise)
+        pred = self.student(images, mask)
+        return MILANOutput(self.loss(pred, target, mask), restore_order(pred, mask), target, mask, importance)

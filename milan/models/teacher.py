@@ -1,10 +1,8 @@
 """The frozen teacher: a CLIP-style ViT image tower that gives MILAN its targets and its masking importance.
 
-The tower is a timm ``VisionTransformer`` (so OpenAI / OpenCLIP weights load through timm's own key conversion,
-and any timm ViT can be brought as a teacher). For CLIP it is built like OpenAI's visual encoder: ``conv1``
-without bias, class embedding, positional embedding, ``ln_pre``, pre-norm blocks with QuickGELU and LayerNorm
-eps 1e-5, ``ln_post`` (timm's ``norm``) on every token, then ``proj`` (timm's ``head``, a Linear whose bias is 0)
-on every token.
+The tower is a timm ``VisionTransformer`` (:mod:`milan.models.tower`), so OpenAI / OpenCLIP weights load through
+timm's own key conversion and any timm ViT can be brought as a teacher. Its ``norm`` (CLIP's ``ln_post``) and
+``head`` (CLIP's ``proj``) are applied to every token.
 
 The last block is run here explicitly so that the CLS query's attention row can be computed from that block's own
 q and k (one query row, never the full L x L map), while every block keeps fused attention.
@@ -12,12 +10,12 @@ q and k (one query row, never the full L x L map), while every block keeps fused
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import QuickGELU
 from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
@@ -26,11 +24,6 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from torch.utils.hooks import RemovableHandle
 
 TeacherInputNorm = Literal["imagenet", "clip"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class TeacherOutput(NamedTuple):
@@ -44,48 +37,6 @@ class TeacherOutput(NamedTuple):
 
     features: torch.Tensor
     cls_attention: torch.Tensor
-
-
-def clip_vision_tower(
-    *,
-    img_size: int = 224,
-    patch_size: int = 16,
-    width: int = 768,
-    depth: int = 12,
-    num_heads: int | None = None,
-    out_dim: int = 512,
-) -> TimmVisionTransformer:
-    """Builds an OpenAI-CLIP-shaped image tower as a timm ViT (random weights).
-
-    Args:
-        img_size: Input resolution.
-        patch_size: Patch size.
-        width: Token width.
-        depth: Number of blocks.
-        num_heads: Attention heads; OpenAI's convention ``width // 64`` when omitted.
-        out_dim: Width of ``proj`` (512 for ViT-B/16).
-
-    Returns:
-        The tower; ``head`` plays OpenAI's ``proj`` (bias fixed at zero).
-    """
-    tower = TimmVisionTransformer(
-        img_size=img_size,
-        patch_size=patch_size,
-        embed_dim=width,
-        depth=depth,
-        num_heads=num_heads or max(1, width // 64),
-        qkv_bias=True,
-        pre_norm=True,
-        class_token=True,
-        global_pool="token",
-        num_classes=out_dim,
-        act_layer=QuickGELU,
-        norm_layer=partial(nn.LayerNorm, eps=1e-5),
-    )
-    head = tower.head
-    if isinstance(head, nn.Linear) and head.bias is not None:
-        nn.init.zeros_(head.bias)
-    return tower
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -112,15 +63,10 @@ def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a timm ``Block`` and also returns its CLS-query attention row over the patch keys.
+    """Runs a pre-norm timm ``Block`` and also returns its CLS-query attention row over the patch keys.
 
-    Args:
-        block: A pre-norm timm block with a standard ``Attention``.
-        x: (B, N, C) tokens entering the block; token 0 is the class token.
-        num_prefix: Number of non-patch tokens (cls + registers) at the front.
-
-    Returns:
-        The block output (B, N, C) and the head-averaged attention (B, N - num_prefix).
+    (B, N, C) tokens (token 0: the class token) -> (B, N, C) and the head-averaged (B, N - num_prefix) attention
+    (cls and registers dropped).
     """
     attn = cast(Attention, block.attn)
     b, n, _ = x.shape
@@ -183,11 +129,12 @@ class Teacher(nn.Module):
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.grid_size: tuple[int, int] = (int(model.patch_embed.grid_size[0]), int(model.patch_embed.grid_size[1]))
         # x_clip = (x * std_in + mean_in - mean_clip) / std_clip  =  x * scale + shift
-        mean_in, std_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        mean_in, std_in = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
         mean_clip, std_clip = torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)
         self.register_buffer("in_scale", (std_in / std_clip).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", ((mean_in - mean_clip) / std_clip).view(1, 3, 1, 1), persistent=False)
         self.compute_dtype: torch.dtype | None = None  # None: the weights' dtype, under the caller's autocast
+        self.source_format = "random"  # the format of the file its weights were read from (checkpoints record it)
         self._cast_hook: RemovableHandle | None = None
         self.requires_grad_(False)
         self.eval()
@@ -200,13 +147,7 @@ class Teacher(nn.Module):
         another resolution than the images (CPU resampling kernels have no bf16 version), then cast as it enters
         the patch embedding; the CLS attention is still computed in fp32; the features come out in ``dtype`` (the
         loss normalises them in fp32). Casting back to fp32 later cannot restore the rounded weights: load the
-        weights first, then call this.
-
-        Args:
-            dtype: The floating-point dtype to compute in.
-
-        Returns:
-            self.
+        weights first, then call this. Returns ``self``.
         """
         if not dtype.is_floating_point:
             raise ValueError(f"teacher compute dtype must be floating point, got {dtype}")
@@ -234,14 +175,7 @@ class Teacher(nn.Module):
         return TeacherOutput(x, cls_attention)
 
     def forward(self, images: torch.Tensor) -> TeacherOutput:
-        """Computes the targets and the importance.
-
-        Args:
-            images: (B, 3, H, W) ImageNet-normalised images (the student's exact view).
-
-        Returns:
-            The teacher output (features (B, 1 + L, D_out), cls_attention (B, L)).
-        """
+        """(B, 3, H, W) ImageNet-normalised images (the student's exact view) -> targets and importance."""
         with torch.inference_mode():
             if self.input_norm == "clip":
                 images = images * self.in_scale + self.in_shift

@@ -15,22 +15,35 @@ from timm.layers.patch_embed import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from milan.models.init import mae_init_
+from milan.masking import gather_tokens
 from milan.pos_embed import PosEmbedLayout, sincos_2d
+
+# Standard sizes: (embed_dim, depth, num_heads).
+VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def mae_init_(module: nn.Module) -> None:
+    """MAE initialisation, in place: Xavier-uniform Linears with zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class VisionTransformer(nn.Module):
     """ViT encoder with a fixed 2-D sin-cos position embedding and a masked forward.
 
     Args:
-        img_size: Input resolution (square).
-        patch_size: Patch size.
-        in_chans: Input channels.
-        embed_dim: Token width.
-        depth: Number of blocks.
-        num_heads: Attention heads.
-        mlp_ratio: MLP hidden width / embed_dim.
-        qkv_bias: Bias on the fused qkv projection.
         drop_path_rate: Stochastic depth, linearly increasing over depth (0 for pretraining).
         pos_embed_layout: Channel layout of the sin-cos table (see ``milan.pos_embed``).
         norm_eps: LayerNorm epsilon (1e-6 in MAE/MILAN).
@@ -109,32 +122,13 @@ class VisionTransformer(nn.Module):
             (B, 1 + K, D) the cls token then the visible tokens, after the final LayerNorm.
         """
         x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D): positions added before masking
-        index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        x = torch.gather(x, 1, index)  # (B, K, D)
-        return self._run_blocks(self._prepend_cls(x))
+        return self._run_blocks(self._prepend_cls(gather_tokens(x, ids_keep)))  # (B, 1 + K, D)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Encodes every patch (evaluation).
-
-        Args:
-            images: (B, C, H, W) normalised images.
-
-        Returns:
-            (B, 1 + L, D) tokens after the final LayerNorm.
-        """
+        """Encodes every patch (evaluation): (B, C, H, W) normalised images -> (B, 1 + L, D) after the final norm."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         return self._run_blocks(self._prepend_cls(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_features`."""
         return self.forward_features(images)
-
-
-# Standard widths: (embed_dim, depth, num_heads).
-VIT_ARCHS: dict[str, tuple[int, int, int]] = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}

@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from milan.checkpoint.arch import TowerSpec, describe_tower, infer_encoder
+from milan.checkpoint.spec import infer_encoder
 from milan.models import model_config
 from milan.models.factory import build_encoder
+from milan.models.tower import TowerSpec, describe_tower
 
 
 @pytest.mark.parametrize("layout", ["mmpretrain", "mae"])

@@ -16,11 +16,18 @@ from typing import Any
 import pytest
 import torch
 
-from milan.checkpoint import CheckpointError, load_classifier, read_checkpoint, safe_load, save_safetensors
-from milan.checkpoint.arch import EncoderArch
+from milan.checkpoint import (
+    CheckpointError,
+    load_classifier,
+    read_checkpoint,
+    safe_load,
+    save_safetensors,
+    teacher_from_config,
+)
+from milan.checkpoint.spec import EncoderArch
 from milan.cli import main
 from milan.jobs.encoder import load_pretrained_encoder
-from milan.models.factory import TeacherConfig, build_teacher
+from milan.models.factory import TeacherConfig
 from milan.train.config import EncoderSource
 from tests.checkpoint.lying import ExpandedBuffer, encoder_state, rewrite_zip
 
@@ -42,7 +49,7 @@ def _entry_points(tmp_path: Path) -> dict[str, Callable[[Path], object]]:
         "inspect": cli("inspect"),
         "export": cli("export", "--out", str(tmp_path / "out.safetensors")),
         "convert": cli("convert", str(tmp_path / "out.pth"), "--to", "milan"),
-        "pretrain-teacher": lambda p: build_teacher(TeacherConfig(checkpoint=str(p))),
+        "pretrain-teacher": lambda p: teacher_from_config(TeacherConfig(checkpoint=str(p))),
         "evaluate": load_classifier,
         "knn-linprobe-finetune": lambda p: load_pretrained_encoder(EncoderSource(pretrained=str(p))),
     }
@@ -138,7 +145,7 @@ def test_a_compressed_record_that_would_inflate_beyond_its_tensor_is_refused(tmp
 # memory grew beyond what the imports took (ru_maxrss: a high-water mark, so no allocation can hide).
 _MEASURE = """
 import contextlib, io, json, resource, sys
-import milan.jobs.export, milan.checkpoint.export, milan.checkpoint.report, timm.models.vision_transformer
+import milan.jobs.export, milan.checkpoint.export, timm.models.vision_transformer
 from milan.checkpoint import CheckpointError, safe_load
 from milan.cli import main
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

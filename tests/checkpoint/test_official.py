@@ -27,7 +27,7 @@ HEADS = dict(num_heads=4, decoder_num_heads=4)  # milan_test_tiny's heads (not r
 def _same_outputs(a: MILAN, b: MILAN, images: torch.Tensor) -> None:
     assert a.teacher is not None and b.teacher is not None
     importance = a.teacher(images).cls_attention
-    mask = from_permutation(attention_masking(importance, 0.75, torch.Generator().manual_seed(3)).ids_shuffle, 0.75)
+    mask = attention_masking(importance, 0.75, torch.rand(importance.shape, generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
         out_a, out_b = a(images, mask=mask), b(images, mask=mask)
     torch.testing.assert_close(out_b.target, out_a.target, atol=1e-6, rtol=0)
@@ -137,7 +137,8 @@ def test_mmpretrain_milan_pretrain_checkpoint(tmp_path: Path, images: torch.Tens
     assert torch.equal(ours.decoder.decoder_pos_embed, sd["neck.decoder_pos_embed"])
     assert ours.teacher is not None
     importance = ours.teacher(images).cls_attention
-    ids_shuffle = attention_masking(importance, 0.75, torch.Generator().manual_seed(2)).ids_shuffle
+    noise = torch.rand(importance.shape, generator=torch.Generator().manual_seed(2))
+    ids_shuffle = attention_masking(importance, 0.75, noise).ids_shuffle
     ref = run_reference(reference, images, ids_shuffle)
     with torch.no_grad():
         out = ours(images, mask=from_permutation(ids_shuffle, 0.75))
@@ -262,7 +263,7 @@ def test_an_mmengine_training_checkpoint_loads_without_mmengine(tmp_path: Path, 
     code = f"""
 import json, sys, torch
 from milan.checkpoint import load_classifier, safe_load
-from milan.checkpoint.inert import Inert
+from milan.checkpoint.io import Inert
 raw = safe_load({str(path)!r})
 model = load_classifier({str(path)!r}, num_heads=4)
 torch.save(model(torch.load({str(tmp_path / "images.pt")!r})), {str(tmp_path / "ours.pt")!r})

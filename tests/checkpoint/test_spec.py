@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from milan.checkpoint import CheckpointError, load_student, read_checkpoint, safe_load
-from milan.checkpoint.arch import DecoderArch, EncoderArch, TowerSpec
 from milan.checkpoint.export import export_timm, fold_batchnorm
-from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, TeacherSpec, milan_spec, resolve_spec
-from milan.models import build_milan, model_config
+from milan.checkpoint.formats import resolve_spec
+from milan.checkpoint.spec import DecoderArch, EncoderArch, HeadSpec, ModelSpec, Preprocessing, TeacherSpec, milan_spec
+from milan.models import TowerSpec, build_milan, model_config
 from milan.models.classifier import LinearProbe
 from tests.checkpoint.conftest import randomize_
 

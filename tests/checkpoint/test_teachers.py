@@ -13,9 +13,17 @@ from typing import Any
 import pytest
 import torch
 
-from milan.checkpoint import CheckpointError, CheckpointWarning, load_teacher, read_checkpoint, save_safetensors
+from milan.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    load_teacher,
+    model_from_config,
+    read_checkpoint,
+    save_safetensors,
+    teacher_from_config,
+)
 from milan.models import Teacher, build_milan, model_config
-from milan.models.factory import TeacherConfig, build_teacher
+from milan.models.factory import TeacherConfig
 from tests.checkpoint.conftest import IMG, open_clip_model, open_clip_reference, randomize_
 
 pytest.importorskip("open_clip")
@@ -76,7 +84,7 @@ def test_an_openai_layout_state_dict_says_which_activation_it_assumed(tmp_path: 
     by_argument, warned = _warned(lambda: load_teacher(path, act="gelu"))
     assert warned == []
     _check_open_clip(by_argument, model, images)
-    by_config, warned = _warned(lambda: build_teacher(TeacherConfig(checkpoint=str(path), act="gelu")))
+    by_config, warned = _warned(lambda: teacher_from_config(TeacherConfig(checkpoint=str(path), act="gelu")))
     assert warned == [] and by_config is not None
     _check_open_clip(by_config, model, images)
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": False}}))
@@ -367,7 +375,7 @@ def test_model_config_routes_to_load_teacher(tmp_path: Path) -> None:
     cfg = model_config("milan_test_tiny")
     cfg.teacher.checkpoint = str(tmp_path / "clip.pth")
     cfg.teacher.out_dim = 999  # ignored: the file decides
-    milan = build_milan(cfg)
+    milan = model_from_config(cfg)
     assert milan.teacher is not None and milan.teacher.out_dim == 32 and milan.decoder.out_dim == 32
 
 
@@ -400,13 +408,13 @@ def test_a_training_checkpoint_rebuilds_its_teacher_from_the_stored_spec(tmp_pat
 
 
 def test_config_teacher_file_is_run_on_the_student_grid(tmp_path: Path) -> None:
-    """A /4 CLIP teacher file for a /8 student at 32 px: build_milan runs the teacher at 16 px (4 x 4 grid)."""
+    """A /4 CLIP teacher file for a /8 student at 32 px: the model runs the teacher at 16 px (4 x 4 grid)."""
 
     clip = open_clip_model(width=64, patch=4, image=32)  # native 8 x 8 grid
     torch.save(clip.state_dict(), tmp_path / "clip_p4.pth")
     cfg = model_config("milan_test_tiny")  # student: 32 px, patch 8 -> 4 x 4
     cfg.teacher.checkpoint = str(tmp_path / "clip_p4.pth")
-    model = build_milan(cfg)
+    model = model_from_config(cfg)
     assert model.teacher is not None and model.teacher.grid_size == (4, 4)
     assert model.decoder.out_dim == model.teacher.out_dim == 32
     out = model(torch.randn(2, 3, 32, 32))

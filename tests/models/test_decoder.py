@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from milan.masking import MaskIndices, gather_tokens, random_masking
+from milan.masking import MaskIndices, gather_tokens, random_masking, restore_order
 from milan.models.decoder import MAEDecoder, PromptingDecoder
 
 GRID, IN_DIM, OUT_DIM = (4, 4), 48, 20
 
 
 def _inputs(batch: int = 3, ratio: float = 0.75) -> tuple[torch.Tensor, MaskIndices]:
-    mask = random_masking(batch, GRID[0] * GRID[1], ratio, generator=torch.Generator().manual_seed(3))
+    mask = random_masking(torch.rand(batch, GRID[0] * GRID[1], generator=torch.Generator().manual_seed(3)), ratio)
     latent = torch.randn(batch, 1 + mask.num_keep, IN_DIM)
     return latent, mask
 
@@ -54,8 +54,8 @@ def test_prompting_decoder_matches_naive_spatial_order_algorithm() -> None:
     latent, mask = _inputs()
     with torch.no_grad():
         expected = naive_prompting_decoder(dec, latent, mask)
-        spatial = dec(latent, mask, restore_order=True)
-        mask_order = dec(latent, mask, restore_order=False)
+        mask_order = dec(latent, mask)
+        spatial = restore_order(mask_order, mask)
     assert spatial.shape == (3, 17, OUT_DIM)
     torch.testing.assert_close(spatial, expected, atol=1e-5, rtol=1e-5)
     # Mask order is [cls, visible in ids_keep order, masked in ids_mask order].
@@ -67,7 +67,7 @@ def test_prompts_come_out_unchanged() -> None:
     dec = _decoder()
     latent, mask = _inputs()
     with torch.no_grad():
-        out = dec(latent, mask, restore_order=True)
+        out = restore_order(dec(latent, mask), mask)
         pos = dec.decoder_pos_embed.expand(latent.shape[0], -1, -1)
         z = dec.decoder_embed(latent)
         prompts = torch.cat([z[:, :1] + pos[:, :1], z[:, 1:] + gather_tokens(pos[:, 1:], mask.ids_keep)], 1)
@@ -86,9 +86,9 @@ def test_changing_a_mask_token_input_leaves_prompt_outputs_unchanged() -> None:
         tokens2[:, 0] += 1.0  # change one mask token's input
         changed = torch.cat([prompts, _run_blocks(dec, tokens2, prompts)], dim=1)
         # And through the public forward: a different mask token leaves every visible/cls prediction unchanged.
-        before = dec(latent, mask, restore_order=False)
+        before = dec(latent, mask)
         dec.mask_token.add_(0.5)
-        after = dec(latent, mask, restore_order=False)
+        after = dec(latent, mask)
     k = 1 + mask.num_keep
     torch.testing.assert_close(changed[:, :k], base[:, :k], rtol=0, atol=0)
     assert not torch.allclose(changed[:, k:], base[:, k:])
@@ -106,10 +106,10 @@ def test_visible_tokens_inform_the_masked_predictions() -> None:
     dec = _decoder()
     latent, mask = _inputs()
     with torch.no_grad():
-        before = dec(latent, mask, restore_order=False)
+        before = dec(latent, mask)
         latent2 = latent.clone()
         latent2[:, 1] += 1.0
-        after = dec(latent2, mask, restore_order=False)
+        after = dec(latent2, mask)
     k = 1 + mask.num_keep
     assert not torch.allclose(after[:, k:], before[:, k:])  # masked queries attend over the prompts
     torch.testing.assert_close(after[:, 0], before[:, 0])  # other prompts are independent
@@ -128,7 +128,7 @@ def test_mae_decoder_matches_naive_spatial_order_algorithm() -> None:
         for blk in dec.decoder_blocks:
             x = blk(x)
         expected = dec.decoder_pred(dec.decoder_norm(x))
-        got = dec(latent, mask, restore_order=True)
+        got = restore_order(dec(latent, mask), mask)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -7,15 +7,11 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data.constants import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from milan.models.teacher import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    Teacher,
-    clip_vision_tower,
-)
+from milan.models import Teacher, clip_vision_tower
 
 
 def _tiny_tower() -> nn.Module:

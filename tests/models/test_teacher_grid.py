@@ -10,10 +10,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from milan.checkpoint import load_teacher
-from milan.flops import pretrain_flops
-from milan.models import build_milan, create_model, model_config
-from milan.models.teacher import clip_vision_tower
+from milan.checkpoint import load_teacher, model_from_config
+from milan.models import clip_vision_tower, create_model, model_config
+from milan.models.factory import model_flops
 
 
 @pytest.fixture
@@ -32,7 +31,7 @@ def test_create_model_runs_a_loaded_teacher_on_the_student_grid(teacher_file: Pa
     assert model.teacher is not None and model.teacher.grid_size == model.encoder.grid_size == (4, 4)
     cfg = model_config("milan_test_tiny")
     cfg.teacher.checkpoint = str(teacher_file)
-    from_cli = build_milan(cfg).teacher  # what `milan pretrain model.teacher.checkpoint=...` builds
+    from_cli = model_from_config(cfg).teacher  # what `milan pretrain model.teacher.checkpoint=...` builds
     assert from_cli is not None
     images = torch.randn(2, 3, 32, 32)
     api_out, cli_out = model.teacher(images), from_cli(images)
@@ -59,8 +58,8 @@ def test_flops_count_the_loaded_teacher(teacher_file: Path) -> None:
     cfg = model_config("milan_test_tiny")
     model = create_model("milan_test_tiny", teacher=load_teacher(teacher_file))
     assert model.teacher is not None
-    counted = pretrain_flops(cfg, model.teacher)
-    assert counted.teacher != pretrain_flops(cfg).teacher
+    counted = model_flops(cfg, model.teacher)
+    assert counted.teacher != model_flops(cfg).teacher
     images = torch.randn(2, 3, 16, 16)  # the teacher's own resolution (16 px), so the resize is not in the count
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.teacher(images)
@@ -80,9 +79,9 @@ def test_pretrain_with_a_bf16_resized_teacher_reports_its_flops(
     assert main(["pretrain", *tiny_overrides(tmp_path / "run", images, extra)]) == 0
     out = capsys.readouterr().out
     teacher = create_model("milan_test_tiny", teacher=load_teacher(teacher_file)).teacher
-    expected = pretrain_flops(model_config("milan_test_tiny"), teacher).total / 1e9
+    expected = model_flops(model_config("milan_test_tiny"), teacher).total / 1e9
     printed = re.search(r"teacher ([\d.]+) M frozen; ([\d.e+-]+) GFLOP per training image", out)
     assert printed is not None, out
     assert float(printed.group(1)) == pytest.approx(sum(p.numel() for p in teacher.parameters()) / 1e6, abs=0.01)
     assert printed.group(2) == f"{expected:.3g}"
-    assert printed.group(2) != f"{pretrain_flops(model_config('milan_test_tiny')).total / 1e9:.3g}"
+    assert printed.group(2) != f"{model_flops(model_config('milan_test_tiny')).total / 1e9:.3g}"

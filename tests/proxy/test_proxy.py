@@ -16,10 +16,9 @@ from benchmarks.proxy import data, probe, report
 from benchmarks.proxy.data import DEFAULT_DATA
 from benchmarks.proxy.settings import ARMS, MODES, EvalBudget, model_config
 from benchmarks.proxy.teacher import check_roundtrip, save_tower
-from milan.checkpoint import load_teacher
+from milan.checkpoint import load_teacher, model_from_config
 from milan.data import build_dataset, eval_transform
-from milan.models import build_milan
-from milan.models.teacher import clip_vision_tower
+from milan.models import clip_vision_tower
 from milan.train.config import PretrainConfig, check_pretrain
 
 
@@ -56,7 +55,7 @@ def test_arms_differ_only_in_the_objective(tmp_path: Path) -> None:
     }
     for name, cfg in configs.items():
         check_pretrain(PretrainConfig(model_name=None, model=cfg))
-        model = build_milan(cfg)  # loads the saved teacher through model.teacher.checkpoint
+        model = model_from_config(cfg)  # loads the saved teacher through model.teacher.checkpoint
         assert model.encoder.grid_size == (8, 8), name
         assert (model.teacher is None) == (name == "pixel_mae")
 

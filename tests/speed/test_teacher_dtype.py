@@ -65,7 +65,7 @@ def test_bf16_teacher_step_is_sane() -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for p in ours.teacher.parameters())
     # Masks drawn from the bf16 importance are valid permutations.
-    drawn = ours.draw_mask(x, ours.teacher(x).cls_attention, torch.Generator().manual_seed(0))
+    drawn = ours.draw_mask(ours.teacher(x).cls_attention, torch.rand(4, 16, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(drawn.ids_shuffle.sort(dim=1).values, torch.arange(16).expand(4, -1))
 
 

@@ -8,7 +8,8 @@ import torch.nn as nn
 from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from milan.models.teacher import Teacher, _mlp, clip_vision_tower
+from milan.models.teacher import Teacher, _mlp
+from milan.models.tower import clip_vision_tower
 
 
 def _plain_features(tower: TimmViT, images: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,7 @@ def test_plot_cli(tmp_path: Path) -> None:
 def test_a_teacher_checkpoint_is_loaded_frozen_and_not_saved(
     tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from milan.models.teacher import clip_vision_tower
+    from milan.models import clip_vision_tower
 
     tower = clip_vision_tower(img_size=32, patch_size=8, width=128, depth=2, num_heads=2, out_dim=32)
     torch.save(tower.state_dict(), tmp_path / "teacher.pt")

@@ -55,6 +55,23 @@ def test_resume_auto_without_config_takes_the_stored_config_and_prints_the_chang
     )
 
 
+def test_a_run_of_an_older_version_resumes_without_its_retired_restore_order_key(
+    tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checkpoints of versions before issue 12 store model.restore_order, no longer a config key."""
+    from milan.checkpoint import atomic_save
+
+    run = tmp_path / "run"
+    assert cli(["pretrain", *tiny_overrides(run, image_dir, {"schedule.max_steps": 3})]) == 0
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_training_checkpoint(last)
+    ckpt["config"]["model"]["restore_order"] = False
+    atomic_save(ckpt, last)
+    capsys.readouterr()
+    assert cli(["pretrain", "--resume", "auto", f"out_dir={run}", "schedule.max_steps=4"]) == 0
+    assert "epoch 1/2, step 4, final loss" in capsys.readouterr().out
+
+
 def test_overrides_before_and_after_resume(
     tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -141,5 +141,5 @@ def test_noise_masking_draws_rowwise_and_follows_the_weights() -> None:
         rtol=0,
     )
     # random masking from noise is argsort(noise)
-    r = random_masking(6, 16, 0.75, noise=noise)
+    r = random_masking(noise, 0.75)
     assert torch.equal(r.ids_shuffle, torch.argsort(noise, dim=1))
