@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from milan.data.sources import natural_key
+from milan.errors import UserError
 from milan.train.logging import read_metrics
+
+COMMANDS = {"plot": "loss, lr and throughput curves of a run"}
 
 
 def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str | None = None) -> Path | None:
@@ -97,7 +100,7 @@ def save_eval_plot(
         ax.set_xlabel("epoch")
         what = f"accuracy of {len(evals)} evaluation(s) against the epoch"
     elif by_k is not None:
-        ks = sorted(by_k, key=lambda k: int(k) if str(k).isdigit() else str(k))
+        ks = sorted(by_k, key=natural_key)
         pos = range(len(ks))
         for offset, key, colour in ((-0.2, "top1", "tab:blue"), (0.2, "top5", "tab:orange")):
             ys = [float(by_k[k].get(key, 0.0)) for k in ks]
@@ -132,16 +135,11 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``milan plot``."""
     source = Path(args.run_dir)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "plot.png"
-    try:
-        written = save_plot(source, out, args.title)
-    except FileNotFoundError as e:
-        print(f"milan plot: {e}", file=sys.stderr)
-        return 2
+    written = save_plot(source, out, args.title)
     if written is None:  # an evaluation-only run (or a run that has not logged a step yet)
         drawn, what = save_eval_plot(source, out, args.title)
         if drawn is None:
-            print(f"milan plot: {what}", file=sys.stderr)
-            return 1
+            raise UserError(what)
         print(f"{source} has no training records (an evaluation-only run); drew the {what} instead: {drawn}")
         return 0
     print(written)

@@ -27,14 +27,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from milan.checkpoint.io import CheckpointError
+from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
+from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from milan.models.milan import MILAN, Masking, patchify
+
+COMMANDS = {"visualize": "teacher attention, mask, prediction/target similarity, PCA views"}
 
 CELL_INCHES = 2.2  # side of one panel
 DPI = 100
@@ -123,16 +125,16 @@ def compute_views(
         The views (on the CPU).
 
     Raises:
-        ValueError: Attention masking asked of a model without a teacher, or images of the wrong size.
+        ConfigError: Attention masking asked of a model without a teacher, or images of the wrong size.
     """
     encoder = model.encoder
     gh, gw = encoder.grid_size
     size = (gh * encoder.patch_size, gw * encoder.patch_size)
     if images.ndim != 4 or tuple(images.shape[-2:]) != size:
-        raise ValueError(f"images must be (B, 3, {size[0]}, {size[1]}) for this model, got {tuple(images.shape)}")
+        raise ConfigError(f"images must be (B, 3, {size[0]}, {size[1]}) for this model, got {tuple(images.shape)}")
     masking = masking or model.masking
     if masking == "attention" and model.teacher is None:
-        raise ValueError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
+        raise ConfigError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
     saved = (model.mask_ratio, model.masking, model.training)
     model.mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
     model.masking = masking
@@ -357,10 +359,8 @@ def load_images(
 
     Raises:
         FileNotFoundError: A source is missing or holds no images.
-        milan.data.ImageDecodeError: An image cannot be decoded (the message names the file).
+        DataError: An image cannot be decoded (the message names the file).
     """
-    from milan.data import ImageDecodeError, eval_transform, open_image, scan_sources
-
     paths = scan_sources(sources).paths[:limit]
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
     tensors = []
@@ -368,7 +368,7 @@ def load_images(
         try:
             tensors.append(pipeline(open_image(path.read_bytes())))
         except ImageDecodeError as e:
-            raise ImageDecodeError(e.reason, f"{path}: {e.detail}") from None
+            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
     names = [p.name for p in paths]
     if len(set(names)) < len(names):  # e.g. class folders of equally named files: show the folder too
         names = [f"{p.parent.name}/{p.name}" for p in paths]
@@ -414,6 +414,7 @@ def visualize(
 
     Raises:
         CheckpointError: Unreadable checkpoint, or no teacher to be had (the message names ``--teacher``).
+        ConfigError: ``masking="attention"`` for a model without a teacher.
     """
     from milan.checkpoint import load_milan, read_checkpoint, resolve_spec
     from milan.checkpoint.loaders import teacher_file
@@ -422,7 +423,7 @@ def visualize(
     resolved = resolve_spec(ck, crop_pct=crop_pct)
     resolved.adopt(ck)  # reported here, once
     for note in resolved.notes:
-        (warn or (lambda text: warnings.warn(text, stacklevel=3)))(note)
+        (warn or _python_warning)(note)
     spec = resolved.spec
     if ck.kind != "milan" or spec.decoder is None:
         raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a pretraining model (no decoder)")
@@ -430,7 +431,7 @@ def visualize(
     recorded = teacher_file(ck)
     if teacher is None and ck.tower is None and not pixels and not (recorded and os.path.exists(recorded)):
         where = f"; the teacher file it was trained with, {recorded}, is not there" if recorded else ""
-        raise CheckpointError(
+        raise CheckpointNotFoundError(
             f"{checkpoint} holds no teacher weights{where}: pass --teacher FILE (the teacher it was trained with; "
             "its architecture and image size are read from the checkpoint)"
         )
@@ -463,30 +464,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs ``milan visualize``; returns the exit status."""
-    from milan.data import ImageDecodeError
+def _python_warning(text: str) -> None:
+    warnings.warn(text, stacklevel=3)  # the caller of visualize
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _print_warning(note: str) -> None:
+    print(f"milan visualize: warning: {note}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``milan visualize``."""
     if args.max_images < 1:
-        print("milan visualize: --max-images must be >= 1", file=sys.stderr)
-        return 2
-    kwargs: dict[str, Any] = dict(
-        teacher=args.teacher,
-        seed=args.seed,
-        mask_ratio=args.mask_ratio,
-        masking=args.masking,
-        crop_pct=args.crop_pct,
-        max_images=args.max_images,
-        device=device,
-        warn=lambda note: print(f"milan visualize: warning: {note}", file=sys.stderr),
-    )
-    try:
-        written = visualize(args.checkpoint, args.images, args.out, **kwargs)
-    except (CheckpointError, FileNotFoundError, ImageDecodeError, ValueError) as e:
-        print(f"milan visualize: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    written = visualize(
+        args.checkpoint, args.images, args.out, teacher=args.teacher, seed=args.seed, mask_ratio=args.mask_ratio,
+        masking=args.masking, crop_pct=args.crop_pct, max_images=args.max_images, device=device,
+        warn=_print_warning,
+    )  # fmt: skip
     print(written)
     return 0
