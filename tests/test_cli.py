@@ -301,3 +301,27 @@ def test_docs_and_presets_cite_nothing_outside_the_repository() -> None:
     assert offenders == []
     links = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", (REPO / "README.md").read_text())
     assert links and [link for link in links if not (REPO / link).exists()] == []
+
+
+def test_the_architecture_page_names_code_that_exists() -> None:
+    """Each ``milan/FILE.py: name`` of docs/architecture.md is a file that defines that name."""
+    import re
+
+    refs = re.findall(r"`(milan/[\w/]+\.py)(?:: ([\w.]+))?`", (REPO / "docs/architecture.md").read_text())
+    assert len(refs) > 20
+    for path, name in (ref for ref in refs if "NAME" not in ref[0]):  # milan/jobs/NAME.py: a new job
+        source = (REPO / path).read_text()
+        last = name.rpartition(".")[2]
+        assert not name or re.search(rf"^\s*(def|class) {last}\b|^{last}\b.*=", source, re.M), f"{path}: {name}"
+
+
+def test_a_job_is_found_by_its_commands_and_its_schema() -> None:
+    """A job is its module (``COMMANDS``) and its schema (``NameConfig`` in milan.train.config), nothing else."""
+    from milan.jobs import commands
+
+    found = commands()
+    assert list(found) == [
+        "finetune", "knn", "linprobe", "pretrain",  # the jobs with a config first
+        "config", "convert", "evaluate", "export", "inspect", "models", "plot", "visualize",
+    ]  # fmt: skip
+    assert found["inspect"][0] == "milan.jobs.export" and list(JOBS) == ["finetune", "knn", "linprobe", "pretrain"]

@@ -62,28 +62,13 @@ def evaluate_checkpoint(
     say: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Loads a classifier and measures its top-1 / top-5 accuracy.
+    """Loads a classifier and measures its top-1 / top-5 accuracy on ``data`` (a folder, or an archive).
 
     The view and the class names come from the checkpoint's model spec; files without one (official checkpoints)
-    get the references' evaluation view and the folder's sorted class order, each assumption reported to ``warn``.
-
-    Args:
-        checkpoint: Classifier checkpoint (see the module docstring).
-        data: Validation ImageFolder tree, or a ``.tar.gz`` archive (with ``per_class``).
-        per_class: Archives: images per class (``None``: all).
-        batch_size: Images per batch (per process).
-        num_workers: DataLoader workers (``None``: min(8, available cores)).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        precision: Autocast precision on CUDA (``auto``: bf16).
-        fmt: Checkpoint format (``auto`` detects it).
-        num_heads: Encoder heads when the file does not record them (default: the standard ViT table).
-        crop_pct: Center-crop fraction (default: the checkpoint's, else 0.875).
-        interpolation: Resize resampling (default: the checkpoint's, else bicubic).
-        mean: Normalisation mean (default: the checkpoint's, else ImageNet's).
-        std: Normalisation std (default: the checkpoint's, else ImageNet's).
-        progress: Show a progress bar (on a terminal).
-        say: Receives the start-of-run line (``found N images (M classes) in DATA; B batches``) on the main process.
-        warn: Receives each assumption and data warning (default: :func:`warnings.warn`).
+    get the references' evaluation view and the folder's sorted class order, each assumption reported to ``warn``
+    (default: :func:`warnings.warn`). ``num_heads``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` set what a
+    file does not record; ``say`` receives the start-of-run line (``found N images (M classes) in DATA; B
+    batches``) on the main process.
 
     Returns:
         ``{"top1", "top5", "count", "kind", "checkpoint", "data", "num_classes", "img_size", "preprocessing",
