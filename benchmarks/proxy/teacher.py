@@ -162,6 +162,7 @@ def train_teacher(
     opt = Optimization(optimizer, schedule, device, dtype)
     g = torch.Generator().manual_seed(seed)
     state = TrainState()
+    losses: list[float] = []  # the last epoch's
     for epoch in range(budget.epochs):
         model.train()
         # FLIP-style token dropping (timm's PatchDropout) in the first epochs: cheaper steps, more epochs.
@@ -194,7 +195,7 @@ def train_teacher(
         num_classes=num_classes,
         train_images=state.images_seen,
         wall_time=time.perf_counter() - t0,
-        final_loss=losses.losses[-1] if losses.losses else None,
+        final_loss=losses[-1] if losses else None,
         images_per_second=state.images_seen / max(train_time, 1e-9),
     )
 
