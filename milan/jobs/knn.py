@@ -64,11 +64,7 @@ class KnnResult:
 
 
 def knn(cfg: KnnConfig) -> KnnResult:
-    """Runs the k-NN evaluation.
-
-    Returns:
-        The result (every process; only the main one writes files).
-    """
+    """Runs the k-NN evaluation; returns the result on every process (only the main one writes files)."""
     check_knn(cfg)
     with start_run(cfg.out_dir, cfg.runtime) as run:
         seed_everything(cfg.seed)
@@ -223,20 +219,10 @@ def knn_accuracy(
     query_chunk: int = 256,
     train_chunk: int | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Top-1/top-5 of weighted k-NN for each ``k``; the queries are split over processes and the counts summed.
+    """``{k: {"top1": %, "top5": %}}`` of weighted k-NN for each of ``ks``, from one neighbour search.
 
-    Args:
-        train: ``(features (N, D), labels (N,))``, the same on every process.
-        val: ``(features (M, D), labels (M,))``, the same on every process.
-        num_classes: Number of classes.
-        ks: Neighbour counts to score.
-        temperature: Vote temperature.
-        device: Where to compute.
-        query_chunk: Queries per similarity chunk.
-        train_chunk: Train features per chunk.
-
-    Returns:
-        ``{k: {"top1": %, "top5": %}}``.
+    ``train`` and ``val`` are ``(features (N, D), labels (N,))``, the same on every process; the queries are split
+    over the processes and the counts summed. ``query_chunk`` and ``train_chunk`` bound the similarity matrix.
     """
     train_f, train_y = train[0].to(device), train[1].to(device)
     rank, world = dist.rank(), dist.world_size()

@@ -207,12 +207,9 @@ def _settle_teacher(
 def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the teacher computes in (``runtime.teacher_dtype``); ``torch.float32`` means no cast.
 
-    Args:
-        choice: ``"auto"``: the run's compute dtype on CUDA when it is bf16 or fp16, else fp32 (on CPU: no change);
-            ``"bf16"``/``"fp16"``: that dtype on any device (a bf16 teacher is about 3.8x faster on CPUs with AMX);
-            ``"fp32"``: fp32 weights, run under the run's autocast (the references' behaviour).
-        device: The run's device.
-        dtype: The run's compute dtype (:func:`milan.train.loop.resolve_dtype`).
+    ``"auto"``: the run's compute ``dtype`` on CUDA when it is bf16 or fp16, else fp32 (on CPU: no change);
+    ``"bf16"``/``"fp16"``: that dtype on any device (a bf16 teacher is about 3.8x faster on CPUs with AMX);
+    ``"fp32"``: fp32 weights, run under the run's autocast (the references' behaviour).
     """
     if choice == "auto":
         return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else torch.float32

@@ -68,17 +68,9 @@ def evaluate_heads(
 ) -> list[dict[str, float]]:
     """Runs ``forward`` over the loader and returns each head's top-k accuracy, summed over processes.
 
-    Args:
-        forward: Images (B, 3, H, W) -> logits (B, C), or (K, B, C) for ``K = num_heads`` heads. Put the model
-            in eval mode first.
-        loader: This process's shard of :class:`~milan.data.Batch` objects (:func:`milan.data.eval_loader`).
-        device: Where to run.
-        dtype: Compute dtype (autocast on CUDA).
-        num_heads: Number of heads ``forward`` returns.
-        ks: The ``k`` values.
-        report: Receives unreadable files.
-        progress: Show a progress bar.
-        desc: Its label.
+    ``forward``: images (B, 3, H, W) -> logits (B, C), or (K, B, C) for ``K = num_heads`` heads (put the model in eval
+    mode first), under autocast on CUDA for a reduced ``dtype``; ``loader``: this process's shard of
+    :class:`~milan.data.Batch` objects (:func:`milan.data.eval_loader`); unreadable files go to ``report``.
 
     Returns:
         One ``{"top1": %, "top5": %, "count": n}`` per head (counts over all processes).

@@ -106,29 +106,17 @@ class StopRequest:
 
 @dataclass
 class Optimization:
-    """What an optimizer step needs besides the batches.
+    """What an optimizer step needs besides the batches."""
 
-    Attributes:
-        optimizer: Its param groups get the schedule's lr (times their ``lr_scale``) before each step.
-        schedule: lr as a function of the step.
-        device: Where the loss is reduced (and autocast runs).
-        dtype: Compute dtype: autocast on CUDA for bf16/fp16.
-        accum_steps: Micro-batches per optimizer step.
-        clip_grad: Max global gradient norm (``None``: no clipping).
-        scaler: fp16 gradient scaler.
-        sync_module: The DDP/FSDP2 module, whose gradient reduction is skipped on all but the last micro-step.
-        stop: The stop request shared with the signal handlers.
-    """
-
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # its groups get the schedule's lr (times their lr_scale) before each step
     schedule: CosineSchedule
-    device: torch.device
-    dtype: torch.dtype = torch.float32
-    accum_steps: int = 1
-    clip_grad: float | None = None
-    scaler: torch.amp.GradScaler | None = None
-    sync_module: nn.Module | None = None
-    stop: StopRequest = field(default_factory=StopRequest)
+    device: torch.device  # where the loss is reduced (and autocast runs)
+    dtype: torch.dtype = torch.float32  # compute dtype: autocast on CUDA for bf16/fp16
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max global gradient norm (None: no clipping)
+    scaler: torch.amp.GradScaler | None = None  # fp16
+    sync_module: nn.Module | None = None  # the DDP/FSDP2 module: gradients are reduced on the last micro-step only
+    stop: StopRequest = field(default_factory=StopRequest)  # shared with the signal handlers
 
 
 def train_step(

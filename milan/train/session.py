@@ -80,14 +80,9 @@ def describe_metrics(metrics: Metrics) -> str:
 class Session:
     """The state of one training launch and what it writes; the job drives it (see the module docstring).
 
-    Args:
-        cfg: The run config (``optim``, ``schedule``, ``checkpoint``, ``log``, ``runtime``, batch sizes).
-        derived: From :func:`~milan.train.config.derive`.
-        run: From :func:`~milan.train.run.start_run`: device, dtype, run folder, checkpoint to resume from.
-        model: The trained module, unwrapped (what checkpoints hold; for FSDP2 the sharded module).
-        optimizer: Its groups may carry ``lr_scale``.
-        sync_module: The DDP/FSDP2 wrapper: gradients are reduced only on the last micro-step of a step.
-        flops_per_image: Training FLOPs per image, for the MFU of GPU runs.
+    ``model`` is the trained module unwrapped (what checkpoints hold; for FSDP2 the sharded module), ``sync_module``
+    its DDP/FSDP2 wrapper (gradients are reduced only on the last micro-step of a step); ``flops_per_image`` gives GPU
+    runs their MFU.
 
     Attributes:
         state: The position (restored from ``run.resume_from``).
@@ -258,15 +253,10 @@ class Session:
         return bool(self.eval_history) and self.eval_history[-1]["step"] == self.state.step
 
     def record_eval(self, metrics: Metrics, seconds: float, text: str | None = None) -> Metrics:
-        """Records an evaluation of the current step: ``eval_history``, an ``"eval"`` record, a line.
+        """Records the job's evaluation (plain data) of the current step: ``eval_history``, an ``"eval"`` record.
 
-        Args:
-            metrics: The job's numbers (plain data).
-            seconds: How long it took.
-            text: The line's description of the result (default: :func:`describe_metrics`).
-
-        Returns:
-            The record (``epoch``, ``step``, the metrics, ``eval_time``).
+        ``text`` describes the result in the line (default: :func:`describe_metrics`). Returns the record: ``epoch``,
+        ``step``, the metrics, ``eval_time`` (``seconds``).
         """
         s = self.state
         record = {"epoch": s.epoch, "step": s.step, **metrics, "eval_time": seconds}
