@@ -32,13 +32,12 @@ from milan.data import (
     Batch,
     ImageDataset,
     SkipReport,
-    build_dataset,
     describe_found,
     eval_batches,
     eval_loader,
     eval_transform,
 )
-from milan.jobs.classifier import input_size, load_pretrained_encoder
+from milan.jobs.classifier import input_size, labelled_splits, load_pretrained_encoder
 from milan.jobs.launch import add_run_arguments, job_config
 from milan.knn import knn_neighbours, knn_vote
 from milan.models.vit import VisionTransformer
@@ -72,14 +71,7 @@ def knn(cfg: KnnConfig) -> KnnResult:
         encoder = encoder.to(run.device).eval()
         size, data = input_size(cfg.data.img_size, encoder), cfg.data
         pipeline = eval_transform(size, crop_pct=data.crop_pct, interpolation=data.interpolation)
-        train_set = build_dataset(
-            data.train, pipeline, key="data.train", labelled=True, per_class=data.train_per_class,
-            max_pixels=data.max_image_pixels,
-        )  # fmt: skip
-        val_set = build_dataset(
-            data.val, pipeline, key="data.val", labelled=True, classes=train_set.classes,
-            per_class=data.val_per_class, max_pixels=data.max_image_pixels,
-        )  # fmt: skip
+        train_set, val_set, _ = labelled_splits(data, pipeline, size, None)  # both splits in the evaluation view
         log = RunLogger(
             run.run_dir, enabled=dist.is_main(), total_steps=1, progress=cfg.log.progress, tensorboard=False
         )
