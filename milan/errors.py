@@ -31,6 +31,28 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be used (missing, truncated, corrupt, unsafe, or lying about its contents)."""
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """A checkpoint path (named on the command line or in a config) that does not exist: a usage error."""
+
+    exit_code = 2
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGINT after its current step, with a resumable checkpoint written.
+
+    Here, not with the loop, so that the command line reads its exit status without importing torch.
+
+    Attributes:
+        signum: The signal.
+        exit_status: The conventional status of a process ended by that signal (128 + signum: 143, 130).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
 class CheckpointWarning(UserWarning):
     """A value a checkpoint does not record was assumed (the message says which, why, and how to set it)."""
 
@@ -48,8 +70,10 @@ def traceback_requested() -> bool:
 __all__ = [
     "TRACEBACK_ENV",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "CheckpointWarning",
     "ConfigError",
+    "RunInterrupted",
     "UserError",
     "traceback_requested",
     "warn_assumption",

@@ -48,7 +48,12 @@ def pixel_mse_loss(
     """
     target = target.float()
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target = normalize_patches(target)
     return _weighted_mean((pred.float() - target).pow(2).mean(dim=-1), weight)  # (B, N) -> scalar
+
+
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """Each (..., P) patch to zero mean and unit variance: MAE's ``norm_pix_loss`` target."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1.0e-6) ** 0.5

@@ -48,7 +48,7 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     """Before: a traceback ending in RuntimeError: runtime.device=cuda but no CUDA device is visible."""
     args = tiny_overrides(tmp_path / "run", write_jpegs(tmp_path / "img", 2), {"runtime.device": "cuda"})
     assert main(["pretrain", *args]) == 1
-    _one_line_error(capsys.readouterr().err, "milan: error: runtime.device=cuda but no CUDA device is visible")
+    _one_line_error(capsys.readouterr().err, "milan pretrain: error: runtime.device=cuda but no CUDA device is visible")
     assert not (tmp_path / "run").exists()
 
 
@@ -105,7 +105,8 @@ def fake_command(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[BaseException
     monkeypatch.setitem(sys.modules, "milan_test_boom", module)
     import milan.cli
 
-    monkeypatch.setitem(milan.cli.COMMANDS, "boom", ("milan_test_boom", "raises"))
+    real = milan.cli.commands
+    monkeypatch.setattr(milan.cli, "commands", lambda: {**real(), "boom": ("milan_test_boom", "raises")})
     yield raised
 
 
@@ -123,7 +124,7 @@ def test_user_errors_at_the_boundary(
 ) -> None:
     fake_command.append(error)
     assert main(["boom"]) == code
-    _one_line_error(capsys.readouterr().err, f"milan: error: {text}")
+    _one_line_error(capsys.readouterr().err, f"milan boom: error: {text}")
 
 
 def test_checkpoint_errors_are_one_line(fake_command: list[BaseException], capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,7 +132,7 @@ def test_checkpoint_errors_are_one_line(fake_command: list[BaseException], capsy
 
     fake_command.append(CheckpointError("x.pt: truncated file"))
     assert main(["boom"]) == 1
-    _one_line_error(capsys.readouterr().err, "milan: error: x.pt: truncated file")
+    _one_line_error(capsys.readouterr().err, "milan boom: error: x.pt: truncated file")
 
 
 def test_bugs_keep_their_traceback(fake_command: list[BaseException]) -> None:
@@ -143,7 +144,7 @@ def test_bugs_keep_their_traceback(fake_command: list[BaseException]) -> None:
 def test_interrupt_is_one_line(fake_command: list[BaseException], capsys: pytest.CaptureFixture[str]) -> None:
     fake_command.append(KeyboardInterrupt())
     assert main(["boom"]) == 130
-    _one_line_error(capsys.readouterr().err, "milan: interrupted")
+    _one_line_error(capsys.readouterr().err, "milan boom: interrupted")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,3 +301,27 @@ def test_docs_and_presets_cite_nothing_outside_the_repository() -> None:
     assert offenders == []
     links = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", (REPO / "README.md").read_text())
     assert links and [link for link in links if not (REPO / link).exists()] == []
+
+
+def test_the_architecture_page_names_code_that_exists() -> None:
+    """Each ``milan/FILE.py: name`` of docs/architecture.md is a file that defines that name."""
+    import re
+
+    refs = re.findall(r"`(milan/[\w/]+\.py)(?:: ([\w.]+))?`", (REPO / "docs/architecture.md").read_text())
+    assert len(refs) > 20
+    for path, name in (ref for ref in refs if "NAME" not in ref[0]):  # milan/jobs/NAME.py: a new job
+        source = (REPO / path).read_text()
+        last = name.rpartition(".")[2]
+        assert not name or re.search(rf"^\s*(def|class) {last}\b|^{last}\b.*=", source, re.M), f"{path}: {name}"
+
+
+def test_a_job_is_found_by_its_commands_and_its_schema() -> None:
+    """A job is its module (``COMMANDS``) and its schema (``NameConfig`` in milan.train.config), nothing else."""
+    from milan.jobs import commands
+
+    found = commands()
+    assert list(found) == [
+        "finetune", "knn", "linprobe", "pretrain",  # the jobs with a config first
+        "config", "convert", "evaluate", "export", "inspect", "models", "plot", "visualize",
+    ]  # fmt: skip
+    assert found["inspect"][0] == "milan.jobs.export" and list(JOBS) == ["finetune", "knn", "linprobe", "pretrain"]

@@ -1,10 +1,11 @@
 """Frozen-feature evaluation: weighted k-NN and a linear probe on cached CLS features.
 
-Features are extracted once per model (:func:`milan.jobs.knn_features.extract_features`): the CLS token after the
+Features are extracted once per model (:func:`milan.jobs.knn.extract_features`): the CLS token after the
 encoder's final LayerNorm for a student, and the CLS embedding (after ``ln_post`` and the projection, CLIP's image
 embedding) for the teacher. k-NN is :func:`milan.knn.knn_scores` (cosine, ``exp(s / T)`` votes). The linear
 probe is the MAE/MILAN probe head (``BatchNorm1d(affine=False) -> Linear``) trained on the cached features with the
-engine's loop, so it sees no augmentation (a fast, standard variant of the probe; the same for every arm).
+library's training step (:func:`milan.train.loop.train_step`), so it sees no augmentation (a fast, standard variant
+of the probe; the same for every arm).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.proxy.settings import EvalBudget
 from milan.data import Batch
-from milan.jobs.knn_features import extract_features
+from milan.jobs.knn import extract_features
 from milan.knn import knn_scores
 from milan.train.config import AdamWConfig
-from milan.train.loop import StepOutput, TrainState, fit_epochs, train_one_epoch
+from milan.train.loop import Optimization, StepOutput, TrainState, train_step
 from milan.train.optim import build_adamw, param_groups
 from milan.train.schedule import CosineSchedule
 
@@ -38,9 +39,8 @@ def features(
 ) -> torch.Tensor:
     """(N, D) features of in-memory images (``fn``: images on ``device`` -> (B, D))."""
     batches = [Batch(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
-    kwargs = {"autocast": autocast} if autocast is not None else {}
-    feats, _ = extract_features(fn, batches, device, progress=False, **kwargs)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    feats, _ = extract_features(fn, batches, device, dtype, progress=False)
     return feats
 
 
@@ -64,6 +64,11 @@ def probe_head(dim: int, num_classes: int) -> nn.Sequential:
     trunc_normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     return nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc=fc))
+
+
+def _probe_loss(batch: list[torch.Tensor], head: nn.Module) -> StepOutput:
+    x, y = batch
+    return StepOutput(F.cross_entropy(head(x), y), x.shape[0])
 
 
 def linear_probe_top1(
@@ -90,23 +95,13 @@ def linear_probe_top1(
     optim_cfg = AdamWConfig(betas=(0.9, 0.999), weight_decay=budget.probe_weight_decay)
     device = torch.device("cpu")  # a Linear on a few thousand cached vectors: the CPU is fastest
     optimizer = build_adamw(param_groups(head, budget.probe_weight_decay), optim_cfg, budget.probe_lr, device)
-    schedule = CosineSchedule(budget.probe_lr, steps * budget.probe_epochs, warmup_steps=0)
-
-    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
-        x, y = batch
-        return StepOutput(F.cross_entropy(head(x), y), x.shape[0])
-
-    def run_epoch(state: TrainState) -> TrainState:
+    opt = Optimization(optimizer, CosineSchedule(budget.probe_lr, steps * budget.probe_epochs), device)
+    state = TrainState()
+    for _ in range(budget.probe_epochs):
         head.train()
-        return train_one_epoch(step, loader, optimizer, schedule, state, num_batches=steps)
-
-    fit_epochs(
-        run_epoch,
-        TrainState(),
-        epochs=budget.probe_epochs,
-        batches_per_epoch=steps,
-        stop_step=steps * budget.probe_epochs,
-    )
+        batches = iter(loader)
+        for _ in range(steps):
+            train_step(_probe_loss, batches, state, opt, head)
     head.eval()
     with torch.no_grad():
         return accuracy(head(test.float()), test_labels)

@@ -35,7 +35,7 @@ from milan.models.teacher import Teacher
 from milan.models.tower import clip_vision_tower, describe_tower
 from milan.train.config import AdamWConfig
 from milan.train.evaluation import TopKAccuracy
-from milan.train.loop import StepOutput, TrainState, autocast_context, fit_epochs, train_one_epoch
+from milan.train.loop import Optimization, StepOutput, TrainState, autocast_context, train_step
 from milan.train.optim import build_adamw, param_groups
 from milan.train.schedule import CosineSchedule
 
@@ -86,14 +86,25 @@ class TeacherResult:
         return d
 
 
-class _LossLog:
-    """Collects the loop's per-step losses (a :class:`milan.train.loop.StepLogger`)."""
+def _train_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    train_idx: torch.Tensor,
+    budget: TeacherBudget,
+    steps: int,
+    g: torch.Generator,
+) -> Iterator[Batch]:
+    """One epoch of augmented batches: a fresh permutation, each batch cropped and flipped on the images' device."""
+    order = train_idx[torch.randperm(len(train_idx), generator=g)]
+    for i in range(steps):
+        idx = order[i * budget.batch_size : (i + 1) * budget.batch_size].to(images.device)
+        views = random_resized_crop(images[idx], IMG_SIZE, scale=budget.crop_scale, hflip=0.5, generator=g)
+        yield Batch(views, labels[idx])  # (B, 3, 32, 32)
 
-    def __init__(self) -> None:
-        self.losses: list[float] = []
 
-    def step(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.losses.append(float(metrics["loss"]))
+def _loss(batch: Batch, model: nn.Module, label_smoothing: float) -> StepOutput:
+    loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=label_smoothing)
+    return StepOutput(loss, batch.images.shape[0])
 
 
 def train_teacher(
@@ -148,38 +159,21 @@ def train_teacher(
     optimizer = build_adamw(param_groups(model, budget.weight_decay), optim_cfg, budget.lr, device)
     schedule = CosineSchedule(budget.lr, total, round(budget.warmup_epochs * steps_per_epoch))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    losses = _LossLog()
+    opt = Optimization(optimizer, schedule, device, dtype)
     g = torch.Generator().manual_seed(seed)
-
-    def batches() -> Iterator[Batch]:
-        order = train_idx[torch.randperm(len(train_idx), generator=g)]
-        for i in range(steps_per_epoch):
-            idx = order[i * budget.batch_size : (i + 1) * budget.batch_size].to(device)
-            views = random_resized_crop(
-                images[idx], IMG_SIZE, scale=budget.crop_scale, hflip=0.5, generator=g
-            )  # (B, 3, 32, 32)
-            yield Batch(views, labels[idx])
-
-    def step(batch: Batch) -> StepOutput:
-        loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=budget.label_smoothing)
-        return StepOutput(loss, batch.images.shape[0])
-
-    def run_epoch(state: TrainState) -> TrainState:
+    state = TrainState()
+    losses: list[float] = []  # the last epoch's
+    for epoch in range(budget.epochs):
         model.train()
         # FLIP-style token dropping (timm's PatchDropout) in the first epochs: cheaper steps, more epochs.
-        dropping = budget.patch_drop > 0 and state.epoch < budget.epochs - budget.full_token_epochs
+        dropping = budget.patch_drop > 0 and epoch < budget.epochs - budget.full_token_epochs
         tower.patch_drop = PatchDropout(budget.patch_drop, num_prefix_tokens=1) if dropping else nn.Identity()
-        state = train_one_epoch(
-            step, batches(), optimizer, schedule, state, num_batches=steps_per_epoch,
-            ctx=autocast_context(device, dtype), logger=losses,
-        )  # fmt: skip
-        recent = losses.losses[-steps_per_epoch:]
-        log(f"  teacher epoch {state.epoch + 1}/{budget.epochs}: loss {sum(recent) / max(len(recent), 1):.3f}")
-        return state
-
-    state = fit_epochs(
-        run_epoch, TrainState(), epochs=budget.epochs, batches_per_epoch=steps_per_epoch, stop_step=total
-    )
+        batches = _train_batches(images, labels, train_idx, budget, steps_per_epoch, g)
+        losses = []
+        for _ in range(steps_per_epoch):
+            metrics = train_step(_loss, batches, state, opt, model, budget.label_smoothing)
+            losses.append(metrics["loss"] if metrics is not None else float("nan"))
+        log(f"  teacher epoch {epoch + 1}/{budget.epochs}: loss {sum(losses) / max(len(losses), 1):.3f}")
     tower.patch_drop = nn.Identity()
     train_time = time.perf_counter() - t0
 
@@ -201,7 +195,7 @@ def train_teacher(
         num_classes=num_classes,
         train_images=state.images_seen,
         wall_time=time.perf_counter() - t0,
-        final_loss=losses.losses[-1] if losses.losses else None,
+        final_loss=losses[-1] if losses else None,
         images_per_second=state.images_seen / max(train_time, 1e-9),
     )
 

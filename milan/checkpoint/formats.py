@@ -68,7 +68,7 @@ from milan.checkpoint.spec import (
     spec_hints,
     vit_table_heads,
 )
-from milan.errors import CheckpointError, warn_assumption
+from milan.errors import CheckpointError, CheckpointNotFoundError, warn_assumption
 from milan.models.tower import Act, StateDict, TowerSpec
 
 FORMATS = ("milan", "mmpretrain", "milan-orig", "openai-clip", "open-clip", "hf", "timm")
@@ -259,7 +259,7 @@ def read_checkpoint(
 def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """(loaded object, json configs found next to the weights, safetensors metadata)."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     folder = path if path.is_dir() else path.parent
     configs: dict[str, Any] = {}
     for name in ("config.json", "open_clip_config.json"):

@@ -44,7 +44,7 @@ from typing import IO, Any, ClassVar
 
 import torch
 
-from milan.errors import CheckpointError
+from milan.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = [
     "CheckpointError",
@@ -140,7 +140,7 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"not a file: {path} (for a Hugging Face folder use milan.checkpoint.read_checkpoint)")
     if path.stat().st_size == 0:

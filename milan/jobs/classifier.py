@@ -1,73 +1,78 @@
-"""What ``milan linprobe`` and ``milan finetune`` share on top of the engine's :class:`~milan.train.trainer.Trainer`.
+"""What the jobs on a pretrained encoder share: the encoder, the labelled splits, validation, the end of a run.
 
-The engine runs the epochs, the periodic validation (:class:`~milan.train.trainer.Evaluation`), logging,
-checkpoints and resume. This module adds the classifier parts: the step function over labelled batches, the
-BatchNorm statistics sync before evaluation, the labelled splits, and the end of a run: the export of the
-deliverable (``classifier.pt``), the ``"summary"`` record, ``results.json`` and the one-line summary.
+``milan linprobe`` and ``milan finetune`` train a classifier on it, ``milan knn`` reads its features. Each job writes
+its own loop (:class:`~milan.train.session.Session`); these helpers build what goes in and report what comes out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import torch
-import torch.nn as nn
 
 from milan import distributed as dist
+from milan.checkpoint.formats import read_checkpoint, resolve_spec
+from milan.checkpoint.loaders import encoder_from_checkpoint
 from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, SpecKind, encoder_arch_of
 from milan.data import Batch, ImageDataset, ImagePipeline, SkipReport, build_dataset, eval_transform
-from milan.errors import ConfigError
+from milan.errors import CheckpointError, ConfigError
+from milan.models.factory import build_encoder, list_models, model_config
 from milan.models.vit import VisionTransformer
-from milan.train.config import ClassifyDataConfig
-from milan.train.loop import StepFn, TrainState, data_step
+from milan.train.config import ClassifyDataConfig, EncoderSource
+from milan.train.evaluation import evaluate_heads
+from milan.train.loop import TrainState
 from milan.train.run import FinishedRun
-from milan.train.trainer import Metrics, Trainer
+from milan.train.session import Metrics, Session
+
+_ENCODER_KINDS = ("milan", "encoder", "linear_probe", "finetune")
 
 
-def classifier_step(
-    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]],
-    module: nn.Module,
-    device: torch.device,
-    report: SkipReport,
-) -> StepFn:
-    """A step function for :func:`~milan.train.loop.train_one_epoch` over labelled ``(Batch, noise)`` batches.
+def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) -> tuple[VisionTransformer, str]:
+    """Builds the encoder named by ``src`` and loads its weights (strictly, stored position table included).
 
-    Args:
-        forward: ``(images, labels) -> (mean loss, batch size used)`` on ``device``.
-        module: The trained module (for the zero loss of an all-bad batch).
-        device: Where to compute.
-        report: Receives each batch's unreadable files.
+    The architecture comes from the checkpoint's model spec, else is inferred from its weights (heads from
+    ``src.num_heads``, or assumed: the description then says so and names the key), so every format
+    :func:`milan.checkpoint.read_checkpoint` knows works, classifier checkpoints (their encoder) included.
 
     Returns:
-        The step function.
+        ``(encoder, description)``; the description says where the weights came from.
+
+    Raises:
+        CheckpointError: Unreadable file, or one without a student encoder.
+        ConfigError: Neither ``pretrained`` nor a known ``model_name``.
     """
+    if src.pretrained is None:
+        if src.model_name not in list_models():
+            raise ConfigError(f"encoder.model_name: unknown variant {src.model_name!r}; choose one of {list_models()}")
+        enc_cfg = dataclasses.replace(model_config(src.model_name).encoder, drop_path_rate=drop_path_rate)
+        return build_encoder(enc_cfg), f"RANDOMLY initialised {src.model_name} encoder (no encoder.pretrained)"
+    ck = read_checkpoint(src.pretrained, num_heads=src.num_heads)
+    if ck.kind not in _ENCODER_KINDS:
+        raise CheckpointError(f"{src.pretrained}: a {ck.format} {ck.kind} checkpoint holds no student encoder")
+    resolved = resolve_spec(ck, heads_flag="encoder.num_heads=N")
+    resolved.adopt(ck)  # an assumed head count is reported in the description below
+    encoder = encoder_from_checkpoint(ck, drop_path_rate=drop_path_rate)
+    desc = (
+        f"{src.pretrained} ({ck.kind.replace('_', ' ')} checkpoint, {ck.format} format): ViT {encoder.embed_dim}d x "
+        f"{len(encoder.blocks)} blocks, {encoder.num_heads} heads, patch {encoder.patch_size}, "
+        f"{input_size(None, encoder)} px"
+    )
+    assumed = resolved.assumed.get("encoder_heads")
+    return encoder, desc + (f"; WARNING {assumed}" if assumed else "")
 
-    def step(data: Batch, noise: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        images = data.images.to(device, non_blocking=True)  # (B, 3, H, W)
-        labels = data.labels.to(device, non_blocking=True)  # (B,)
-        return forward(images, labels)
 
-    return data_step(step, module, device, report)
-
-
-@torch.no_grad()
-def sync_batchnorm_stats(module: nn.Module) -> None:
-    """Averages BatchNorm running statistics over processes (no-op in a single process).
-
-    Each process's BatchNorm sees only its own batches; averaging before evaluation and saving makes every process
-    (and the checkpoint) use the same statistics.
-    """
-    if dist.world_size() == 1:
-        return
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
-            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
-            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
+def input_size(requested: int | None, encoder: VisionTransformer) -> int:
+    """The training/eval resolution: the encoder's (its fixed position table allows no other)."""
+    size = int(encoder.patch_embed.img_size[0])
+    if requested is not None and requested != size:
+        raise ConfigError(f"data.img_size={requested} but the encoder takes {size} px images; leave it null")
+    return size
 
 
 def labelled_splits(
@@ -91,24 +96,31 @@ def labelled_splits(
     return train, val, len(train.classes) if num_classes is None else num_classes
 
 
-def classifier_spec(
-    encoder: VisionTransformer,
-    head: HeadSpec,
-    data: ClassifyDataConfig,
-) -> ModelSpec:
-    """The model spec of a classifier job's checkpoints (encoder, evaluation view, head with its class names).
-
-    Args:
-        encoder: The classifier's encoder (before any DDP wrapping).
-        head: Its head (kind, width, class names in index order, pooling ...).
-        data: The job's data section (evaluation crop fraction and resampling).
-
-    Returns:
-        The spec (see :mod:`milan.checkpoint.spec`).
-    """
+def classifier_spec(encoder: VisionTransformer, head: HeadSpec, data: ClassifyDataConfig) -> ModelSpec:
+    """The model spec of a classifier job's checkpoints: encoder, evaluation view, head with its class names."""
     arch = encoder_arch_of(encoder)
     pre = Preprocessing(arch.img_size, interpolation=data.interpolation, crop_pct=data.crop_pct)
     return ModelSpec(cast(SpecKind, head.kind), arch, pre, head=head)
+
+
+def validate(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    val: Iterable[Batch],
+    data: ClassifyDataConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_heads: int = 1,
+) -> tuple[list[dict[str, float]], SkipReport]:
+    """Top-1/top-5 of each head on the validation split (summed over processes) and its skip report.
+
+    Raises:
+        DataError: data.val had no usable image, or skipped more than ``data.max_skip_fraction``.
+    """
+    report = SkipReport(max_skip_fraction=data.max_skip_fraction)
+    heads = evaluate_heads(forward, val, device, dtype, num_heads=num_heads, report=report)
+    report.all_reduce(device if device.type == "cuda" else None)
+    report.check("data.val")
+    return heads, report
 
 
 def describe_topk(metrics: Metrics) -> str:
@@ -119,19 +131,14 @@ def describe_topk(metrics: Metrics) -> str:
     )
 
 
-def checked_val_report(report: SkipReport, device: torch.device) -> None:
-    """Sums a validation pass's skip report over processes and checks it.
-
-    Raises:
-        DataError: data.val had no usable image, or skipped more than ``data.max_skip_fraction``.
-    """
-    report.all_reduce(device if device.type == "cuda" else None)
-    report.check("data.val")
+def topk_summary(history: list[Metrics]) -> Metrics:
+    """The summary's accuracy fields: the last evaluation's top-1 and top-5, and the best top-1 of any epoch."""
+    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "max_top1": max(h["top1"] for h in history)}
 
 
 @dataclass
 class FitResult:
-    """What a classifier job returns."""
+    """What a training job that ends with an evaluation returns."""
 
     run_dir: Path
     state: TrainState
@@ -148,53 +155,37 @@ class FitResult:
         except (OSError, ValueError):
             summary = {}
         history = finished.eval_history
-        final: Metrics = history[-1] if history else {k: summary[k] for k in ("top1", "top5") if k in summary}
-        return cls(run_dir, finished.state, final, history, summary, finished.checkpoint)
+        return cls(run_dir, finished.state, history[-1] if history else summary, history, summary, finished.checkpoint)
 
 
-def train_classifier(
-    trainer: Trainer,
-    job: str,
-    export: Callable[[Metrics], Metrics],
-    t_start: float,
-    *,
-    after_step: Callable[[TrainState], None] | None = None,
-    describe: Callable[[Metrics], str] = describe_topk,
+def finish_run(
+    s: Session, job: str, metrics: Metrics, fields: Metrics, text: str, t_start: float, plot: Path | None = None
 ) -> FitResult:
-    """Trains (the trainer evaluates ``top1``/``top5``), exports the classifier and writes the summary.
+    """Ends a run whose last step was evaluated: the ``"summary"`` record, ``results.json``, the closing line.
 
     Args:
-        trainer: The job's trainer, with an evaluation returning ``top1`` and ``top5``; closed at the end.
-        job: ``"linprobe"`` or ``"finetune"`` (the summary's ``job``).
-        export: Called once with the final metrics; writes the deliverable (e.g. ``classifier.pt``) on the main
-            process and returns more summary fields.
+        s: The job's session.
+        job: The summary's ``job``.
+        metrics: The summary's result fields (e.g. :func:`topk_summary`).
+        fields: More summary fields (the files the job wrote ...).
+        text: The result in the closing line ``done: JOB TEXT; after epoch ...``.
         t_start: When the job started (``time.perf_counter()``).
-        after_step: Called after every optimizer step (e.g. an EMA update).
-        describe: The final result in the closing line (e.g. with the linear probe's winning lr).
-
-    Returns:
-        The result (on every process).
+        plot: A plot to name in the closing line.
     """
-    if trainer.evaluation is None:
-        raise ValueError("train_classifier needs a Trainer with an evaluation (top1/top5)")
-    with trainer:
-        state = trainer.fit(after_step=after_step)
-        final = trainer.eval_history[-1]  # fit() ends with an evaluation of the last step
-        fields = export(final)
-        dist.barrier()  # the exported files exist for every process once this returns
-        wall = time.perf_counter() - t_start
-        history = trainer.eval_history
-        summary: Metrics = {
-            "job": job, "top1": final["top1"], "top5": final["top5"], "max_top1": max(h["top1"] for h in history),
-            "epoch": state.epoch, "step": state.step, "images_seen": state.images_seen, "wall_time": wall, **fields,
-        }  # fmt: skip
-        plot = f"; plot {fields['lr_grid_plot']}" if fields.get("lr_grid_plot") else ""
-        trainer.finish(
-            summary,
-            f"done: {job} {describe(final)}; best epoch top-1 {summary['max_top1']:.2f}; after epoch {state.epoch}, "
-            f"step {state.step}, in {wall:.1f} s; {trainer.run_report.summary()}; results "
-            f"{trainer.run_dir / 'results.json'}{plot}",
-            results=True,
-        )
-    last = trainer.checkpointer.last
-    return FitResult(trainer.run_dir, state, final, list(history), summary, last if last.exists() else None)
+    dist.barrier()  # the files the job wrote exist for every process once this returns
+    state = s.state
+    wall = time.perf_counter() - t_start
+    summary: Metrics = {
+        "job": job, **metrics, "epoch": state.epoch, "step": state.step, "images_seen": state.images_seen,
+        "wall_time": wall, **fields,
+    }  # fmt: skip
+    s.finish(
+        summary,
+        f"done: {job} {text}; after epoch {state.epoch}, step {state.step}, in {wall:.1f} s; "
+        f"{s.run_report.summary()}; results {s.run_dir / 'results.json'}" + (f"; plot {plot}" if plot else ""),
+        results=True,
+    )
+    last = s.checkpointer.last
+    return FitResult(
+        s.run_dir, state, s.eval_history[-1], list(s.eval_history), summary, last if last.exists() else None
+    )

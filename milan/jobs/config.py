@@ -18,18 +18,15 @@ import ast
 import dataclasses
 import inspect
 import io
-import sys
 import textwrap
 import tokenize
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from milan.jobs import commands, config_class_name
+from milan.train import config
 from milan.train.config import (
     ConfigError,
-    FinetuneConfig,
-    KnnConfig,
-    LinprobeConfig,
-    PretrainConfig,
     field_types,
     list_presets,
     load_config,
@@ -39,11 +36,10 @@ from milan.train.config import (
     type_name,
 )
 
+COMMANDS = {"config": "every config key of a job: type, default (or a preset's value), description"}
+# The jobs with a config: each command whose schema NameConfig is in milan.train.config.
 JOBS: dict[str, type] = {
-    "pretrain": PretrainConfig,
-    "linprobe": LinprobeConfig,
-    "finetune": FinetuneConfig,
-    "knn": KnnConfig,
+    name: getattr(config, config_class_name(name)) for name in commands() if hasattr(config, config_class_name(name))
 }
 
 
@@ -172,11 +168,10 @@ def run(args: argparse.Namespace) -> int:
     """Prints a job's keys (or, without a job, the jobs and the installed presets)."""
     job, overrides = (args.words[0], args.words[1:]) if args.words else (None, [])
     if job is not None and job not in JOBS:
-        raise ConfigError(f"milan config: unknown job {job!r}; choose one of {', '.join(JOBS)}")
+        raise ConfigError(f"unknown job {job!r}; choose one of {', '.join(JOBS)}")
     if job is None:
         if args.config:
-            print("milan config: name the job first, e.g. milan config pretrain --config demo_cpu", file=sys.stderr)
-            return 2
+            raise ConfigError("name the job first, e.g. milan config pretrain --config demo_cpu")
         print("jobs: " + ", ".join(JOBS) + "  (milan config JOB prints every key of JOB's config)")
         presets = list_presets()
         print("presets (--config NAME, from any folder): " + (", ".join(presets) if presets else "none installed"))
@@ -193,6 +188,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"milan {job}: every config key (values: {'resolved' if explicit else 'the defaults'}{marked})")
     print("\n".join(format_table(describe(cfg, explicit))))
     return 0
-
-
-__all__ = ["JOBS", "KeyInfo", "describe", "field_docs", "format_table"]

@@ -21,7 +21,6 @@ each process evaluates a shard and the counts are summed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -33,14 +32,15 @@ from typing import Any, Literal
 
 from milan import distributed as dist
 from milan.checkpoint import load_classifier, read_checkpoint, resolve_spec
-from milan.checkpoint.io import CheckpointError
-from milan.data import DataError, SkipReport, build_dataset, describe_found, eval_loader, eval_transform
+from milan.data import SkipReport, build_dataset, describe_found, eval_loader, eval_transform
 from milan.data.datasets import match_classes
+from milan.errors import CheckpointError
 from milan.models.classifier import FinetuneClassifier, LinearProbe
-from milan.train.config import ConfigError
 from milan.train.evaluation import evaluate_heads
-from milan.train.loop import autocast_context, resolve_dtype
+from milan.train.loop import resolve_dtype
 from milan.train.run import process_group
+
+COMMANDS = {"evaluate": "top-1/top-5 of a classifier checkpoint on a validation folder"}
 
 
 def evaluate_checkpoint(
@@ -62,35 +62,20 @@ def evaluate_checkpoint(
     say: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Loads a classifier and measures its top-1 / top-5 accuracy.
+    """Loads a classifier and measures its top-1 / top-5 accuracy on ``data`` (a folder, or an archive).
 
     The view and the class names come from the checkpoint's model spec; files without one (official checkpoints)
-    get the references' evaluation view and the folder's sorted class order, each assumption reported to ``warn``.
-
-    Args:
-        checkpoint: Classifier checkpoint (see the module docstring).
-        data: Validation ImageFolder tree, or a ``.tar.gz`` archive (with ``per_class``).
-        per_class: Archives: images per class (``None``: all).
-        batch_size: Images per batch (per process).
-        num_workers: DataLoader workers (``None``: min(8, available cores)).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        precision: Autocast precision on CUDA (``auto``: bf16).
-        fmt: Checkpoint format (``auto`` detects it).
-        num_heads: Encoder heads when the file does not record them (default: the standard ViT table).
-        crop_pct: Center-crop fraction (default: the checkpoint's, else 0.875).
-        interpolation: Resize resampling (default: the checkpoint's, else bicubic).
-        mean: Normalisation mean (default: the checkpoint's, else ImageNet's).
-        std: Normalisation std (default: the checkpoint's, else ImageNet's).
-        progress: Show a progress bar (on a terminal).
-        say: Receives the start-of-run line (``found N images (M classes) in DATA; B batches``) on the main process.
-        warn: Receives each assumption and data warning (default: :func:`warnings.warn`).
+    get the references' evaluation view and the folder's sorted class order, each assumption reported to ``warn``
+    (default: :func:`warnings.warn`). ``num_heads``, ``crop_pct``, ``interpolation``, ``mean`` and ``std`` set what a
+    file does not record; ``say`` receives the start-of-run line (``found N images (M classes) in DATA; B
+    batches``) on the main process.
 
     Returns:
         ``{"top1", "top5", "count", "kind", "checkpoint", "data", "num_classes", "img_size", "preprocessing",
         "notes", "skipped", "seconds"}``.
     """
     t0 = time.perf_counter()
-    warn_ = warn or (lambda text: warnings.warn(text, stacklevel=3))
+    warn_ = warn or _python_warning
     with process_group(device) as dev:
         ck = read_checkpoint(checkpoint, fmt, num_heads=num_heads)
         if ck.kind not in ("linear_probe", "finetune"):
@@ -116,9 +101,8 @@ def evaluate_checkpoint(
         report = SkipReport()
         loader = eval_loader(dataset, batch_size, num_workers, dev)
         (metrics,) = evaluate_heads(
-            model, loader, dev, ctx=lambda: autocast_context(dev, dtype), report=report,
-            progress=progress and dist.is_main(), desc="evaluate",
-        )  # fmt: skip
+            model, loader, dev, dtype, report=report, progress=progress and dist.is_main(), desc="evaluate"
+        )
         report.all_reduce(dev if dev.type == "cuda" else None)
         report.check(f"--data {data}")  # no usable image, or more than half skipped: DataError
     return {
@@ -129,8 +113,8 @@ def evaluate_checkpoint(
     }  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
+def _python_warning(text: str) -> None:
+    warnings.warn(text, stacklevel=3)  # the caller of evaluate_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -155,44 +139,28 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _warn(note: str) -> None:
+def _print_warning(note: str) -> None:
     print(f"milan evaluate: warning: {note}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan evaluate``; returns the exit status."""
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(process_group(args.device))  # here too, so that only the main process prints below
-        except RuntimeError as e:  # e.g. --device cuda without a GPU
-            print(f"milan evaluate: {e}", file=sys.stderr)
-            return 2
-        main = dist.is_main()
-        try:
-            result = evaluate_checkpoint(
-                args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
-                num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
-                num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
-                mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
-                progress=not args.no_progress, say=print, warn=_warn,
-            )  # fmt: skip
-        except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
-            print(f"milan evaluate: {e}", file=sys.stderr)
-            return 2
-        except DataError as e:
-            print(f"milan evaluate: {e}", file=sys.stderr)
-            return 1
-    if main:
-        print(
-            f"{result['kind'].replace('_', ' ')} {result['checkpoint']}: top-1 {result['top1']:.2f}  "
-            f"top-5 {result['top5']:.2f} on {result['count']} images of {result['data']} "
-            f"({result['img_size']} px, {result['seconds']:.1f} s)"
-            + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
-        )
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    """Runs ``milan evaluate``."""
+    with process_group(args.device):  # here too, so that only the main process prints
+        result = evaluate_checkpoint(
+            args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
+            num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
+            mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
+            progress=not args.no_progress, say=print, warn=_print_warning,
+        )  # fmt: skip
+        if dist.is_main():
+            print(
+                f"{result['kind'].replace('_', ' ')} {result['checkpoint']}: top-1 {result['top1']:.2f}  "
+                f"top-5 {result['top5']:.2f} on {result['count']} images of {result['data']} "
+                f"({result['img_size']} px, {result['seconds']:.1f} s)"
+                + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
+            )
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-__all__ = ["add_arguments", "evaluate_checkpoint", "run"]

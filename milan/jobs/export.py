@@ -18,8 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from milan.checkpoint.formats import FORMATS, read_checkpoint
-from milan.checkpoint.io import CheckpointError
+from milan.checkpoint.export import Exported, describe, export_hf, export_timm, save_canonical
+from milan.checkpoint.formats import FORMATS, read_checkpoint, resolve_spec
+from milan.errors import CheckpointError
+
+COMMANDS = {
+    "export": "export the encoder for timm / Hugging Face",
+    "convert": "convert checkpoints between formats",
+    "inspect": "print a checkpoint's format, architecture and keys",
+}
 
 
 def _read_options(parser: argparse.ArgumentParser) -> None:
@@ -67,77 +74,54 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the command; returns the exit status (1 with a one-line message on a bad checkpoint or output path).
-
-    Values a file does not record and the command had to assume are printed as warnings, one line each, naming
-    the flag that sets them.
-    """
-    from milan.checkpoint.export import Exported, describe, export_hf, export_timm, save_canonical
-    from milan.checkpoint.formats import resolve_spec
-
-    options = {
-        "num_heads": args.num_heads,
-        "decoder_num_heads": args.decoder_num_heads,
-        "teacher_num_heads": args.teacher_num_heads,
-        "act": args.act,
-        "norm_eps": args.norm_eps,
-        "img_size": args.img_size,
-        "model_name": args.model_name,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
+    """Runs the command; what a file does not record and had to be assumed is a warning naming the flag that sets it."""
+    names = ("num_heads", "decoder_num_heads", "teacher_num_heads", "act", "norm_eps", "img_size", "model_name")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     view: dict[str, Any] = {
         "crop_pct": args.crop_pct,
         "interpolation": args.interpolation,
         "mean": tuple(args.mean) if args.mean else None,
         "std": tuple(args.std) if args.std else None,
     }
-
-    def warn(notes: list[str]) -> None:
-        for note in notes:
-            print(f"milan {args.command}: warning: {note}", file=sys.stderr)
-
-    def report(result: Exported) -> None:
-        warn(result.assumed)
-        for path in (result.path, *result.extra_paths):
-            print(f"wrote {path} ({result.kind})")
-        for note in result.notes:
-            print(f"note: {note}")
-        lines = result.snippet().splitlines()
-        for i, line in enumerate(lines):
-            print(f"{'load: ' if i == 0 else '      '}{line}")
-
-    try:
-        if args.command == "inspect":
-            ck = read_checkpoint(args.checkpoint, args.fmt, **options)
-            resolved = resolve_spec(ck, **view) if ck.kind != "teacher" else None
-            print(describe(ck, max_groups=args.groups, resolved=resolved))
-        elif args.command == "export":
-            ck = read_checkpoint(args.checkpoint, args.fmt, **options)
-            _output_folder(Path(args.out) if args.to == "hf" else Path(args.out).parent)
-            if args.to == "hf":
-                result = export_hf(ck, args.out)
-                warn(result.assumed)
-                print(f"wrote {args.out}/ (config.json, model.safetensors, preprocessor_config.json)")
-                print(f"load: transformers.ViTModel.from_pretrained({args.out!r}, add_pooling_layer=False)")
-            else:
-                report(export_timm(ck, args.out, pth=args.pth, head=not args.no_head, **view))
-        else:  # convert
-            ck = read_checkpoint(args.src, args.fmt, **options)
-            _output_folder(Path(args.dst).parent)
-            if ck.kind != "teacher":  # heads assumed now are written down as facts
-                warn([v for k, v in resolve_spec(ck).assumed.items() if k != "preprocessing"])
-            if args.to == "milan":
-                print(f"wrote {save_canonical(ck, args.dst)} ({ck.format} {ck.kind} -> milan)")
-            else:
-                report(export_timm(ck, args.dst, **view))
-    except (CheckpointError, ValueError, TypeError) as e:
-        print(f"milan {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # writing failed: a full or read-only disk, permissions
-        out = getattr(args, "out", None) or getattr(args, "dst", "")
-        print(f"milan {args.command}: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    if args.command == "inspect":
+        ck = read_checkpoint(args.checkpoint, args.fmt, **options)
+        print(describe(ck, max_groups=args.groups, resolved=resolve_spec(ck, **view) if ck.kind != "teacher" else None))
+    elif args.command == "export":
+        ck = read_checkpoint(args.checkpoint, args.fmt, **options)
+        _output_folder(Path(args.out) if args.to == "hf" else Path(args.out).parent)
+        if args.to == "hf":
+            result = export_hf(ck, args.out)
+            _warn(args.command, result.assumed)
+            print(f"wrote {args.out}/ (config.json, model.safetensors, preprocessor_config.json)")
+            print(f"load: transformers.ViTModel.from_pretrained({args.out!r}, add_pooling_layer=False)")
+        else:
+            _report(args.command, export_timm(ck, args.out, pth=args.pth, head=not args.no_head, **view))
+    else:  # convert
+        ck = read_checkpoint(args.src, args.fmt, **options)
+        _output_folder(Path(args.dst).parent)
+        if ck.kind != "teacher":  # heads assumed now are written down as facts
+            _warn(args.command, [v for k, v in resolve_spec(ck).assumed.items() if k != "preprocessing"])
+        if args.to == "milan":
+            print(f"wrote {save_canonical(ck, args.dst)} ({ck.format} {ck.kind} -> milan)")
+        else:
+            _report(args.command, export_timm(ck, args.dst, **view))
     return 0
+
+
+def _warn(command: str, notes: list[str]) -> None:
+    for note in notes:
+        print(f"milan {command}: warning: {note}", file=sys.stderr)
+
+
+def _report(command: str, result: Exported) -> None:
+    """What an export wrote, its notes, and the lines that load it."""
+    _warn(command, result.assumed)
+    for path in (result.path, *result.extra_paths):
+        print(f"wrote {path} ({result.kind})")
+    for note in result.notes:
+        print(f"note: {note}")
+    for i, line in enumerate(result.snippet().splitlines()):
+        print(f"{'load: ' if i == 0 else '      '}{line}")
 
 
 def _output_folder(folder: Path) -> None:

@@ -1,29 +1,51 @@
-"""Command-line plumbing shared by the jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``knn``).
+"""How the config jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``knn``) get their config from the command line.
 
-``--resume`` rebuilds a run from the config stored in its checkpoint (:func:`resume_config`); ``--config`` is then
-optional, and ``KEY=VALUE`` overrides, accepted before or after the options, apply on top and are printed as changes.
+``--config FILE`` and ``KEY=VALUE`` overrides (anywhere on the line, see :func:`milan.cli.main`), or with ``--resume``
+the config stored in the run's checkpoint (:func:`resume_config`): ``--config`` is then optional, and the overrides
+apply on top and are printed as changes. Errors are raised (:class:`~milan.errors.UserError`); the command line prints
+them as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
-import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from milan.checkpoint.io import CheckpointError
-from milan.data import DataError
-from milan.errors import traceback_requested
-from milan.train.checkpointing import Checkpointer, CheckpointWriteError, load_training_checkpoint
-from milan.train.config import ConfigError, load_config, parse_overrides, to_dict, to_yaml, update
-from milan.train.loop import NonFiniteLossError, RunInterrupted
-from milan.train.run import RunFolderError, usable_checkpoint
+from milan.errors import CheckpointError, ConfigError
+from milan.train.checkpointing import Checkpointer, load_training_checkpoint
+from milan.train.config import field_types, from_dict, load_config, to_dict, to_yaml
+from milan.train.run import usable_checkpoint
 
 C = TypeVar("C")
+
+# Keys that configs of older versions hold and this version no longer has, dropped when such a run resumes (a key is
+# dropped only for a job whose schema lacks it: optim.betas stays with fine-tuning's AdamW). restore_order was a
+# test-only switch; the others were accepted and ignored by the jobs that no longer take them (issue 12).
+RETIRED_KEYS = (
+    "model.restore_order",
+    "log.plot",
+    "data.crop_geometry",
+    "data.draft",
+    "optim.betas",
+    "optim.eps",
+    "optim.fused",
+    "optim.wd_exempt_tokens",
+    "runtime.channels_last",
+    "runtime.compile",
+    "runtime.compile_mode",
+    "runtime.compile_teacher",
+    "runtime.grad_checkpointing",
+    "runtime.peak_tflops",
+    "runtime.strategy",
+    "runtime.teacher_dtype",
+)
 
 RESUME_HELP = (
     "continue a run with the config stored in its checkpoint: --config is then optional, and KEY=VALUE overrides "
@@ -42,14 +64,7 @@ def add_run_arguments(
     resume: bool = True,
     overrides_example: str = "encoder.pretrained=runs/demo/checkpoints/last.pt batch_size=64",
 ) -> None:
-    """``--config FILE``, ``KEY=VALUE`` overrides (anywhere on the line), ``--resume`` and ``--print-config``.
-
-    Args:
-        parser: The subcommand's parser.
-        example: A preset named in the ``--config`` help.
-        resume: Add ``--resume auto|RUN_DIR|FILE``.
-        overrides_example: Overrides named in their help.
-    """
+    """``--config FILE``, ``KEY=VALUE`` overrides, ``--resume auto|RUN_DIR|FILE`` (optional) and ``--print-config``."""
     optional = " (optional with --resume: the run's own config is used)" if resume else ""
     parser.add_argument("--config", "-c", metavar="FILE", help=f"YAML preset, e.g. {example}{optional}")
     parser.add_argument(
@@ -58,36 +73,36 @@ def add_run_arguments(
     if resume:
         parser.add_argument("--resume", metavar="auto|RUN_DIR|FILE", help=RESUME_HELP)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _overrides_anywhere(parser)
 
 
-def _overrides_anywhere(parser: argparse.ArgumentParser) -> None:
-    """Lets ``KEY=VALUE`` overrides also follow options (``a=1 --resume auto b=2``).
+def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None]) -> C:
+    """The job's checked config: ``--config`` and overrides, or with ``--resume`` the run's own.
 
-    argparse fills a ``nargs="*"`` positional from one stretch of the line only and calls the rest unrecognised;
-    here those ``KEY=VALUE`` leftovers join ``overrides``, in order.
+    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone, on stdout);
+    ``args.resume`` becomes what the job resumes from (the checkpoint file, or ``"auto"``).
     """
-    parse = parser.parse_known_args
+    if getattr(args, "resume", None):
+        resumed = resume_config(cls, args.resume, args.config, args.overrides)
+        cfg, args.resume = resumed.config, resumed.resume
+        if os.environ.get("RANK", "0") == "0":  # before the process group exists: rank 0 of a torchrun launch
+            for line in resumed.notes:
+                print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)
+    else:
+        cfg = load_config(cls, args.config, args.overrides)
+    check(cfg)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+    return cfg
 
-    def parse_known_args(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
-        ns, extras = parse(args, namespace)
-        late = [e for e in extras if "=" in e and not e.startswith("-")]
-        if late:
-            ns.overrides = [*(ns.overrides or []), *late]
-            extras = [e for e in extras if not ("=" in e and not e.startswith("-"))]
-        return ns, extras
 
-    setattr(parser, "parse_known_args", parse_known_args)  # noqa: B010 - the subparser action calls this instance's
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class Resumed(Generic[C]):
     """What :func:`resume_config` decided.
 
     Attributes:
         config: The run's config (its checkpoint's, with the overrides on top; ``out_dir`` is the run folder).
         resume: What the job gets: the checkpoint file, or ``"auto"`` (a new run in a folder without checkpoints).
-        notes: Lines to print (the checkpoint used, the changed values, skipped files).
+        notes: Lines to print (the checkpoint used, the changed values, skipped files, dropped keys).
     """
 
     config: C
@@ -108,12 +123,9 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
             it is the new run's config.
         overrides: ``KEY=VALUE`` strings applied on top (each change is a note ``key: old -> new``).
 
-    Returns:
-        The config, the resume argument for the job, and notes.
-
     Raises:
         ConfigError: A bad override, or nothing to build the config from.
-        CheckpointError: ``resume`` is a file that is not a training checkpoint.
+        CheckpointError: ``resume`` is a file that is not a training checkpoint (or none).
         RunFolderError: Every checkpoint in the folder is unusable.
         CheckpointWriteError: A checkpoint path is taken (e.g. a folder named ``last.pt``).
     """
@@ -146,15 +158,17 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
             return Resumed(cfg, "auto", notes)
         path, ckpt = found
         notes += [f"--resume: skipping unusable checkpoint {bad} ({why})" for bad, why in skipped]
-    stored = ckpt["config"]
-    if not isinstance(stored, Mapping):
+    if not isinstance(ckpt["config"], Mapping):
         raise CheckpointError(f"{path} holds no config to resume from")
-    base = _config_from(cls, stored, (), path)
-    cfg = dataclasses.replace(_config_from(cls, stored, overrides, path), out_dir=str(run_dir))  # type: ignore[type-var]
+    stored, dropped = _without_retired_keys(cls, ckpt["config"])
+    base = _stored_config(cls, stored, (), path)
+    cfg = dataclasses.replace(_stored_config(cls, stored, overrides, path), out_dir=str(run_dir))  # type: ignore[type-var]
     state = ckpt["state"]
     notes.append(
         f"resuming {run_dir} from {path} (epoch {state['epoch']}, step {state['step']}) with its stored config"
     )
+    if dropped:
+        notes.append(f"the stored config holds keys this version no longer has; dropped: {', '.join(dropped)}")
     changes = _differences(base, cfg)
     if changes:
         notes.append("changed: " + ", ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()))
@@ -169,34 +183,43 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
     return Resumed(cfg, str(path), notes)
 
 
-def _config_from(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[str], path: Path) -> C:
+def _without_retired_keys(cls: type, stored: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A stored config without the :data:`RETIRED_KEYS` that ``cls`` does not have, and the keys dropped."""
+    out, dropped = copy.deepcopy(dict(stored)), []
+    for key in RETIRED_KEYS:
+        *sections, name = key.split(".")
+        node: Any = out
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node and not _has_key(cls, key):
+            del node[name]
+            dropped.append(key)
+    return out, dropped
+
+
+def _has_key(cls: type, key: str) -> bool:
+    node: Any = cls
+    for part in key.split("."):
+        types = field_types(node) if isinstance(node, type) and dataclasses.is_dataclass(node) else {}
+        if part not in types:
+            return False
+        node = types[part]
+    return True
+
+
+def _stored_config(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[str], path: Path) -> C:
     """``cls`` from a checkpoint's plain-data config, with ``overrides`` on top."""
-    stored = dict(stored)
-    if isinstance(stored.get("model"), Mapping):  # model.restore_order: stored by older versions, no longer a key
-        stored["model"] = {k: v for k, v in stored["model"].items() if k != "restore_order"}
-    raw = _merge(stored, parse_overrides(overrides))
     try:
-        factory = getattr(cls, "defaults_from", None)
-        return update(factory(raw) if factory is not None else cls(), raw)
+        return from_dict(cls, stored, overrides)
     except ConfigError as e:
         if overrides:
             raise
         raise ConfigError(f"the config stored in {path}: {e}") from e
 
 
-def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
 
 
@@ -209,90 +232,3 @@ def _differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
-
-
-def _is_main_launch() -> bool:
-    """Whether this is the process that prints (rank 0 of a torchrun launch; before the process group exists)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def run_job(
-    name: str,
-    cls: type[C],
-    check: Callable[[C], None],
-    job: Callable[[C, argparse.Namespace], Any],
-    args: argparse.Namespace,
-) -> int:
-    """Loads and checks the config (``--resume``: the run's own), then runs the job; one-line errors and exit codes.
-
-    A run folder in use or unwritable, or a checkpoint that could not be written (no space left), exits 1; a run
-    stopped by SIGTERM or SIGINT after saving exits 128 + the signal number (143, 130); a finished run resumed
-    exits 0.
-
-    Args:
-        name: The subcommand (message prefix ``milan NAME:``).
-        cls: The config dataclass.
-        check: Its value checks.
-        job: ``(config, args) -> anything``: runs the job (``args.resume`` is then the checkpoint to resume from,
-            or ``"auto"``).
-        args: Parsed arguments (``config``, ``overrides``, ``print_config``, optionally ``resume``).
-
-    Returns:
-        0 on success, 2 for a config/checkpoint/data-source error, 1 for a non-finite loss or unusable data
-        (:class:`~milan.data.DataError`: no usable image, too many skipped).
-    """
-    try:
-        cfg = _job_config(cls, args)
-        check(cfg)
-    except ConfigError as e:
-        if traceback_requested():  # milan --traceback / MILAN_TRACEBACK=1
-            raise
-        print(f"milan {name}: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:  # --resume FILE that is not a training checkpoint
-        print(f"milan {name}: {e}", file=sys.stderr)
-        return 2
-    except (RunFolderError, CheckpointWriteError) as e:
-        print(f"milan {name}: {e}", file=sys.stderr)
-        return 1
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    try:
-        job(cfg, args)
-    except RunInterrupted as e:  # the line saying what was saved is already printed
-        return e.exit_status
-    except KeyboardInterrupt:
-        print(
-            f"milan {name}: interrupted outside the training steps; the checkpoints written are intact", file=sys.stderr
-        )
-        return 128 + signal.SIGINT
-    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
-        if traceback_requested():
-            raise
-        print(f"milan {name}: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, DataError) as e:
-        if traceback_requested():
-            raise
-        print(f"milan {name}: {e}", file=sys.stderr)
-        return 1
-    except (RunFolderError, CheckpointWriteError) as e:  # in use, unwritable, no space left
-        print(f"milan {name}: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _job_config(cls: type[C], args: argparse.Namespace) -> C:
-    """The job's config: ``--config`` and overrides, or with ``--resume`` the run's own (:func:`resume_config`).
-
-    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone on stdout).
-    """
-    if not getattr(args, "resume", None):
-        return load_config(cls, args.config, args.overrides)
-    resumed = resume_config(cls, args.resume, args.config, args.overrides)
-    args.resume = resumed.resume
-    if _is_main_launch():
-        for line in resumed.notes:
-            print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)
-    return resumed.config

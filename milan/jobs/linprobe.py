@@ -19,41 +19,46 @@ Launch on several GPUs with ``torchrun --nproc_per_node N -m milan linprobe ...`
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from milan import distributed as dist
 from milan.checkpoint.io import atomic_save
-from milan.checkpoint.spec import HeadSpec
-from milan.data import SkipReport, describe_found, eval_loader, pretrain_transform, seeded_loader
+from milan.checkpoint.spec import HeadSpec, ModelSpec
+from milan.data import Batch, SkipReport, describe_found, eval_loader, pretrain_transform, seeded_loader
 from milan.jobs.classifier import (
     FitResult,
-    checked_val_report,
     classifier_spec,
-    classifier_step,
     describe_topk,
+    finish_run,
+    input_size,
     labelled_splits,
-    sync_batchnorm_stats,
-    train_classifier,
+    load_pretrained_encoder,
+    topk_summary,
+    validate,
 )
-from milan.jobs.encoder import input_size, load_pretrained_encoder
-from milan.jobs.launch import add_run_arguments, run_job
+from milan.jobs.launch import add_run_arguments, job_config
 from milan.models.lr_grid import LinearProbeGrid, grid_cross_entropy, save_lr_grid_plot
-from milan.train.config import LinprobeConfig, check_linprobe, derive, to_dict
-from milan.train.evaluation import evaluate_heads
+from milan.train.config import LarsConfig, LinprobeConfig, check_linprobe, derive, to_dict
 from milan.train.lars import LARS
-from milan.train.loop import autocast_context, zero_loss
+from milan.train.loop import StepOutput, protect_workers, zero_loss
 from milan.train.optim import param_groups
 from milan.train.run import seed_everything, start_run
-from milan.train.trainer import Evaluation, Metrics, Trainer, protect_workers
+from milan.train.session import Metrics, Session
+
+COMMANDS = {"linprobe": "linear probe of a pretrained encoder (BN + linear head, LARS)"}
 
 
 def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
     """Runs a linear probe.
 
     Args:
-        cfg: The validated config.
+        cfg: The config.
         resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
 
     Returns:
@@ -63,10 +68,10 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
         if run.finished is not None:
             return FitResult.of_finished(run.run_dir, run.finished)
-        device, dtype, run_dir, data = run.device, run.dtype, run.run_dir, cfg.data
+        device, data = run.device, cfg.data
         seed_everything(cfg.seed)  # the same heads on every process
         encoder, encoder_desc = load_pretrained_encoder(cfg.encoder)
-        size = input_size(cfg.data.img_size, encoder)
+        size = input_size(data.img_size, encoder)
         view = pretrain_transform(
             size, scale=data.scale, interpolation=data.interpolation, hflip=data.hflip, draft=data.draft,
             crop=data.crop_geometry,
@@ -74,93 +79,132 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         train_set, val_set, num_classes = labelled_splits(data, view, size, cfg.num_classes)
         model = LinearProbeGrid(encoder, num_classes, cfg.optim.lr_grid).to(device)
         seed_everything(cfg.seed + dist.rank())
-        loader, sampler, batches = seeded_loader(
+        loader, sampler, batches_per_epoch = seeded_loader(
             train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
             key="data.train",
         )  # fmt: skip
-        d = derive(cfg, dist.world_size(), batches)
+        d = derive(cfg, dist.world_size(), batches_per_epoch)
         train_module = dist.wrap_ddp(model, device)
-        o = cfg.optim
-        groups = [{**g, "lr_scale": s} for fc, s in zip(model.fcs, model.lr_scales, strict=True)
-                  for g in param_groups(fc, o.weight_decay)]  # fmt: skip
-        optimizer = LARS(
-            groups, lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-            trust_coefficient=o.trust_coefficient, variant=o.lars_variant,
-        )  # fmt: skip
         val = eval_loader(val_set, cfg.batch_size, data.num_workers, device)
-        report = SkipReport(max_skip_fraction=data.max_skip_fraction)
-        lrs = [d.lr * s for s in model.lr_scales]
-
-        def spec(index: int | None, grid: bool) -> dict[str, Any]:
-            """The model spec: of the grid's head ``index`` (training checkpoints) or of ``classifier.pt``."""
-            lr = lrs[index] if index is not None else None
-            head = HeadSpec("linear_probe", num_classes, list(train_set.classes), "token", lr, index if grid else None)
-            return classifier_spec(encoder, head, data).to_dict()
-
-        def extra_state() -> dict[str, Any]:  # training checkpoints name the best head of the last evaluation
-            last = trainer.eval_history[-1] if trainer.eval_history else None
-            return {"spec": spec(int(last["best_head"]) if last else None, grid=True)}
-
-        def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-            if images.shape[0] < 2:  # BatchNorm cannot train on one image (the rest of the batch was unreadable)
-                return zero_loss(model, device), 0
-            logits = train_module(images)  # (K, B, C)
-            return grid_cross_entropy(logits, labels), int(labels.shape[0])
-
-        def evaluate() -> Metrics:
-            sync_batchnorm_stats(model)  # every process (and the checkpoint) evaluates the same statistics
-            model.eval()
-            val_report = SkipReport(max_skip_fraction=data.max_skip_fraction)
-            heads = evaluate_heads(
-                model, val, device, num_heads=len(model.lr_scales), ctx=lambda: autocast_context(device, dtype),
-                report=val_report,
-            )  # fmt: skip
-            checked_val_report(val_report, device)
-            best = max(range(len(heads)), key=lambda i: heads[i]["top1"])
-            table = [{"lr": lr, **h} for lr, h in zip(lrs, heads, strict=True)]
-            return {"top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": lrs[best],
-                    "best_head": best, "heads": table, "val_skipped": val_report.skipped,
-                    "val_data": val_report.as_dict()}  # fmt: skip
-
-        def export(final: Metrics) -> Metrics:
-            best = int(final["best_head"])
-            path = run_dir / "classifier.pt"
-            if dist.is_main():
-                atomic_save(
-                    {
-                        "model": model.probe_state_dict(best),
-                        "spec": spec(best, grid=False),
-                        "milan": {"num_heads": encoder.num_heads, "kind": "linear_probe"},  # pre-spec readers
-                        "config": to_dict(cfg),
-                        "metrics": {"top1": final["top1"], "top5": final["top5"], "lr": final["best_lr"]},
-                    },
-                    path,
-                )
-            fields: Metrics = {"classifier": str(path), "best_lr": final["best_lr"], "best_head": best}
-            if dist.is_main() and cfg.log.plot:
-                fields["lr_grid_plot"] = str(save_lr_grid_plot(trainer.eval_history, run_dir / "lr_grid.png"))
-            return {**fields, "heads": final["heads"]}
-
         protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
-        trainer = Trainer(
-            cfg, d, run_dir, model=model, train_module=train_module, optimizer=optimizer,
-            step_fn=classifier_step(forward, model, device, report), loader=loader, sampler=sampler, report=report,
-            device=device, dtype=dtype, resume_from=run.resume_from, extra_state=extra_state,
-            evaluation=Evaluation(evaluate, every_epochs=cfg.eval_every, describe=describe_grid),
-        )  # fmt: skip
-        log = trainer.log
-        log.info(run.header("linprobe"))
-        log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
-        log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
-        log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
-        log.info(
-            f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
-            f"lr grid {[f'{d.lr * s:.4g}' for s in model.lr_scales]} ({len(model.lr_scales)} head(s), one pass"
-            + ("; the logged loss is the sum of the heads' losses)" if len(model.lr_scales) > 1 else ")")
-        )
-        if cfg.encoder.pretrained is None:
-            log.warning("the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
-        return train_classifier(trainer, "linprobe", export, run.t_start, describe=describe_grid)
+        report = SkipReport(max_skip_fraction=data.max_skip_fraction)
+        lrs = [d.lr * scale for scale in model.lr_scales]
+        head = HeadSpec("linear_probe", num_classes, list(train_set.classes), "token")
+        spec = classifier_spec(encoder, head, data)
+        with Session(cfg, d, run, model=model, optimizer=_lars(model, cfg.optim, d.lr), sync_module=train_module) as s:
+            s.extra["spec"] = _head_spec(spec, lrs, s.eval_history, grid=True)  # the best head of the last evaluation
+            s.log.info(run.header("linprobe"))
+            s.log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
+            s.log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
+            s.log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
+            s.log.info(_optimizer_line(cfg.optim, lrs))
+            if cfg.encoder.pretrained is None:
+                s.log.warning("the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
+            with s.training():
+                while s.epochs_left():
+                    model.train()
+                    batches = s.epoch_batches(loader, sampler)
+                    while s.steps_left():
+                        if s.train_step(_loss, batches, train_module, model, report) is None:
+                            break  # the loader ran short: end_epoch says so
+                        s.end_step()
+                    if s.end_epoch(report):
+                        if s.eval_due(cfg.eval_every):
+                            _evaluate(s, model, val, lrs, cfg, spec)
+                        s.save_epoch()
+            if not s.evaluated():  # stopped inside an epoch, or resumed after the end without the evaluation
+                _evaluate(s, model, val, lrs, cfg, spec)
+            s.save_last()
+            final = s.eval_history[-1]
+            best = int(final["best_head"])
+            path = run.run_dir / "classifier.pt"
+            fields: Metrics = {"classifier": str(path), "best_lr": final["best_lr"], "best_head": best}
+            if dist.is_main():
+                metrics = {"top1": final["top1"], "top5": final["top5"], "lr": final["best_lr"]}
+                legacy = {"num_heads": encoder.num_heads, "kind": "linear_probe"}  # what pre-spec readers read
+                blob = {"model": model.probe_state_dict(best), "spec": _head_spec(spec, lrs, s.eval_history, False)}
+                atomic_save({**blob, "milan": legacy, "config": to_dict(cfg), "metrics": metrics}, path)
+                if cfg.log.plot:
+                    fields["lr_grid_plot"] = str(save_lr_grid_plot(s.eval_history, run.run_dir / "lr_grid.png"))
+            result = topk_summary(s.eval_history)
+            text = f"{describe_grid(final)}; best epoch top-1 {result['max_top1']:.2f}"
+            plot = fields.get("lr_grid_plot")
+            return finish_run(s, "linprobe", result, {**fields, "heads": final["heads"]}, text, run.t_start, plot)
+
+
+def _loss(
+    batch: tuple[Batch, torch.Tensor], train_module: nn.Module, model: LinearProbeGrid, report: SkipReport
+) -> StepOutput:
+    """The sum of the heads' cross-entropies on one labelled batch (its mask noise is not used)."""
+    data, _ = batch
+    report.update(data)
+    device = next(model.parameters()).device
+    if len(data) < 2:  # BatchNorm cannot train on one image (the rest of the batch was unreadable)
+        return StepOutput(zero_loss(model, device), 0, len(data.skipped))
+    logits = train_module(data.images.to(device, non_blocking=True))  # (K, B, C)
+    loss = grid_cross_entropy(logits, data.labels.to(device, non_blocking=True))
+    return StepOutput(loss, len(data), len(data.skipped))
+
+
+@torch.no_grad()
+def sync_batchnorm_stats(module: nn.Module) -> None:
+    """Averages BatchNorm running statistics over processes (no-op in a single process).
+
+    Each process's BatchNorm sees only its own batches; averaging before evaluation and saving makes every process
+    (and the checkpoint) use the same statistics.
+    """
+    if dist.world_size() == 1:
+        return
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
+            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
+            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
+
+
+def _evaluate(
+    s: Session, model: LinearProbeGrid, val: Iterable[Batch], lrs: list[float], cfg: LinprobeConfig, spec: ModelSpec
+) -> None:
+    """Every head's accuracy on data.val, recorded; the checkpoints' spec names the best head from now on."""
+    t0 = time.perf_counter()
+    sync_batchnorm_stats(model)  # every process (and the checkpoint) evaluates the same statistics
+    model.eval()
+    heads, report = validate(model, val, cfg.data, s.opt.device, s.opt.dtype, num_heads=len(lrs))
+    top1 = [h["top1"] for h in heads]
+    best = top1.index(max(top1))
+    metrics: Metrics = {
+        "top1": heads[best]["top1"], "top5": heads[best]["top5"], "best_lr": lrs[best], "best_head": best,
+        "heads": [{"lr": lr, **h} for lr, h in zip(lrs, heads, strict=True)], "val_skipped": report.skipped,
+        "val_data": report.as_dict(),
+    }  # fmt: skip
+    s.record_eval(metrics, time.perf_counter() - t0, describe_grid(metrics))
+    s.extra["spec"] = _head_spec(spec, lrs, s.eval_history, grid=True)
+
+
+def _head_spec(spec: ModelSpec, lrs: list[float], history: list[Metrics], grid: bool) -> dict[str, Any]:
+    """The spec of the last evaluation's best head: in the grid (training checkpoints) or alone (classifier.pt)."""
+    assert spec.head is not None
+    best = int(history[-1]["best_head"]) if history else None
+    lr = lrs[best] if best is not None else None
+    head = dataclasses.replace(spec.head, lr=lr, grid_index=best if grid else None)
+    return dataclasses.replace(spec, head=head).to_dict()
+
+
+def _lars(model: LinearProbeGrid, o: LarsConfig, lr: float) -> LARS:
+    """LARS over the heads: one group pair per head (decayed / not, by the one weight-decay rule), with its lr scale."""
+    groups = [{**g, "lr_scale": scale} for fc, scale in zip(model.fcs, model.lr_scales, strict=True)
+              for g in param_groups(fc, o.weight_decay)]  # fmt: skip
+    return LARS(
+        groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient,
+        variant=o.lars_variant,
+    )  # fmt: skip
+
+
+def _optimizer_line(o: LarsConfig, lrs: list[float]) -> str:
+    return (
+        f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
+        f"lr grid {[f'{lr:.4g}' for lr in lrs]} ({len(lrs)} head(s), one pass"
+        + ("; the logged loss is the sum of the heads' losses)" if len(lrs) > 1 else ")")
+    )
 
 
 def describe_grid(metrics: Metrics) -> str:
@@ -172,22 +216,14 @@ def describe_grid(metrics: Metrics) -> str:
     return f"{text} at lr {metrics['best_lr']:.4g}" + (f" (winner of {len(heads)} heads)" if len(heads) > 1 else "")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds ``milan linprobe``'s arguments."""
     add_run_arguments(parser, "configs/linprobe/cifar10_tiny_cpu.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan linprobe``; returns the exit status."""
-
-    def job(cfg: LinprobeConfig, a: argparse.Namespace) -> Any:
-        return linprobe(cfg, resume=a.resume)
-
-    return run_job("linprobe", LinprobeConfig, check_linprobe, job, args)
-
-
-__all__ = ["add_arguments", "input_size", "linprobe", "run"]
+    """Runs ``milan linprobe``."""
+    cfg = job_config(args, LinprobeConfig, check_linprobe)
+    if not args.print_config:
+        linprobe(cfg, resume=args.resume)
+    return 0

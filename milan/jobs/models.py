@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from milan.models.factory import (
+    DecoderConfig,
+    EncoderConfig,
     ModelConfig,
+    TeacherConfig,
     build_decoder,
     build_encoder,
     build_teacher,
@@ -22,15 +26,14 @@ from milan.models.factory import (
     model_config,
 )
 
+COMMANDS = {"models": "the model names with their encoder, decoder and teacher parameter counts"}
+
 
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameters of a MILAN model.
 
-    Attributes:
-        encoder: Trainable encoder parameters (what is kept after pretraining).
-        decoder: Trainable decoder parameters (thrown away after pretraining).
-        teacher: Frozen teacher parameters (0 for pixel targets).
+    The trainable encoder (kept after pretraining) and decoder (thrown away), the frozen teacher (0: pixel targets).
     """
 
     encoder: int
@@ -43,63 +46,62 @@ class ParamCounts:
         return self.decoder / max(self.encoder + self.decoder, 1)
 
 
-def _count(module: nn.Module | None, trainable: bool) -> int:
-    if module is None:
-        return 0
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
-
-
-_CACHE: dict[str, tuple[int, int]] = {}  # the counts of one part's 1- and 2-block builds, by its description
-
-
-def _by_depth(key: str, build: Callable[[int], nn.Module | None], depth: int, trainable: bool = True) -> int:
-    """Parameters of a ``depth``-block model from builds with 1 and 2 blocks (blocks are identical in size)."""
-    if key not in _CACHE:
-        _CACHE[key] = (_count(build(1), trainable), _count(build(2), trainable))
-    one, two = _CACHE[key]
-    return one + (depth - 1) * (two - one)
-
-
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     """Exact parameter counts of the model ``cfg`` builds (its teacher as configured, i.e. random-weight shape).
-
-    Args:
-        cfg: The model config.
-
-    Returns:
-        The counts.
 
     Examples:
         >>> c = param_counts(model_config("milan_vit_base_patch16"))
         >>> round(c.encoder / 1e6, 2), round(c.decoder / 1e6, 2), round(c.teacher / 1e6, 2)
         (85.65, 25.88, 86.19)
     """
-    enc_cfg = cfg.encoder
-    grid = (enc_cfg.img_size // enc_cfg.patch_size,) * 2
-    teacher_depth = cfg.teacher.depth
-
-    def teacher(depth: int) -> nn.Module | None:
-        return build_teacher(dataclasses.replace(cfg.teacher, checkpoint=None, depth=depth), grid)
-
-    t_key = f"teacher {dataclasses.replace(cfg.teacher, checkpoint=None, depth=0)} {grid}"
-    teacher_params = 0 if cfg.teacher.kind == "none" else _by_depth(t_key, teacher, teacher_depth, trainable=False)
-    pixel_dim = 3 * enc_cfg.patch_size**2
-    out_dim = pixel_dim if cfg.teacher.kind == "none" else cfg.teacher.out_dim
-
-    dec_key = dataclasses.replace(cfg.decoder, depth=0)
-
-    def encoder(depth: int) -> nn.Module:
-        return build_encoder(dataclasses.replace(enc_cfg, depth=depth))
-
-    def decoder(depth: int) -> nn.Module:
-        dec = dataclasses.replace(cfg.decoder, depth=depth)
-        return build_decoder(dec, grid, enc_cfg.embed_dim, out_dim, enc_cfg.pos_embed_layout)
-
+    grid = (cfg.encoder.img_size // cfg.encoder.patch_size,) * 2
+    enc, dec = dataclasses.replace(cfg.encoder, depth=0), dataclasses.replace(cfg.decoder, depth=0)  # the cache keys
+    teacher = dataclasses.replace(cfg.teacher, checkpoint=None, depth=0)
+    out_dim = 3 * enc.patch_size**2 if teacher.kind == "none" else teacher.out_dim
+    teacher_params = 0
+    if teacher.kind != "none":
+        build = functools.partial(_teacher, teacher, grid)
+        teacher_params = _by_depth(f"teacher {teacher} {grid}", build, cfg.teacher.depth)
+    decoder = functools.partial(_decoder, dec, grid, enc, out_dim)
     return ParamCounts(
-        encoder=_by_depth(f"encoder {dataclasses.replace(enc_cfg, depth=0)}", encoder, enc_cfg.depth),
-        decoder=_by_depth(f"decoder {dec_key} {enc_cfg} {out_dim}", decoder, cfg.decoder.depth),
+        encoder=_by_depth(f"encoder {enc}", functools.partial(_encoder, enc), cfg.encoder.depth),
+        decoder=_by_depth(f"decoder {dec} {enc} {out_dim}", decoder, cfg.decoder.depth),
         teacher=teacher_params,
     )
+
+
+_CACHE: dict[str, tuple[int, int]] = {}  # the counts of one part's 1- and 2-block builds, by its description
+
+
+def _by_depth(key: str, build: Callable[[int], tuple[nn.Module | None, bool]], depth: int) -> int:
+    """Parameters of a ``depth``-block part from builds with 1 and 2 blocks (blocks are identical in size).
+
+    ``build(depth)`` gives the part and whether it is frozen (then every parameter counts, else the trainable ones).
+    """
+    if key not in _CACHE:
+        counts = []
+        for n in (1, 2):
+            module, frozen = build(n)
+            params = module.parameters() if module is not None else ()
+            counts.append(sum(p.numel() for p in params if p.requires_grad or frozen))
+        _CACHE[key] = (counts[0], counts[1])
+    one, two = _CACHE[key]
+    return one + (depth - 1) * (two - one)
+
+
+def _encoder(cfg: EncoderConfig, depth: int) -> tuple[nn.Module, bool]:
+    return build_encoder(dataclasses.replace(cfg, depth=depth)), False
+
+
+def _decoder(
+    cfg: DecoderConfig, grid: tuple[int, int], enc: EncoderConfig, out_dim: int, depth: int
+) -> tuple[nn.Module, bool]:
+    decoder = build_decoder(dataclasses.replace(cfg, depth=depth), grid, enc.embed_dim, out_dim, enc.pos_embed_layout)
+    return decoder, False
+
+
+def _teacher(cfg: TeacherConfig, grid: tuple[int, int], depth: int) -> tuple[nn.Module | None, bool]:
+    return build_teacher(dataclasses.replace(cfg, depth=depth), grid), True
 
 
 def models_table() -> list[str]:
@@ -114,16 +116,8 @@ def models_table() -> list[str]:
             teacher = "none (pixel targets)"
         else:
             teacher = f"{counts.teacher / 1e6:.1f} M ({tea.width}-d x {tea.depth}, /{tea.patch_size})"
-        rows.append(
-            (
-                name,
-                student,
-                f"{counts.encoder / 1e6:.2f} M",
-                f"{counts.decoder / 1e6:.2f} M",
-                f"{100 * counts.decoder_share:.0f} %",
-                teacher,
-            )
-        )
+        share = f"{100 * counts.decoder_share:.0f} %"
+        rows.append((name, student, f"{counts.encoder / 1e6:.2f} M", f"{counts.decoder / 1e6:.2f} M", share, teacher))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
@@ -140,6 +134,3 @@ def run(args: argparse.Namespace) -> int:
         "parameters above); teacher: frozen, the shape of a randomly initialised one (a file brings its own)."
     )
     return 0
-
-
-__all__ = ["ParamCounts", "models_table", "param_counts"]

@@ -8,33 +8,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+from typing import Any
 
+from milan.data.sources import natural_key
+from milan.errors import UserError
 from milan.train.logging import read_metrics
+
+COMMANDS = {"plot": "loss, lr and throughput curves of a run"}
 
 
 def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str | None = None) -> Path | None:
-    """Draws loss, lr and img/s against the optimizer step (and epoch) into a PNG.
-
-    Args:
-        metrics: A ``metrics.jsonl`` file (or the run folder holding it).
-        out: The PNG to write.
-        title: Figure title (default: the run folder's name).
+    """Draws loss, lr and img/s against the optimizer step (and epoch) of a ``metrics.jsonl`` (or its run folder).
 
     Returns:
         ``out``, or ``None`` when the log has no training records yet.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(metrics)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics log at {path}")
+    plt, path = _pyplot(), _log_file(metrics)
     records = [r for r in read_metrics(path) if isinstance(r.get("step"), int)]
     if not records:
         return None
@@ -55,12 +45,7 @@ def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], titl
         top.set_xlabel("epoch")
     if "mfu" in last:
         axes[2].set_ylabel(f"images / s (last MFU {100 * float(last['mfu']):.1f} %)")
-    fig.suptitle(title if title is not None else path.parent.name)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title if title is not None else path.parent.name)
 
 
 def save_eval_plot(
@@ -68,22 +53,10 @@ def save_eval_plot(
 ) -> tuple[Path | None, str]:
     """Draws what an evaluation-only run logged: accuracy per evaluation, or per ``k`` of a k-NN summary.
 
-    Args:
-        metrics: A ``metrics.jsonl`` file (or the run folder holding it).
-        out: The PNG to write.
-        title: Figure title (default: the run folder's name).
-
     Returns:
         ``(out, what was drawn)``, or ``(None, what the log holds)`` when there is nothing to draw.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(metrics)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
+    plt, path = _pyplot(), _log_file(metrics)
     records = read_metrics(path, event=None)
     evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get("top1"), (int, float))]
     by_k = next((r["by_k"] for r in reversed(records) if isinstance(r.get("by_k"), dict) and r["by_k"]), None)
@@ -97,7 +70,7 @@ def save_eval_plot(
         ax.set_xlabel("epoch")
         what = f"accuracy of {len(evals)} evaluation(s) against the epoch"
     elif by_k is not None:
-        ks = sorted(by_k, key=lambda k: int(k) if str(k).isdigit() else str(k))
+        ks = sorted(by_k, key=natural_key)
         pos = range(len(ks))
         for offset, key, colour in ((-0.2, "top1", "tab:blue"), (0.2, "top5", "tab:orange")):
             ys = [float(by_k[k].get(key, 0.0)) for k in ks]
@@ -113,12 +86,34 @@ def save_eval_plot(
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.suptitle(title if title is not None else path.parent.name)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out, what
+    return _save(fig, out, title if title is not None else path.parent.name), what
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _log_file(metrics: str | os.PathLike[str]) -> Path:
+    """A run's ``metrics.jsonl`` (given it or its folder)."""
+    path = Path(metrics)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics log at {path}")
+    return path
+
+
+def _save(fig: Any, out: str | os.PathLike[str], title: str) -> Path:
+    fig.suptitle(title)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -132,16 +127,11 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``milan plot``."""
     source = Path(args.run_dir)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "plot.png"
-    try:
-        written = save_plot(source, out, args.title)
-    except FileNotFoundError as e:
-        print(f"milan plot: {e}", file=sys.stderr)
-        return 2
+    written = save_plot(source, out, args.title)
     if written is None:  # an evaluation-only run (or a run that has not logged a step yet)
         drawn, what = save_eval_plot(source, out, args.title)
         if drawn is None:
-            print(f"milan plot: {what}", file=sys.stderr)
-            return 1
+            raise UserError(what)
         print(f"{source} has no training records (an evaluation-only run); drew the {what} instead: {drawn}")
         return 0
     print(written)

@@ -23,18 +23,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from milan.checkpoint.io import CheckpointError
+from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
+from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from milan.losses import normalize_patches
 from milan.models.milan import MILAN, Masking, patchify
+
+COMMANDS = {"visualize": "teacher attention, mask, prediction/target similarity, PCA views"}
 
 CELL_INCHES = 2.2  # side of one panel
 DPI = 100
@@ -51,35 +55,20 @@ PIXEL_COLUMNS = (*COLUMNS[:4], "predicted pixels", "reconstruction + visible")
 
 @dataclass
 class Views:
-    """Everything one grid shows, for B images (CPU tensors).
+    """Everything one grid shows, for B images of L patches (CPU tensors, patches in spatial order)."""
 
-    Attributes:
-        images: (B, 3, H, W) display images in [0, 1].
-        importance: (B, L) the teacher's CLS attention, ``None`` for pixel targets.
-        mask: (B, L) 1 = masked, 0 = visible, spatial order.
-        cosine: (B, L) cosine similarity of prediction and target per patch.
-        target: (B, L, D) patch targets (teacher features, or per-patch normalised pixels).
-        pred: (B, L, D) patch predictions.
-        grid: Patch grid (rows, columns).
-        patch_size: Patch side in pixels.
-        pixel_targets: Whether the model predicts pixels (no teacher).
-        masking: The masking rule used.
-        mask_ratio: The mask ratio used.
-        loss: The model's loss on this batch with this mask.
-    """
-
-    images: torch.Tensor
-    importance: torch.Tensor | None
-    mask: torch.Tensor
-    cosine: torch.Tensor
-    target: torch.Tensor
-    pred: torch.Tensor
-    grid: tuple[int, int]
+    images: torch.Tensor  # (B, 3, H, W) display images in [0, 1]
+    importance: torch.Tensor | None  # (B, L) the teacher's CLS attention; None for pixel targets
+    mask: torch.Tensor  # (B, L) 1 = masked, 0 = visible
+    cosine: torch.Tensor  # (B, L) cosine similarity of prediction and target
+    target: torch.Tensor  # (B, L, D) teacher features, or per-patch normalised pixels
+    pred: torch.Tensor  # (B, L, D)
+    grid: tuple[int, int]  # patch rows, columns
     patch_size: int
-    pixel_targets: bool
+    pixel_targets: bool  # the model predicts pixels (no teacher)
     masking: str
     mask_ratio: float
-    loss: float
+    loss: float  # the model's loss on this batch with this mask
 
     def mean_cosine(self, index: int, masked: bool) -> float:
         """Mean cosine similarity of image ``index`` over its masked (or visible) patches."""
@@ -94,13 +83,6 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images * std + mean).clamp(0.0, 1.0)
 
 
-def _norm_pix(patches: torch.Tensor) -> torch.Tensor:
-    """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + 1.0e-6) ** 0.5
-
-
 @torch.no_grad()
 def compute_views(
     model: MILAN,
@@ -110,29 +92,21 @@ def compute_views(
     mask_ratio: float | None = None,
     masking: Masking | None = None,
 ) -> Views:
-    """Runs the model once on a batch and collects what the grid shows.
+    """Runs the model once on (B, 3, H, W) ImageNet-normalised images and collects what the grid shows.
 
-    Args:
-        model: A MILAN model (its teacher, if any, gives the targets and the importance).
-        images: (B, 3, H, W) ImageNet-normalised images at the model's resolution, on the model's device.
-        generator: RNG for the mask draw (on the images' device).
-        mask_ratio: Override the model's mask ratio.
-        masking: Override the model's masking rule (``"attention"`` needs a teacher).
-
-    Returns:
-        The views (on the CPU).
+    ``generator`` (on the images' device) draws the mask; ``mask_ratio`` and ``masking`` override the model's.
 
     Raises:
-        ValueError: Attention masking asked of a model without a teacher, or images of the wrong size.
+        ConfigError: Attention masking asked of a model without a teacher, or images of the wrong size.
     """
     encoder = model.encoder
     gh, gw = encoder.grid_size
     size = (gh * encoder.patch_size, gw * encoder.patch_size)
     if images.ndim != 4 or tuple(images.shape[-2:]) != size:
-        raise ValueError(f"images must be (B, 3, {size[0]}, {size[1]}) for this model, got {tuple(images.shape)}")
+        raise ConfigError(f"images must be (B, 3, {size[0]}, {size[1]}) for this model, got {tuple(images.shape)}")
     masking = masking or model.masking
     if masking == "attention" and model.teacher is None:
-        raise ValueError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
+        raise ConfigError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
     saved = (model.mask_ratio, model.masking, model.training)
     model.mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
     model.masking = masking
@@ -147,7 +121,7 @@ def compute_views(
     target = out.target[:, 1:].float()  # (B, L, D)
     pixel_targets = model.teacher is None
     if pixel_targets and model.norm_pix:
-        target = _norm_pix(target)
+        target = normalize_patches(target)
     cosine = F.cosine_similarity(pred, target, dim=-1)  # (B, L)
     importance = out.importance.float().cpu() if out.importance is not None else None
     return Views(
@@ -167,19 +141,11 @@ def compute_views(
 
 
 def pca_rgb(target: torch.Tensor, pred: torch.Tensor, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps (B, L, D) target and predicted features to RGB with one PCA basis fitted on the targets.
+    """Maps (B, L, D) target and predicted features to (B, L, 3) colours in [0, 1] with one PCA basis of the targets.
 
     Each token is L2-normalised first (``normalize``; the MILAN loss compares directions only). The three leading
     principal directions of the targets (all images together) are the colour axes; each axis is scaled so that the
     targets' 1st-99th percentiles span [0, 1], and the same scaling is applied to the predictions.
-
-    Args:
-        target: (B, L, D) targets.
-        pred: (B, L, D) predictions.
-        normalize: L2-normalise each token before the PCA.
-
-    Returns:
-        (B, L, 3) target colours and (B, L, 3) prediction colours in [0, 1].
     """
     if target.shape != pred.shape:
         raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
@@ -211,17 +177,10 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) ->
 
 
 def reconstruction(views: Views, normalized_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-target models: predicted images, and the same with the visible patches pasted back.
+    """Pixel-target models: (B, 3, H, W) predicted images in [0, 1], and the same with the visible patches pasted back.
 
-    The prediction is per-patch normalised; it is mapped back with each target patch's own mean and standard
-    deviation (MAE's visualisation), then to display range.
-
-    Args:
-        views: From :func:`compute_views` of a pixel-target model.
-        normalized_images: (B, 3, H, W) the ImageNet-normalised input images (CPU).
-
-    Returns:
-        (B, 3, H, W) predicted images and pasted images, in [0, 1].
+    The prediction is per-patch normalised; it is mapped back with the mean and standard deviation of each patch of
+    the (ImageNet-normalised) input (MAE's visualisation), then to display range.
     """
     patches = patchify(normalized_images.float(), views.patch_size)  # (B, L, P)
     mean = patches.mean(dim=-1, keepdim=True)
@@ -259,17 +218,9 @@ def render(
     title: str | None = None,
     normalized_images: torch.Tensor | None = None,
 ) -> Path:
-    """Draws the grid (one row per image) into a PNG of :func:`figure_size` pixels.
+    """Draws the grid (one row per image, labelled with ``names``) into a PNG of :func:`figure_size` pixels.
 
-    Args:
-        views: From :func:`compute_views`.
-        out: The PNG to write.
-        names: Row labels (e.g. file names).
-        title: Figure title.
-        normalized_images: The ImageNet-normalised inputs; needed for pixel-target reconstructions.
-
-    Returns:
-        ``out``.
+    ``normalized_images`` (the ImageNet-normalised inputs) are needed for a pixel-target model's reconstruction.
     """
     import matplotlib
 
@@ -343,24 +294,15 @@ def render(
 def load_images(
     sources: Sequence[str], img_size: int, crop_pct: float, limit: int, interpolation: str = "bicubic"
 ) -> tuple[torch.Tensor, list[str]]:
-    """Reads images (files, folders searched recursively, file lists or ``builtin:samples``) with the eval transform.
-
-    Args:
-        sources: Image sources.
-        img_size: The model's resolution.
-        crop_pct: Center-crop fraction of the evaluation transform.
-        limit: At most this many images (the first ones in order).
-        interpolation: Resize resampling.
+    """The first ``limit`` images of files, folders (searched recursively), file lists or ``builtin:samples``.
 
     Returns:
-        (B, 3, img_size, img_size) ImageNet-normalised images and their file names.
+        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their file names.
 
     Raises:
         FileNotFoundError: A source is missing or holds no images.
-        milan.data.ImageDecodeError: An image cannot be decoded (the message names the file).
+        DataError: An image cannot be decoded (the message names the file).
     """
-    from milan.data import ImageDecodeError, eval_transform, open_image, scan_sources
-
     paths = scan_sources(sources).paths[:limit]
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
     tensors = []
@@ -368,7 +310,7 @@ def load_images(
         try:
             tensors.append(pipeline(open_image(path.read_bytes())))
         except ImageDecodeError as e:
-            raise ImageDecodeError(e.reason, f"{path}: {e.detail}") from None
+            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
     names = [p.name for p in paths]
     if len(set(names)) < len(names):  # e.g. class folders of equally named files: show the folder too
         names = [f"{p.parent.name}/{p.name}" for p in paths]
@@ -402,18 +344,16 @@ def visualize(
         teacher: Teacher weights, when the checkpoint neither holds them nor names an existing file (e.g. the file
             moved); built as the checkpoint's spec describes the teacher.
         seed: Seed of the mask draw.
-        mask_ratio: Override the checkpoint's mask ratio.
-        masking: Override the checkpoint's masking rule.
-        crop_pct: Center-crop fraction of the evaluation transform (default: the checkpoint's, else 0.875).
+        mask_ratio: Overrides the checkpoint's.
+        masking: Overrides the checkpoint's.
+        crop_pct: Center-crop fraction of the evaluation view (default: the checkpoint's, else 0.875).
         max_images: At most this many rows.
         device: Where to run the model.
         warn: Receives each assumption (default: :func:`warnings.warn`).
 
-    Returns:
-        ``out``.
-
     Raises:
         CheckpointError: Unreadable checkpoint, or no teacher to be had (the message names ``--teacher``).
+        ConfigError: ``masking="attention"`` for a model without a teacher.
     """
     from milan.checkpoint import load_milan, read_checkpoint, resolve_spec
     from milan.checkpoint.loaders import teacher_file
@@ -422,7 +362,7 @@ def visualize(
     resolved = resolve_spec(ck, crop_pct=crop_pct)
     resolved.adopt(ck)  # reported here, once
     for note in resolved.notes:
-        (warn or (lambda text: warnings.warn(text, stacklevel=3)))(note)
+        (warn or _python_warning)(note)
     spec = resolved.spec
     if ck.kind != "milan" or spec.decoder is None:
         raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a pretraining model (no decoder)")
@@ -430,7 +370,7 @@ def visualize(
     recorded = teacher_file(ck)
     if teacher is None and ck.tower is None and not pixels and not (recorded and os.path.exists(recorded)):
         where = f"; the teacher file it was trained with, {recorded}, is not there" if recorded else ""
-        raise CheckpointError(
+        raise CheckpointNotFoundError(
             f"{checkpoint} holds no teacher weights{where}: pass --teacher FILE (the teacher it was trained with; "
             "its architecture and image size are read from the checkpoint)"
         )
@@ -457,36 +397,29 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask draw (default 0)")
     parser.add_argument("--mask-ratio", type=float, help="override the checkpoint's mask ratio")
-    parser.add_argument("--masking", choices=("attention", "random"), help="override the checkpoint's masking rule")
+    parser.add_argument("--masking", choices=typing.get_args(Masking), help="override the checkpoint's masking rule")
     parser.add_argument("--crop-pct", type=float, help="eval center-crop fraction (default: the checkpoint's, 0.875)")
     parser.add_argument("--max-images", type=int, default=8, help="at most this many rows (default 8)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs ``milan visualize``; returns the exit status."""
-    from milan.data import ImageDecodeError
+def _python_warning(text: str) -> None:
+    warnings.warn(text, stacklevel=3)  # the caller of visualize
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _print_warning(note: str) -> None:
+    print(f"milan visualize: warning: {note}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``milan visualize``."""
     if args.max_images < 1:
-        print("milan visualize: --max-images must be >= 1", file=sys.stderr)
-        return 2
-    kwargs: dict[str, Any] = dict(
-        teacher=args.teacher,
-        seed=args.seed,
-        mask_ratio=args.mask_ratio,
-        masking=args.masking,
-        crop_pct=args.crop_pct,
-        max_images=args.max_images,
-        device=device,
-        warn=lambda note: print(f"milan visualize: warning: {note}", file=sys.stderr),
-    )
-    try:
-        written = visualize(args.checkpoint, args.images, args.out, **kwargs)
-    except (CheckpointError, FileNotFoundError, ImageDecodeError, ValueError) as e:
-        print(f"milan visualize: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    written = visualize(
+        args.checkpoint, args.images, args.out, teacher=args.teacher, seed=args.seed, mask_ratio=args.mask_ratio,
+        masking=args.masking, crop_pct=args.crop_pct, max_images=args.max_images, device=device,
+        warn=_print_warning,
+    )  # fmt: skip
     print(written)
     return 0

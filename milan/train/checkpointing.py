@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
+from milan.errors import UserError
 from milan.train.loop import TrainState
 
 FORMAT = "milan-train"
@@ -46,7 +47,7 @@ _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 _TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic writes leave behind when killed mid-write
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """A checkpoint could not be written (no space left, read-only or unwritable folder); the previous one is intact."""
 
 

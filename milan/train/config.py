@@ -595,7 +595,12 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
             names the dotted key).
     """
     raw = read_yaml(resolve_preset(path, _job_of(cls))) if path is not None else {}
-    return _from_raw(cls, _merge(raw, parse_overrides(overrides)))
+    return from_dict(cls, raw, overrides)
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> T:
+    """``cls`` from plain data (e.g. the config a checkpoint stores), with ``overrides`` on top, validated."""
+    return _from_raw(cls, _merge(dict(raw), parse_overrides(overrides)))
 
 
 def _from_raw(cls: type[T], raw: Mapping[str, Any]) -> T:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 import torch
 from timm.utils.metrics import accuracy
 
 from milan import distributed as dist
 from milan.data import Batch, SkipReport, eval_batches
+from milan.train.loop import autocast_context
 
 
 class TopKAccuracy:
@@ -59,35 +58,26 @@ def evaluate_heads(
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable[Batch],
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     *,
     num_heads: int = 1,
     ks: Sequence[int] = (1, 5),
-    ctx: Callable[[], AbstractContextManager[Any]] = nullcontext,
     report: SkipReport | None = None,
     progress: bool = False,
     desc: str = "eval",
 ) -> list[dict[str, float]]:
     """Runs ``forward`` over the loader and returns each head's top-k accuracy, summed over processes.
 
-    Args:
-        forward: Images (B, 3, H, W) -> logits (B, C), or (K, B, C) for ``K = num_heads`` heads. Put the model
-            in eval mode first.
-        loader: Yields :class:`~milan.data.Batch` objects (every process its own shard, see
-            :func:`milan.data.eval_loader`).
-        device: Where to run.
-        num_heads: Number of heads ``forward`` returns.
-        ks: The ``k`` values.
-        ctx: Autocast context factory.
-        report: Receives unreadable files.
-        progress: Show a progress bar.
-        desc: Its label.
+    ``forward``: images (B, 3, H, W) -> logits (B, C), or (K, B, C) for ``K = num_heads`` heads (put the model in eval
+    mode first), under autocast on CUDA for a reduced ``dtype``; ``loader``: this process's shard of
+    :class:`~milan.data.Batch` objects (:func:`milan.data.eval_loader`); unreadable files go to ``report``.
 
     Returns:
         One ``{"top1": %, "top5": %, "count": n}`` per head (counts over all processes).
     """
     meters = [TopKAccuracy(ks) for _ in range(num_heads)]
     for images, batch in eval_batches(loader, device, report=report, progress=progress, desc=desc):
-        with ctx():
+        with autocast_context(device, dtype):
             logits = forward(images)
         if logits.ndim == 2:
             logits = logits.unsqueeze(0)  # (1, B, C)

@@ -38,11 +38,11 @@ class RunLogger:
         start_step: Step this launch starts from (a resume); later records in ``metrics.jsonl`` are dropped.
         steps_per_epoch: For the fractional epoch.
         every_steps: Record interval.
-        progress: Show a tqdm bar.
+        progress: Show a progress bar (a tqdm bar on a terminal, else a line every 10 s).
         tensorboard: Write TensorBoard scalars.
-        flops_per_image: For MFU (``None``: not reported).
-        peak_flops: Per-device peak FLOP/s for MFU (``None``: not reported).
-        world_size: Devices sharing the throughput, for MFU.
+        flops_per_image: For the MFU of CUDA runs, with ``peak_flops`` (per device) and ``world_size``.
+        peak_flops: See ``flops_per_image``.
+        world_size: See ``flops_per_image``.
         device: Where peak memory is read (CUDA only).
     """
 
@@ -91,8 +91,6 @@ class RunLogger:
         self._print_lines = progress and not self._use_bar
         self._start_step = start_step
         self._printed_at = -1e9
-
-    # -- the StepLogger protocol of milan.train.loop ------------------------------------------------------------
 
     def step(self, state: TrainState, metrics: dict[str, float]) -> None:
         """Records one optimizer step (``loss``, ``lr``, ``images``, ``skipped``, ``step_time``, ``data_time``)."""
@@ -158,8 +156,6 @@ class RunLogger:
         total, n = self._epoch_loss
         self._epoch_loss = (0.0, 0)
         return total / n if n else None
-
-    # -- records and messages ------------------------------------------------------------------------------------
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends a record to ``metrics.jsonl`` and its numbers to TensorBoard (under ``event/name``)."""

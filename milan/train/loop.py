@@ -1,28 +1,40 @@
-"""The training loop shared by pretraining, linear probing and fine-tuning.
+"""One optimizer step, the resumable order of an epoch's batches, precision, and stopping on a signal.
 
-A job supplies a *step function* ``batch -> StepOutput`` (forward pass and loss); :func:`train_one_epoch` does
-the rest: learning rate from the schedule, autocast, gradient accumulation with DDP sync only on the last
-micro-step, the non-finite-loss abort, clipping, the optimizer step, metrics reduced over processes, logging.
+A job writes its own loop over epochs and batches and calls :func:`train_step` for each optimizer step::
+
+    opt = Optimization(optimizer, schedule, device, accum_steps=2, sync_module=ddp_model)
+    batches = epoch_batches(loader, sampler, state, batch_size)   # the rest of this epoch, in its fixed order
+    while state.batch_in_epoch < num_batches:
+        metrics = train_step(loss_fn, batches, state, opt, model)  # loss_fn(batch, model) -> StepOutput
+
+:class:`~milan.train.session.Session` adds the run around it (resume, logs, checkpoints, evaluations).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Concatenate, Literal, NamedTuple, ParamSpec
 
 import torch
 import torch.nn as nn
 
 from milan import distributed as dist
-from milan.data import Batch, SkipReport
+from milan.data.sampling import EpochSampler
+from milan.errors import UserError
 from milan.train.schedule import CosineSchedule
 
+P = ParamSpec("P")
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in the order a stop is named after
 
 
 @dataclass
@@ -43,29 +55,14 @@ class TrainState:
 
 
 class StepOutput(NamedTuple):
-    """What a step function returns for one micro-batch.
-
-    Attributes:
-        loss: Scalar mean loss over the micro-batch (the graph to backpropagate).
-        batch_size: Samples in the micro-batch on this process.
-        skipped: Samples dropped from it (unreadable files).
-    """
+    """What a job's loss function returns for one micro-batch: the mean loss, samples used, samples skipped."""
 
     loss: torch.Tensor
     batch_size: int
     skipped: int = 0
 
 
-StepFn = Callable[[Any], StepOutput]
-
-
-class StepLogger(Protocol):
-    """What the loop reports to (see :class:`milan.train.logging.RunLogger`)."""
-
-    def step(self, state: TrainState, metrics: dict[str, float]) -> None: ...
-
-
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops before the optimizer step, no checkpoint is written.
 
     Args:
@@ -87,18 +84,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequest:
-    """A request to stop after the current optimizer step (made by a signal handler, see the Trainer).
+    """A request to stop after the current optimizer step, set by :func:`stop_on_signals`.
 
-    :func:`train_one_epoch` adds the request to the step's all-reduce of metrics, so every process sees it at the
-    same step (no extra collective): each finishes that optimizer step, marks the request :attr:`agreed` and returns.
+    :func:`train_step` adds it to the step's all-reduce, so every process sees it at the same step (no extra
+    collective) and marks it :attr:`agreed` there.
 
     Attributes:
         signum: The signal that asked this process to stop (0: none).
-        agreed: Set by the loop once the processes stopped together: SIGTERM if any process got one, else SIGINT
-            (0: not stopped); the state is then that of a finished step.
+        agreed: Set once the processes stopped together: SIGTERM if any process got one, else SIGINT (0: not
+            stopped); the state is then that of a finished step.
     """
-
-    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in the order a stop is named after
 
     def __init__(self) -> None:
         self.signum = 0
@@ -108,24 +103,122 @@ class StopRequest:
         """Asks to stop (the first request's signal is kept)."""
         self.signum = self.signum or signum
 
-    @property
-    def requested(self) -> bool:
-        """Whether this process was asked to stop."""
-        return self.signum != 0
+
+@dataclass
+class Optimization:
+    """What an optimizer step needs besides the batches."""
+
+    optimizer: torch.optim.Optimizer  # its groups get the schedule's lr (times their lr_scale) before each step
+    schedule: CosineSchedule
+    device: torch.device  # where the loss is reduced (and autocast runs)
+    dtype: torch.dtype = torch.float32  # compute dtype: autocast on CUDA for bf16/fp16
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max global gradient norm (None: no clipping)
+    scaler: torch.amp.GradScaler | None = None  # fp16
+    sync_module: nn.Module | None = None  # the DDP/FSDP2 module: gradients are reduced on the last micro-step only
+    stop: StopRequest = field(default_factory=StopRequest)  # shared with the signal handlers
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by SIGTERM or SIGINT after its current step, with a resumable checkpoint written.
+def train_step(
+    loss_fn: Callable[Concatenate[Any, P], StepOutput],
+    batches: Iterator[Any],
+    state: TrainState,
+    opt: Optimization,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> dict[str, float] | None:
+    """One optimizer step over the next ``opt.accum_steps`` micro-batches of ``batches``; updates ``state``.
 
-    Attributes:
-        signum: The signal.
-        exit_status: The conventional status of a process ended by that signal (128 + signum: 143, 130).
+    Each micro-batch's loss, ``loss_fn(batch, *args, **kwargs)``, is computed under autocast and backpropagated
+    (gradient sync skipped but on the last one). Then one all-reduce sums the loss, the samples, the skipped
+    samples and the stop requests of all processes; a non-finite loss stops before the update; the gradients are
+    clipped and the optimizer steps with the lr of the schedule.
+
+    Returns:
+        ``{"loss", "lr", "images", "skipped", "data_time"[, "grad_norm"]}`` (over all processes), or ``None`` when
+        ``batches`` ended before the step was complete (a short stream; its gradients are dropped).
+
+    Raises:
+        NonFiniteLossError: The process-averaged loss is NaN or infinite; the weights are not updated.
     """
+    lr = opt.schedule.apply(opt.optimizer, state.step)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=opt.device)
+    n = skipped = 0
+    data_time = 0.0
+    for micro in range(opt.accum_steps):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        data_time += time.perf_counter() - t0
+        if batch is None:
+            opt.optimizer.zero_grad(set_to_none=True)
+            return None
+        last = micro == opt.accum_steps - 1
+        with nullcontext() if last or opt.sync_module is None else _no_grad_sync(opt.sync_module):
+            with autocast_context(opt.device, opt.dtype):
+                out = loss_fn(batch, *args, **kwargs)
+            loss = out.loss / opt.accum_steps
+            torch.autograd.backward(opt.scaler.scale(loss) if opt.scaler is not None else loss)
+        loss_sum += out.loss.detach().double() * out.batch_size
+        n, skipped = n + out.batch_size, skipped + out.skipped
+        state.batch_in_epoch += 1
+    asked = [float(opt.stop.signum == s) for s in STOP_SIGNALS]
+    totals = torch.stack([loss_sum, *map(loss_sum.new_tensor, (n, skipped, *asked))])
+    total_loss, total_n, total_skipped, *total_asked = dist.all_reduce_sum(totals).tolist()  # one sync per step
+    loss_value = total_loss / max(total_n, 1.0)
+    if not math.isfinite(loss_value):
+        opt.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(state.step, loss_value)
+    metrics = {"loss": loss_value, "lr": lr, "images": total_n, "skipped": total_skipped, "data_time": data_time}
+    if opt.clip_grad is not None:
+        if opt.scaler is not None:
+            opt.scaler.unscale_(opt.optimizer)
+        params = [p for group in opt.optimizer.param_groups for p in group["params"]]
+        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(params, opt.clip_grad))
+    if opt.scaler is not None:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    else:
+        opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.images_seen += int(total_n)
+    if any(total_asked):
+        opt.stop.agreed = next(s for s, k in zip(STOP_SIGNALS, total_asked, strict=True) if k > 0)
+    return metrics
 
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_status = 128 + signum
+
+def epoch_batches(
+    loader: Iterable[Any], sampler: EpochSampler | None, state: TrainState, batch_size: int
+) -> Iterator[Any]:
+    """The batches of ``state``'s epoch from ``state.batch_in_epoch`` on: the same order however often it resumes.
+
+    A sampler starts at the resume position; a stream (tar shards, no sampler) is reshuffled for the epoch and
+    skips the batches consumed before.
+    """
+    if sampler is not None:
+        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * batch_size)
+        return iter(loader)
+    set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(state.epoch)
+    it = iter(loader)
+    for _ in range(state.batch_in_epoch):
+        next(it, None)
+    return it
+
+
+def zero_loss(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """A zero loss connected to every trainable parameter of ``module``.
+
+    For a micro-batch whose images were all unreadable: its backward gives zero gradients, so DDP processes stay
+    in step and the accumulated gradients are unchanged.
+    """
+    terms = [p.sum() * 0.0 for p in module.parameters() if p.requires_grad]
+    return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision
 
 
 def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
@@ -148,232 +241,75 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
 
 
 @contextmanager
-def skip_grad_sync(module: nn.Module) -> Iterator[None]:
-    """No gradient reduction in the backward passes inside (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync``)."""
+def _no_grad_sync(module: nn.Module) -> Iterator[None]:
+    """No gradient reduction in the passes inside (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync``)."""
     no_sync: Any = getattr(module, "no_sync", None)
-    set_sync: Any = getattr(module, "set_requires_gradient_sync", None)
     if no_sync is not None:
         with no_sync():
             yield
-    elif set_sync is not None:
-        set_sync(False)
-        try:
-            yield
-        finally:
-            set_sync(True)
-    else:
+        return
+    set_sync: Any = getattr(module, "set_requires_gradient_sync", None)
+    if set_sync is None:
         yield
+        return
+    set_sync(False)
+    try:
+        yield
+    finally:
+        set_sync(True)
 
 
-def zero_loss(module: nn.Module, device: torch.device) -> torch.Tensor:
-    """A zero loss connected to every trainable parameter of ``module``.
+# ----------------------------------------------------------------------------------------------------------------
+# Stopping on SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C)
 
-    For a micro-batch whose images were all unreadable: its backward gives zero gradients, so DDP processes stay
-    in step and the accumulated gradients are unchanged.
+
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` inside the block; a second signal exits the process at once.
+
+    Signals that are ignored (e.g. SIGINT in a background job started by a shell) stay ignored; outside the main
+    thread nothing is installed (Python only delivers signals there). The previous handlers come back afterwards.
     """
-    terms = [p.sum() * 0.0 for p in module.parameters() if p.requires_grad]
-    return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = functools.partial(_on_stop_signal, stop)
+    previous: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        current = signal.getsignal(sig)
+        if current is signal.SIG_IGN:
+            continue
+        previous[sig] = current if current is not None else signal.SIG_DFL
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
-def data_step(
-    forward: Callable[[Batch, torch.Tensor | None], tuple[torch.Tensor, int]],
-    module: nn.Module,
-    device: torch.device,
-    report: SkipReport,
-) -> StepFn:
-    """A step function over the data pipeline's batches, for :func:`train_one_epoch`.
+def _on_stop_signal(stop: StopRequest, signum: int, frame: FrameType | None) -> None:
+    if stop.signum:  # the second one: no more waiting
+        os.write(2, f"\nsecond {signal.Signals(signum).name}: exiting at once without saving\n".encode())
+        os._exit(128 + signum)
+    stop.request(signum)
 
-    A batch is a :class:`~milan.data.Batch`, or a ``(Batch, noise)`` pair from
-    :class:`~milan.data.sampling.SeededSamples`. Its unreadable files go to ``report``; a batch that lost every
-    image gets :func:`zero_loss` (so every process stays in step) without calling ``forward``.
 
-    Args:
-        forward: ``(batch, noise or None) -> (mean loss, samples used)``; moves what it needs to ``device``.
-        module: The trained module (the zero loss is connected to its parameters).
-        device: Where to compute.
-        report: Receives each batch's unreadable files.
+def protect_workers(loader: Any) -> None:
+    """Makes a DataLoader's worker processes ignore SIGTERM and SIGINT (their main process ends them).
 
-    Returns:
-        ``batch -> StepOutput``.
+    A cluster's SIGTERM or a terminal's Ctrl-C reaches every process of the group; a worker that died of it would
+    make the DataLoader raise in the middle of the step that the main process wants to finish and save.
     """
-
-    def step(batch: tuple[Batch, torch.Tensor] | Batch) -> StepOutput:
-        data, noise = batch if isinstance(batch, tuple) else (batch, None)
-        report.update(data)
-        if data.empty:  # every image was unreadable: a zero loss keeps all processes in step
-            return StepOutput(zero_loss(module, device), 0, len(data.skipped))
-        loss, n = forward(data, noise)
-        return StepOutput(loss, n, len(data.skipped))
-
-    return step
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.num_workers == 0:
+        return
+    init = loader.worker_init_fn
+    if not (isinstance(init, functools.partial) and init.func is _ignore_stop_signals):  # not twice
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, init)
 
 
-def train_one_epoch(
-    step_fn: StepFn,
-    loader: Iterable[Any],
-    optimizer: torch.optim.Optimizer,
-    schedule: CosineSchedule,
-    state: TrainState,
-    *,
-    num_batches: int,
-    ctx: AbstractContextManager[Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    accum_steps: int = 1,
-    clip_grad: float | None = None,
-    ddp_module: nn.Module | None = None,
-    logger: StepLogger | None = None,
-    on_step: Callable[[TrainState], None] | None = None,
-    stop_step: int | None = None,
-    stop: StopRequest | None = None,
-) -> TrainState:
-    """Trains until ``state.batch_in_epoch == num_batches`` (or ``state.step == stop_step``, or a stop request).
-
-    Args:
-        step_fn: ``batch -> StepOutput``; runs the forward pass (called inside ``ctx``).
-        loader: Batches of the current epoch, starting at ``state.batch_in_epoch``.
-        optimizer: Its param groups get the schedule's lr (times ``lr_scale``) before each optimizer step.
-        schedule: lr as a function of ``state.step``.
-        state: Updated in place.
-        num_batches: Micro-batches in the whole epoch (a multiple of ``accum_steps``).
-        ctx: Autocast context (``nullcontext()`` on CPU); re-entered every micro-step.
-        scaler: fp16 gradient scaler.
-        accum_steps: Micro-batches per optimizer step.
-        clip_grad: Max global gradient norm (``None``: no clipping).
-        ddp_module: The DDP (or FSDP2) module, so gradients are only reduced on the last micro-step.
-        logger: Receives per-step metrics.
-        on_step: Called after every optimizer step (e.g. step checkpoints).
-        stop_step: Stop early once ``state.step`` reaches it.
-        stop: A stop request shared with signal handlers: when any process has one at the end of a step (it travels
-            in the step's all-reduce), every process completes that step, sets ``stop.agreed`` and returns.
-
-    Returns:
-        ``state``.
-
-    Raises:
-        NonFiniteLossError: The (process-averaged) loss is NaN or infinite; the weights are not updated.
-    """
-    if state.batch_in_epoch >= num_batches:  # resumed at the very end of an epoch
-        return state
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)  # over this optimizer step's micro-batches
-    n = skipped = 0
-    t_last = t_data = time.perf_counter()
-    data_time = 0.0
-    for batch in loader:
-        data_time += time.perf_counter() - t_data
-        lr = schedule.apply(optimizer, state.step)
-        last_micro = state.batch_in_epoch % accum_steps == accum_steps - 1
-        # DDP/FSDP reduce gradients in backward; skip it on all but the last micro-step (gradients accumulate).
-        with nullcontext() if last_micro or ddp_module is None else skip_grad_sync(ddp_module):
-            with ctx if ctx is not None else nullcontext():
-                out = step_fn(batch)
-            loss = out.loss / accum_steps
-            if scaler is not None:
-                loss = scaler.scale(loss)
-            torch.autograd.backward(loss)
-        loss_sum += out.loss.detach().double() * out.batch_size
-        n, skipped = n + out.batch_size, skipped + out.skipped
-        state.batch_in_epoch += 1
-        if last_micro:
-            asked = [float(stop is not None and stop.signum == s) for s in StopRequest.STOP_SIGNALS]
-            totals = torch.stack(
-                [loss_sum, loss_sum.new_tensor(n), loss_sum.new_tensor(skipped), *map(loss_sum.new_tensor, asked)]
-            )
-            total_loss, total_n, total_skipped, *total_asked = dist.all_reduce_sum(totals).tolist()  # one sync per step
-            loss_sum.zero_()
-            n = skipped = 0
-            loss_value = total_loss / max(total_n, 1.0)
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(state.step, loss_value)
-            metrics = {"loss": loss_value, "lr": lr, "images": total_n, "skipped": total_skipped}
-            if clip_grad is not None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(params, clip_grad))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.images_seen += int(total_n)
-            now = time.perf_counter()
-            if logger is not None:
-                logger.step(state, {**metrics, "step_time": now - t_last, "data_time": data_time})
-            t_last, data_time = now, 0.0
-            if on_step is not None:
-                on_step(state)
-            if stop is not None and any(total_asked):
-                stop.agreed = next(s for s, k in zip(StopRequest.STOP_SIGNALS, total_asked, strict=True) if k > 0)
-                break
-            if stop_step is not None and state.step >= stop_step:
-                break
-        if state.batch_in_epoch >= num_batches:
-            break
-        t_data = time.perf_counter()
-    return state
-
-
-def fit_epochs(
-    run_epoch: Callable[[TrainState], TrainState],
-    state: TrainState,
-    *,
-    epochs: int,
-    batches_per_epoch: int,
-    stop_step: int,
-    on_epoch_end: Callable[[TrainState], None] | None = None,
-    stop: StopRequest | None = None,
-) -> TrainState:
-    """Calls ``run_epoch`` from ``state`` until ``epochs`` are done (or ``state.step == stop_step``).
-
-    ``run_epoch(state)`` trains one epoch from ``state.batch_in_epoch`` (usually a closure around
-    :func:`train_one_epoch` that builds the epoch's loader). After each complete epoch, ``state.epoch`` is
-    advanced, ``batch_in_epoch`` reset, and ``on_epoch_end(state)`` runs (reports, evaluation, checkpoints).
-
-    Args:
-        run_epoch: Trains (the rest of) one epoch.
-        state: Where to start; updated in place.
-        epochs: Total epochs of the run.
-        batches_per_epoch: Micro-batches in a complete epoch.
-        stop_step: Stop once this many optimizer steps are done (possibly mid-epoch).
-        on_epoch_end: Called after each complete epoch.
-        stop: Returns at once, after the step it was agreed at, when ``stop.agreed`` (see :func:`train_one_epoch`).
-
-    Returns:
-        ``state``.
-    """
-    while state.epoch < epochs and state.step < stop_step:
-        state = run_epoch(state)
-        if stop is not None and stop.agreed:
-            return state
-        if state.batch_in_epoch >= batches_per_epoch:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if on_epoch_end is not None:
-                on_epoch_end(state)
-        elif state.step < stop_step:
-            raise RuntimeError(
-                f"epoch {state.epoch} ended after {state.batch_in_epoch} of {batches_per_epoch} batches: "
-                "the loader ran out of batches"
-            )
-    return state
-
-
-__all__ = [
-    "NonFiniteLossError",
-    "RunInterrupted",
-    "StepFn",
-    "StepOutput",
-    "StopRequest",
-    "TrainState",
-    "autocast_context",
-    "data_step",
-    "fit_epochs",
-    "grad_scaler",
-    "resolve_dtype",
-    "skip_grad_sync",
-    "train_one_epoch",
-    "zero_loss",
-]
+def _ignore_stop_signals(init: Callable[[int], None] | None, worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if init is not None:
+        init(worker_id)

@@ -30,6 +30,7 @@ import torch
 
 from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError
+from milan.errors import UserError
 from milan.train.checkpointing import Checkpointer, CheckpointWriteError, load_training_checkpoint
 from milan.train.config import RuntimeConfig, ScheduleConfig
 from milan.train.loop import TrainState, resolve_dtype
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - Windows: no run-folder locks
 LOCK_FILE = ".lock"
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The run folder cannot be used: in use by another process, not writable, or holding only unusable checkpoints."""
 
 

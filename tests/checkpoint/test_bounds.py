@@ -26,7 +26,7 @@ from milan.checkpoint import (
 )
 from milan.checkpoint.spec import EncoderArch
 from milan.cli import main
-from milan.jobs.encoder import load_pretrained_encoder
+from milan.jobs.classifier import load_pretrained_encoder
 from milan.models.factory import TeacherConfig
 from milan.train.config import EncoderSource
 from tests.checkpoint.lying import ExpandedBuffer, encoder_state, rewrite_zip

@@ -12,7 +12,7 @@ import milan.data.sampling as sampling_module
 from milan.data import BadSample, Batch, build_dataset, eval_loader, eval_transform, finetune_transform
 from milan.data.transforms import posterize
 from milan.errors import ConfigError
-from milan.jobs.knn_features import FeatureCache, cache_key, dataset_fingerprint, extract_features
+from milan.jobs.knn import FeatureCache, cache_key, dataset_fingerprint, extract_features
 
 
 class _Folder:

@@ -10,7 +10,7 @@ import torch
 
 from milan.checkpoint import load_classifier
 from milan.data import build_dataset, eval_transform
-from milan.jobs.encoder import load_pretrained_encoder
+from milan.jobs.classifier import load_pretrained_encoder
 from milan.jobs.evaluate import evaluate_checkpoint
 from milan.jobs.finetune import finetune
 from milan.jobs.knn import encoder_features, knn
@@ -109,13 +109,15 @@ def test_knn_beats_chance_caches_and_matches_direct_computation(tmp_path, cifar,
     # the same number from features computed here and the plain scoring function
     cfg = load_config(KnnConfig, overrides=job_overrides(tmp_path / "c", tiny_encoder_ckpt, cifar))
     encoder = load_pretrained_encoder(cfg.encoder)[0].eval()
-    fn = encoder_features(encoder, "cls")
 
     def feats(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
         ds = build_dataset(root, eval_transform(32), labelled=True)
         with torch.no_grad():
             xs = torch.cat(
-                [fn(torch.stack([ds[i][0] for i in range(j, min(j + 100, len(ds)))])) for j in range(0, len(ds), 100)]
+                [
+                    encoder_features(encoder, "cls", torch.stack([ds[i][0] for i in range(j, min(j + 100, len(ds)))]))
+                    for j in range(0, len(ds), 100)
+                ]
             )
         return xs.half().float(), torch.tensor([s[1] for s in ds.samples])  # the cache stores float16
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from milan.cli import main
+from milan.errors import RunInterrupted
 from milan.jobs.linprobe import linprobe
 from milan.train.checkpointing import load_training_checkpoint
 from milan.train.config import LinprobeConfig, load_config
-from milan.train.loop import RunInterrupted
 from tests.jobs.conftest import job_overrides
 from tests.train.test_kill_resume import last_step
 from tests.train.test_resume import files_of

@@ -33,7 +33,9 @@ def test_a_folder_without_a_usable_image_stops_without_a_checkpoint(
         (bad / f"x{i}.jpg").write_bytes(b"not an image")
     assert cli(["pretrain", *tiny_overrides(tmp_path / "run", bad, {"batch_size": 2})]) == 1
     err = capsys.readouterr().err.strip()  # one line, the skip report included
-    assert err.startswith("milan pretrain: epoch 1 had no usable image: skipped 6 of 6 images: 6 not an image (first: ")
+    assert err.startswith(
+        "milan pretrain: error: epoch 1 had no usable image: skipped 6 of 6 images: 6 not an image (first: "
+    )
     assert "\n" not in err
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
@@ -123,7 +125,7 @@ def test_the_paper_presets_leave_the_data_to_the_user(capsys: pytest.CaptureFixt
     assert cfg.data.path is None and cfg.data.draft is False and cfg.data.num_workers == 16
     assert cli(["pretrain", "--config", str(preset)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "milan pretrain: config error: data.path is not set: pass data.path=PATH (a folder of images, a .txt list "
+        "milan pretrain: error: data.path is not set: pass data.path=PATH (a folder of images, a .txt list "
         "of image paths, or tar shards)"
     )
     for preset in sorted((REPO / "configs").rglob("*.yaml")):

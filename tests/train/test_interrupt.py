@@ -23,7 +23,7 @@ from milan.cli import main as cli
 from milan.jobs.pretrain import pretrain
 from milan.train.checkpointing import load_training_checkpoint
 from milan.train.logging import read_metrics
-from milan.train.trainer import protect_workers
+from milan.train.loop import protect_workers
 from tests.train.conftest import assert_same_weights, student_state, tiny_config, tiny_overrides
 from tests.train.test_kill_resume import last_step
 
@@ -89,8 +89,7 @@ def test_a_signal_saves_the_step_and_resume_auto_is_exact(
 
 SECOND_SIGNAL = """
 import os, signal, time
-from milan.train.loop import StopRequest
-from milan.train.trainer import stop_on_signals
+from milan.train.loop import StopRequest, stop_on_signals
 
 before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 stop = StopRequest()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from contextlib import nullcontext
 from typing import Any
 
@@ -10,22 +11,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from milan.data import Batch, SkipReport
-from milan.jobs.pretrain import milan_step
+from milan.jobs.pretrain import milan_loss
 from milan.models import create_model
 from milan.train.config import AdamWConfig
-from milan.train.loop import NonFiniteLossError, StepOutput, TrainState, train_one_epoch
+from milan.train.loop import NonFiniteLossError, Optimization, StepOutput, TrainState, train_step
 from milan.train.optim import build_adamw, param_groups
 from milan.train.schedule import CosineSchedule
 
 CPU = torch.device("cpu")
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.records: list[dict[str, float]] = []
-
-    def step(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.records.append({"step": state.step, **metrics})
+def steps(loss_fn: Any, batches: list[Any], opt: Optimization, *args: Any) -> tuple[TrainState, list[dict[str, float]]]:
+    """Optimizer steps over ``batches`` until they run out, as a job's loop does; the metrics of each step."""
+    state, records, it = TrainState(), [], iter(batches)
+    while state.batch_in_epoch < len(batches):
+        metrics = train_step(loss_fn, it, state, opt, *args)
+        assert metrics is not None
+        records.append({"step": state.step, **metrics})
+    return state, records
 
 
 def milan_batches(n: int, batch: int, seed: int = 0) -> list[tuple[Batch, torch.Tensor]]:
@@ -43,12 +46,11 @@ def split(batch: tuple[Batch, torch.Tensor], parts: int) -> list[tuple[Batch, to
     return [(Batch(i, lab), nz) for i, lab, nz in chunks]
 
 
-def run(model: Any, batches: list[Any], optimizer: torch.optim.Optimizer, accum: int = 1, **kw: Any) -> TrainState:
-    step_fn = milan_step(model, model.student, CPU, SkipReport())
-    schedule = CosineSchedule(1e-2, 100, 0)
-    return train_one_epoch(
-        step_fn, batches, optimizer, schedule, TrainState(), num_batches=len(batches), accum_steps=accum, **kw
-    )
+def run(
+    model: Any, batches: list[Any], optimizer: torch.optim.Optimizer, accum: int = 1, **kw: Any
+) -> tuple[TrainState, list[dict[str, float]]]:
+    opt = Optimization(optimizer, CosineSchedule(1e-2, 100, 0), CPU, accum_steps=accum, **kw)
+    return steps(milan_loss, batches, opt, model, model.student, SkipReport())
 
 
 def test_smoke_steps_update_every_trainable_param_and_never_the_teacher() -> None:
@@ -57,11 +59,10 @@ def test_smoke_steps_update_every_trainable_param_and_never_the_teacher() -> Non
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
     opt = build_adamw(param_groups(model.student, 0.05), AdamWConfig(), 1e-2, CPU)
-    log = Recorder()
-    state = run(model, milan_batches(3, 4), opt, logger=log)
+    state, records = run(model, milan_batches(3, 4), opt)
     assert state.step == 3 and state.images_seen == 12 and state.batch_in_epoch == 3
-    assert len(log.records) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log.records)
-    assert [r["images"] for r in log.records] == [4, 4, 4]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert [r["images"] for r in records] == [4, 4, 4]
     for name, p in model.student.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == p.requires_grad, name  # trainable ones move, the frozen position tables do not
@@ -77,10 +78,9 @@ def test_accumulation_equals_the_full_batch() -> None:
         model = create_model("milan_test_tiny")
         opt = torch.optim.SGD(model.student.parameters(), lr=0.5)  # plain SGD: parameters move by lr x gradient
         micro = batches if accum == 1 else [m for b in batches for m in split(b, 2)]
-        log = Recorder()
-        state = run(model, micro, opt, accum=accum, logger=log)
+        state, records = run(model, micro, opt, accum=accum)
         assert state.step == 2
-        results.append((model.student.state_dict(), [r["loss"] for r in log.records]))
+        results.append((model.student.state_dict(), [r["loss"] for r in records]))
     (full, full_loss), (acc, acc_loss) = results
     assert acc_loss == pytest.approx(full_loss, rel=1e-6)
     for k in full:
@@ -89,30 +89,55 @@ def test_accumulation_equals_the_full_batch() -> None:
 
 def test_non_finite_loss_stops_before_the_update() -> None:
     model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = Optimization(torch.optim.SGD(model.parameters(), lr=0.1), CosineSchedule(0.1, 10), CPU)
     x = torch.randn(4, 3)
-    calls = {"n": 0, "on_step": 0}
+    calls = {"n": 0}
 
-    def step_fn(batch: Any) -> StepOutput:
+    def loss_fn(batch: Any) -> StepOutput:
         calls["n"] += 1
         loss = model(x).pow(2).mean()
         return StepOutput(loss * float("nan") if calls["n"] == 3 else loss, 4)
 
-    def on_step(s: TrainState) -> None:
-        calls["on_step"] += 1
-
-    snapshot: dict[str, torch.Tensor] = {}
-    state = TrainState()
+    state, batches = TrainState(), iter(range(5))
+    for _ in range(2):
+        train_step(loss_fn, batches, state, opt)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match="non-finite loss nan at optimizer step 2") as err:
-        train_one_epoch(
-            step_fn, range(5), opt, CosineSchedule(0.1, 10), state, num_batches=5,
-            on_step=lambda s: (on_step(s), snapshot.update({k: v.clone() for k, v in model.state_dict().items()})),
-        )  # fmt: skip
+        train_step(loss_fn, batches, state, opt)
     assert "lower lr" in str(err.value) and "bf16" in str(err.value)
-    assert calls["on_step"] == 2 and state.step == 2  # two good steps, then the stop
+    assert state.step == 2  # two good steps, then the stop
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k])  # the NaN step did not touch the weights
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_stream_that_ends_mid_step_drops_the_partial_accumulation() -> None:
+    model = nn.Linear(2, 1)
+    opt = Optimization(torch.optim.SGD(model.parameters(), lr=0.1), CosineSchedule(0.1, 10), CPU, accum_steps=2)
+    state, before = TrainState(), {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(batch: torch.Tensor) -> StepOutput:
+        return StepOutput(model(batch).sum(), 1)
+
+    assert train_step(loss_fn, iter([torch.ones(1, 2)]), state, opt) is None  # one of the two micro-batches
+    assert state.step == 0 and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_stop_request_is_agreed_at_the_end_of_the_step() -> None:
+    """The request travels in the step's all-reduce: the step completes, then the loop knows to stop."""
+    model = nn.Linear(2, 1)
+    opt = Optimization(torch.optim.SGD(model.parameters(), lr=0.1), CosineSchedule(0.1, 10), CPU)
+
+    def loss_fn(batch: torch.Tensor) -> StepOutput:
+        return StepOutput(model(batch).sum(), 1)
+
+    state = TrainState()
+    assert train_step(loss_fn, iter([torch.ones(1, 2)]), state, opt) is not None and opt.stop.agreed == 0
+    opt.stop.request(signal.SIGINT)
+    opt.stop.request(signal.SIGTERM)  # the first request's signal is kept
+    assert train_step(loss_fn, iter([torch.ones(1, 2)]), state, opt) is not None
+    assert state.step == 2 and opt.stop.agreed == signal.SIGINT
 
 
 def test_a_classifier_step_trains_through_the_same_loop() -> None:
@@ -120,34 +145,28 @@ def test_a_classifier_step_trains_through_the_same_loop() -> None:
     x = torch.randn(64, 8)
     y = (x[:, 0] > 0).long()
     model = nn.Linear(8, 2)
-    opt = build_adamw(param_groups(model, 0.0), AdamWConfig(), 0.1, CPU)
+    optimizer = build_adamw(param_groups(model, 0.0), AdamWConfig(), 0.1, CPU)
 
-    def step_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor], net: nn.Module) -> StepOutput:
         xb, yb = batch
-        return StepOutput(F.cross_entropy(model(xb), yb), len(yb))
+        return StepOutput(F.cross_entropy(net(xb), yb), len(yb))
 
     batches = list(zip(x.split(8), y.split(8), strict=True)) * 4
-    log = Recorder()
-    train_one_epoch(
-        step_fn, batches, opt, CosineSchedule(0.1, 16), TrainState(), num_batches=32, accum_steps=2, logger=log
-    )
-    assert len(log.records) == 16
-    assert log.records[-1]["loss"] < 0.7 * log.records[0]["loss"]
+    _, records = steps(loss_fn, batches, Optimization(optimizer, CosineSchedule(0.1, 16), CPU, accum_steps=2), model)
+    assert len(records) == 16
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
 
 
 def test_clip_grad_reports_the_norm_and_limits_the_update() -> None:
     model = nn.Linear(2, 1, bias=False)
     nn.init.zeros_(model.weight)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = Optimization(torch.optim.SGD(model.parameters(), lr=1.0), CosineSchedule(1.0, 10, 0), CPU, clip_grad=1.0)
 
-    def step_fn(batch: Any) -> StepOutput:
+    def loss_fn(batch: Any) -> StepOutput:
         return StepOutput((model(torch.tensor([[300.0, 400.0]])) - 0).sum() * 1.0, 1)  # gradient (300, 400): norm 500
 
-    log = Recorder()
-    train_one_epoch(
-        step_fn, [0], opt, CosineSchedule(1.0, 10, 0), TrainState(), num_batches=1, clip_grad=1.0, logger=log
-    )
-    assert log.records[0]["grad_norm"] == pytest.approx(500.0)
+    _, records = steps(loss_fn, [0], opt)
+    assert records[0]["grad_norm"] == pytest.approx(500.0)
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[-0.6, -0.8]]))
 
 

@@ -66,20 +66,15 @@ def test_a_second_run_never_overwrites_and_resume_auto_continues(tmp_path: Path,
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_step = pretrain_module.milan_step
+    real_loss = pretrain_module.milan_loss
+    calls = {"n": 0}
 
-    def poisoned(*args: Any, **kwargs: Any) -> Any:
-        step = real_step(*args, **kwargs)
-        calls = {"n": 0}
+    def poisoned(*args: Any, **kwargs: Any) -> StepOutput:
+        calls["n"] += 1
+        out = real_loss(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 4 else out
 
-        def fn(batch: Any) -> StepOutput:
-            calls["n"] += 1
-            out = step(batch)
-            return out._replace(loss=out.loss * float("nan")) if calls["n"] == 4 else out
-
-        return fn
-
-    monkeypatch.setattr(pretrain_module, "milan_step", poisoned)
+    monkeypatch.setattr(pretrain_module, "milan_loss", poisoned)
     run = tmp_path / "run"
     cfg = tiny_config(run, image_dir, {"checkpoint.every_steps": 2, "checkpoint.every_epochs": 0})
     last = run / "checkpoints" / "last.pt"
@@ -96,16 +91,17 @@ def test_non_finite_loss_before_any_checkpoint_does_not_claim_one(
     tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Before: "(the last checkpoint is intact)" although none had been written."""
-    real_step = pretrain_module.milan_step
+    real_loss = pretrain_module.milan_loss
 
-    def poisoned(*args: Any, **kwargs: Any) -> Any:
-        step = real_step(*args, **kwargs)
-        return lambda batch: step(batch)._replace(loss=torch.tensor(float("inf"), requires_grad=True))
+    def poisoned(*args: Any, **kwargs: Any) -> StepOutput:
+        return real_loss(*args, **kwargs)._replace(loss=torch.tensor(float("inf"), requires_grad=True))
 
-    monkeypatch.setattr(pretrain_module, "milan_step", poisoned)
+    monkeypatch.setattr(pretrain_module, "milan_loss", poisoned)
     assert cli(["pretrain", *tiny_overrides(tmp_path / "cli", image_dir)]) == 1  # the CLI exits with status 1
     err = capsys.readouterr().err
-    assert err.startswith("milan pretrain: non-finite loss inf at optimizer step 0; stopping before the weights are ")
+    assert err.startswith(
+        "milan pretrain: error: non-finite loss inf at optimizer step 0; stopping before the weights are "
+    )
     assert "(no checkpoint has been written yet)" in err and "intact" not in err and err.count("\n") == 1
     assert not (tmp_path / "cli" / "checkpoints").exists() or not any((tmp_path / "cli" / "checkpoints").iterdir())
 
@@ -267,14 +263,15 @@ def test_bf16_teacher_on_cpu_and_exact_resume(
     """runtime.teacher_dtype=bf16 on CPU: the teacher computes in bf16 while the student and its AdamW state stay
     fp32; checkpoints keep the random teacher in fp32 (restored, then cast), so a resumed run is bit-identical to an
     uninterrupted one."""
-    models: list[Any] = []
-    real_step = pretrain_module.milan_step
+    models: list[Any] = []  # the model of each run, in order
+    real_loss = pretrain_module.milan_loss
 
-    def spy(model: Any, *args: Any, **kwargs: Any) -> Any:
-        models.append(model)
-        return real_step(model, *args, **kwargs)
+    def spy(batch: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        if not models or models[-1] is not model:
+            models.append(model)
+        return real_loss(batch, model, *args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "milan_step", spy)
+    monkeypatch.setattr(pretrain_module, "milan_loss", spy)
     bf16: dict[str, object] = {"runtime.teacher_dtype": "bf16", "checkpoint.every_epochs": 0}
     run = tmp_path / "run"
     first = pretrain(tiny_config(run, image_dir, {**bf16, "schedule.max_steps": 3}))  # stops mid-epoch

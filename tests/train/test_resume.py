@@ -150,3 +150,43 @@ def test_resume_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "checkpoint not found" in capsys.readouterr().err
     assert cli(["pretrain", "--resume", str(empty), f"out_dir={tmp_path / 'other'}"]) == 2
     assert "name two different run folders" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("job", "dropped"),
+    [
+        ("finetune", ["log.plot", "data.draft", "runtime.strategy", "runtime.teacher_dtype"]),
+        ("linprobe", ["optim.betas", "runtime.compile", "runtime.strategy"]),
+    ],
+)
+def test_keys_an_older_version_stored_are_dropped_on_resume_with_one_note(
+    tmp_path: Path, job: str, dropped: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a linear probe or fine-tuning run started before the config split (each job only the keys it uses)
+    could not resume: "unknown config key 'log.plot'" (and 'optim.betas', 'runtime.strategy' ...)."""
+    from milan.checkpoint import atomic_save
+    from milan.jobs.config import JOBS
+    from milan.train.config import to_dict
+
+    data = ["encoder.model_name=milan_test_tiny", "data.train=t", "data.val=v"]
+    stored = to_dict(load_config(JOBS[job], overrides=[f"out_dir={tmp_path / 'run'}", *data]))
+    old = {"log.plot": True, "data.draft": False, "optim.betas": [0.9, 0.95], "runtime.compile": False,
+           "runtime.strategy": "ddp", "runtime.teacher_dtype": "auto"}  # fmt: skip
+    for key in dropped:
+        section, name = key.split(".")
+        stored[section][name] = old[key]
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    state = {"epoch": 1, "step": 4, "batch_in_epoch": 0, "images_seen": 16}
+    atomic_save({"format": "milan-train", "model": {}, "optimizer": {}, "state": state, "config": stored}, last)
+    assert cli([job, "--resume", str(last), "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if "no longer has" in line]
+    assert notes == [f"the stored config holds keys this version no longer has; dropped: {', '.join(dropped)}"]
+    assert yaml.safe_load(out)["encoder"]["model_name"] == "milan_test_tiny"
+    if job == "finetune":  # a key is dropped only where the job lacks it: fine-tuning's AdamW keeps its betas
+        stored["optim"]["betas"] = [0.9, 0.5]
+        atomic_save({"format": "milan-train", "model": {}, "optimizer": {}, "state": state, "config": stored}, last)
+        assert cli([job, "--resume", str(last), "--print-config"]) == 0
+        out, err = capsys.readouterr()
+        assert yaml.safe_load(out)["optim"]["betas"] == [0.9, 0.5] and "optim.betas" not in err

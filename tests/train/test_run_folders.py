@@ -85,8 +85,10 @@ def test_a_run_folder_in_use_is_not_run_twice(
     before = files_of(run)
     assert cli(["pretrain", "--resume", "auto", f"out_dir={run}", "schedule.epochs=3"]) == 1
     err = capsys.readouterr().err
-    assert err == f"milan pretrain: run folder {run} is in use by process {holder.pid}; wait for it to end, or start " \
-        "a new run without --resume\n"  # fmt: skip
+    assert err == (
+        f"milan pretrain: error: run folder {run} is in use by process {holder.pid}; wait for it to end, or start "
+        "a new run without --resume\n"
+    )
     assert files_of(run) == before
     with pytest.raises(RunFolderError, match="in use by process"):  # the Python API, the same
         pretrain(tiny_config(run, image_dir, {"schedule.epochs": 3}), resume="auto")
@@ -145,8 +147,10 @@ def test_a_folder_named_last_pt_is_reported_before_training(run: Path, capsys: p
     before = files_of(run)
     assert cli(["pretrain", "--resume", "auto", f"out_dir={run}", "schedule.epochs=3"]) == 1
     err = capsys.readouterr().err
-    assert err == f"milan pretrain: {last} is a folder, so checkpoints cannot be written there: move it away or " \
-        "choose another out_dir\n"  # fmt: skip
+    assert err == (
+        f"milan pretrain: error: {last} is a folder, so checkpoints cannot be written there: move it away or "
+        "choose another out_dir\n"
+    )
     assert files_of(run) == before
 
 
@@ -179,7 +183,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
     assert cli(["pretrain", *tiny_overrides(run, image_dir)]) == 1
     err = capsys.readouterr().err
     last = run / "checkpoints" / "last.pt"
-    pattern = rf"milan pretrain: no space left writing {last} \(about \d+\.\d MB needed, \d+\.\d MB free\); "
+    pattern = rf"milan pretrain: error: no space left writing {last} \(about \d+\.\d MB needed, \d+\.\d MB free\); "
     assert re.fullmatch(pattern + rf"the previous checkpoint {last} is intact\n", err)
     assert load_training_checkpoint(last)["state"]["step"] == 4
     assert sorted(p.name for p in last.parent.iterdir()) == ["epoch_0001.pt", "last.pt"]
@@ -218,12 +222,13 @@ def test_a_read_only_output_folder_is_one_line(
     new = read_only / "run"
     assert cli(["pretrain", *tiny_overrides(new, image_dir)]) == 1
     assert capsys.readouterr().err == (
-        f"milan pretrain: cannot create the run folder {new}: Read-only file system; choose another out_dir\n"
+        f"milan pretrain: error: cannot create the run folder {new}: Read-only file system; choose another out_dir\n"
     )
     existing = read_only / "existing"
     assert cli(["pretrain", *tiny_overrides(existing, image_dir)]) == 1
     assert capsys.readouterr().err == (
-        f"milan pretrain: cannot write to the run folder {existing}: Read-only file system; choose another out_dir\n"
+        f"milan pretrain: error: cannot write to the run folder {existing}: Read-only file system; choose another "
+        "out_dir\n"
     )
 
 
