@@ -186,3 +186,59 @@ def unwrap(module: nn.Module) -> nn.Module:
             module = module._orig_mod
         else:
             return module
+
+
+class CrossProcessBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the batch of every process, on any device.
+
+    torch's :class:`torch.nn.SyncBatchNorm` runs only on GPUs; here the sums of x and x^2 over all processes' batches
+    come from one autograd-aware all-reduce, so gradients flow through the statistics as in SyncBN. In one process,
+    or in eval mode, a plain BatchNorm2d.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised with the statistics of all processes' batches."""
+        if not (self.training and world_size() > 1):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = input.shape[1]
+        x = input.float()
+        local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), x.new_full((1,), x.numel() / c)])
+        total: torch.Tensor = all_reduce(local)  # type: ignore[no-untyped-call]  # (2C + 1,) summed over processes
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, for normalising
+        tracked = self.num_batches_tracked
+        if self.running_mean is not None and self.running_var is not None and tracked is not None:
+            with torch.no_grad():
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), m)
+        shape = (1, c, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        out: torch.Tensor = y.to(input.dtype)
+        return out
+
+
+def synchronise_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Makes ``module``'s BatchNorm statistics cover every process's batch, in place (no-op in one process).
+
+    torch's SyncBatchNorm on GPUs, :class:`CrossProcessBatchNorm2d` elsewhere; the state-dict keys stay the same.
+    """
+    if world_size() == 1:
+        return module
+    if device.type == "cuda":
+        converted: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # type: ignore[no-untyped-call]
+        return converted
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = CrossProcessBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync.to(next(child.buffers()).device))
+        else:
+            synchronise_batchnorm(child, device)
+    return module

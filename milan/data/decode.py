@@ -23,10 +23,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SkipReason = Literal[
-    "empty", "not an image", "corrupt", "truncated", "too large", "missing", "unreadable", "damaged shard"
+    "empty", "not an image", "corrupt", "truncated", "too large", "missing", "unreadable", "mismatched", "damaged shard"
 ]
-"""Why a sample was skipped: ``missing``/``unreadable`` come from the file system, ``damaged shard`` marks a tar
-shard that could not be read to its end (it counts shards, not images), the others come from the bytes."""
+"""Why a sample was skipped: ``missing``/``unreadable`` come from the file system, ``mismatched``: an image and its
+label map (segmentation) differ in size, ``damaged shard`` marks a tar shard that could not be read to its end (it
+counts shards, not images), the others come from the bytes."""
 
 SKIP_REASONS: tuple[SkipReason, ...] = (
     "corrupt",
@@ -36,6 +37,7 @@ SKIP_REASONS: tuple[SkipReason, ...] = (
     "too large",
     "missing",
     "unreadable",
+    "mismatched",
 )
 """The reasons an *image* is skipped, in the order reports list them (``damaged shard`` is counted apart)."""
 

@@ -263,14 +263,19 @@ def seeded_loader(
 
 
 def eval_loader(
-    dataset: Dataset[Any], batch_size: int, num_workers: int | None, device: torch.device
+    dataset: Dataset[Any],
+    batch_size: int,
+    num_workers: int | None,
+    device: torch.device,
+    collate: Callable[[list[Any]], Any] = collate_images,
 ) -> DataLoader[Any]:
     """This process's share of an evaluation set (indices ``rank::world_size``, in order, no padding)."""
     shard = range(dist.rank(), len(dataset), dist.world_size())  # type: ignore[arg-type]
     pin = device.type == "cuda"
     return build_loader(
-        dataset, batch_size, sampler=shard, num_workers=num_workers, pin_memory=pin, persistent_workers=False
-    )
+        dataset, batch_size, sampler=shard, num_workers=num_workers, pin_memory=pin, persistent_workers=False,
+        collate_fn=collate,
+    )  # fmt: skip
 
 
 def eval_batches(

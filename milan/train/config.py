@@ -1,14 +1,14 @@
 """Every job's typed configuration, and how it is read: defaults, then a YAML preset, then dotted overrides.
 
-A job's schema (:class:`PretrainConfig`, :class:`LinprobeConfig`, :class:`FinetuneConfig`, :class:`KnnConfig`) is a
-dataclass made of shared sections; the schemas differ only where the jobs differ, so every key a job accepts is used
-by it. Reading validates against the annotations: an unknown key (with the key probably meant), a value of the wrong
-type (``Literal`` choices, ``Optional``, tuples, lists, nested sections) or outside the range its field declares
-(``mask_ratio: Fraction``, see :mod:`milan.ranges`) raises :class:`ConfigError` naming the dotted key. A field's
-description is the comment beside (or right above) it: ``milan config JOB`` prints them (:mod:`milan.jobs.config`),
-so keep one on every field. The resolved config is plain data (:func:`to_dict`), written next to the run and stored
-in every checkpoint, and loads back to the same object. The merge is our own: pydantic, dacite and OmegaConf neither
-suggest the key meant nor report our declared ranges.
+A job's schema (:class:`PretrainConfig`, :class:`LinprobeConfig`, :class:`FinetuneConfig`, :class:`KnnConfig`,
+:class:`SegmentConfig`) is a dataclass made of shared sections; the schemas differ only where the jobs differ, so
+every key a job accepts is used by it. Reading validates against the annotations: an unknown key (with the key
+probably meant), a value of the wrong type (``Literal`` choices, ``Optional``, tuples, lists, nested sections) or
+outside the range its field declares (``mask_ratio: Fraction``, see :mod:`milan.ranges`) raises :class:`ConfigError`
+naming the dotted key. A field's description is the comment beside (or right above) it: ``milan config JOB`` prints
+them (:mod:`milan.jobs.config`), so keep one on every field. The resolved config is plain data (:func:`to_dict`),
+written next to the run and stored in every checkpoint, and loads back to the same object. The merge is our own:
+pydantic, dacite and OmegaConf neither suggest the key meant nor report our declared ranges.
 
 Presets are YAML files ``configs/<job>/<name>.yaml``, package data in ``milan/configs`` (in a clone, a link to the
 repository's ``configs/``): ``--config demo_cpu``, ``pretrain/demo_cpu`` and ``configs/pretrain/demo_cpu.yaml`` name
@@ -40,7 +40,16 @@ from milan.data.sources import shell_sources
 from milan.data.transforms import CropGeometry
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
 from milan.models.factory import ModelConfig, check_model, list_models, model_config
-from milan.ranges import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range, range_of
+from milan.ranges import (
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    Probability,
+    Range,
+    range_of,
+)
 from milan.train.lars import LarsVariant
 
 T = TypeVar("T")
@@ -275,6 +284,76 @@ class EmaConfig:
     warmup: bool = False  # timm's decay warm-up: decay_t = min(decay, (1 + t) / (10 + t))
 
 
+@dataclass
+class SegDataConfig:
+    """Image / label-map pairs (``milan.data.segmentation``) and the training view (mmsegmentation's ADE20K one)."""
+
+    # Folder the four paths below are relative to (absolute paths ignore it). ADE20K: the ADEChallengeData2016 folder.
+    root: str | None = None
+    train_images: str = "images/training"  # training images (searched recursively)
+    train_labels: str = "annotations/training"  # label PNGs matched to the images by relative path and stem
+    val_images: str = "images/validation"  # evaluation images
+    val_labels: str = "annotations/validation"  # their label PNGs
+    train_limit: Positive | None = None  # only the first N training pairs (natural order); None: all
+    val_limit: Positive | None = None  # only the first N evaluation pairs
+    num_classes: Positive = 150  # classes 0 .. num_classes - 1 (after reduce_zero_label)
+    ignore_index: int = 255  # label of pixels without a class (loss and metrics skip them; crops are padded with it)
+    reduce_zero_label: bool = True  # stored 0 -> ignore, v -> v - 1 (ADE20K)
+    class_names: list[str] | None = None  # for results.json and pictures; None: "0", "1", ...
+    # square training crop (a multiple of 2 x the patch size); its grid sizes the position table
+    crop_size: Positive = 512
+    scale: tuple[Positive, Positive] = (2048, 512)  # RandomResize base (long, short) edge bound
+    ratio_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)  # RandomResize: the bound is scaled by a ratio in it
+    # a crop is redrawn (up to 10 times) while one class fills this share of its labelled pixels
+    cat_max_ratio: Annotated[float, Range(0, 1, lo_open=True)] = 0.75
+    hflip: Probability = 0.5  # horizontal flip probability
+    photometric: bool = True  # mmsegmentation's PhotoMetricDistortion
+    num_workers: NonNegative | None = None  # DataLoader workers per process; None = min(8, available CPU cores)
+    max_image_pixels: Positive | None = 178_956_970  # decompression-bomb guard (both files of a pair; 2 x Pillow's)
+    # stop when more than this share of an epoch's (or the evaluation's) pairs was skipped (none usable always stops)
+    max_skip_fraction: Probability = 0.5
+
+
+@dataclass
+class SegModelConfig:
+    """The neck and heads on the encoder."""
+
+    channels: Positive | None = None  # UperNet width; None: the encoder width (768 for ViT-B, the reference)
+    aux_channels: NonNegative = 256  # auxiliary FCN head width; 0: no auxiliary head
+    aux_weight: NonNegativeFloat = 0.4  # weight of the auxiliary head's loss
+    pool_scales: list[Positive] = field(default_factory=lambda: [1, 2, 3, 6])  # PPM output sizes on the coarsest level
+    dropout: Fraction = 0.1  # Dropout2d before both classifiers
+    # LayerScale gamma init added to every block (mmsegmentation's MAE init_values); null: none
+    layer_scale: PositiveFloat | None = 1.0
+
+
+@dataclass
+class SegEvalConfig:
+    """Evaluation during and after training (one image at a time, single scale)."""
+
+    scale: tuple[Positive, Positive] = (2048, 512)  # resize keeping the aspect: long side <= max, short side <= min
+    mode: Literal["slide", "whole"] = "slide"  # overlapping windows, or the whole (padded) image in one pass
+    crop: Positive | None = None  # sliding window side; None: data.crop_size
+    stride: Positive = 341  # step between windows
+    every_steps: NonNegative = 16_000  # evaluate every N optimizer steps (and always at the end); 0: only at the end
+
+
+@dataclass
+class SegmentScheduleConfig(ScheduleConfig):
+    """mmsegmentation's iteration schedule: linear warm-up from ``warmup_ratio x lr``, then poly decay to ``min_lr``.
+
+    ``iters`` (optimizer steps), when set, is the length of the run instead of ``epochs``, and ``warmup_iters``
+    replaces ``warmup_epochs`` (as ``optim.lr`` replaces ``optim.blr``).
+    """
+
+    epochs: Positive = 100  # length in epochs, used only when iters is null
+    warmup_epochs: NonNegativeFloat = 0.0  # warm-up in epochs, used only when warmup_iters is null
+    iters: Positive | None = 160_000  # length in optimizer steps (mmseg's max_iters); null: epochs
+    warmup_iters: NonNegative | None = 1_500  # linear warm-up steps; null: warmup_epochs
+    warmup_ratio: Probability = 1e-6  # the warm-up starts at warmup_ratio x lr (mmengine LinearLR start_factor)
+    power: PositiveFloat = 1.0  # poly decay exponent
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Jobs
 
@@ -384,6 +463,24 @@ class KnnConfig(JobConfig):
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass
+class SegmentConfig(RunConfig):
+    """A segmentation run: UperNet on a pretrained encoder (defaults: the ViT-B/16 ADE20K recipe, 8 processes x 2)."""
+
+    out_dir: str = "runs/segment"
+    batch_size: Positive = 2  # per process; x 8 processes = 16
+    encoder: EncoderSource = field(default_factory=EncoderSource)
+    drop_path_rate: Fraction = 0.1  # stochastic depth of the encoder
+    layer_decay: Annotated[float, Range(0, 1, lo_open=True)] = 0.65  # layer-wise lr decay (milan finetune's exponents)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+    # AdamW; lr is absolute (mmseg's 1e-4 at batch 16), not scaled with the batch
+    optim: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05))
+    schedule: SegmentScheduleConfig = field(default_factory=SegmentScheduleConfig)
+    runtime: TrainRuntimeConfig = field(default_factory=TrainRuntimeConfig)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Derived values
 
@@ -421,6 +518,21 @@ def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
     stop = total if cfg.schedule.max_steps is None else min(total, cfg.schedule.max_steps)
     warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     return Derived(world_size, effective_batch, lr, steps_per_epoch, total, warmup, stop)
+
+
+def derive_segment(cfg: SegmentConfig, world_size: int, batches_per_epoch: int) -> tuple[Derived, int]:
+    """:func:`derive` with the schedule in iterations where ``schedule.iters`` / ``warmup_iters`` are set.
+
+    Returns:
+        ``(derived, epochs)``: the epochs the run spans (the last one partial).
+    """
+    d = derive(cfg, world_size, batches_per_epoch)
+    s = cfg.schedule
+    total = s.iters if s.iters is not None else d.total_steps
+    warmup = s.warmup_iters if s.warmup_iters is not None else d.warmup_steps
+    stop = total if s.max_steps is None else min(total, s.max_steps)
+    d = dataclasses.replace(d, total_steps=total, warmup_steps=min(warmup, total), stop_step=stop)
+    return d, math.ceil(total / d.steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,6 +607,30 @@ def check_knn(cfg: KnnConfig) -> None:
     _check_sources(cfg.data)
 
 
+def check_segment(cfg: SegmentConfig) -> None:
+    """Value checks of a segmentation config."""
+    _check_run(cfg)
+    _check_compile(cfg.runtime)
+    _check_encoder(cfg.encoder)
+    d, m, s = cfg.data, cfg.model, cfg.schedule
+    if 0 <= d.ignore_index < d.num_classes:
+        raise ConfigError(f"data.ignore_index={d.ignore_index} is one of the classes 0..{d.num_classes - 1}")
+    if d.class_names is not None and len(d.class_names) != d.num_classes:
+        raise ConfigError(f"data.class_names has {len(d.class_names)} names for data.num_classes={d.num_classes}")
+    if not d.ratio_range[0] <= d.ratio_range[1]:
+        raise ConfigError(f"data.ratio_range must satisfy min <= max, got {list(d.ratio_range)}")
+    if not m.pool_scales:
+        raise ConfigError("model.pool_scales must hold at least one size")
+    if s.iters is not None and s.warmup_iters is not None and s.warmup_iters > s.iters:
+        raise ConfigError(f"schedule.warmup_iters={s.warmup_iters} is longer than schedule.iters={s.iters}")
+    folders = [getattr(d, f"{split}_{kind}") for split in ("train", "val") for kind in ("images", "labels")]
+    if d.root is None and not all(Path(f).expanduser().is_absolute() for f in folders):
+        raise ConfigError(  # checked last: the presets leave it to the user
+            f"data.root is not set: pass data.root=DIR, the folder that holds {', '.join(folders)} (or give "
+            "absolute paths)"
+        )
+
+
 def validate(cfg: T) -> T:
     """``cfg`` checked as if it were read from a file (types and declared ranges): for configs built in Python."""
     return _from_raw(type(cfg), to_dict(cfg))
@@ -545,6 +681,10 @@ def _check_labelled(data: ClassifyDataConfig, encoder: EncoderSource) -> None:
         value = getattr(data, key)
         if value is not None and value < 1:
             raise ConfigError(f"data.{key} must be >= 1 or null, got {value}")
+    _check_encoder(encoder)
+
+
+def _check_encoder(encoder: EncoderSource) -> None:
     if encoder.pretrained is None and encoder.model_name is None:
         raise ConfigError(
             "encoder.pretrained is not set: pass encoder.pretrained=PATH (a pretraining checkpoint), or "

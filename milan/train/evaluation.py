@@ -1,14 +1,20 @@
-"""Top-k accuracy of one or several classifier heads over a (sharded) evaluation loader, counted exactly."""
+"""Top-k accuracy of classifier heads, and segmentation areas, over a (sharded) evaluation loader, counted exactly."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from timm.utils.metrics import accuracy
 
 from milan import distributed as dist
 from milan.data import Batch, SkipReport, eval_batches
+from milan.data.segmentation import check_labels
+from milan.models.segmentation import SegmentationModel, slide_inference, whole_inference
+from milan.seg_metrics import area_counts
 from milan.train.loop import autocast_context
 
 
@@ -89,3 +95,44 @@ def evaluate_heads(
     for meter, row in zip(meters, counts, strict=True):
         meter.load_counts(row)
     return [{**m.compute(), "count": float(m.count)} for m in meters]
+
+
+@torch.no_grad()
+def segmentation_areas(
+    model: SegmentationModel,
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    mode: Literal["slide", "whole"],
+    crop: int,
+    stride: int,
+    ignore_index: int,
+    ctx: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    report: SkipReport | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Per-class areas (:func:`~milan.seg_metrics.area_counts`) over a loader of single images, summed over processes.
+
+    Each image's logits (sliding window or whole image, at the resized scale) are resized bilinearly to its label
+    map's size and arg-maxed (mmsegmentation's ``postprocess_result``). Put the model in eval mode first.
+
+    Returns:
+        ``((4, K) int64 areas, images evaluated over all processes)``.
+
+    Raises:
+        milan.data.segmentation.LabelError: A label map holds a value that is neither a class nor the ignore index.
+    """
+    k = model.num_classes
+    areas = torch.zeros(4, k, dtype=torch.long)
+    count = 0
+    for images, batch in eval_batches(map(check_labels, loader), device, report=report, progress=progress):
+        with ctx():
+            if mode == "slide":
+                logits = slide_inference(model.predict, images, k, crop=crop, stride=stride)
+            else:
+                logits = whole_inference(model.predict, images)
+        logits = F.interpolate(logits.float(), size=batch.labels.shape[1:], mode="bilinear", align_corners=False)
+        areas += area_counts(logits.argmax(dim=1).cpu(), batch.labels, k, ignore_index)
+        count += len(batch)
+    totals = dist.all_reduce_sum(torch.cat([areas.flatten(), torch.tensor([count])]).to(device)).cpu()
+    return totals[:-1].view(4, k), int(totals[-1])
