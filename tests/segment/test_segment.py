@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from milan.checkpoint.segmenter import load_segmenter, segmentation_spec
+from milan.cli import main
 from milan.jobs.segment import segment
 from milan.train.checkpointing import load_training_checkpoint
 from milan.train.config import SegmentConfig, load_config
 from milan.train.logging import read_metrics
-from tests.segment.conftest import REPO, generic_overrides
+from tests.segment.conftest import REPO, generic_overrides, overrides, write_pairs
 
 ADE_PRESET = REPO / "configs/segment/milan_vit_base_patch16_ade20k_512_160k.yaml"
 CAMVID_PRESET = REPO / "configs/segment/camvid_tiny_cpu.yaml"
@@ -58,3 +61,109 @@ def test_a_tiny_run_writes_its_artifacts_and_prints_miou(
     assert model.num_classes == 4 and not model.training and spec["eval"] == {
         "scale": [96, 64], "mode": "slide", "crop": 64, "stride": 43
     }  # fmt: skip
+
+
+def test_ade20k_preset_runs_two_steps_on_generated_ade20k_data(
+    tmp_path: Path, ade_root: Path, tiny_encoder16: Path
+) -> None:
+    cfg = load_config(SegmentConfig, ADE_PRESET, overrides(tmp_path / "ade", ade_root, tiny_encoder16))
+    d = cfg.data  # the preset's pipeline, untouched by the overrides (only sizes: encoder, heads, steps)
+    assert (d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.reduce_zero_label, d.photometric) == (
+        512, (2048, 512), (0.5, 2.0), 0.75, True, True
+    )  # fmt: skip
+    assert (cfg.eval.mode, cfg.eval.crop, cfg.eval.stride, cfg.layer_decay, cfg.optim.lr) == (
+        "slide",
+        512,
+        341,
+        0.65,
+        1e-4,
+    )
+    assert len(d.class_names or []) == 150
+    result = segment(cfg)
+    run = result.run_dir
+    assert result.state.step == 2 and result.state.images_seen == 4
+    summary = json.loads((run / "results.json").read_text())
+    assert summary["job"] == "segment" and summary["step"] == 2 and summary["eval_images"] == 2
+    assert 0.0 <= summary["mIoU"] <= 100.0 and len(summary["IoU"]) == 150 and "wall" in summary["IoU"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    (ev,) = read_metrics(run / "metrics.jsonl", "eval")
+    assert ev["mIoU"] == summary["mIoU"]
+    log = (run / "log.txt").read_text()
+    assert "2 iterations (schedule.iters)" in log and "150 classes, ignore index 255, reduce_zero_label" in log
+    ckpt = load_training_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["spec"]["kind"] == "segmentation" and ckpt["config"]["data"]["crop_size"] == 512
+    model, spec = load_segmenter(run / "segmenter.pt")
+    assert model.num_classes == 150 and spec["arch"]["blocks"] == [0, 0, 0, 1]
+    assert spec["eval"] == {"scale": [2048, 512], "mode": "slide", "crop": 512, "stride": 341}
+    assert spec["labels"]["class_names"][:2] == ["wall", "building"]
+    # a finished run has nothing left to do, and changes no file
+    before = (run / "results.json").read_text()
+    resumed = segment(cfg, resume="auto")
+    assert resumed.state.step == 2 and resumed.summary["mIoU"] == summary["mIoU"]
+    assert (run / "results.json").read_text() == before
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, folder_root: Path, tiny_encoder8: Path) -> None:
+    extra = {"schedule.iters": 7, "schedule.warmup_iters": 2, "checkpoint.every_steps": 2, "batch_size": 3,
+             "eval.every_steps": 4}  # fmt: skip  # 8 pairs -> 2 batches per epoch: 4 epochs, the last partial
+    full = segment(camvid(tmp_path / "a", folder_root, tiny_encoder8, **extra))
+    first = segment(camvid(tmp_path / "b", folder_root, tiny_encoder8, "schedule.max_steps=3", **extra))
+    assert first.state.step == 3 and first.state.batch_in_epoch == 1  # stopped mid-epoch
+    second = segment(camvid(tmp_path / "b", folder_root, tiny_encoder8, **extra), resume="auto")
+    assert second.state.step == 7
+    a = torch.load(full.run_dir / "segmenter.pt", weights_only=True)["model"]
+    b = torch.load(second.run_dir / "segmenter.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:  # dropout 0.1 and drop path 0.1 are on: their draws are the same too
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert [h["step"] for h in full.history] == [4, 7] and [h["step"] for h in second.history] == [3, 4, 7]
+    assert [h["mIoU"] for h in second.history[1:]] == [
+        h["mIoU"] for h in full.history
+    ]  # step 3: the first launch's end
+    steps = [r["step"] for r in read_metrics(second.run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_bad_label_value_stops_with_one_line_naming_file_and_value(
+    tmp_path: Path, tiny_encoder8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["segment", "--config", str(CAMVID_PRESET), f"out_dir={tmp_path / 'x'}", "runtime.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "data.root is not set: pass data.root=DIR" in err
+    bad = tmp_path / "bad"
+    stems = write_pairs(bad / "train" / "images", bad / "train" / "labels", 4, size=(64, 48), values=4)
+    write_pairs(bad / "test" / "images", bad / "test" / "labels", 1, size=(64, 48), values=4)
+    Image.fromarray(np.full((48, 64), 200, dtype=np.uint8), mode="L").save(bad / "train" / "labels" / f"{stems[2]}.png")
+    code = main(["segment", "--config", str(CAMVID_PRESET),
+                 *generic_overrides(tmp_path / "y", bad, tiny_encoder8, batch_size=4)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{stems[2]}.png: label value 200" in err and "data.num_classes" in err
+
+
+@pytest.mark.ddp
+def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path: Path, folder_root: Path, tiny_encoder8: Path) -> None:
+    """torchrun with 2 processes x 1 image equals 1 process x 2 images: the same samples and crops, BatchNorm
+    statistics over both processes' images, gradients averaged, evaluation shards summed."""
+    import os
+    import subprocess
+    import sys
+
+    same = {"schedule.iters": 3, "schedule.warmup_iters": 1, "model.dropout": 0.0, "drop_path_rate": 0.0}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "milan"]
+    args = ["segment", "--config", str(CAMVID_PRESET),
+            *generic_overrides(tmp_path / "ddp", folder_root, tiny_encoder8, batch_size=1, **same)]  # fmt: skip
+    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "effective 2" in result.stdout
+    assert "BatchNorm statistics are all-reduced" in result.stdout
+    single = segment(camvid(tmp_path / "one", folder_root, tiny_encoder8, batch_size=2, **same))
+    two = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    a = torch.load(tmp_path / "ddp" / "segmenter.pt", weights_only=True)["model"]
+    b = torch.load(single.run_dir / "segmenter.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:  # float summation order differs (all-reduced sums vs one batch)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
+    assert two["eval_images"] == 3 and two["images_seen"] == single.state.images_seen == 6
+    assert two["mIoU"] == pytest.approx(single.final["mIoU"], abs=0.5)
