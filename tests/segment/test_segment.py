@@ -167,3 +167,42 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path: Path, folder_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
     assert two["eval_images"] == 3 and two["images_seen"] == single.state.images_seen == 6
     assert two["mIoU"] == pytest.approx(single.final["mIoU"], abs=0.5)
+
+
+def test_evaluate_and_visualize_read_segmentation_checkpoints(
+    tmp_path: Path, folder_root: Path, tiny_encoder8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = segment(camvid(tmp_path / "r", folder_root, tiny_encoder8)).run_dir
+    final = json.loads((run / "results.json").read_text())
+    out_json = tmp_path / "ev.json"
+    for ckpt in (run / "segmenter.pt", run / "checkpoints" / "last.pt"):
+        args = ["--data", str(folder_root / "test"), "--num-workers", "0", "--device", "cpu", "--no-progress"]
+        assert main(["evaluate", "--checkpoint", str(ckpt), *args, "--out", str(out_json)]) == 0
+        ev = json.loads(out_json.read_text())
+        assert (
+            ev["kind"] == "segmentation" and ev["count"] == 3 and ev["mIoU"] == pytest.approx(final["mIoU"], abs=1e-9)
+        )
+        assert ev["IoU"] == pytest.approx(final["IoU"], abs=1e-9)
+        assert f"segmentation {ckpt}: mIoU {final['mIoU']:.2f}" in capsys.readouterr().out
+    png = tmp_path / "vis.png"
+    images = folder_root / "test" / "images"
+    assert main(["visualize", "--checkpoint", str(run / "segmenter.pt"), str(images), "--out", str(png),
+                 "--max-images", "2", "--device", "cpu"]) == 0  # fmt: skip
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape[0] > 300 and picture.std() > 10  # a drawn grid, not a blank canvas
+    # the legend and the ground-truth column: render the same rows without labels and compare
+    no_labels = tmp_path / "nolabels" / "images"
+    no_labels.mkdir(parents=True)
+    for p in sorted(images.iterdir())[:2]:
+        (no_labels / p.name).write_bytes(p.read_bytes())
+    png2 = tmp_path / "vis2.png"
+    assert main(["visualize", "-c", str(run / "segmenter.pt"), str(no_labels), "-o", str(png2), "--device", "cpu"]) == 0
+    other = np.asarray(Image.open(png2).convert("RGB"))
+    assert other.shape == picture.shape and not np.array_equal(other, picture)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "segmenter.pt"), "--data", str(tmp_path / "nolabels")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "images/ and labels/" in err
+    assert main(["inspect", str(run / "segmenter.pt")]) != 0  # an encoder/classifier reader refuses it in one line
+    err = capsys.readouterr().err
+    assert "milan segment checkpoint" in err and len(err.strip().splitlines()) == 1
