@@ -206,3 +206,21 @@ def test_evaluate_and_visualize_read_segmentation_checkpoints(
     assert main(["inspect", str(run / "segmenter.pt")]) != 0  # an encoder/classifier reader refuses it in one line
     err = capsys.readouterr().err
     assert "milan segment checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_timm_vit_file_is_an_encoder(tmp_path: Path, folder_root: Path) -> None:
+    """A plain timm ViT state dict (safetensors, as `milan export --to timm` writes) starts a segmentation run."""
+    import timm
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=2, num_heads=2)  # fmt: skip
+    path = tmp_path / "timm_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    result = segment(camvid(tmp_path / "t", folder_root, path, **{"schedule.iters": 1}))
+    log = (result.run_dir / "log.txt").read_text()
+    assert "timm format" in log and "ViT 32d x 2 blocks, 2 heads, patch 8" in log
+    assert result.state.step == 1
+    trained = torch.load(result.run_dir / "segmenter.pt", weights_only=True)["model"]
+    for key in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight"):  # step 0's lr is 1e-6 x lr: still the file's
+        torch.testing.assert_close(trained[f"encoder.{key}"], vit.state_dict()[key], atol=1e-6, rtol=0)
