@@ -321,7 +321,8 @@ def test_a_job_is_found_by_its_commands_and_its_schema() -> None:
 
     found = commands()
     assert list(found) == [
-        "finetune", "knn", "linprobe", "pretrain",  # the jobs with a config first
+        "finetune", "knn", "linprobe", "pretrain", "segment",  # the jobs with a config first
         "config", "convert", "evaluate", "export", "inspect", "models", "plot", "visualize",
     ]  # fmt: skip
-    assert found["inspect"][0] == "milan.jobs.export" and list(JOBS) == ["finetune", "knn", "linprobe", "pretrain"]
+    assert found["inspect"][0] == "milan.jobs.export"
+    assert list(JOBS) == ["finetune", "knn", "linprobe", "pretrain", "segment"]

@@ -51,6 +51,7 @@ from benchmarks.proxy.run import cpu_seconds, hardware, log, parallelism, pretra
 from benchmarks.proxy.settings import ARMS, Budget, StudentBudget, TeacherBudget, model_config
 from benchmarks.proxy.teacher import train_teacher
 from milan.jobs.pretrain import pretrain
+from milan.jobs.segment import segment
 from milan.models.factory import build_milan
 from milan.train.config import SegmentConfig, load_config
 
@@ -221,8 +222,6 @@ def run_task(job: Job, arm_name: str, seed: int) -> dict[str, Any]:
         row.update(pretrain_wall_s=summary.wall_time, pretrain_final_loss=summary.final_loss,
                    pretrain_images=summary.state.images_seen, pretrain_steps=summary.state.step)  # fmt: skip
     log(f"fine-tuning {arm_name} seed {seed}")
-    from milan.jobs.segment import segment  # the job module: not on this layout yet (the port's phase 2)
-
     seg_cfg = load_config(SegmentConfig, PRESET, segment_overrides(job, arm_name, seed, encoder))
     result = segment(seg_cfg)
     s = result.summary

@@ -251,6 +251,11 @@ def spec_hints(data: Any) -> dict[str, Any]:
         return data.hints()
     if not isinstance(data, dict):
         raise CheckpointError(f"the stored model spec is malformed (a {type(data).__name__}, not a dict)")
+    if data.get("kind") == "segmentation":  # milan.checkpoint.segmenter's record
+        raise CheckpointError(
+            "a milan segment checkpoint (a segmentation model, not a pretrained encoder or a classifier): "
+            "milan evaluate and milan visualize read it"
+        )
     return ModelSpec.from_dict(data).hints()
 
 

@@ -144,6 +144,26 @@ def find_label(image: Path) -> Path | None:
     return None
 
 
+def eval_folders(data: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The images and labels folders of an evaluation set given as one folder (``milan evaluate --data``).
+
+    Accepted: the ADE20K release folder (``images/validation`` + ``annotations/validation``), or a split folder with
+    ``images/`` + ``labels/`` (CamVid's ``test/``) or ``images/`` + ``annotations/``.
+
+    Raises:
+        ConfigError: None of these layouts.
+    """
+    root = Path(data).expanduser()
+    for images, labels in (("images/validation", "annotations/validation"), ("images", "labels"),
+                           ("images", "annotations")):  # fmt: skip
+        if (root / images).is_dir() and (root / labels).is_dir():
+            return root / images, root / labels
+    raise ConfigError(
+        f"--data {data}: expected ADEChallengeData2016/ (images/validation + annotations/validation) or a folder with "
+        "images/ and labels/ (or annotations/) subfolders"
+    )
+
+
 def read_label(data: bytes, path: str, max_pixels: int | None) -> np.ndarray:
     """Decodes a single-channel label PNG into an (H, W) array of its stored values.
 
@@ -399,6 +419,7 @@ __all__ = [
     "TrainTransform",
     "check_labels",
     "collate_segmentation",
+    "eval_folders",
     "find_label",
     "find_pairs",
     "normalize",

@@ -1,4 +1,4 @@
-"""``milan evaluate``: top-1 / top-5 of a classifier checkpoint on a labelled validation folder.
+"""``milan evaluate``: top-1 / top-5 of a classifier (mIoU of a segmentation model) on a labelled validation folder.
 
 Reads any classifier :func:`milan.checkpoint.load_classifier` understands, converting on the fly:
 
@@ -16,6 +16,10 @@ the references' evaluation view, Resize(``img_size / 0.875``, bicubic) + CenterC
 normalisation (MMSelfSup's linear probe resized bilinearly: ``--interpolation bilinear``), and the folder's sorted
 class order (the standard ImageNet ``val/<wnid>/`` layout), with a warning for each assumption. Under ``torchrun``
 each process evaluates a shard and the counts are summed.
+
+A ``milan segment`` checkpoint (``RUN/segmenter.pt`` or one of its training checkpoints) is evaluated with the
+protocol its spec stores (resize, sliding window or whole image) on image / label-map pairs
+(:func:`evaluate_segmenter`): mIoU, mAcc, aAcc and the IoU of every class.
 """
 
 from __future__ import annotations
@@ -32,15 +36,25 @@ from typing import Any, Literal
 
 from milan import distributed as dist
 from milan.checkpoint import load_classifier, read_checkpoint, resolve_spec
+from milan.checkpoint.segmenter import load_segmenter, segmentation_spec
 from milan.data import SkipReport, build_dataset, describe_found, eval_loader, eval_transform
 from milan.data.datasets import match_classes
+from milan.data.segmentation import (
+    EvalTransform,
+    LabelSpec,
+    SegmentationDataset,
+    collate_segmentation,
+    eval_folders,
+    find_pairs,
+)
 from milan.errors import CheckpointError
 from milan.models.classifier import FinetuneClassifier, LinearProbe
-from milan.train.evaluation import evaluate_heads
-from milan.train.loop import resolve_dtype
+from milan.seg_metrics import segmentation_scores
+from milan.train.evaluation import evaluate_heads, segmentation_areas
+from milan.train.loop import autocast_context, resolve_dtype
 from milan.train.run import process_group
 
-COMMANDS = {"evaluate": "top-1/top-5 of a classifier checkpoint on a validation folder"}
+COMMANDS = {"evaluate": "top-1/top-5 of a classifier (mIoU of a segmentation) checkpoint on a validation folder"}
 
 
 def evaluate_checkpoint(
@@ -113,6 +127,58 @@ def evaluate_checkpoint(
     }  # fmt: skip
 
 
+def evaluate_segmenter(
+    checkpoint: str,
+    data: str,
+    *,
+    num_workers: int | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The mIoU / mAcc / aAcc of a ``milan segment`` checkpoint with the protocol and labels its spec stores.
+
+    Args:
+        checkpoint: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run.
+        data: The ADE20K release folder, or a folder with ``images/`` and ``labels/`` (:func:`eval_folders`).
+        num_workers: DataLoader workers (``None``: min(8, CPU cores)).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: Autocast precision on CUDA.
+        progress: A progress bar (on a terminal).
+
+    Returns:
+        ``{"mIoU", "mAcc", "aAcc", "IoU", "Acc", "count", "kind", "checkpoint", "data", "num_classes", "skipped",
+        "seconds"}``.
+
+    Raises:
+        milan.data.segmentation.LabelError: A label value that is neither a class nor the ignore index.
+        DataError: No usable pair, or more than half of them skipped.
+    """
+    t0 = time.perf_counter()
+    with process_group(device) as dev:
+        model, spec = load_segmenter(checkpoint)
+        model.to(dev)
+        lab, ev = spec["labels"], spec["eval"]
+        labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
+        dataset = SegmentationDataset(find_pairs(*eval_folders(data)), EvalTransform(tuple(ev["scale"])), labels)
+        loader = eval_loader(dataset, 1, num_workers, dev, collate=collate_segmentation)
+        dtype = resolve_dtype(precision, dev)
+        report = SkipReport()
+        areas, n = segmentation_areas(
+            model, loader, dev, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
+            ignore_index=labels.ignore_index, ctx=lambda: autocast_context(dev, dtype), report=report,
+            progress=progress and dist.is_main(),
+        )  # fmt: skip
+        report.all_reduce(dev if dev.type == "cuda" else None)
+        report.check(f"--data {data}")
+    scores = segmentation_scores(areas, lab["class_names"])
+    return {
+        **{k: scores[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}, "count": n, "kind": "segmentation",
+        "checkpoint": str(checkpoint), "data": str(data), "num_classes": labels.num_classes,
+        "skipped": report.skipped, "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
 def _python_warning(text: str) -> None:
     warnings.warn(text, stacklevel=3)  # the caller of evaluate_checkpoint
 
@@ -120,9 +186,12 @@ def _python_warning(text: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds ``milan evaluate``'s arguments."""
     parser.add_argument(
-        "--checkpoint", required=True, metavar="CKPT", help="classifier checkpoint (ours or mmpretrain)"
+        "--checkpoint", required=True, metavar="CKPT", help="classifier (ours or mmpretrain) or segmentation checkpoint"
     )
-    parser.add_argument("--data", required=True, metavar="VAL_DIR", help="validation ImageFolder (or a .tar.gz)")
+    parser.add_argument(
+        "--data", required=True, metavar="VAL_DIR",
+        help="validation ImageFolder (or a .tar.gz); segmentation: ADEChallengeData2016/, or images/ + labels/ folders",
+    )  # fmt: skip
     parser.add_argument("--per-class", type=int, metavar="N", help="archives only: the first N images per class")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: min(8, CPU cores))")
@@ -145,6 +214,8 @@ def _print_warning(note: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``milan evaluate``."""
+    if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
+        return _run_segmentation(args)
     with process_group(args.device):  # here too, so that only the main process prints
         result = evaluate_checkpoint(
             args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
@@ -159,6 +230,24 @@ def run(args: argparse.Namespace) -> int:
                 f"top-5 {result['top5']:.2f} on {result['count']} images of {result['data']} "
                 f"({result['img_size']} px, {result['seconds']:.1f} s)"
                 + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
+            )
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _run_segmentation(args: argparse.Namespace) -> int:
+    with process_group(args.device):
+        result = evaluate_segmenter(
+            args.checkpoint, args.data, num_workers=args.num_workers, device=args.device, precision=args.precision,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        if dist.is_main():
+            print(
+                f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
+                f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
+                + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
             )
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

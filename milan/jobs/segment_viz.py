@@ -3,8 +3,9 @@
 The ground truth and the prediction are drawn over the image; the prediction's label says its pixel accuracy on the
 labelled pixels.
 
-:func:`predict_labels` runs a model with an evaluation protocol, :func:`render_segmentation` draws the grid; ``milan
-visualize`` on a segmentation checkpoint calls both (the ground truth: :func:`milan.data.segmentation.find_label`).
+:func:`predict_labels` runs a model with an evaluation protocol, :func:`render_segmentation` draws the grid;
+:func:`visualize_segmentation` (``milan visualize`` on a segmentation checkpoint) loads the model and the images and
+calls both (the ground truth: :func:`milan.data.segmentation.find_label`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from milan.data.segmentation import EvalTransform
+from milan.checkpoint.segmenter import load_segmenter
+from milan.data import DataError, ImageDecodeError, open_image, scan_sources
+from milan.data.decode import load_rgb
+from milan.data.segmentation import EvalTransform, LabelSpec, find_label, read_label
 from milan.models.segmentation import SegmentationModel, slide_inference, whole_inference
 
 CELL_INCHES = 2.6
@@ -140,4 +144,55 @@ def render_segmentation(
     return path
 
 
-__all__ = ["colorize", "palette", "predict_labels", "render_segmentation"]
+def visualize_segmentation(
+    checkpoint: str | os.PathLike[str],
+    sources: Sequence[str],
+    out: str | os.PathLike[str],
+    *,
+    max_images: int = 8,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Loads a segmentation checkpoint, predicts some images and draws the grid (with their label maps, if found).
+
+    Args:
+        checkpoint: ``RUN/segmenter.pt`` (or a training checkpoint of a ``milan segment`` run).
+        sources: Image files, folders (searched recursively) or file lists.
+        out: The PNG to write.
+        max_images: At most this many rows.
+        device: Where to run the model.
+
+    Raises:
+        FileNotFoundError: No images.
+        DataError: An image or label map cannot be decoded (the message names the file).
+    """
+    dev = torch.device(device)
+    model, spec = load_segmenter(checkpoint)
+    model.to(dev)
+    lab, ev = spec["labels"], spec["eval"]
+    labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
+    paths = scan_sources(sources).paths[:max_images]
+    images, truths, preds = [], [], []
+    for path in paths:
+        try:
+            image = load_rgb(open_image(path.read_bytes()))
+        except ImageDecodeError as e:
+            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
+        label_path = find_label(path)
+        truth = None
+        if label_path is not None:
+            try:
+                raw = read_label(label_path.read_bytes(), str(label_path), None)
+            except ImageDecodeError as e:
+                raise DataError(f"{label_path}: cannot read the label map ({e.reason}: {e.detail})") from None
+            truth = labels.convert(raw) if raw.shape == (image.height, image.width) else None
+        images.append(np.asarray(image))
+        truths.append(truth)
+        preds.append(predict_labels(model, ev, image, dev))
+    how = f"sliding {ev['crop']} stride {ev['stride']}" if ev["mode"] == "slide" else "whole image"
+    title = f"{Path(checkpoint).name}: resize {list(ev['scale'])}, {how}; {labels.num_classes} classes"
+    return render_segmentation(
+        images, truths, preds, out, class_names=lab["class_names"], names=[p.name for p in paths], title=title
+    )
+
+
+__all__ = ["colorize", "palette", "predict_labels", "render_segmentation", "visualize_segmentation"]

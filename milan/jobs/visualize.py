@@ -15,7 +15,8 @@ A pixel-target model (the MAE ablation, no teacher) shows its reconstruction ins
 predicted patches (un-normalised with each target patch's own mean and variance, as MAE's ``norm_pix`` figure
 does), and the same with the visible patches pasted back.
 
-Library use: :func:`compute_views` runs the model, :func:`render` draws the grid.
+Library use: :func:`compute_views` runs the model, :func:`render` draws the grid. A ``milan segment`` checkpoint
+gets image / ground truth / prediction rows instead (:func:`milan.jobs.segment_viz.visualize_segmentation`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from milan.checkpoint.segmenter import segmentation_spec
 from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
 from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from milan.jobs.segment_viz import visualize_segmentation
 from milan.losses import normalize_patches
 from milan.models.milan import MILAN, Masking, patchify
 
@@ -390,7 +393,9 @@ def visualize(
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Adds ``milan visualize``'s arguments."""
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders, lists or builtin:samples")
-    parser.add_argument("--checkpoint", "-c", required=True, metavar="CKPT", help="a pretraining checkpoint")
+    parser.add_argument(
+        "--checkpoint", "-c", required=True, metavar="CKPT", help="a pretraining (or milan segment) checkpoint"
+    )
     parser.add_argument("--out", "-o", required=True, metavar="FILE.png", help="output image")
     parser.add_argument(
         "--teacher", metavar="FILE", help="teacher weights, if the checkpoint holds none and its recorded file moved"
@@ -416,6 +421,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_images < 1:
         raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if segmentation_spec(args.checkpoint) is not None:  # milan segment's: image / ground truth / prediction rows
+        print(visualize_segmentation(args.checkpoint, args.images, args.out, max_images=args.max_images, device=device))
+        return 0
     written = visualize(
         args.checkpoint, args.images, args.out, teacher=args.teacher, seed=args.seed, mask_ratio=args.mask_ratio,
         masking=args.masking, crop_pct=args.crop_pct, max_images=args.max_images, device=device,

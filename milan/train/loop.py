@@ -30,7 +30,7 @@ import torch.nn as nn
 from milan import distributed as dist
 from milan.data.sampling import EpochSampler
 from milan.errors import UserError
-from milan.train.schedule import CosineSchedule
+from milan.train.schedule import Schedule
 
 P = ParamSpec("P")
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -109,7 +109,7 @@ class Optimization:
     """What an optimizer step needs besides the batches."""
 
     optimizer: torch.optim.Optimizer  # its groups get the schedule's lr (times their lr_scale) before each step
-    schedule: CosineSchedule
+    schedule: Schedule  # the lr of each optimizer step
     device: torch.device  # where the loss is reduced (and autocast runs)
     dtype: torch.dtype = torch.float32  # compute dtype: autocast on CUDA for bf16/fp16
     accum_steps: int = 1  # micro-batches per optimizer step

@@ -332,16 +332,23 @@ def _finished(
     if schedule is None:
         return None
     state = TrainState(**{k: int(v) for k, v in ckpt["state"].items()})
-    at_end = state.epoch >= schedule.epochs or (schedule.max_steps is not None and state.step >= schedule.max_steps)
+    iters = getattr(schedule, "iters", None)  # a schedule in optimizer steps (SegmentScheduleConfig.iters)
+    length = state.step >= iters if iters is not None else state.epoch >= schedule.epochs
+    at_end = length or (schedule.max_steps is not None and state.step >= schedule.max_steps)
     if not at_end or (done_file is not None and not (run_dir / done_file).is_file()):
         return None
-    if state.epoch >= schedule.epochs:
-        how = "a larger schedule.epochs=N"
+    if length:
+        how = "a larger schedule.iters=N" if iters is not None else "a larger schedule.epochs=N"
     else:
         how = "a larger schedule.max_steps=N (or schedule.max_steps=null for the whole schedule)"
+    where = (
+        f"step {state.step}/{iters}"
+        if iters is not None
+        else f"epoch {state.epoch}/{schedule.epochs}, step {state.step}"
+    )
     print(
-        f"run {run_dir} is finished (epoch {state.epoch}/{schedule.epochs}, step {state.step}; {path}): nothing "
-        f"to do, no file was changed. To train longer, resume with {how}"
+        f"run {run_dir} is finished ({where}; {path}): nothing to do, no file was changed. To train longer, resume "
+        f"with {how}"
     )
     return FinishedRun(state, path, list(ckpt.get("eval_history") or []))
 

@@ -65,7 +65,7 @@ from milan.train.loop import (
     train_step,
 )
 from milan.train.run import RunContext
-from milan.train.schedule import CosineSchedule
+from milan.train.schedule import CosineSchedule, Schedule
 
 P = ParamSpec("P")
 Metrics = dict[str, Any]
@@ -82,10 +82,13 @@ class Session:
 
     ``model`` is the trained module unwrapped (what checkpoints hold; for FSDP2 the sharded module), ``sync_module``
     its DDP/FSDP2 wrapper (gradients are reduced only on the last micro-step of a step); ``flops_per_image`` gives GPU
-    runs their MFU.
+    runs their MFU. ``schedule`` replaces the default lr schedule (warm-up + cosine to ``schedule.min_lr`` over
+    ``derived``'s steps); ``epochs`` the length in epochs (default ``schedule.epochs``) for a run measured in steps,
+    whose last epoch may be partial (``derived.total_steps`` ends it).
 
     Attributes:
         state: The position (restored from ``run.resume_from``).
+        epochs: The run's length in epochs.
         resumed: The checkpoint resumed from (``None`` on a fresh start).
         extra: Entries the job adds to every checkpoint (its model spec, EMA weights ...), kept current by it.
         eval_history: Every evaluation of the run, resumed ones included (checkpoints keep it).
@@ -103,14 +106,17 @@ class Session:
         optimizer: torch.optim.Optimizer,
         sync_module: nn.Module | None = None,
         flops_per_image: float | None = None,
+        schedule: Schedule | None = None,
+        epochs: int | None = None,
     ) -> None:
         self.cfg, self.derived, self.run_dir, self.model = cfg, derived, run.run_dir, model
+        self.epochs = epochs if epochs is not None else cfg.schedule.epochs
         self.num_batches = derived.steps_per_epoch * cfg.accum_steps  # micro-batches of a whole epoch
         d = derived
+        schedule = schedule or CosineSchedule(d.lr, d.total_steps, d.warmup_steps, cfg.schedule.min_lr)
         self.opt = Optimization(
-            optimizer, CosineSchedule(d.lr, d.total_steps, d.warmup_steps, cfg.schedule.min_lr), run.device,
-            run.dtype, cfg.accum_steps, cfg.optim.clip_grad, grad_scaler(run.device, run.dtype),
-            sync_module if d.world_size > 1 else None,
+            optimizer, schedule, run.device, run.dtype, cfg.accum_steps, cfg.optim.clip_grad,
+            grad_scaler(run.device, run.dtype), sync_module if d.world_size > 1 else None,
         )  # fmt: skip
         self.state = TrainState()
         self.extra: dict[str, Any] = {}
@@ -161,7 +167,7 @@ class Session:
 
     def epochs_left(self) -> bool:
         """Whether the schedule has epochs left (and ``schedule.max_steps`` is not reached)."""
-        return self.state.epoch < self.cfg.schedule.epochs and self.state.step < self.derived.stop_step
+        return self.state.epoch < self.epochs and self.state.step < self.derived.stop_step
 
     def epoch_batches(self, loader: Iterable[Any], sampler: EpochSampler | None) -> Iterator[Any]:
         """The rest of the current epoch's batches (:func:`~milan.train.loop.epoch_batches`)."""
@@ -219,7 +225,7 @@ class Session:
         Raises:
             DataError: The epoch had no usable image, or skipped more than ``data.max_skip_fraction``.
         """
-        s, epochs = self.state, self.cfg.schedule.epochs
+        s, epochs = self.state, self.epochs
         if s.batch_in_epoch < self.num_batches:
             if s.step >= self.derived.stop_step:
                 return False
@@ -366,7 +372,9 @@ class Session:
             f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
         )
         self.log.info(
-            f"{d.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {d.total_steps} steps "
+            f"{d.steps_per_epoch} steps/epoch x {self.epochs} epochs"
+            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * self.epochs else "")
+            + f" = {d.total_steps} steps "
             f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
         )
         if self.resume_from is not None:
