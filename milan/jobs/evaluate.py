@@ -231,10 +231,15 @@ def run(args: argparse.Namespace) -> int:
                 f"({result['img_size']} px, {result['seconds']:.1f} s)"
                 + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
             )
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            _write_json(args.out, result)
     return 0
+
+
+def _write_json(path: str | None, result: dict[str, Any]) -> None:
+    """``--out FILE``: the result as JSON (nothing without it)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _run_segmentation(args: argparse.Namespace) -> int:
@@ -249,7 +254,5 @@ def _run_segmentation(args: argparse.Namespace) -> int:
                 f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
                 + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
             )
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            _write_json(args.out, result)
     return 0

@@ -266,7 +266,7 @@ from milan.checkpoint import load_classifier, safe_load
 from milan.checkpoint.io import Inert
 raw = safe_load({str(path)!r})
 model = load_classifier({str(path)!r}, num_heads=4)
-torch.save(model(torch.load({str(tmp_path / "images.pt")!r})), {str(tmp_path / "ours.pt")!r})
+torch.save(model(torch.load({str(tmp_path / "images.pt")!r}, weights_only=True)), {str(tmp_path / "ours.pt")!r})
 payload = raw["message_hub"]["runtime_info"]["payload"]
 loss = raw["message_hub"]["log_scalars"]["train/loss"]
 print(json.dumps({{
@@ -290,4 +290,4 @@ print(json.dumps({{
     assert report["history"] == [True, "mmengine.logging.history_buffer.HistoryBuffer"]
     assert report["optimizer_state"] == ["exp_avg", "exp_avg_sq", "step"]
     assert not marker.exists()
-    torch.testing.assert_close(torch.load(tmp_path / "ours.pt"), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "ours.pt", weights_only=True), expected, atol=1e-5, rtol=0)
