@@ -1,22 +1,5 @@
 """Checkpoint files into our models and out of them: teachers in, official checkpoints in, backbones out, safely.
 
-Modules, each one concept:
-
-* :mod:`~milan.checkpoint.io`: :func:`safe_load` (never runs pickled code, never allocates more than a file holds,
-  TorchScript archives included) and :func:`atomic_save` / :func:`save_safetensors` (never leave partial files);
-* :mod:`~milan.checkpoint.spec`: :class:`ModelSpec`, what every checkpoint we write says about its model, and the
-  architectures that weights imply;
-* :mod:`~milan.checkpoint.keymaps`: pure key maps between layouts (mmpretrain, original MILAN/MAE, OpenAI / OpenCLIP /
-  Hugging Face CLIP, timm);
-* :mod:`~milan.checkpoint.formats`: :func:`read_checkpoint`, any supported file or folder -> :class:`Checkpoint`
-  (our key names, detected format), and :func:`resolve_spec`, which completes the spec of files that carry none,
-  naming each assumption;
-* :mod:`~milan.checkpoint.loaders`: our modules from files (:func:`load_teacher`, :func:`load_milan`,
-  :func:`load_student`, :func:`load_encoder`, :func:`load_classifier`) and :func:`model_from_config`, the
-  pretraining model with the teacher ``model.teacher.checkpoint`` names;
-* :mod:`~milan.checkpoint.export`: :func:`export_timm`, :func:`export_hf`, :func:`save_canonical` and the
-  ``milan inspect`` text.
-
 :class:`CheckpointError` is a file that cannot be used (one line); :class:`CheckpointWarning` a value the file does not
 record was assumed (which, why, and the option that sets it).
 """

@@ -79,17 +79,15 @@ class Exported:
         overlay.update(self.pretrained_cfg)
         return overlay
 
-    def snippet(self, max_labels: int = 32) -> str:
+    def snippet(self) -> str:
         """Python that loads the export in timm and builds its evaluation transform (empty if no timm model does).
 
-        Args:
-            max_labels: Class names beyond this count are left out of the text (they stay in :attr:`cfg_overlay`
-                and in the file's metadata).
+        More than 32 class names are left out of the text (they stay in :attr:`cfg_overlay` and the file's metadata).
         """
         if self.timm_model is None:
             return ""
         overlay = dict(self.cfg_overlay)
-        if len(overlay.get("label_names", ())) > max_labels:
+        if len(overlay.get("label_names", ())) > 32:
             del overlay["label_names"]
         args = "".join(f", {k}={v!r}" for k, v in self.model_args.items())
         cfg = ", ".join(f"{k}={v!r}" for k, v in overlay.items())
@@ -252,7 +250,7 @@ def export_timm(
     resolved = resolve_spec(ck, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
     sd, name, args, spec = timm_state_dict(ck, resolved.spec, head=head)
     kind = "encoder" if spec.kind == "encoder" and spec.head is None else ck.kind
-    result = Exported(out, kind, name, args, assumed=resolved.notes)
+    result = Exported(out, kind, name, args, assumed=list(resolved.assumed.values()))
     result.pretrained_cfg = spec.preprocessing.timm_cfg()
     if spec.head is not None and spec.head.class_names:
         result.pretrained_cfg["label_names"] = list(spec.head.class_names)
@@ -333,7 +331,7 @@ def export_hf(
     spec = ModelSpec("encoder", arch, pre)
     weights = save_safetensors(sd, folder / "model.safetensors", {"milan": json.dumps({"spec": spec.to_dict()})})
     extra = [folder / "config.json", folder / "preprocessor_config.json"]
-    return Exported(weights, "encoder", extra_paths=extra, assumed=resolved.notes)
+    return Exported(weights, "encoder", extra_paths=extra, assumed=list(resolved.assumed.values()))
 
 
 def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
@@ -485,14 +483,13 @@ def _tower_line(spec: TowerSpec) -> str:
     return text + (f" [{', '.join(extras)}]" if extras else "")
 
 
-def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = None) -> str:
+def describe(ck: Checkpoint, max_groups: int, resolved: Resolved | None) -> str:
     """The ``milan inspect`` text: format, kind, architecture, view, head, parameter counts, keys, pos-embed layout.
 
     Args:
         ck: The checkpoint.
         max_groups: Key groups to list.
-        resolved: Its resolved spec (default: :func:`~milan.checkpoint.spec.resolve_spec` without overrides); values
-            it had to assume are marked.
+        resolved: Its resolved spec (``None`` for a teacher); values it had to assume are marked.
     """
     lines = [f"file:        {ck.source}"]
     path = Path(ck.source)
@@ -504,8 +501,6 @@ def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = N
     if ck.kind == "linear_probe" and grid:
         contents = f"linear-probe training checkpoint: an lr grid of {len(grid)} heads (BN + linear on the CLS token)"
     lines.append(f"contents:    {contents}")
-    if ck.kind != "teacher" and resolved is None:
-        resolved = resolve_spec(ck)
     spec = resolved.spec if resolved is not None else None
     if resolved is not None and spec is not None:
         stored = f"stored (version {spec.version})" if resolved.stored else "not stored: values marked assumed"
@@ -549,7 +544,7 @@ def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = N
         n = sum(v.numel() for v in ck.part(prefix).values() if v.is_floating_point())
         if n:
             counts.append(f"{label} {_millions(n)}")
-    total = ck.num_params()
+    total = sum(v.numel() for v in ck.state_dict.values() if v.is_floating_point())
     lines.append(f"parameters:  {total:,} ({_millions(total)})" + (f": {', '.join(counts)}" if counts else ""))
     if ck.dropped:
         lines.append(f"not used:    {len(ck.dropped)} source keys (e.g. {', '.join(ck.dropped[:3])})")
