@@ -367,9 +367,7 @@ def _model_config(ck: Checkpoint) -> dict[str, Any]:
     dec = ck.decoder_arch()
     cfg = ModelConfig(
         encoder=ck.encoder_arch().to_config(),
-        decoder=DecoderConfig(
-            kind=dec.kind, embed_dim=dec.embed_dim, depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=dec.mlp_ratio
-        ),
+        decoder=DecoderConfig(dec.kind, dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio),
         teacher=TeacherConfig(kind="none"),
     )
     if ck.tower is not None:

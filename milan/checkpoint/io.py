@@ -607,11 +607,6 @@ def _size(n: int) -> str:
 # archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript archives (OpenAI's CLIP files are ones).
 
 
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype
-
-
 def _rebuild_tensor(
     storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
 ) -> torch.Tensor:
@@ -657,7 +652,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if module.startswith("__torch__.") or module == "__torch__":
             return standin(module, name)
         if module == "torch" and name.endswith("Storage"):
-            return _StorageType(_dtype(name))
+            return _dtype(name)  # the storage's dtype stands for its type in the persistent ids
         allowed = _SCRIPT_HELPERS.get((module, name))
         if allowed is None:
             raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}, which is not allowed")
@@ -666,15 +661,14 @@ class _ArchiveUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unknown storage type {storage_type!r:.80}")
+        _, dtype, key, _location, numel = pid
+        if not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unknown storage type {dtype!r:.80}")
         if not isinstance(numel, int) or numel < 0:
             raise pickle.UnpicklingError(f"malformed storage size {numel!r:.80}")
-        cache_key = f"{key}:{storage_type.dtype}"
+        cache_key = f"{key}:{dtype}"
         if cache_key not in self._storages:  # check_zip has checked the record's size against this storage
             record = f"{self._prefix}/data/{key}"
-            dtype = storage_type.dtype
             need = numel * dtype.itemsize
             raw = read_record(self._zf, record, need)  # never more than the tensor needs, whatever the record claims
             if len(raw) < need:

@@ -84,6 +84,3 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[SegmentationModel, dic
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the weights do not fit the stored spec: {str(e).splitlines()[0]}") from e
     return model.eval(), spec
-
-
-__all__ = ["KIND", "load_segmenter", "segmentation_spec", "segmenter_spec"]
