@@ -580,12 +580,6 @@ class Resolved:
             ck.hints.setdefault("decoder_num_heads", self.spec.decoder.num_heads)
 
 
-def stored_spec(ck: Checkpoint) -> ModelSpec | None:
-    """The spec stored in a checkpoint, if any."""
-    spec = ck.hints.get("spec")
-    return spec if isinstance(spec, ModelSpec) else None
-
-
 def resolve_spec(
     ck: Checkpoint,
     *,
@@ -610,7 +604,7 @@ def resolve_spec(
     Raises:
         CheckpointError: No student encoder, or a stored spec that contradicts the weights.
     """
-    stored = stored_spec(ck)
+    stored = spec if isinstance(spec := ck.hints.get("spec"), ModelSpec) else None
     notes: dict[str, str] = {}
     arch = ck.encoder_arch()
     if stored is not None:
