@@ -236,14 +236,12 @@ _HF_VIT = [
 ]
 
 
-def _both_ways(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
-    """:func:`_rename` rules from ``(a, b)`` name templates: ``a -> b``, or ``b -> a`` with ``reverse``."""
+def _template_rules(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """:func:`_rename` rules from ``(src, dst)`` name templates."""
 
     def pattern(name: str) -> str:
         return "^" + re.escape(name).replace(r"\{\}", r"(\d+)") + ("" if name.endswith(".") else "$")
 
-    if reverse:
-        pairs = [(b, a) for a, b in pairs]
     return [(pattern(src), dst.replace("{}", r"\1")) for src, dst in pairs]
 
 
@@ -253,7 +251,7 @@ def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
     The fused ``qkv`` splits into ``query``/``key``/``value``; the final ``norm`` is ``ViTModel.layernorm`` (applied
     to every token of ``last_hidden_state``). No pooler is written (load with ``add_pooling_layer=False``).
     """
-    rules = _both_ways(_HF_VIT)
+    rules = _template_rules(_HF_VIT)
     out: StateDict = {}
     for key, value in state_dict.items():
         if m := re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key):
@@ -271,7 +269,7 @@ def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
 
 def hf_vit_to_encoder(state_dict: StateDict) -> StateDict:
     """Hugging Face ``ViTModel`` weights (on-disk names, as :func:`encoder_to_hf_vit` writes) -> our encoder keys."""
-    rules = _both_ways(_HF_VIT, reverse=True)
+    rules = _template_rules([(b, a) for a, b in _HF_VIT])
     out: StateDict = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
