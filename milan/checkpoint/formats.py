@@ -22,9 +22,6 @@ Kinds (what the canonical ``state_dict`` holds, in our key names): ``milan`` (``
 ``linear_probe`` (:class:`~milan.models.classifier.LinearProbe`), ``finetune``
 (:class:`~milan.models.classifier.FinetuneClassifier`),
 ``teacher`` (:class:`~milan.models.Teacher`: ``model.*`` timm tower keys, with its :class:`~milan.models.TowerSpec`).
-
-:func:`resolve_spec` completes the model spec (:mod:`milan.checkpoint.spec`) of a checkpoint that holds a student:
-stored values first, then conventions, each one named with the flag that overrides it.
 """
 
 from __future__ import annotations

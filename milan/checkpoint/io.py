@@ -17,9 +17,6 @@ can deflate to gigabytes. Before anything is materialised, each tensor's claimed
 (:func:`read_record`). Every refusal is one :class:`~milan.errors.CheckpointError` line naming the file and the
 problem: missing, empty, truncated, corrupt (CRC mismatch), not a checkpoint, lying about its size, or a pickle that
 would import and call Python objects (the message lists them; nothing is imported or run).
-
-Files are written atomically (a temporary file in the same folder, fsynced, renamed over the destination) and, like
-any file a program creates, with the permissions the user's umask allows.
 """
 
 from __future__ import annotations
