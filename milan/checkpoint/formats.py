@@ -264,7 +264,10 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
     if weights.name.endswith(".index.json"):
         merged: dict[str, Any] = {}
         for shard in _index_shards(weights):
-            merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
+            part = safe_load(folder / shard)
+            if not isinstance(part, dict):
+                raise CheckpointError(f"{folder / shard}: expected a dict of tensors, got {type(part).__name__}")
+            merged.update({k: v for k, v in part.items() if isinstance(v, torch.Tensor)})
         return merged, configs, {}
     return safe_load(weights), configs, read_safetensors_metadata(weights)
 
@@ -297,12 +300,6 @@ def _index_shards(index_path: Path) -> list[str]:
                 "relative paths inside it"
             )
     return shards
-
-
-def _as_tensors(obj: Any, path: Path) -> StateDict:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def _unwrap(obj: Any, path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
