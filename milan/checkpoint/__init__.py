@@ -1,38 +1,13 @@
 """Checkpoint files into our models and out of them: teachers in, official checkpoints in, backbones out, safely.
 
-Modules, each one concept:
-
-* :mod:`~milan.checkpoint.io`: :func:`safe_load` (never runs pickled code, never allocates more than a file holds,
-  TorchScript archives included) and :func:`atomic_save` / :func:`save_safetensors` (never leave partial files);
-* :mod:`~milan.checkpoint.spec`: :class:`ModelSpec`, what every checkpoint we write says about its model, and the
-  architectures that weights imply;
-* :mod:`~milan.checkpoint.keymaps`: pure key maps between layouts (mmpretrain, original MILAN/MAE, OpenAI / OpenCLIP /
-  Hugging Face CLIP, timm);
-* :mod:`~milan.checkpoint.formats`: :func:`read_checkpoint`, any supported file or folder -> :class:`Checkpoint`
-  (our key names, detected format), and :func:`resolve_spec`, which completes the spec of files that carry none,
-  naming each assumption;
-* :mod:`~milan.checkpoint.loaders`: our modules from files (:func:`load_teacher`, :func:`load_milan`,
-  :func:`load_student`, :func:`load_encoder`, :func:`load_classifier`) and :func:`model_from_config`, the
-  pretraining model with the teacher ``model.teacher.checkpoint`` names;
-* :mod:`~milan.checkpoint.export`: :func:`export_timm`, :func:`export_hf`, :func:`save_canonical` and the
-  ``milan inspect`` text.
-
 :class:`CheckpointError` is a file that cannot be used (one line); :class:`CheckpointWarning` a value the file does not
 record was assumed (which, why, and the option that sets it).
 """
 
 from milan.checkpoint.export import Exported, export_hf, export_timm, save_canonical
-from milan.checkpoint.formats import FORMATS, Checkpoint, read_checkpoint, resolve_spec
-from milan.checkpoint.io import atomic_save, read_torchscript, safe_load, save_safetensors
-from milan.checkpoint.keymaps import (
-    encoder_to_hf_vit,
-    hf_clip_to_timm,
-    hf_vit_to_encoder,
-    milan_orig_to_milan,
-    mmpretrain_classifier_to_milan,
-    mmpretrain_milan_to_milan,
-    openai_clip_to_timm,
-)
+from milan.checkpoint.formats import Checkpoint, read_checkpoint, resolve_spec
+from milan.checkpoint.io import atomic_save, safe_load, save_safetensors
+from milan.checkpoint.keymaps import mmpretrain_milan_to_milan, openai_clip_to_timm
 from milan.checkpoint.loaders import (
     load_classifier,
     load_encoder,
@@ -40,15 +15,13 @@ from milan.checkpoint.loaders import (
     load_student,
     load_teacher,
     model_from_config,
-    teacher_from_checkpoint,
     teacher_from_config,
 )
 from milan.checkpoint.spec import DecoderArch, EncoderArch, HeadSpec, ModelSpec, Preprocessing, TeacherSpec
 from milan.errors import CheckpointError, CheckpointWarning
-from milan.models.tower import TowerSpec, describe_tower
+from milan.models.tower import describe_tower
 
 __all__ = [
-    "FORMATS",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWarning",
@@ -59,30 +32,22 @@ __all__ = [
     "ModelSpec",
     "Preprocessing",
     "TeacherSpec",
-    "TowerSpec",
     "atomic_save",
     "describe_tower",
-    "encoder_to_hf_vit",
     "export_hf",
     "export_timm",
-    "hf_clip_to_timm",
-    "hf_vit_to_encoder",
     "load_classifier",
     "load_encoder",
     "load_milan",
     "load_student",
     "load_teacher",
-    "milan_orig_to_milan",
-    "mmpretrain_classifier_to_milan",
     "mmpretrain_milan_to_milan",
     "model_from_config",
     "openai_clip_to_timm",
     "read_checkpoint",
-    "read_torchscript",
     "resolve_spec",
     "safe_load",
     "save_canonical",
     "save_safetensors",
-    "teacher_from_checkpoint",
     "teacher_from_config",
 ]

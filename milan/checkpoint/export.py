@@ -3,14 +3,10 @@
 Every export carries the model spec (:mod:`milan.checkpoint.spec`) of what it holds in its metadata, and the values
 it had to assume for a file without one are reported (:attr:`Exported.assumed`).
 
-* :func:`export_timm`: the encoder in timm ``VisionTransformer`` keys (our encoder's keys already are), as
-  ``.safetensors`` (and/or ``.pth``); :attr:`Exported.snippet` is the ``timm.create_model`` call that loads it, with
-  a ``pretrained_cfg_overlay`` holding the file, the class count, the class names and the evaluation view (size,
-  mean, std, interpolation, crop fraction), so that ``timm.data.resolve_model_data_config(model)`` gives the
-  transform the model was trained for. A fine-tuned classifier exports with its ``fc_norm`` and ``head`` (timm
-  ``global_pool='avg'``); a linear probe with its BatchNorm folded into its Linear head, after the encoder's final
-  norm on the CLS token (timm ``global_pool='token'``). A teacher exports as a timm tower (e.g.
-  ``vit_base_patch16_clip_quickgelu_224`` layout).
+* :func:`export_timm`: the encoder in timm ``VisionTransformer`` keys (our encoder's keys already are), a classifier
+  with its head, or a teacher as a timm tower (e.g. ``vit_base_patch16_clip_quickgelu_224`` layout);
+  :attr:`Exported.snippet` is the ``timm.create_model`` call that loads it, with the evaluation view and the class
+  names.
 * :func:`export_hf`: a folder with ``config.json`` (``ViTConfig``: GELU, LayerNorm eps 1e-6, qkv bias),
   ``model.safetensors`` and ``preprocessor_config.json``; ``ViTModel.from_pretrained(folder,
   add_pooling_layer=False)`` gives ``last_hidden_state`` equal to our ``forward_features`` (HF's final
@@ -31,7 +27,7 @@ from typing import Any
 
 import torch
 
-from milan.checkpoint.formats import Checkpoint, Resolved, read_checkpoint, resolve_spec, stored_spec
+from milan.checkpoint.formats import Checkpoint, Resolved, read_checkpoint, resolve_spec
 from milan.checkpoint.io import atomic_save, save_safetensors
 from milan.checkpoint.keymaps import encoder_to_hf_vit
 from milan.checkpoint.spec import DecoderArch, EncoderArch, ModelSpec, Resample
@@ -79,17 +75,15 @@ class Exported:
         overlay.update(self.pretrained_cfg)
         return overlay
 
-    def snippet(self, max_labels: int = 32) -> str:
+    def snippet(self) -> str:
         """Python that loads the export in timm and builds its evaluation transform (empty if no timm model does).
 
-        Args:
-            max_labels: Class names beyond this count are left out of the text (they stay in :attr:`cfg_overlay`
-                and in the file's metadata).
+        More than 32 class names are left out of the text (they stay in :attr:`cfg_overlay` and the file's metadata).
         """
         if self.timm_model is None:
             return ""
         overlay = dict(self.cfg_overlay)
-        if len(overlay.get("label_names", ())) > max_labels:
+        if len(overlay.get("label_names", ())) > 32:
             del overlay["label_names"]
         args = "".join(f", {k}={v!r}" for k, v in self.model_args.items())
         cfg = ", ".join(f"{k}={v!r}" for k, v in overlay.items())
@@ -173,39 +167,6 @@ def fold_batchnorm(
     return w.to(weight.dtype), b.to(bias.dtype)
 
 
-def timm_state_dict(
-    ck: Checkpoint, spec: ModelSpec, head: bool = True
-) -> tuple[StateDict, str, dict[str, Any], ModelSpec]:
-    """What :func:`export_timm` writes for a student checkpoint and its resolved spec.
-
-    Returns:
-        (state_dict in timm keys, timm model, its overrides, the exported file's spec).
-    """
-    sd, arch = ck.encoder_state(), spec.encoder
-    out = ModelSpec("encoder", arch, spec.preprocessing)
-    classes = spec.head.num_classes if spec.head is not None and head else 0
-    if ck.kind == "finetune":  # blocks + fc_norm (+ head): timm's global_pool='avg' layout (its norm is Identity)
-        pool = spec.head.global_pool if spec.head is not None else "avg"
-        keep = ("fc_norm.", "head.") if head else ("fc_norm.",)
-        sd = {**sd, **{k: v for k, v in ck.state_dict.items() if k.startswith(keep)}}
-        name, args = timm_encoder_model(arch, num_classes=classes)
-        args["global_pool"] = pool
-        if pool == "token":
-            args["fc_norm"] = True
-        out = dataclasses.replace(out, kind="finetune", head=spec.head if head else None)
-        return sd, name, args, out
-    if ck.kind == "linear_probe" and head:  # the final norm, the CLS token, the BatchNorm folded into the Linear
-        h = ck.part("head.")
-        w, b = fold_batchnorm(h["fc.weight"], h["fc.bias"], h["bn.running_mean"], h["bn.running_var"])
-        name, args = timm_encoder_model(arch, num_classes=classes)
-        args["global_pool"] = "token"
-        assert spec.head is not None  # a linear probe's resolved spec always has its head
-        out = dataclasses.replace(out, head=dataclasses.replace(spec.head, kind="linear", grid_index=None))
-        return {**sd, "head.weight": w, "head.bias": b}, name, args, out
-    name, args = timm_encoder_model(arch)
-    return sd, name, args, out
-
-
 def export_timm(
     src: str | os.PathLike[str] | Checkpoint,
     out: str | os.PathLike[str],
@@ -250,9 +211,27 @@ def export_timm(
         _write(ck.part("model."), out, pth, result, meta)
         return result
     resolved = resolve_spec(ck, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-    sd, name, args, spec = timm_state_dict(ck, resolved.spec, head=head)
+    sd, arch, head_spec = ck.encoder_state(), resolved.spec.encoder, resolved.spec.head
+    spec = ModelSpec("encoder", arch, resolved.spec.preprocessing)  # the exported file's
+    head = head and ck.kind in ("finetune", "linear_probe")
+    name, args = timm_encoder_model(arch, num_classes=head_spec.num_classes if head and head_spec else 0)
+    if ck.kind == "finetune":  # blocks + fc_norm (+ head): timm's global_pool='avg' layout (its norm is Identity)
+        pool = head_spec.global_pool if head_spec is not None else "avg"
+        keep = ("fc_norm.", "head.") if head else ("fc_norm.",)
+        sd = {**sd, **{k: v for k, v in ck.state_dict.items() if k.startswith(keep)}}
+        args["global_pool"] = pool
+        if pool == "token":
+            args["fc_norm"] = True
+        spec = dataclasses.replace(spec, kind="finetune", head=head_spec if head else None)
+    elif ck.kind == "linear_probe" and head:  # the final norm, the CLS token, the BatchNorm folded into the Linear
+        assert head_spec is not None  # a linear probe's resolved spec always has its head
+        h = ck.part("head.")
+        w, b = fold_batchnorm(h["fc.weight"], h["fc.bias"], h["bn.running_mean"], h["bn.running_var"])
+        sd = {**sd, "head.weight": w, "head.bias": b}
+        args["global_pool"] = "token"
+        spec = dataclasses.replace(spec, head=dataclasses.replace(head_spec, kind="linear", grid_index=None))
     kind = "encoder" if spec.kind == "encoder" and spec.head is None else ck.kind
-    result = Exported(out, kind, name, args, assumed=resolved.notes)
+    result = Exported(out, kind, name, args, assumed=list(resolved.assumed.values()))
     result.pretrained_cfg = spec.preprocessing.timm_cfg()
     if spec.head is not None and spec.head.class_names:
         result.pretrained_cfg["label_names"] = list(spec.head.class_names)
@@ -333,7 +312,7 @@ def export_hf(
     spec = ModelSpec("encoder", arch, pre)
     weights = save_safetensors(sd, folder / "model.safetensors", {"milan": json.dumps({"spec": spec.to_dict()})})
     extra = [folder / "config.json", folder / "preprocessor_config.json"]
-    return Exported(weights, "encoder", extra_paths=extra, assumed=resolved.notes)
+    return Exported(weights, "encoder", extra_paths=extra, assumed=list(resolved.assumed.values()))
 
 
 def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
@@ -352,7 +331,7 @@ def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
         meta["global_pool"] = ck.hints.get("global_pool", "avg")
     if ck.tower is not None:
         meta["tower"] = ck.tower.to_dict()
-    if ck.kind != "teacher" and stored_spec(ck) is not None:  # a spec travels; assumed values stay facts above
+    if ck.kind != "teacher" and isinstance(ck.hints.get("spec"), ModelSpec):  # only a stored spec travels
         meta["spec"] = resolve_spec(ck).spec.to_dict()
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ck.state_dict.items()}
     dst = Path(dst)
@@ -369,9 +348,7 @@ def _model_config(ck: Checkpoint) -> dict[str, Any]:
     dec = ck.decoder_arch()
     cfg = ModelConfig(
         encoder=ck.encoder_arch().to_config(),
-        decoder=DecoderConfig(
-            kind=dec.kind, embed_dim=dec.embed_dim, depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=dec.mlp_ratio
-        ),
+        decoder=DecoderConfig(dec.kind, dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio),
         teacher=TeacherConfig(kind="none"),
     )
     if ck.tower is not None:
@@ -485,14 +462,13 @@ def _tower_line(spec: TowerSpec) -> str:
     return text + (f" [{', '.join(extras)}]" if extras else "")
 
 
-def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = None) -> str:
+def describe(ck: Checkpoint, max_groups: int, resolved: Resolved | None) -> str:
     """The ``milan inspect`` text: format, kind, architecture, view, head, parameter counts, keys, pos-embed layout.
 
     Args:
         ck: The checkpoint.
         max_groups: Key groups to list.
-        resolved: Its resolved spec (default: :func:`~milan.checkpoint.spec.resolve_spec` without overrides); values
-            it had to assume are marked.
+        resolved: Its resolved spec (``None`` for a teacher); values it had to assume are marked.
     """
     lines = [f"file:        {ck.source}"]
     path = Path(ck.source)
@@ -504,8 +480,6 @@ def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = N
     if ck.kind == "linear_probe" and grid:
         contents = f"linear-probe training checkpoint: an lr grid of {len(grid)} heads (BN + linear on the CLS token)"
     lines.append(f"contents:    {contents}")
-    if ck.kind != "teacher" and resolved is None:
-        resolved = resolve_spec(ck)
     spec = resolved.spec if resolved is not None else None
     if resolved is not None and spec is not None:
         stored = f"stored (version {spec.version})" if resolved.stored else "not stored: values marked assumed"
@@ -549,7 +523,7 @@ def describe(ck: Checkpoint, max_groups: int = 40, resolved: Resolved | None = N
         n = sum(v.numel() for v in ck.part(prefix).values() if v.is_floating_point())
         if n:
             counts.append(f"{label} {_millions(n)}")
-    total = ck.num_params()
+    total = sum(v.numel() for v in ck.state_dict.values() if v.is_floating_point())
     lines.append(f"parameters:  {total:,} ({_millions(total)})" + (f": {', '.join(counts)}" if counts else ""))
     if ck.dropped:
         lines.append(f"not used:    {len(ck.dropped)} source keys (e.g. {', '.join(ck.dropped[:3])})")

@@ -22,9 +22,6 @@ Kinds (what the canonical ``state_dict`` holds, in our key names): ``milan`` (``
 ``linear_probe`` (:class:`~milan.models.classifier.LinearProbe`), ``finetune``
 (:class:`~milan.models.classifier.FinetuneClassifier`),
 ``teacher`` (:class:`~milan.models.Teacher`: ``model.*`` timm tower keys, with its :class:`~milan.models.TowerSpec`).
-
-:func:`resolve_spec` completes the model spec (:mod:`milan.checkpoint.spec`) of a checkpoint that holds a student:
-stored values first, then conventions, each one named with the flag that overrides it.
 """
 
 from __future__ import annotations
@@ -138,9 +135,6 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: a {self.kind} checkpoint has no decoder")
         return infer_decoder(self.part("student.decoder."), num_heads=self.hints.get("decoder_num_heads"))
 
-    def num_params(self) -> int:
-        return sum(v.numel() for v in self.state_dict.values() if v.is_floating_point())
-
 
 def read_checkpoint(
     path: str | os.PathLike[str],
@@ -179,13 +173,8 @@ def read_checkpoint(
         sd = {(k if k.startswith("student.") else "student." + k): v for k, v in sd.items()}
         sd.update({"teacher." + k: v for k, v in teacher.items()})
     hints = _hints(meta, file_meta)
-    for key, value in (
-        ("num_heads", num_heads),
-        ("decoder_num_heads", decoder_num_heads),
-        ("teacher_num_heads", teacher_num_heads),
-    ):
-        if value:
-            hints[key] = value
+    heads = {"num_heads": num_heads, "decoder_num_heads": decoder_num_heads, "teacher_num_heads": teacher_num_heads}
+    hints.update({k: v for k, v in heads.items() if v})
     detected = _detect(sd, configs, meta)
     if fmt == "auto":
         fmt = detected
@@ -202,8 +191,7 @@ def read_checkpoint(
     elif fmt == "mmpretrain":
         _read_mmpretrain(ck, sd, tower_opts)
     elif fmt == "milan-orig":
-        kind, ck.state_dict, _ = milan_orig_to_milan(sd)
-        ck.kind = kind  # type: ignore[assignment]
+        ck.kind, ck.state_dict = milan_orig_to_milan(sd)
     elif fmt == "openai-clip":
         if act is None and script_act is None:
             _assumed_act(
@@ -269,16 +257,19 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"cannot parse {folder / name}: {e}") from e
     if not path.is_dir():
-        return safe_load(path), configs, _safetensors_metadata(path)
+        return safe_load(path), configs, read_safetensors_metadata(path)
     weights = next((folder / n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
     if weights.name.endswith(".index.json"):
         merged: dict[str, Any] = {}
         for shard in _index_shards(weights):
-            merged.update(_as_tensors(safe_load(folder / shard), folder / shard))
+            part = safe_load(folder / shard)
+            if not isinstance(part, dict):
+                raise CheckpointError(f"{folder / shard}: expected a dict of tensors, got {type(part).__name__}")
+            merged.update({k: v for k, v in part.items() if isinstance(v, torch.Tensor)})
         return merged, configs, {}
-    return safe_load(weights), configs, _safetensors_metadata(weights)
+    return safe_load(weights), configs, read_safetensors_metadata(weights)
 
 
 def _torchscript_act(path: Path) -> Act | None:
@@ -309,20 +300,6 @@ def _index_shards(index_path: Path) -> list[str]:
                 "relative paths inside it"
             )
     return shards
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (``{}`` for any other file)."""
-    try:
-        return read_safetensors_metadata(path)
-    except CheckpointError:
-        return {}
-
-
-def _as_tensors(obj: Any, path: Path) -> StateDict:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def _unwrap(obj: Any, path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
@@ -539,8 +516,7 @@ def _read_timm(
     ck: Checkpoint, sd: StateDict, *, model_name: str | None, head: bool, tower_opts: dict[str, Any]
 ) -> None:
     if "decoder_embed.weight" in sd or "head.0.running_mean" in sd:
-        kind, ck.state_dict, _ = milan_orig_to_milan(sd)
-        ck.kind = kind  # type: ignore[assignment]
+        ck.kind, ck.state_dict = milan_orig_to_milan(sd)
         return
     tower_like = model_name is not None or "cls_token" not in sd or any(k in sd for k in _TOWER_FEATURES)
     if "mask_token" in sd or tower_like or ck.hints.get("kind") == "teacher":
@@ -553,8 +529,7 @@ def _read_timm(
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
         return
     if "fc_norm.weight" in sd:
-        kind, ck.state_dict, _ = milan_orig_to_milan(sd)
-        ck.kind = kind  # type: ignore[assignment]
+        ck.kind, ck.state_dict = milan_orig_to_milan(sd)
         return
     ck.kind, ck.state_dict = "encoder", dict(sd)
 
@@ -592,22 +567,11 @@ class Resolved:
     stored: bool
     assumed: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def notes(self) -> list[str]:
-        """The lines of :attr:`assumed`."""
-        return list(self.assumed.values())
-
     def adopt(self, ck: Checkpoint) -> None:
         """Records the resolved head counts in ``ck.hints``: once reported, the loaders build them without warning."""
         ck.hints.setdefault("num_heads", self.spec.encoder.num_heads)
         if self.spec.decoder is not None:
             ck.hints.setdefault("decoder_num_heads", self.spec.decoder.num_heads)
-
-
-def stored_spec(ck: Checkpoint) -> ModelSpec | None:
-    """The spec stored in a checkpoint, if any."""
-    spec = ck.hints.get("spec")
-    return spec if isinstance(spec, ModelSpec) else None
 
 
 def resolve_spec(
@@ -634,7 +598,7 @@ def resolve_spec(
     Raises:
         CheckpointError: No student encoder, or a stored spec that contradicts the weights.
     """
-    stored = stored_spec(ck)
+    stored = spec if isinstance(spec := ck.hints.get("spec"), ModelSpec) else None
     notes: dict[str, str] = {}
     arch = ck.encoder_arch()
     if stored is not None:

@@ -17,9 +17,6 @@ can deflate to gigabytes. Before anything is materialised, each tensor's claimed
 (:func:`read_record`). Every refusal is one :class:`~milan.errors.CheckpointError` line naming the file and the
 problem: missing, empty, truncated, corrupt (CRC mismatch), not a checkpoint, lying about its size, or a pickle that
 would import and call Python objects (the message lists them; nothing is imported or run).
-
-Files are written atomically (a temporary file in the same folder, fsynced, renamed over the destination) and, like
-any file a program creates, with the permissions the user's umask allows.
 """
 
 from __future__ import annotations
@@ -165,10 +162,8 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a ``.safetensors`` header (empty when there is none)."""
-    header = _safetensors_header(Path(path))
-    if header is None:
-        raise CheckpointError(f"not a safetensors file: {path}")
+    """The string metadata of a ``.safetensors`` header (empty when there is none, or for any other file)."""
+    header = _safetensors_header(Path(path)) or {}
     return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
 
 
@@ -224,14 +219,25 @@ def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
     try:
         obj = _weights_only_load(path, [])
     except Exception as e:  # anything torch raises on a bad file becomes one clear message
-        data = pickled()
         try:
-            names = dict.fromkeys(python3_name(*g) for g in pickle_globals(data))
-            unsafe = [g for g in names if ".".join(g) not in _allowed_globals()]
+            names = dict.fromkeys(python3_name(*g) for g in pickle_globals(pickled()))
         except Exception:  # not a pickle stream at all
-            unsafe = []
-        if not unsafe or not all(inert_allowed(*g) for g in unsafe):
-            raise _explain(path, data, e) from e
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file, or corrupt "
+                f"({type(e).__name__}: {_first_line(e)})"
+            ) from e
+        unsafe = [g for g in names if ".".join(g) not in _allowed_globals()]
+        if not unsafe:
+            raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_line(e)}") from e
+        if not all(inert_allowed(*g) for g in unsafe):
+            raise CheckpointError(
+                f"refusing to load {path}: unpickling it would import and call "
+                f"{', '.join('.'.join(g) for g in unsafe[:8])}{' ...' if len(unsafe) > 8 else ''}, which can run "
+                "arbitrary code; weights_only=True allows only tensors and plain containers. If you trust the file, "
+                "re-save its weights once with trusted code: load it in a session where you allow full unpickling "
+                "(weights_only off) and save only its tensors, e.g. torch.save(ckpt['state_dict'], 'weights.pth'), "
+                "or as .safetensors."
+            ) from e
         try:
             obj = _weights_only_load(path, [standin(m, n) for m, n in unsafe])
         except Exception as again:
@@ -248,27 +254,6 @@ def _weights_only_load(path: Path, inert: list[Any]) -> Any:
     # building it runs no code from the file. The inert stand-ins only record what the pickle gives them.
     with torch.serialization.safe_globals([argparse.Namespace, *inert]):
         return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _explain(path: Path, pickled: bytes, error: Exception) -> CheckpointError:
-    """Turns a failed ``weights_only`` load into a readable error: unsafe globals, or not a checkpoint."""
-    try:
-        names = list(dict.fromkeys(".".join(python3_name(*g)) for g in pickle_globals(pickled)))
-    except Exception:  # not a pickle stream at all
-        return CheckpointError(
-            f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file, or corrupt "
-            f"({type(error).__name__}: {_first_line(error)})"
-        )
-    unsafe = [n for n in names if n not in _allowed_globals()]
-    if unsafe:
-        return CheckpointError(
-            f"refusing to load {path}: unpickling it would import and call {', '.join(unsafe[:8])}"
-            f"{' ...' if len(unsafe) > 8 else ''}, which can run arbitrary code; weights_only=True allows only tensors "
-            "and plain containers. If you trust the file, re-save its weights once with trusted code: load it in a "
-            "session where you allow full unpickling (weights_only off) and save only its tensors, e.g. "
-            "torch.save(ckpt['state_dict'], 'weights.pth'), or as .safetensors."
-        )
-    return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_line(error)}")
 
 
 def _first_line(error: Exception) -> str:
@@ -619,11 +604,6 @@ def _size(n: int) -> str:
 # archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript archives (OpenAI's CLIP files are ones).
 
 
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype
-
-
 def _rebuild_tensor(
     storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
 ) -> torch.Tensor:
@@ -669,7 +649,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if module.startswith("__torch__.") or module == "__torch__":
             return standin(module, name)
         if module == "torch" and name.endswith("Storage"):
-            return _StorageType(_dtype(name))
+            return _dtype(name)  # the storage's dtype stands for its type in the persistent ids
         allowed = _SCRIPT_HELPERS.get((module, name))
         if allowed is None:
             raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}, which is not allowed")
@@ -678,15 +658,14 @@ class _ArchiveUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unknown storage type {storage_type!r:.80}")
+        _, dtype, key, _location, numel = pid
+        if not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unknown storage type {dtype!r:.80}")
         if not isinstance(numel, int) or numel < 0:
             raise pickle.UnpicklingError(f"malformed storage size {numel!r:.80}")
-        cache_key = f"{key}:{storage_type.dtype}"
+        cache_key = f"{key}:{dtype}"
         if cache_key not in self._storages:  # check_zip has checked the record's size against this storage
             record = f"{self._prefix}/data/{key}"
-            dtype = storage_type.dtype
             need = numel * dtype.itemsize
             raw = read_record(self._zf, record, need)  # never more than the tensor needs, whatever the record claims
             if len(raw) < need:

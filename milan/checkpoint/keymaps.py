@@ -31,13 +31,15 @@ from GELU (OpenAI's CLIP and the CLIPs trained with GELU by OpenCLIP share their
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from milan.checkpoint.spec import infer_tower
 from milan.errors import CheckpointError
 from milan.models.tower import Act, StateDict, TowerSpec
+
+OrigKind = Literal["milan", "finetune", "linear_probe", "encoder"]
 
 
 def _mmcv_blocks(src: str, dst: str) -> list[tuple[str, str]]:
@@ -107,7 +109,7 @@ def mmpretrain_milan_to_milan(state_dict: StateDict) -> tuple[StateDict, StateDi
     return encoder, decoder, clip, unmapped
 
 
-def openai_clip_to_timm(state_dict: StateDict, prefix: str = "visual.") -> StateDict:
+def openai_clip_to_timm(state_dict: StateDict) -> StateDict:
     """OpenAI CLIP image-tower keys (``visual.conv1.weight`` ...) -> timm ``VisionTransformer`` keys.
 
     Uses timm's own conversion (the one behind ``vit_base_patch16_clip_224.openai``): ``proj`` becomes
@@ -115,10 +117,10 @@ def openai_clip_to_timm(state_dict: StateDict, prefix: str = "visual.") -> State
     """
     from timm.models.vision_transformer import _convert_openai_clip
 
-    return _convert_openai_clip(state_dict, None, prefix=prefix)  # type: ignore[arg-type]
+    return _convert_openai_clip(state_dict, None)  # type: ignore[arg-type]
 
 
-def hf_clip_to_timm(state_dict: StateDict, prefix: str = "vision_model.") -> StateDict:
+def hf_clip_to_timm(state_dict: StateDict) -> StateDict:
     """Hugging Face transformers CLIP image tower -> timm ``VisionTransformer`` keys (like :func:`openai_clip_to_timm`).
 
     ``q_proj``/``k_proj``/``v_proj`` are concatenated into timm's fused ``qkv`` (rows [q; k; v]); ``pre_layrnorm``
@@ -141,9 +143,9 @@ def hf_clip_to_timm(state_dict: StateDict, prefix: str = "vision_model.") -> Sta
             out["head.weight"] = value
             out["head.bias"] = torch.zeros(value.shape[0], dtype=value.dtype)
             continue
-        if not key.startswith(prefix):
+        if not key.startswith("vision_model."):
             continue
-        k = key[len(prefix) :]
+        k = key.removeprefix("vision_model.")
         if k == "embeddings.class_embedding":
             out["cls_token"] = value.reshape(1, 1, -1)
         elif k == "embeddings.position_embedding.weight":
@@ -189,7 +191,7 @@ def mmpretrain_classifier_to_milan(state_dict: StateDict) -> tuple[str, StateDic
     return ("finetune" if finetune else "linear_probe"), out, unmapped
 
 
-def milan_orig_to_milan(state_dict: StateDict) -> tuple[str, StateDict, list[str]]:
+def milan_orig_to_milan(state_dict: StateDict) -> tuple[OrigKind, StateDict]:
     """Original MILAN / MAE checkpoints (``{'model': ...}`` with timm-0.3.2 key names) -> ours.
 
     Pretraining models (``blocks.N``, ``norm``, ``decoder_*``, ``mask_token``) become a MILAN student
@@ -198,25 +200,25 @@ def milan_orig_to_milan(state_dict: StateDict) -> tuple[str, StateDict, list[str
     linear-probe models (``head.0`` BatchNorm + ``head.1`` Linear) a :class:`~milan.models.classifier.LinearProbe`.
 
     Returns:
-        (kind, state_dict, unmapped_keys) with kind ``"milan"``, ``"finetune"``, ``"linear_probe"`` or ``"encoder"``.
+        (kind, state_dict).
     """
     if any(k.startswith("decoder_") for k in state_dict):
         out = {
             ("student.decoder." if k.startswith("decoder_") or k == "mask_token" else "student.encoder.") + k: v
             for k, v in state_dict.items()
         }
-        return "milan", out, []
+        return "milan", out
     if "head.0.running_mean" in state_dict:
         rename = {"head.0.": "head.bn.", "head.1.": "head.fc."}
         out = {}
         for k, v in state_dict.items():
             prefix = next((p for p in rename if k.startswith(p)), None)
             out[rename[prefix] + k[len(prefix) :] if prefix else "encoder." + k] = v
-        return "linear_probe", out, []
+        return "linear_probe", out
     if "fc_norm.weight" in state_dict:
         out = {(k if k.startswith(("fc_norm.", "head.")) else "encoder." + k): v for k, v in state_dict.items()}
-        return "finetune", out, []
-    return "encoder", dict(state_dict), []
+        return "finetune", out
+    return "encoder", dict(state_dict)
 
 
 # Our encoder <-> Hugging Face ``ViTModel`` (the fused qkv is split/merged separately): (ours, HF) name templates;
@@ -234,14 +236,12 @@ _HF_VIT = [
 ]
 
 
-def _both_ways(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
-    """:func:`_rename` rules from ``(a, b)`` name templates: ``a -> b``, or ``b -> a`` with ``reverse``."""
+def _template_rules(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """:func:`_rename` rules from ``(src, dst)`` name templates."""
 
     def pattern(name: str) -> str:
         return "^" + re.escape(name).replace(r"\{\}", r"(\d+)") + ("" if name.endswith(".") else "$")
 
-    if reverse:
-        pairs = [(b, a) for a, b in pairs]
     return [(pattern(src), dst.replace("{}", r"\1")) for src, dst in pairs]
 
 
@@ -251,7 +251,7 @@ def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
     The fused ``qkv`` splits into ``query``/``key``/``value``; the final ``norm`` is ``ViTModel.layernorm`` (applied
     to every token of ``last_hidden_state``). No pooler is written (load with ``add_pooling_layer=False``).
     """
-    rules = _both_ways(_HF_VIT)
+    rules = _template_rules(_HF_VIT)
     out: StateDict = {}
     for key, value in state_dict.items():
         if m := re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key):
@@ -269,7 +269,7 @@ def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
 
 def hf_vit_to_encoder(state_dict: StateDict) -> StateDict:
     """Hugging Face ``ViTModel`` weights (on-disk names, as :func:`encoder_to_hf_vit` writes) -> our encoder keys."""
-    rules = _both_ways(_HF_VIT, reverse=True)
+    rules = _template_rules([(b, a) for a, b in _HF_VIT])
     out: StateDict = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -298,7 +298,6 @@ _HF_ACTS: dict[str, Act] = {
 def openai_tower(
     sd: StateDict,
     *,
-    prefix: str = "visual.",
     act: Act | None = None,
     norm_eps: float | None = None,
     num_heads: int | None = None,
@@ -307,14 +306,14 @@ def openai_tower(
     """An OpenAI-layout CLIP image tower (``visual.conv1.weight`` ...) -> timm keys and spec (QuickGELU, eps 1e-5).
 
     Returns:
-        (timm_state_dict, spec, dropped_keys): the dropped keys are the text tower's and other non-``prefix`` keys.
+        (timm_state_dict, spec, dropped_keys): the dropped keys are the text tower's and other non-``visual.`` keys.
     """
     required = ["conv1.weight", "positional_embedding", "class_embedding", "ln_post.weight"]
-    missing = [prefix + k for k in required if prefix + k not in sd]
+    missing = ["visual." + k for k in required if "visual." + k not in sd]
     if missing:
         raise CheckpointError(f"not an OpenAI-layout CLIP image tower: missing keys {missing}")
-    converted = openai_clip_to_timm(sd, prefix=prefix)
-    if prefix + "proj" not in sd:  # towers exported without the projection: features are the LN'd tokens
+    converted = openai_clip_to_timm(sd)
+    if "visual.proj" not in sd:  # towers exported without the projection: features are the LN'd tokens
         converted.pop("head.weight", None)
         converted.pop("head.bias", None)
     spec = infer_tower(
@@ -324,7 +323,7 @@ def openai_tower(
         num_heads=num_heads,
         img_size=img_size,
     )
-    return converted, spec, [k for k in sd if not k.startswith(prefix)]
+    return converted, spec, [k for k in sd if not k.startswith("visual.")]
 
 
 def open_clip_tower(

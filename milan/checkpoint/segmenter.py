@@ -50,11 +50,6 @@ def segmenter_spec(
     }  # fmt: skip
 
 
-def is_segmentation_spec(data: Any) -> bool:
-    """Whether a stored ``"spec"`` entry is a segmentation model's."""
-    return isinstance(data, dict) and data.get("kind") == KIND
-
-
 def segmentation_spec(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The segmentation spec of a checkpoint file, or ``None`` (another kind of checkpoint, or not one we can read).
 
@@ -65,7 +60,7 @@ def segmentation_spec(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     except Exception:  # not a zip checkpoint, or unreadable: the caller's own reader reports it
         return None
     spec = blob.get("spec") if isinstance(blob, dict) else None
-    return spec if is_segmentation_spec(spec) else None
+    return spec if isinstance(spec, dict) and spec.get("kind") == KIND else None
 
 
 def load_segmenter(path: str | os.PathLike[str]) -> tuple[SegmentationModel, dict[str, Any]]:
@@ -76,9 +71,8 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[SegmentationModel, dic
     """
     blob = safe_load(path)
     spec = blob.get("spec") if isinstance(blob, dict) else None
-    if not is_segmentation_spec(spec):
+    if not isinstance(spec, dict) or spec.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a checkpoint of milan segment (no segmentation model spec)")
-    assert isinstance(spec, dict)
     if int(spec.get("version", 0)) > SPEC_VERSION:
         raise CheckpointError(
             f"{path}: the stored model spec is version {spec['version']}, newer than this milan understands "
@@ -90,6 +84,3 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[SegmentationModel, dic
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the weights do not fit the stored spec: {str(e).splitlines()[0]}") from e
     return model.eval(), spec
-
-
-__all__ = ["KIND", "is_segmentation_spec", "load_segmenter", "segmentation_spec", "segmenter_spec"]

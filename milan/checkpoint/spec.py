@@ -225,18 +225,6 @@ class ModelSpec:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the stored model spec is malformed ({type(e).__name__}: {e})") from e
 
-    def hints(self) -> dict[str, Any]:
-        """The facts checkpoint readers use (``num_heads``, ``tower`` ...)."""
-        out: dict[str, Any] = {"spec": self, "num_heads": self.encoder.num_heads}
-        if self.decoder is not None:
-            out["decoder_num_heads"] = self.decoder.num_heads
-        if self.head is not None:
-            out["global_pool"] = self.head.global_pool
-        if self.teacher is not None:
-            out["tower"] = out["teacher_spec"] = self.teacher.tower.to_dict()
-            out["teacher_input_norm"] = self.teacher.input_norm
-        return out
-
 
 def _fields(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
@@ -244,19 +232,26 @@ def _fields(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
 
 
 def spec_hints(data: Any) -> dict[str, Any]:
-    """:meth:`ModelSpec.hints` of a stored spec record (``{}`` when there is none)."""
+    """The facts checkpoint readers take from a stored spec (``num_heads``, ``tower`` ...; ``{}`` if there is none)."""
     if data is None:
         return {}
-    if isinstance(data, ModelSpec):
-        return data.hints()
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, ModelSpec)):
         raise CheckpointError(f"the stored model spec is malformed (a {type(data).__name__}, not a dict)")
-    if data.get("kind") == "segmentation":  # milan.checkpoint.segmenter's record
+    if isinstance(data, dict) and data.get("kind") == "segmentation":  # milan.checkpoint.segmenter's record
         raise CheckpointError(
             "a milan segment checkpoint (a segmentation model, not a pretrained encoder or a classifier): "
             "milan evaluate and milan visualize read it"
         )
-    return ModelSpec.from_dict(data).hints()
+    spec = data if isinstance(data, ModelSpec) else ModelSpec.from_dict(data)
+    out: dict[str, Any] = {"spec": spec, "num_heads": spec.encoder.num_heads}
+    if spec.decoder is not None:
+        out["decoder_num_heads"] = spec.decoder.num_heads
+    if spec.head is not None:
+        out["global_pool"] = spec.head.global_pool
+    if spec.teacher is not None:
+        out["tower"] = out["teacher_spec"] = spec.teacher.tower.to_dict()
+        out["teacher_input_norm"] = spec.teacher.input_norm
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

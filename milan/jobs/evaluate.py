@@ -104,7 +104,7 @@ def evaluate_checkpoint(
         )
         dataset = build_dataset(data, pipeline, key="--data", labelled=True, per_class=per_class)
         data_notes = match_classes(dataset, head.class_names, head.num_classes)
-        notes = [*resolved.notes, *data_notes]
+        notes = [*resolved.assumed.values(), *data_notes]
         if dist.is_main():
             for note in notes:
                 warn_(note)

@@ -364,7 +364,7 @@ def visualize(
     ck = read_checkpoint(checkpoint)
     resolved = resolve_spec(ck, crop_pct=crop_pct)
     resolved.adopt(ck)  # reported here, once
-    for note in resolved.notes:
+    for note in resolved.assumed.values():
         (warn or _python_warning)(note)
     spec = resolved.spec
     if ck.kind != "milan" or spec.decoder is None:
