@@ -235,13 +235,10 @@ def knn_accuracy(
 # The feature cache
 
 
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:

@@ -272,18 +272,6 @@ def _describe_data(cfg: PretrainConfig, loader: Iterable[Any], steps_per_epoch: 
     return f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
 
 
-def precision_note(precision: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """One line when the run computes in another precision than ``runtime.precision`` asked for, else ``None``."""
-    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(precision)
-    if asked is None or asked == dtype:
-        return None
-    got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-    return (
-        f"runtime.precision={precision} runs in {got} on {device.type}: mixed precision is used on CUDA only; "
-        f"set runtime.precision=auto (or {got}) to silence this"
-    )
-
-
 def _log_start(
     s: Session, run: RunContext, cfg: PretrainConfig, model: MILAN, optimizer: torch.optim.Optimizer, flops: float
 ) -> None:
@@ -295,9 +283,13 @@ def _log_start(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
-    note = precision_note(rt.precision, run.device, run.dtype)
-    if note is not None:
-        log.warning(note)
+    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(rt.precision)
+    if asked is not None and asked != run.dtype:  # runtime.precision cannot be honoured here
+        got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(run.dtype, str(run.dtype))
+        log.warning(
+            f"runtime.precision={rt.precision} runs in {got} on {run.device.type}: mixed precision is used on CUDA "
+            f"only; set runtime.precision=auto (or {got}) to silence this"
+        )
     compiled = "off"
     if rt.compile:
         compiled = "student" + (" + teacher" if rt.compile_teacher and teacher is not None else "")

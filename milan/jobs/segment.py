@@ -293,6 +293,3 @@ def run(args: argparse.Namespace) -> int:
     if not args.print_config:
         segment(cfg, resume=args.resume)
     return 0
-
-
-__all__ = ["add_arguments", "describe_scores", "run", "segment", "split_pairs"]

@@ -193,6 +193,3 @@ def visualize_segmentation(
     return render_segmentation(
         images, truths, preds, out, class_names=lab["class_names"], names=[p.name for p in paths], title=title
     )
-
-
-__all__ = ["colorize", "palette", "predict_labels", "render_segmentation", "visualize_segmentation"]

@@ -143,20 +143,18 @@ def compute_views(
     )
 
 
-def pca_rgb(target: torch.Tensor, pred: torch.Tensor, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_rgb(target: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps (B, L, D) target and predicted features to (B, L, 3) colours in [0, 1] with one PCA basis of the targets.
 
-    Each token is L2-normalised first (``normalize``; the MILAN loss compares directions only). The three leading
+    Each token is L2-normalised first (the MILAN loss compares directions only). The three leading
     principal directions of the targets (all images together) are the colour axes; each axis is scaled so that the
     targets' 1st-99th percentiles span [0, 1], and the same scaling is applied to the predictions.
     """
     if target.shape != pred.shape:
         raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
     b, n, d = target.shape
-    t = target.reshape(b * n, d).double()
-    p = pred.reshape(b * n, d).double()
-    if normalize:
-        t, p = F.normalize(t, dim=1), F.normalize(p, dim=1)
+    t = F.normalize(target.reshape(b * n, d).double(), dim=1)
+    p = F.normalize(pred.reshape(b * n, d).double(), dim=1)
     mean = t.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(t - mean, full_matrices=False)  # rows of vh: principal directions
     k = min(3, vh.shape[0])

@@ -110,7 +110,7 @@ def start_run(
     """Sets a job up and holds its run folder until the end.
 
     Joins the process group (:func:`process_group`, with ``runtime.dist_timeout_s``), applies the runtime section
-    (:func:`setup_runtime`), and on the main process takes the run folder: locks it, checks that it and its
+    (CPU threads, TF32), and on the main process takes the run folder: locks it, checks that it and its
     checkpoint paths are writable, removes temporary files a killed run left, and finds the resume checkpoint.
 
     Args:
@@ -132,7 +132,12 @@ def start_run(
     """
     t_start = time.perf_counter()
     with process_group(runtime.device, runtime.dist_timeout_s) as device:
-        dtype = setup_runtime(runtime, device)
+        if runtime.cpu_threads is not None:
+            torch.set_num_threads(runtime.cpu_threads)
+        if device.type == "cuda" and runtime.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = resolve_dtype(runtime.precision, device)
         lock: RunLock | None = None
         taken: tuple[Path, Path | None, FinishedRun | None] | None = None
         error: tuple[type[Exception], str] | None = None
@@ -153,16 +158,6 @@ def start_run(
         finally:
             if lock is not None:
                 lock.release()
-
-
-def setup_runtime(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
-    """Applies CPU threads and TF32 from the runtime section; returns the compute dtype."""
-    if runtime.cpu_threads is not None:
-        torch.set_num_threads(runtime.cpu_threads)
-    if device.type == "cuda" and runtime.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return resolve_dtype(runtime.precision, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -351,16 +346,3 @@ def _finished(
         f"with {how}"
     )
     return FinishedRun(state, path, list(ckpt.get("eval_history") or []))
-
-
-__all__ = [
-    "FinishedRun",
-    "RunContext",
-    "RunFolderError",
-    "RunLock",
-    "process_group",
-    "seed_everything",
-    "setup_runtime",
-    "start_run",
-    "usable_checkpoint",
-]
