@@ -184,7 +184,6 @@ def _python_warning(text: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan evaluate``'s arguments."""
     parser.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="classifier (ours or mmpretrain) or segmentation checkpoint"
     )
@@ -213,7 +212,6 @@ def _print_warning(note: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan evaluate``."""
     if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
         return _run_segmentation(args)
     with process_group(args.device):  # here too, so that only the main process prints

@@ -219,12 +219,10 @@ def _recipe_line(cfg: FinetuneConfig, depth: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan finetune``'s arguments."""
     add_run_arguments(parser, "configs/finetune/cifar10_tiny_cpu.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan finetune``."""
     cfg = job_config(args, FinetuneConfig, check_finetune)
     if not args.print_config:
         finetune(cfg, resume=args.resume)

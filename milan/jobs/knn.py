@@ -237,8 +237,11 @@ def knn_accuracy(
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -299,12 +302,10 @@ class FeatureCache:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan knn``'s arguments."""
     add_run_arguments(parser, "configs/knn/cifar10_tiny_cpu.yaml", resume=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan knn``."""
     cfg = job_config(args, KnnConfig, check_knn)
     if not args.print_config:
         knn(cfg)

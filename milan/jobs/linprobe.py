@@ -217,12 +217,10 @@ def describe_grid(metrics: Metrics) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan linprobe``'s arguments."""
     add_run_arguments(parser, "configs/linprobe/cifar10_tiny_cpu.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan linprobe``."""
     cfg = job_config(args, LinprobeConfig, check_linprobe)
     if not args.print_config:
         linprobe(cfg, resume=args.resume)

@@ -117,14 +117,12 @@ def _save(fig: Any, out: str | os.PathLike[str], title: str) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan plot``'s arguments."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (with metrics.jsonl) or the file itself")
     parser.add_argument("--out", "-o", metavar="FILE.png", help="output image (default: RUN_DIR/plot.png)")
     parser.add_argument("--title", help="figure title")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan plot``."""
     source = Path(args.run_dir)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "plot.png"
     written = save_plot(source, out, args.title)

@@ -338,12 +338,10 @@ def _finish(cfg: PretrainConfig, s: Session, t_start: float) -> Summary:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan pretrain``'s arguments."""
     add_run_arguments(parser, "configs/pretrain/demo_cpu.yaml", overrides_example="batch_size=64 optim.blr=3e-4")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan pretrain``."""
     cfg = job_config(args, PretrainConfig, check_pretrain)
     if not args.print_config:
         pretrain(cfg, resume=args.resume)

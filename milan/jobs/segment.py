@@ -280,7 +280,6 @@ def _log_setup(
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan segment``'s arguments."""
     add_run_arguments(
         parser, "configs/segment/camvid_tiny_cpu.yaml",
         overrides_example="data.root=DIR encoder.pretrained=runs/demo/checkpoints/last.pt",
@@ -288,7 +287,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan segment``."""
     cfg = job_config(args, SegmentConfig, check_segment)
     if not args.print_config:
         segment(cfg, resume=args.resume)

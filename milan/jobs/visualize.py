@@ -389,7 +389,6 @@ def visualize(
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan visualize``'s arguments."""
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders, lists or builtin:samples")
     parser.add_argument(
         "--checkpoint", "-c", required=True, metavar="CKPT", help="a pretraining (or milan segment) checkpoint"
@@ -415,7 +414,6 @@ def _print_warning(note: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan visualize``."""
     if args.max_images < 1:
         raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
