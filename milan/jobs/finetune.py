@@ -52,15 +52,7 @@ COMMANDS = {"finetune": "end-to-end fine-tuning with layer-wise lr decay"}
 
 
 def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
-    """Runs fine-tuning.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
-
-    Returns:
-        The run's result (every process; only the main one writes files).
-    """
+    """Runs fine-tuning (``resume``: see :func:`milan.train.run.start_run`); every process returns the result."""
     check_finetune(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
         if run.finished is not None:

@@ -61,16 +61,11 @@ class Summary:
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
-    """Runs MILAN pretraining.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"`` (newest valid checkpoint in ``cfg.out_dir``, or a fresh start there), a checkpoint
-            path, or ``None`` (a fresh run; an ``out_dir`` that already holds a run gets a ``-2``, ``-3`` ... suffix).
+    """Runs MILAN pretraining (``resume``: see :func:`milan.train.run.start_run`).
 
     Returns:
-        The run summary (on every process; only the main one writes files). A resumed run that is already finished
-        returns at once, without touching its folder.
+        The run summary, on every process. A resumed run that is already finished returns at once, without touching
+        its folder.
 
     Raises:
         RunInterrupted: SIGTERM or SIGINT stopped the run after a step; a resumable checkpoint was written.

@@ -59,14 +59,10 @@ COMMANDS = {"segment": "semantic segmentation: UperNet on a pretrained encoder (
 
 
 def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
-    """Trains and evaluates a segmentation model.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
+    """Trains and evaluates a segmentation model (``resume``: see :func:`milan.train.run.start_run`).
 
     Returns:
-        The run's result (every process; only the main one writes files); ``summary["segmenter"]`` is the model file.
+        The run's result, on every process; ``summary["segmenter"]`` is the model file.
     """
     check_segment(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:

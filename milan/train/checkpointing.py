@@ -179,7 +179,6 @@ class Checkpointer:
     """Writes and finds the checkpoints of one run folder (in ``run_dir/checkpoints``).
 
     Args:
-        run_dir: The run folder.
         keep: Numbered copies to keep (0: keep only ``last.pt``).
         every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
         enabled: Whether this process writes (only the main process should).

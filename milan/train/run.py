@@ -61,9 +61,7 @@ class RunContext:
     """What :func:`start_run` gives a job.
 
     Attributes:
-        device: This process's device.
         dtype: Compute dtype (autocast, grad scaler).
-        run_dir: The run folder.
         resume_from: Checkpoint to resume from (``None``: a fresh start).
         finished: Set when the resumed run is already complete: the job should return without writing anything.
         t_start: ``time.perf_counter()`` when the job started (for its wall time).
