@@ -24,7 +24,7 @@ def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], titl
     Returns:
         ``out``, or ``None`` when the log has no training records yet.
     """
-    plt, path = _pyplot(), _log_file(metrics)
+    plt, path = pyplot(), _log_file(metrics)
     records = [r for r in read_metrics(path) if isinstance(r.get("step"), int)]
     if not records:
         return None
@@ -56,7 +56,7 @@ def save_eval_plot(
     Returns:
         ``(out, what was drawn)``, or ``(None, what the log holds)`` when there is nothing to draw.
     """
-    plt, path = _pyplot(), _log_file(metrics)
+    plt, path = pyplot(), _log_file(metrics)
     records = read_metrics(path, event=None)
     evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get("top1"), (int, float))]
     by_k = next((r["by_k"] for r in reversed(records) if isinstance(r.get("by_k"), dict) and r["by_k"]), None)
@@ -89,7 +89,8 @@ def save_eval_plot(
     return _save(fig, out, title if title is not None else path.parent.name), what
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """Matplotlib's pyplot, drawing to files only (the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,10 +110,15 @@ def _log_file(metrics: str | os.PathLike[str]) -> Path:
 
 def _save(fig: Any, out: str | os.PathLike[str], title: str) -> Path:
     fig.suptitle(title)
+    return save_figure(fig, out, dpi=110)
+
+
+def save_figure(fig: Any, out: str | os.PathLike[str], dpi: int) -> Path:
+    """Writes ``fig`` to ``out`` (creating its folder) and closes it."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 

@@ -37,6 +37,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from milan.checkpoint.segmenter import segmentation_spec
 from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
 from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from milan.jobs.plot import pyplot, save_figure
 from milan.jobs.segment_viz import visualize_segmentation
 from milan.losses import normalize_patches
 from milan.models.milan import MILAN, Masking, patchify
@@ -223,10 +224,7 @@ def render(
 
     ``normalized_images`` (the ImageNet-normalised inputs) are needed for a pixel-target model's reconstruction.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     b = views.images.shape[0]
@@ -285,11 +283,7 @@ def render(
         or f"{views.masking} masking, ratio {views.mask_ratio:g}; loss {views.loss:.4f}; PCA basis fitted on targets",
         fontsize=10,
     )
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, DPI)
 
 
 def load_images(
