@@ -540,7 +540,6 @@ def derive_segment(cfg: SegmentConfig, world_size: int, batches_per_epoch: int) 
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:
-    """Value checks of a pretraining config."""
     _check_run(cfg)
     _check_compile(cfg.runtime)
     check_model(cfg.model, prefix="model.")
@@ -568,7 +567,6 @@ def check_pretrain(cfg: PretrainConfig) -> None:
 
 
 def check_linprobe(cfg: LinprobeConfig) -> None:
-    """Value checks of a linear-probe config."""
     _check_run(cfg)
     _check_images(cfg.data)
     _check_encoder(cfg.encoder)
@@ -579,7 +577,6 @@ def check_linprobe(cfg: LinprobeConfig) -> None:
 
 
 def check_finetune(cfg: FinetuneConfig) -> None:
-    """Value checks of a fine-tuning config."""
     _check_run(cfg)
     _check_compile(cfg.runtime)
     _check_images(cfg.data)
@@ -593,7 +590,6 @@ def check_finetune(cfg: FinetuneConfig) -> None:
 
 
 def check_knn(cfg: KnnConfig) -> None:
-    """Value checks of a k-NN config."""
     _check_run(cfg)
     _check_images(cfg.data)
     _check_encoder(cfg.encoder)
@@ -603,7 +599,6 @@ def check_knn(cfg: KnnConfig) -> None:
 
 
 def check_segment(cfg: SegmentConfig) -> None:
-    """Value checks of a segmentation config."""
     _check_run(cfg)
     _check_compile(cfg.runtime)
     _check_encoder(cfg.encoder)
@@ -626,13 +621,8 @@ def check_segment(cfg: SegmentConfig) -> None:
         )
 
 
-def validate(cfg: T) -> T:
-    """``cfg`` checked as if it were read from a file (types and declared ranges): for configs built in Python."""
-    return _from_raw(type(cfg), to_dict(cfg))
-
-
 def _check_run(cfg: RunConfig | KnnConfig) -> None:
-    validate(cfg)
+    _from_raw(type(cfg), to_dict(cfg))  # types and declared ranges, as if read from a file (configs built in Python)
     if isinstance(cfg, RunConfig) and cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         sch = cfg.schedule
         raise ConfigError(
