@@ -819,8 +819,6 @@ def type_name(tp: Any) -> str:
         return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
-    if tp is Ellipsis:
-        return "..."
     return getattr(tp, "__name__", str(tp))
 
 
@@ -884,9 +882,8 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise wrong
-        if origin is list or args[-1:] == (Ellipsis,):
-            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-            return items if origin is list else tuple(items)
+        if origin is list:
+            return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         if len(value) != len(args):
             raise ConfigError(f"config key {key!r} expects {len(args)} values ({type_name(tp)}), got {value!r}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
