@@ -224,7 +224,7 @@ def knn_accuracy(
     out: dict[int, dict[str, float]] = {}
     for k in ks:
         scores = knn_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)  # (m, C)
-        meter = TopKAccuracy((1, 5))
+        meter = TopKAccuracy()
         meter.update(scores, query_y)
         meter.load_counts(dist.all_reduce_sum(meter.counts().to(device)).cpu())
         out[k] = meter.compute()

@@ -177,11 +177,9 @@ class RunLogger:
             f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
 
     def warning(self, message: str) -> None:
-        """:meth:`info` with a ``WARNING:`` prefix."""
         self.info(f"WARNING: {message}")
 
     def close(self) -> None:
-        """Closes the bar and flushes TensorBoard."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -159,7 +159,6 @@ def start_run(
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
