@@ -113,9 +113,7 @@ def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
                           epochs=epochs)  # fmt: skip
         with session as s:
             s.extra["spec"] = spec
-            _log_setup(
-                s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels, crop, epochs
-            )
+            _log_setup(s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels)
             with s.training():
                 while s.epochs_left():
                     model.train()
@@ -240,11 +238,10 @@ def _log_setup(
     n_train: int,
     n_val: int,
     labels: LabelSpec,
-    crop: int,
-    epochs: int,
 ) -> None:
     """The start-of-run lines: encoder, model, data, recipe."""
     m, data, e, sch, d = cfg.model, cfg.data, cfg.eval, cfg.schedule, s.derived
+    crop = e.crop or data.crop_size
     enc = model.encoder
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     s.log.info(header)
@@ -265,7 +262,7 @@ def _log_setup(
     every = e.every_steps
     s.log.info(
         f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay}; "
-        f"{length} over {epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, then poly "
+        f"{length} over {s.epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, then poly "
         f"(power {sch.power}) to {sch.min_lr:g}; evaluation " + (f"every {every} steps and at the end" if every else
                                                                  "at the end")
     )  # fmt: skip
