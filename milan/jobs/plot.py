@@ -45,7 +45,8 @@ def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], titl
         top.set_xlabel("epoch")
     if "mfu" in last:
         axes[2].set_ylabel(f"images / s (last MFU {100 * float(last['mfu']):.1f} %)")
-    return _save(fig, out, title if title is not None else path.parent.name)
+    fig.suptitle(title if title is not None else path.parent.name)
+    return save_figure(fig, out, dpi=110)
 
 
 def save_eval_plot(
@@ -86,7 +87,8 @@ def save_eval_plot(
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, out, title if title is not None else path.parent.name), what
+    fig.suptitle(title if title is not None else path.parent.name)
+    return save_figure(fig, out, dpi=110), what
 
 
 def pyplot() -> Any:
@@ -106,11 +108,6 @@ def _log_file(metrics: str | os.PathLike[str]) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics log at {path}")
     return path
-
-
-def _save(fig: Any, out: str | os.PathLike[str], title: str) -> Path:
-    fig.suptitle(title)
-    return save_figure(fig, out, dpi=110)
 
 
 def save_figure(fig: Any, out: str | os.PathLike[str], dpi: int) -> Path:
