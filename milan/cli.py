@@ -28,14 +28,6 @@ EPILOG = (
 )
 
 
-def version_line() -> str:
-    """``milan-pretrain X (torch Y, timm Z, Python W)``."""
-    from milan import __version__
-
-    parts = [f"{name} {importlib.import_module(name).__version__}" for name in ("torch", "timm")]
-    return f"milan-pretrain {__version__} ({', '.join(parts)}, Python {platform.python_version()})"
-
-
 def _format_warning(
     message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
 ) -> str:
@@ -64,7 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     available = commands()
     parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in available.items()}
     if argv[:1] in (["--version"], ["-V"]):
-        print(version_line())
+        from milan import __version__
+
+        parts = [f"{name} {importlib.import_module(name).__version__}" for name in ("torch", "timm")]
+        print(f"milan-pretrain {__version__} ({', '.join(parts)}, Python {platform.python_version()})")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

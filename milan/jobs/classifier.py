@@ -30,8 +30,6 @@ from milan.train.loop import TrainState
 from milan.train.run import FinishedRun
 from milan.train.session import Metrics, Session
 
-_ENCODER_KINDS = ("milan", "encoder", "linear_probe", "finetune")
-
 
 def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) -> tuple[VisionTransformer, str]:
     """Builds the encoder named by ``src`` and loads its weights (strictly, stored position table included).
@@ -53,7 +51,7 @@ def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) 
         enc_cfg = dataclasses.replace(model_config(src.model_name).encoder, drop_path_rate=drop_path_rate)
         return build_encoder(enc_cfg), f"RANDOMLY initialised {src.model_name} encoder (no encoder.pretrained)"
     ck = read_checkpoint(src.pretrained, num_heads=src.num_heads)
-    if ck.kind not in _ENCODER_KINDS:
+    if ck.kind not in ("milan", "encoder", "linear_probe", "finetune"):
         raise CheckpointError(f"{src.pretrained}: a {ck.format} {ck.kind} checkpoint holds no student encoder")
     resolved = resolve_spec(ck, heads_flag="encoder.num_heads=N")
     resolved.adopt(ck)  # an assumed head count is reported in the description below

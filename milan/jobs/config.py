@@ -152,7 +152,6 @@ def format_table(rows: list[KeyInfo]) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan config``'s arguments."""
     parser.add_argument(
         "words",
         nargs="*",

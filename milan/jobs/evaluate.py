@@ -184,7 +184,6 @@ def _python_warning(text: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan evaluate``'s arguments."""
     parser.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="classifier (ours or mmpretrain) or segmentation checkpoint"
     )
@@ -213,9 +212,20 @@ def _print_warning(note: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan evaluate``."""
     if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
-        return _run_segmentation(args)
+        with process_group(args.device):
+            result = evaluate_segmenter(
+                args.checkpoint, args.data, num_workers=args.num_workers, device=args.device, precision=args.precision,
+                progress=not args.no_progress,
+            )  # fmt: skip
+            if dist.is_main():
+                print(
+                    f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
+                    f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
+                    + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
+                )
+                _write_json(args.out, result)
+        return 0
     with process_group(args.device):  # here too, so that only the main process prints
         result = evaluate_checkpoint(
             args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
@@ -240,19 +250,3 @@ def _write_json(path: str | None, result: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _run_segmentation(args: argparse.Namespace) -> int:
-    with process_group(args.device):
-        result = evaluate_segmenter(
-            args.checkpoint, args.data, num_workers=args.num_workers, device=args.device, precision=args.precision,
-            progress=not args.no_progress,
-        )  # fmt: skip
-        if dist.is_main():
-            print(
-                f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
-                f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
-                + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
-            )
-            _write_json(args.out, result)
-    return 0

@@ -46,7 +46,6 @@ def _read_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds the arguments of ``export``, ``convert`` or ``inspect``."""
     formats = ("auto", *FORMATS)
     if command == "export":
         parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint file or folder")

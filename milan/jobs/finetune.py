@@ -52,15 +52,7 @@ COMMANDS = {"finetune": "end-to-end fine-tuning with layer-wise lr decay"}
 
 
 def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
-    """Runs fine-tuning.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
-
-    Returns:
-        The run's result (every process; only the main one writes files).
-    """
+    """Runs fine-tuning (``resume``: see :func:`milan.train.run.start_run`); every process returns the result."""
     check_finetune(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
         if run.finished is not None:
@@ -219,12 +211,10 @@ def _recipe_line(cfg: FinetuneConfig, depth: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan finetune``'s arguments."""
     add_run_arguments(parser, "configs/finetune/cifar10_tiny_cpu.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan finetune``."""
     cfg = job_config(args, FinetuneConfig, check_finetune)
     if not args.print_config:
         finetune(cfg, resume=args.resume)

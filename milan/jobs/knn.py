@@ -224,7 +224,7 @@ def knn_accuracy(
     out: dict[int, dict[str, float]] = {}
     for k in ks:
         scores = knn_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)  # (m, C)
-        meter = TopKAccuracy((1, 5))
+        meter = TopKAccuracy()
         meter.update(scores, query_y)
         meter.load_counts(dist.all_reduce_sum(meter.counts().to(device)).cpu())
         out[k] = meter.compute()
@@ -235,11 +235,11 @@ def knn_accuracy(
 # The feature cache
 
 
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
 
@@ -302,12 +302,10 @@ class FeatureCache:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan knn``'s arguments."""
     add_run_arguments(parser, "configs/knn/cifar10_tiny_cpu.yaml", resume=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan knn``."""
     cfg = job_config(args, KnnConfig, check_knn)
     if not args.print_config:
         knn(cfg)

@@ -14,9 +14,8 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from milan.errors import CheckpointError, ConfigError
 from milan.train.checkpointing import Checkpointer, load_training_checkpoint
@@ -82,10 +81,9 @@ def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None
     ``args.resume`` becomes what the job resumes from (the checkpoint file, or ``"auto"``).
     """
     if getattr(args, "resume", None):
-        resumed = resume_config(cls, args.resume, args.config, args.overrides)
-        cfg, args.resume = resumed.config, resumed.resume
+        cfg, args.resume, notes = resume_config(cls, args.resume, args.config, args.overrides)
         if os.environ.get("RANK", "0") == "0":  # before the process group exists: rank 0 of a torchrun launch
-            for line in resumed.notes:
+            for line in notes:
                 print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)
     else:
         cfg = load_config(cls, args.config, args.overrides)
@@ -95,22 +93,9 @@ def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None
     return cfg
 
 
-@dataclass(frozen=True)
-class Resumed(Generic[C]):
-    """What :func:`resume_config` decided.
-
-    Attributes:
-        config: The run's config (its checkpoint's, with the overrides on top; ``out_dir`` is the run folder).
-        resume: What the job gets: the checkpoint file, or ``"auto"`` (a new run in a folder without checkpoints).
-        notes: Lines to print (the checkpoint used, the changed values, skipped files, dropped keys).
-    """
-
-    config: C
-    resume: str
-    notes: list[str]
-
-
-def resume_config(cls: type[C], resume: str, config: str | None = None, overrides: Sequence[str] = ()) -> Resumed[C]:
+def resume_config(
+    cls: type[C], resume: str, config: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[C, str, list[str]]:
     """The config of a run to resume: the one stored in its checkpoint, with ``overrides`` on top.
 
     Args:
@@ -122,6 +107,11 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
             from the stored config are named in a note and not used); without one (a folder with no checkpoint yet)
             it is the new run's config.
         overrides: ``KEY=VALUE`` strings applied on top (each change is a note ``key: old -> new``).
+
+    Returns:
+        ``(config, resume, notes)``: the run's config (its checkpoint's, with the overrides on top; ``out_dir`` is the
+        run folder), what the job resumes from (the checkpoint file, or ``"auto"``: a new run in a folder without
+        checkpoints) and the lines to print (the checkpoint used, the changed values, skipped files, dropped keys).
 
     Raises:
         ConfigError: A bad override, or nothing to build the config from.
@@ -155,7 +145,7 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
                     "to start a new run there"
                 )
             cfg = dataclasses.replace(load_config(cls, source, overrides), out_dir=str(run_dir))  # type: ignore[type-var]
-            return Resumed(cfg, "auto", notes)
+            return cfg, "auto", notes
         path, ckpt = found
         notes += [f"--resume: skipping unusable checkpoint {bad} ({why})" for bad, why in skipped]
     if not isinstance(ckpt["config"], Mapping):
@@ -180,7 +170,7 @@ def resume_config(cls: type[C], resume: str, config: str | None = None, override
                 f"--config {config}: not used for the resumed run, whose own config differs in {shown}; pass "
                 "KEY=VALUE to change a value"
             )
-    return Resumed(cfg, str(path), notes)
+    return cfg, str(path), notes
 
 
 def _without_retired_keys(cls: type, stored: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

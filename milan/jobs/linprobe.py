@@ -55,15 +55,7 @@ COMMANDS = {"linprobe": "linear probe of a pretrained encoder (BN + linear head,
 
 
 def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
-    """Runs a linear probe.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
-
-    Returns:
-        The run's result (every process; only the main one writes files).
-    """
+    """Runs a linear probe (``resume``: see :func:`milan.train.run.start_run`); every process returns the result."""
     check_linprobe(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
         if run.finished is not None:
@@ -217,12 +209,10 @@ def describe_grid(metrics: Metrics) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan linprobe``'s arguments."""
     add_run_arguments(parser, "configs/linprobe/cifar10_tiny_cpu.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan linprobe``."""
     cfg = job_config(args, LinprobeConfig, check_linprobe)
     if not args.print_config:
         linprobe(cfg, resume=args.resume)

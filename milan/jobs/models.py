@@ -40,11 +40,6 @@ class ParamCounts:
     decoder: int
     teacher: int
 
-    @property
-    def decoder_share(self) -> float:
-        """The decoder's share of the trained (student) parameters."""
-        return self.decoder / max(self.encoder + self.decoder, 1)
-
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     """Exact parameter counts of the model ``cfg`` builds (its teacher as configured, i.e. random-weight shape).
@@ -116,7 +111,7 @@ def models_table() -> list[str]:
             teacher = "none (pixel targets)"
         else:
             teacher = f"{counts.teacher / 1e6:.1f} M ({tea.width}-d x {tea.depth}, /{tea.patch_size})"
-        share = f"{100 * counts.decoder_share:.0f} %"
+        share = f"{100 * counts.decoder / max(counts.encoder + counts.decoder, 1):.0f} %"  # of the student
         rows.append((name, student, f"{counts.encoder / 1e6:.2f} M", f"{counts.decoder / 1e6:.2f} M", share, teacher))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

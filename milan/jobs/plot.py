@@ -24,7 +24,7 @@ def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], titl
     Returns:
         ``out``, or ``None`` when the log has no training records yet.
     """
-    plt, path = _pyplot(), _log_file(metrics)
+    plt, path = pyplot(), _log_file(metrics)
     records = [r for r in read_metrics(path) if isinstance(r.get("step"), int)]
     if not records:
         return None
@@ -45,7 +45,8 @@ def save_plot(metrics: str | os.PathLike[str], out: str | os.PathLike[str], titl
         top.set_xlabel("epoch")
     if "mfu" in last:
         axes[2].set_ylabel(f"images / s (last MFU {100 * float(last['mfu']):.1f} %)")
-    return _save(fig, out, title if title is not None else path.parent.name)
+    fig.suptitle(title if title is not None else path.parent.name)
+    return save_figure(fig, out, dpi=110)
 
 
 def save_eval_plot(
@@ -56,7 +57,7 @@ def save_eval_plot(
     Returns:
         ``(out, what was drawn)``, or ``(None, what the log holds)`` when there is nothing to draw.
     """
-    plt, path = _pyplot(), _log_file(metrics)
+    plt, path = pyplot(), _log_file(metrics)
     records = read_metrics(path, event=None)
     evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get("top1"), (int, float))]
     by_k = next((r["by_k"] for r in reversed(records) if isinstance(r.get("by_k"), dict) and r["by_k"]), None)
@@ -86,10 +87,12 @@ def save_eval_plot(
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, out, title if title is not None else path.parent.name), what
+    fig.suptitle(title if title is not None else path.parent.name)
+    return save_figure(fig, out, dpi=110), what
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """Matplotlib's pyplot, drawing to files only (the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,24 +110,22 @@ def _log_file(metrics: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _save(fig: Any, out: str | os.PathLike[str], title: str) -> Path:
-    fig.suptitle(title)
+def save_figure(fig: Any, out: str | os.PathLike[str], dpi: int) -> Path:
+    """Writes ``fig`` to ``out`` (creating its folder) and closes it."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan plot``'s arguments."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (with metrics.jsonl) or the file itself")
     parser.add_argument("--out", "-o", metavar="FILE.png", help="output image (default: RUN_DIR/plot.png)")
     parser.add_argument("--title", help="figure title")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan plot``."""
     source = Path(args.run_dir)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "plot.png"
     written = save_plot(source, out, args.title)

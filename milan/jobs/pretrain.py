@@ -61,16 +61,11 @@ class Summary:
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
-    """Runs MILAN pretraining.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"`` (newest valid checkpoint in ``cfg.out_dir``, or a fresh start there), a checkpoint
-            path, or ``None`` (a fresh run; an ``out_dir`` that already holds a run gets a ``-2``, ``-3`` ... suffix).
+    """Runs MILAN pretraining (``resume``: see :func:`milan.train.run.start_run`).
 
     Returns:
-        The run summary (on every process; only the main one writes files). A resumed run that is already finished
-        returns at once, without touching its folder.
+        The run summary, on every process. A resumed run that is already finished returns at once, without touching
+        its folder.
 
     Raises:
         RunInterrupted: SIGTERM or SIGINT stopped the run after a step; a resumable checkpoint was written.
@@ -272,18 +267,6 @@ def _describe_data(cfg: PretrainConfig, loader: Iterable[Any], steps_per_epoch: 
     return f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
 
 
-def precision_note(precision: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """One line when the run computes in another precision than ``runtime.precision`` asked for, else ``None``."""
-    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(precision)
-    if asked is None or asked == dtype:
-        return None
-    got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-    return (
-        f"runtime.precision={precision} runs in {got} on {device.type}: mixed precision is used on CUDA only; "
-        f"set runtime.precision=auto (or {got}) to silence this"
-    )
-
-
 def _log_start(
     s: Session, run: RunContext, cfg: PretrainConfig, model: MILAN, optimizer: torch.optim.Optimizer, flops: float
 ) -> None:
@@ -295,9 +278,13 @@ def _log_start(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
-    note = precision_note(rt.precision, run.device, run.dtype)
-    if note is not None:
-        log.warning(note)
+    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(rt.precision)
+    if asked is not None and asked != run.dtype:  # runtime.precision cannot be honoured here
+        got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(run.dtype, str(run.dtype))
+        log.warning(
+            f"runtime.precision={rt.precision} runs in {got} on {run.device.type}: mixed precision is used on CUDA "
+            f"only; set runtime.precision=auto (or {got}) to silence this"
+        )
     compiled = "off"
     if rt.compile:
         compiled = "student" + (" + teacher" if rt.compile_teacher and teacher is not None else "")
@@ -346,12 +333,10 @@ def _finish(cfg: PretrainConfig, s: Session, t_start: float) -> Summary:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan pretrain``'s arguments."""
     add_run_arguments(parser, "configs/pretrain/demo_cpu.yaml", overrides_example="batch_size=64 optim.blr=3e-4")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan pretrain``."""
     cfg = job_config(args, PretrainConfig, check_pretrain)
     if not args.print_config:
         pretrain(cfg, resume=args.resume)

@@ -59,14 +59,10 @@ COMMANDS = {"segment": "semantic segmentation: UperNet on a pretrained encoder (
 
 
 def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
-    """Trains and evaluates a segmentation model.
-
-    Args:
-        cfg: The config.
-        resume: ``"auto"``, a checkpoint path, or ``None`` (see :func:`milan.train.run.start_run`).
+    """Trains and evaluates a segmentation model (``resume``: see :func:`milan.train.run.start_run`).
 
     Returns:
-        The run's result (every process; only the main one writes files); ``summary["segmenter"]`` is the model file.
+        The run's result, on every process; ``summary["segmenter"]`` is the model file.
     """
     check_segment(cfg)
     with start_run(cfg.out_dir, cfg.runtime, resume, schedule=cfg.schedule, done_file="results.json") as run:
@@ -117,9 +113,7 @@ def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
                           epochs=epochs)  # fmt: skip
         with session as s:
             s.extra["spec"] = spec
-            _log_setup(
-                s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels, crop, epochs
-            )
+            _log_setup(s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels)
             with s.training():
                 while s.epochs_left():
                     model.train()
@@ -244,11 +238,10 @@ def _log_setup(
     n_train: int,
     n_val: int,
     labels: LabelSpec,
-    crop: int,
-    epochs: int,
 ) -> None:
     """The start-of-run lines: encoder, model, data, recipe."""
     m, data, e, sch, d = cfg.model, cfg.data, cfg.eval, cfg.schedule, s.derived
+    crop = e.crop or data.crop_size
     enc = model.encoder
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     s.log.info(header)
@@ -269,7 +262,7 @@ def _log_setup(
     every = e.every_steps
     s.log.info(
         f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay}; "
-        f"{length} over {epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, then poly "
+        f"{length} over {s.epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, then poly "
         f"(power {sch.power}) to {sch.min_lr:g}; evaluation " + (f"every {every} steps and at the end" if every else
                                                                  "at the end")
     )  # fmt: skip
@@ -280,7 +273,6 @@ def _log_setup(
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan segment``'s arguments."""
     add_run_arguments(
         parser, "configs/segment/camvid_tiny_cpu.yaml",
         overrides_example="data.root=DIR encoder.pretrained=runs/demo/checkpoints/last.pt",
@@ -288,11 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan segment``."""
     cfg = job_config(args, SegmentConfig, check_segment)
     if not args.print_config:
         segment(cfg, resume=args.resume)
     return 0
-
-
-__all__ = ["add_arguments", "describe_scores", "run", "segment", "split_pairs"]

@@ -25,6 +25,7 @@ from milan.checkpoint.segmenter import load_segmenter
 from milan.data import DataError, ImageDecodeError, open_image, scan_sources
 from milan.data.decode import load_rgb
 from milan.data.segmentation import EvalTransform, LabelSpec, find_label, read_label
+from milan.jobs.plot import pyplot, save_figure
 from milan.models.segmentation import SegmentationModel, slide_inference, whole_inference
 
 CELL_INCHES = 2.6
@@ -93,10 +94,7 @@ def render_segmentation(
         names: Row labels.
         title: Figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     k = len(class_names)
@@ -137,11 +135,7 @@ def render_segmentation(
     if handles:
         legend_ax.legend(handles=handles, loc="center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title or "segmentation", fontsize=10)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, DPI)
 
 
 def visualize_segmentation(
@@ -193,6 +187,3 @@ def visualize_segmentation(
     return render_segmentation(
         images, truths, preds, out, class_names=lab["class_names"], names=[p.name for p in paths], title=title
     )
-
-
-__all__ = ["colorize", "palette", "predict_labels", "render_segmentation", "visualize_segmentation"]

@@ -37,6 +37,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from milan.checkpoint.segmenter import segmentation_spec
 from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
 from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from milan.jobs.plot import pyplot, save_figure
 from milan.jobs.segment_viz import visualize_segmentation
 from milan.losses import normalize_patches
 from milan.models.milan import MILAN, Masking, patchify
@@ -143,20 +144,18 @@ def compute_views(
     )
 
 
-def pca_rgb(target: torch.Tensor, pred: torch.Tensor, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_rgb(target: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps (B, L, D) target and predicted features to (B, L, 3) colours in [0, 1] with one PCA basis of the targets.
 
-    Each token is L2-normalised first (``normalize``; the MILAN loss compares directions only). The three leading
+    Each token is L2-normalised first (the MILAN loss compares directions only). The three leading
     principal directions of the targets (all images together) are the colour axes; each axis is scaled so that the
     targets' 1st-99th percentiles span [0, 1], and the same scaling is applied to the predictions.
     """
     if target.shape != pred.shape:
         raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
     b, n, d = target.shape
-    t = target.reshape(b * n, d).double()
-    p = pred.reshape(b * n, d).double()
-    if normalize:
-        t, p = F.normalize(t, dim=1), F.normalize(p, dim=1)
+    t = F.normalize(target.reshape(b * n, d).double(), dim=1)
+    p = F.normalize(pred.reshape(b * n, d).double(), dim=1)
     mean = t.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(t - mean, full_matrices=False)  # rows of vh: principal directions
     k = min(3, vh.shape[0])
@@ -225,10 +224,7 @@ def render(
 
     ``normalized_images`` (the ImageNet-normalised inputs) are needed for a pixel-target model's reconstruction.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     b = views.images.shape[0]
@@ -287,11 +283,7 @@ def render(
         or f"{views.masking} masking, ratio {views.mask_ratio:g}; loss {views.loss:.4f}; PCA basis fitted on targets",
         fontsize=10,
     )
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, DPI)
 
 
 def load_images(
@@ -391,7 +383,6 @@ def visualize(
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``milan visualize``'s arguments."""
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders, lists or builtin:samples")
     parser.add_argument(
         "--checkpoint", "-c", required=True, metavar="CKPT", help="a pretraining (or milan segment) checkpoint"
@@ -417,7 +408,6 @@ def _print_warning(note: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``milan visualize``."""
     if args.max_images < 1:
         raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

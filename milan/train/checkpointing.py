@@ -127,7 +127,6 @@ def restore_checkpoint(
     optimizer: torch.optim.Optimizer,
     *,
     scaler: torch.amp.GradScaler | None = None,
-    restore_rng: bool = True,
 ) -> TrainState:
     """Loads model, optimizer, scaler and RNG states from a checkpoint; returns its training position.
 
@@ -156,7 +155,7 @@ def restore_checkpoint(
         raise CheckpointError(f"the checkpoint does not match this model/optimizer: {str(e).splitlines()[0]}") from e
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if restore_rng and ckpt.get("rng"):
+    if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     return TrainState(**{k: int(v) for k, v in ckpt["state"].items()})
 
@@ -180,7 +179,6 @@ class Checkpointer:
     """Writes and finds the checkpoints of one run folder (in ``run_dir/checkpoints``).
 
     Args:
-        run_dir: The run folder.
         keep: Numbered copies to keep (0: keep only ``last.pt``).
         every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
         enabled: Whether this process writes (only the main process should).

@@ -117,7 +117,7 @@ class RuntimeConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # Seconds a process waits in a collective (all-reduce, barrier) before giving up, e.g. when another process
     # froze; long enough for a checkpoint write on a slow disk and for torch.compile's first step (torch: 1800).
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: PositiveFloat = 600.0
     tf32: bool = True  # TF32 matmuls on Ampere+ (CUDA only)
     cpu_threads: Positive | None = None  # torch.set_num_threads on CPU; None = torch's default
 
@@ -184,7 +184,7 @@ class DataConfig:
     num_workers: int | None = None  # DataLoader workers per process; None = min(8, available CPU cores)
     max_image_pixels: int | None = 89_478_485  # decompression-bomb guard: larger images are skipped (Pillow's limit)
     # stop when more than this share of an epoch's (or a split's) images was skipped (none usable always stops)
-    max_skip_fraction: float = 0.5
+    max_skip_fraction: Probability = 0.5
 
 
 @dataclass
@@ -195,7 +195,7 @@ class PretrainDataConfig(DataConfig):
     path: str | None = "builtin:samples"
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range (torchvision default)
-    hflip: float = 0.5  # horizontal flip probability
+    hflip: Probability = 0.5  # horizontal flip probability
     # JPEG draft decoding (libjpeg decodes at 1/2, 1/4, 1/8 scale when the crop still covers the output size): faster
     # decoding of large photos, slightly different pixels; off = the references' full decode (milan.data.transforms)
     draft: bool = False
@@ -219,8 +219,8 @@ class ClassifyDataConfig(DataConfig):
 
     train: str | None = None  # required: ImageFolder tree or archive (null in the presets: the data is yours)
     val: str | None = None  # required
-    train_per_class: int | None = None  # the first N images per class, in natural name order (None: all)
-    val_per_class: int | None = None
+    train_per_class: Positive | None = None  # the first N images per class, in natural name order (None: all)
+    val_per_class: Positive | None = None
     # eval: Resize(img_size / crop_pct) + CenterCrop(img_size): 256 -> 224
     crop_pct: Annotated[float, Range(0, 1, lo_open=True)] = 0.875
     max_image_pixels: int | None = 178_956_970  # decompression-bomb guard: larger images are skipped (2 x Pillow's)
@@ -231,7 +231,7 @@ class FinetuneDataConfig(ClassifyDataConfig):
     """Labelled train / validation images; the training view is timm's (see ``aug``)."""
 
     scale: tuple[float, float] = (0.08, 1.0)  # train RandomResizedCrop area range (torchvision default)
-    hflip: float = 0.5  # horizontal flip probability of the training view
+    hflip: Probability = 0.5  # horizontal flip probability of the training view
 
 
 @dataclass
@@ -264,15 +264,15 @@ class AugmentConfig:
 
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy; None disables it
     color_jitter: NonNegativeFloat | None = None  # only used without auto_augment (timm ignores it otherwise)
-    re_prob: float = 0.25  # random erasing probability
+    re_prob: Probability = 0.25  # random erasing probability
     re_mode: Literal["pixel", "rand", "const"] = "pixel"
     re_count: Positive = 1
-    mixup: float = 0.8  # Mixup alpha (0 disables)
-    cutmix: float = 1.0  # CutMix alpha (0 disables)
-    mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
-    switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    mixup: NonNegativeFloat = 0.8  # Mixup alpha (0 disables)
+    cutmix: NonNegativeFloat = 1.0  # CutMix alpha (0 disables)
+    mixup_prob: Probability = 1.0  # probability of applying mixup or cutmix to a batch
+    switch_prob: Probability = 0.5  # probability of CutMix instead of Mixup when both are on
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
-    label_smoothing: float = 0.1
+    label_smoothing: Fraction = 0.1
 
 
 @dataclass
@@ -457,8 +457,8 @@ class KnnConfig(JobConfig):
     feature: Literal["cls", "avg"] = "cls"  # CLS token after the final norm, or the mean of the normed patch tokens
     cache_dir: str | None = "~/.cache/milan/features"  # None disables the feature cache
     cache_dtype: Literal["float16", "float32"] = "float16"
-    query_chunk: int = 256  # test features per similarity chunk
-    train_chunk: int | None = None  # train features per chunk (None: all at once)
+    query_chunk: Positive = 256  # test features per similarity chunk
+    train_chunk: Positive | None = None  # train features per chunk (None: all at once)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -540,7 +540,6 @@ def derive_segment(cfg: SegmentConfig, world_size: int, batches_per_epoch: int) 
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:
-    """Value checks of a pretraining config."""
     _check_run(cfg)
     _check_compile(cfg.runtime)
     check_model(cfg.model, prefix="model.")
@@ -554,7 +553,7 @@ def check_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(
             "data.path is not set: pass data.path=PATH (a folder of images, a .txt list of image paths, or tar shards)"
         )
-    _check_view(d.scale, d.hflip)
+    _check_scale(d.scale)
     if not 0 < d.ratio[0] <= d.ratio[1]:
         raise ConfigError(f"data.ratio must satisfy 0 < min <= max, got {list(d.ratio)}")
     _check_images(d)
@@ -568,28 +567,22 @@ def check_pretrain(cfg: PretrainConfig) -> None:
 
 
 def check_linprobe(cfg: LinprobeConfig) -> None:
-    """Value checks of a linear-probe config."""
     _check_run(cfg)
-    _check_labelled(cfg.data, cfg.encoder)
-    _check_view(cfg.data.scale, cfg.data.hflip)
+    _check_images(cfg.data)
+    _check_encoder(cfg.encoder)
+    _check_scale(cfg.data.scale)
     if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
         raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
     _check_sources(cfg.data)
 
 
 def check_finetune(cfg: FinetuneConfig) -> None:
-    """Value checks of a fine-tuning config."""
     _check_run(cfg)
     _check_compile(cfg.runtime)
-    _check_labelled(cfg.data, cfg.encoder)
-    _check_view(cfg.data.scale, cfg.data.hflip)
-    a = cfg.aug
-    for key in ("re_prob", "mixup_prob", "switch_prob"):
-        if not 0 <= getattr(a, key) <= 1:
-            raise ConfigError(f"aug.{key} is a probability, got {getattr(a, key)}")
-    if a.mixup < 0 or a.cutmix < 0 or not 0 <= a.label_smoothing < 1:
-        raise ConfigError("aug.mixup and aug.cutmix must be >= 0 and aug.label_smoothing in [0, 1)")
-    if (a.mixup > 0 or a.cutmix > 0) and cfg.batch_size % 2:
+    _check_images(cfg.data)
+    _check_encoder(cfg.encoder)
+    _check_scale(cfg.data.scale)
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
@@ -597,18 +590,15 @@ def check_finetune(cfg: FinetuneConfig) -> None:
 
 
 def check_knn(cfg: KnnConfig) -> None:
-    """Value checks of a k-NN config."""
     _check_run(cfg)
-    _check_labelled(cfg.data, cfg.encoder)
-    if cfg.query_chunk < 1 or (cfg.train_chunk is not None and cfg.train_chunk < 1):
-        raise ConfigError("batch_size, query_chunk and train_chunk must be >= 1")
+    _check_images(cfg.data)
+    _check_encoder(cfg.encoder)
     if not cfg.k or any(k < 1 for k in cfg.k):
         raise ConfigError(f"k must be a non-empty list of positive ints, got {cfg.k}")
     _check_sources(cfg.data)
 
 
 def check_segment(cfg: SegmentConfig) -> None:
-    """Value checks of a segmentation config."""
     _check_run(cfg)
     _check_compile(cfg.runtime)
     _check_encoder(cfg.encoder)
@@ -631,21 +621,14 @@ def check_segment(cfg: SegmentConfig) -> None:
         )
 
 
-def validate(cfg: T) -> T:
-    """``cfg`` checked as if it were read from a file (types and declared ranges): for configs built in Python."""
-    return _from_raw(type(cfg), to_dict(cfg))
-
-
 def _check_run(cfg: RunConfig | KnnConfig) -> None:
-    validate(cfg)
+    _from_raw(type(cfg), to_dict(cfg))  # types and declared ranges, as if read from a file (configs built in Python)
     if isinstance(cfg, RunConfig) and cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         sch = cfg.schedule
         raise ConfigError(
             f"schedule.warmup_epochs={_num(sch.warmup_epochs)} is longer than schedule.epochs={sch.epochs}: "
             f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
         )
-    if not cfg.runtime.dist_timeout_s > 0:
-        raise ConfigError(f"runtime.dist_timeout_s must be > 0 seconds, got {cfg.runtime.dist_timeout_s}")
 
 
 def _check_compile(rt: TrainRuntimeConfig) -> None:
@@ -659,11 +642,9 @@ def _check_compile(rt: TrainRuntimeConfig) -> None:
         raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
 
 
-def _check_view(scale: tuple[float, float], hflip: float) -> None:
+def _check_scale(scale: tuple[float, float]) -> None:
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(scale)}")
-    if not 0.0 <= hflip <= 1.0:
-        raise ConfigError(f"data.hflip is a probability, got {hflip}")
 
 
 def _check_images(d: DataConfig) -> None:
@@ -671,17 +652,6 @@ def _check_images(d: DataConfig) -> None:
         raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {d.num_workers}")
     if d.max_image_pixels is not None and d.max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {d.max_image_pixels}")
-    if not 0.0 <= d.max_skip_fraction <= 1.0:
-        raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {d.max_skip_fraction}")
-
-
-def _check_labelled(data: ClassifyDataConfig, encoder: EncoderSource) -> None:
-    _check_images(data)
-    for key in ("train_per_class", "val_per_class"):
-        value = getattr(data, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{key} must be >= 1 or null, got {value}")
-    _check_encoder(encoder)
 
 
 def _check_encoder(encoder: EncoderSource) -> None:
@@ -849,8 +819,6 @@ def type_name(tp: Any) -> str:
         return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
-    if tp is Ellipsis:
-        return "..."
     return getattr(tp, "__name__", str(tp))
 
 
@@ -914,9 +882,8 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise wrong
-        if origin is list or args[-1:] == (Ellipsis,):
-            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-            return items if origin is list else tuple(items)
+        if origin is list:
+            return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         if len(value) != len(args):
             raise ConfigError(f"config key {key!r} expects {len(args)} values ({type_name(tp)}), got {value!r}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))

@@ -67,7 +67,6 @@ def evaluate_heads(
     dtype: torch.dtype = torch.float32,
     *,
     num_heads: int = 1,
-    ks: Sequence[int] = (1, 5),
     report: SkipReport | None = None,
     progress: bool = False,
     desc: str = "eval",
@@ -81,7 +80,7 @@ def evaluate_heads(
     Returns:
         One ``{"top1": %, "top5": %, "count": n}`` per head (counts over all processes).
     """
-    meters = [TopKAccuracy(ks) for _ in range(num_heads)]
+    meters = [TopKAccuracy() for _ in range(num_heads)]
     for images, batch in eval_batches(loader, device, report=report, progress=progress, desc=desc):
         with autocast_context(device, dtype):
             logits = forward(images)

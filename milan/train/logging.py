@@ -32,23 +32,18 @@ class RunLogger:
     """Progress bar + JSONL + TensorBoard + text log of one run (see the module docstring).
 
     Args:
-        run_dir: Where ``metrics.jsonl``, ``tb/`` and ``log.txt`` go (``None``: console only).
+        run_dir: Where ``metrics.jsonl``, ``tb/`` and ``log.txt`` go.
         enabled: Whether this process logs (the main process).
         total_steps: Optimizer steps this launch runs to (the progress bar's end).
         start_step: Step this launch starts from (a resume); later records in ``metrics.jsonl`` are dropped.
-        steps_per_epoch: For the fractional epoch.
-        every_steps: Record interval.
         progress: Show a progress bar (a tqdm bar on a terminal, else a line every 10 s).
-        tensorboard: Write TensorBoard scalars.
         flops_per_image: For the MFU of CUDA runs, with ``peak_flops`` (per device) and ``world_size``.
-        peak_flops: See ``flops_per_image``.
-        world_size: See ``flops_per_image``.
         device: Where peak memory is read (CUDA only).
     """
 
     def __init__(
         self,
-        run_dir: str | os.PathLike[str] | None,
+        run_dir: str | os.PathLike[str],
         *,
         enabled: bool = True,
         total_steps: int,
@@ -63,7 +58,7 @@ class RunLogger:
         device: torch.device | None = None,
     ) -> None:
         self.enabled = enabled
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = Path(run_dir)
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.every_steps = max(1, every_steps)
         self.total_steps = total_steps
@@ -78,13 +73,12 @@ class RunLogger:
         self._tb: Any = None
         if not enabled:
             return
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
         # A live bar on a terminal (created at the first step, after the start-up messages); elsewhere (CI, files)
         # a plain progress line at every record instead.
         self._use_bar = progress and sys.stderr.isatty()
@@ -163,9 +157,8 @@ class RunLogger:
             return
         record = {k: _json_safe(v) for k, v in record.items()}
         self.last = record
-        if self.run_dir is not None:
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
         if self._tb is not None and "step" in record:
             event = record.get("event", "train")
             for key, value in record.items():
@@ -180,16 +173,13 @@ class RunLogger:
             self._bar.write(message, file=sys.stdout)
         else:
             print(message, flush=True)
-        if self.run_dir is not None:
-            with (self.run_dir / "log.txt").open("a") as f:
-                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
+        with (self.run_dir / "log.txt").open("a") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
 
     def warning(self, message: str) -> None:
-        """:meth:`info` with a ``WARNING:`` prefix."""
         self.info(f"WARNING: {message}")
 
     def close(self) -> None:
-        """Closes the bar and flushes TensorBoard."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -66,8 +66,6 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops before the optimizer step, no checkpoint is written.
 
     Args:
-        step: The optimizer step.
-        value: The loss.
         checkpoint: What is on disk, said after the stop (e.g. ``"the last checkpoint, X (step 8), is intact"``);
             empty when the caller does not know.
     """
@@ -229,7 +227,6 @@ def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
-    """``torch.autocast`` for reduced precision on CUDA, ``nullcontext()`` otherwise."""
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast(device_type="cuda", dtype=dtype)
     return nullcontext()

@@ -61,9 +61,7 @@ class RunContext:
     """What :func:`start_run` gives a job.
 
     Attributes:
-        device: This process's device.
         dtype: Compute dtype (autocast, grad scaler).
-        run_dir: The run folder.
         resume_from: Checkpoint to resume from (``None``: a fresh start).
         finished: Set when the resumed run is already complete: the job should return without writing anything.
         t_start: ``time.perf_counter()`` when the job started (for its wall time).
@@ -110,7 +108,7 @@ def start_run(
     """Sets a job up and holds its run folder until the end.
 
     Joins the process group (:func:`process_group`, with ``runtime.dist_timeout_s``), applies the runtime section
-    (:func:`setup_runtime`), and on the main process takes the run folder: locks it, checks that it and its
+    (CPU threads, TF32), and on the main process takes the run folder: locks it, checks that it and its
     checkpoint paths are writable, removes temporary files a killed run left, and finds the resume checkpoint.
 
     Args:
@@ -132,7 +130,12 @@ def start_run(
     """
     t_start = time.perf_counter()
     with process_group(runtime.device, runtime.dist_timeout_s) as device:
-        dtype = setup_runtime(runtime, device)
+        if runtime.cpu_threads is not None:
+            torch.set_num_threads(runtime.cpu_threads)
+        if device.type == "cuda" and runtime.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = resolve_dtype(runtime.precision, device)
         lock: RunLock | None = None
         taken: tuple[Path, Path | None, FinishedRun | None] | None = None
         error: tuple[type[Exception], str] | None = None
@@ -155,18 +158,7 @@ def start_run(
                 lock.release()
 
 
-def setup_runtime(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
-    """Applies CPU threads and TF32 from the runtime section; returns the compute dtype."""
-    if runtime.cpu_threads is not None:
-        torch.set_num_threads(runtime.cpu_threads)
-    if device.type == "cuda" and runtime.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return resolve_dtype(runtime.precision, device)
-
-
 def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -351,16 +343,3 @@ def _finished(
         f"with {how}"
     )
     return FinishedRun(state, path, list(ckpt.get("eval_history") or []))
-
-
-__all__ = [
-    "FinishedRun",
-    "RunContext",
-    "RunFolderError",
-    "RunLock",
-    "process_group",
-    "seed_everything",
-    "setup_runtime",
-    "start_run",
-    "usable_checkpoint",
-]

@@ -52,7 +52,6 @@ class CosineSchedule(Schedule):
     """
 
     def __call__(self, step: int) -> float:
-        """The learning rate used by optimizer step ``step`` (0-based)."""
         if step < self.warmup_steps:
             return self.base_lr * step / self.warmup_steps
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
@@ -76,7 +75,6 @@ class PolySchedule(Schedule):
     power: float = 1.0
 
     def __call__(self, step: int) -> float:
-        """The learning rate used by optimizer step ``step`` (0-based)."""
         if step < self.warmup_steps:
             r = self.warmup_ratio
             return self.base_lr * (r + (1 - r) * step / self.warmup_steps)
