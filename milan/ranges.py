@@ -1,8 +1,8 @@
 """Declarative value ranges of numeric config keys: ``mask_ratio: Fraction = 0.75``.
 
 A field annotated ``Annotated[float, Range(...)]`` (or one of the aliases below) is checked when a config is read
-(:func:`milan.train.config.load_config`) and when a job checks a config built in Python
-(:func:`milan.train.config.check_ranges`); the error names the dotted key, the allowed range and a valid value.
+(:func:`milan.train.config.load_config`) and when a job checks a config built in Python (its ``check_*``
+function re-reads it as if from a file); the error names the dotted key, the allowed range and a valid value.
 ``milan config JOB`` prints the range next to the type.
 
 Examples:
