@@ -34,11 +34,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_enabled() else 1
 
 
-def local_rank() -> int:
-    """Rank on this node (``LOCAL_RANK``, 0 when not launched by torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def is_main() -> bool:
     """Whether this is rank 0, the process that writes files and prints."""
     return rank() == 0
@@ -65,7 +60,7 @@ def resolve_device(kind: Literal["auto", "cpu", "cuda"] = "auto") -> torch.devic
         )
     if kind == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())  # torchrun's
 
 
 def init(device_kind: Literal["auto", "cpu", "cuda"] = "auto", timeout_s: float = 1800.0) -> torch.device:

@@ -65,16 +65,3 @@ def warn_assumption(message: str) -> None:
 def traceback_requested() -> bool:
     """Whether the user asked for full tracebacks (``milan --traceback`` or ``MILAN_TRACEBACK=1``)."""
     return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-__all__ = [
-    "TRACEBACK_ENV",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "CheckpointWarning",
-    "ConfigError",
-    "RunInterrupted",
-    "UserError",
-    "traceback_requested",
-    "warn_assumption",
-]

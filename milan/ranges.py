@@ -90,14 +90,3 @@ PositiveFloat = Annotated[float, Range(0, lo_open=True)]  # > 0
 NonNegativeFloat = Annotated[float, Range(0)]  # >= 0
 Probability = Annotated[float, Range(0, 1)]  # in [0, 1]
 Fraction = Annotated[float, Range(0, 1, hi_open=True)]  # in [0, 1): mask ratios, Adam betas, drop-path rates
-
-__all__ = [
-    "Fraction",
-    "NonNegative",
-    "NonNegativeFloat",
-    "Positive",
-    "PositiveFloat",
-    "Probability",
-    "Range",
-    "range_of",
-]

@@ -19,8 +19,8 @@ Conv-BN-ReLU blocks (:class:`ConvModule`) are initialised as mmcv's ``ConvModule
 the classifiers with N(0, 0.01), as mmsegmentation's ``BaseDecodeHead``. The state-dict names of the neck and the
 heads are mmsegmentation's (``decode_head.psp_modules.0.1.conv.weight``, ...), so its weights load by name.
 
-Inference (:func:`slide_inference`, :func:`whole_inference`) returns logits at the input resolution; inputs of any
-size are padded to a multiple of ``2 x patch`` (the stride-``2p`` level) and the padding is cropped off.
+Inference (:func:`slide_inference`, :meth:`SegmentationModel.predict`) returns logits at the input resolution;
+inputs of any size are padded to a multiple of ``2 x patch`` (the stride-``2p`` level) and the padding is cropped off.
 """
 
 from __future__ import annotations
@@ -217,11 +217,6 @@ class SegmentationModel(nn.Module):
         self.decode_head = UPerHead([dim] * 4, channels or dim, num_classes, pool_scales, dropout)
         self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, dropout) if aux_channels > 0 else None
 
-    @property
-    def pad_multiple(self) -> int:
-        """Inputs are padded to a multiple of this (the patch size times the coarsest level's extra stride)."""
-        return 2 * self.encoder.patch_size
-
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W), H and W multiples of the patch size -> 4 x (B, D, H/p, W/p) block outputs.
 
@@ -246,7 +241,7 @@ class SegmentationModel(nn.Module):
         return outs
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training forward pass on (B, 3, H, W) inputs, H and W multiples of :attr:`pad_multiple`.
+        """Training forward pass on (B, 3, H, W) inputs, H and W multiples of twice the patch size.
 
         Returns:
             ``(logits at stride p/4, auxiliary logits at stride p or None)``; the auxiliary head runs only in
@@ -261,11 +256,11 @@ class SegmentationModel(nn.Module):
         """Logits at the input resolution for inputs of any size: (B, 3, H, W) -> (B, K, H, W).
 
         The input is padded at the bottom and right with zeros (the normalised mean colour, as mmsegmentation's
-        data preprocessor pads) to a multiple of :attr:`pad_multiple`; the decode logits are resized bilinearly to the
-        padded size and the padding is cropped off.
+        data preprocessor pads) to a multiple of twice the patch size (the coarsest level's stride); the decode
+        logits are resized bilinearly to the padded size and the padding is cropped off.
         """
         h, w = images.shape[2:]
-        m = self.pad_multiple
+        m = 2 * self.encoder.patch_size
         padded = F.pad(images, (0, -w % m, 0, -h % m))
         logits, _ = self(padded)
         return _resize(logits, padded.shape[2:])[:, :, :h, :w]
@@ -295,16 +290,8 @@ def segmentation_loss(
     return loss
 
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
-
-
-def whole_inference(predict: Predictor, images: torch.Tensor) -> torch.Tensor:
-    """Logits of the whole (B, 3, H, W) image in one pass: ``predict(images)`` (B, K, H, W)."""
-    return predict(images)
-
-
 def slide_inference(
-    predict: Predictor, images: torch.Tensor, num_classes: int, *, crop: int, stride: int
+    predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, num_classes: int, *, crop: int, stride: int
 ) -> torch.Tensor:
     """Sliding-window inference (mmsegmentation's): ``crop`` windows every ``stride`` pixels, averaged.
 
@@ -372,20 +359,3 @@ def build_from_spec(spec: dict[str, Any]) -> SegmentationModel:
 def window_grid(height: int, width: int, crop: int, stride: int) -> tuple[int, int]:
     """(rows, columns) of the windows :func:`slide_inference` runs on an image of this size."""
     return max(height - crop + stride - 1, 0) // stride + 1, max(width - crop + stride - 1, 0) // stride + 1
-
-
-__all__ = [
-    "REFERENCE_BLOCKS",
-    "ConvModule",
-    "FCNHead",
-    "Feature2Pyramid",
-    "SegmentationModel",
-    "UPerHead",
-    "build_from_spec",
-    "feature_blocks",
-    "model_spec",
-    "segmentation_loss",
-    "slide_inference",
-    "whole_inference",
-    "window_grid",
-]
