@@ -20,7 +20,6 @@ from milan.errors import UserError
 
 
 def is_enabled() -> bool:
-    """Whether a process group is initialised."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -85,7 +84,6 @@ def destroy() -> None:
 
 
 def barrier() -> None:
-    """Waits for every process."""
     if is_enabled():
         dist.barrier()
 

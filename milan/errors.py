@@ -43,7 +43,6 @@ class RunInterrupted(KeyboardInterrupt):
     Here, not with the loop, so that the command line reads its exit status without importing torch.
 
     Attributes:
-        signum: The signal.
         exit_status: The conventional status of a process ended by that signal (128 + signum: 143, 130).
     """
 

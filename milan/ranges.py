@@ -23,14 +23,7 @@ from milan.errors import ConfigError
 
 @dataclass(frozen=True)
 class Range:
-    """An interval of allowed values; ``None`` bounds are open-ended.
-
-    Attributes:
-        lo: Lower bound.
-        hi: Upper bound.
-        lo_open: Exclude ``lo`` itself.
-        hi_open: Exclude ``hi`` itself.
-    """
+    """An interval of allowed values; ``None`` bounds are open-ended, ``*_open`` bounds are excluded."""
 
     lo: float | None = None
     hi: float | None = None

@@ -97,12 +97,10 @@ class SkipReport:
 
     @property
     def skipped(self) -> int:
-        """Number of skipped images."""
         return sum(self.counts.values())
 
     @property
     def usable(self) -> int:
-        """Number of images that were not skipped."""
         return self.seen - self.skipped
 
     def add(self, bad: Iterable[BadSample], good: int = 0) -> None:
@@ -120,7 +118,6 @@ class SkipReport:
                 self.examples.append(sample)
 
     def update(self, batch: Batch) -> None:
-        """Records one batch."""
         self.add(batch.skipped, good=len(batch))
 
     def merge(self, other: SkipReport) -> None:

@@ -25,10 +25,6 @@ class LinearProbe(nn.Module):
     """MAE/MILAN linear probe: CLS token after the final LayerNorm -> BatchNorm1d(affine=False) -> Linear.
 
     The encoder is frozen (``requires_grad=False``); only ``head`` trains.
-
-    Args:
-        encoder: Pretrained encoder.
-        num_classes: Number of classes.
     """
 
     def __init__(self, encoder: VisionTransformer, num_classes: int) -> None:
@@ -64,7 +60,6 @@ class FinetuneClassifier(nn.Module):
     Args:
         encoder: Pretrained encoder (build it with the fine-tuning drop-path rate). Its final ``norm`` is replaced
             by an identity, and its position embedding becomes trainable, as in the references.
-        num_classes: Number of classes.
         global_pool: ``"avg"`` pools the patch tokens (the recipe); ``"token"`` uses the CLS token.
     """
 

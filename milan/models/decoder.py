@@ -76,10 +76,7 @@ class _Decoder(nn.Module):
     """Shared parts: embedding, mask token, fixed position table, the blocks, final norm and prediction head.
 
     Args:
-        grid_size: Patch grid of the encoder.
-        in_dim: Encoder width.
         out_dim: Prediction width (teacher width, or ``patch_size**2 * 3`` for pixels).
-        embed_dim: Decoder width.
         pos_embed_layout: Sin-cos layout (see ``milan.pos_embed``).
     """
 

@@ -28,7 +28,6 @@ class LinearProbeGrid(nn.Module):
 
     Args:
         encoder: Pretrained encoder (frozen here).
-        num_classes: Number of classes.
         lr_scales: One lr multiplier per head (e.g. ``[0.5, 1, 2]`` times the scheduled lr).
     """
 

@@ -79,7 +79,6 @@ class MILAN(nn.Module):
     DDP/FSDP wrapper a job puts around it) and ``loss``; :meth:`forward` composes them with ``self.student``.
 
     Args:
-        encoder: Student ViT.
         decoder: Prompting decoder (MILAN) or MAE decoder (ablation).
         teacher: Frozen teacher; ``None`` means pixel targets (MAE, for ablations; needs random masking).
         mask_ratio: Fraction of patches masked (0.75).
@@ -125,12 +124,10 @@ class MILAN(nn.Module):
 
     @property
     def encoder(self) -> VisionTransformer:
-        """The student encoder."""
         return self.student.encoder
 
     @property
     def decoder(self) -> PromptingDecoder | MAEDecoder:
-        """The student decoder."""
         return self.student.decoder
 
     def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

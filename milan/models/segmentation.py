@@ -50,8 +50,6 @@ def feature_blocks(depth: int) -> tuple[int, int, int, int]:
         >>> feature_blocks(12), feature_blocks(24), feature_blocks(4)
         ((3, 5, 7, 11), (7, 11, 15, 23), (0, 1, 2, 3))
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
     a, b, c, d = (max(1, round(depth * k / 12)) - 1 for k in REFERENCE_BLOCKS)
     return a, b, c, d
 
@@ -95,8 +93,6 @@ class Feature2Pyramid(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """4 x (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)."""
         ops = (self.upsample_4x, self.upsample_2x, self.identity, self.downsample_2x)
-        if len(features) != len(ops):
-            raise ValueError(f"Feature2Pyramid takes {len(ops)} maps, got {len(features)}")
         return [op(x) for op, x in zip(ops, features, strict=True)]
 
 
