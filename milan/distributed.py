@@ -88,21 +88,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over processes (a new tensor; the input is unchanged)."""
-    if not is_enabled():
-        return tensor.clone()
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world_size()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over processes (a new tensor)."""
     out = tensor.detach().clone()
     if is_enabled():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of float ``tensor`` over processes (a new tensor)."""
+    return all_reduce_sum(tensor) / world_size()
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -99,10 +99,6 @@ class SkipReport:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
-    @property
-    def usable(self) -> int:
-        return self.seen - self.skipped
-
     def add(self, bad: Iterable[BadSample], good: int = 0) -> None:
         """Records skipped samples and ``good`` usable ones."""
         self.seen += good
@@ -188,7 +184,7 @@ class SkipReport:
 
         Call it after :meth:`all_reduce`.
         """
-        if self.usable == 0:
+        if self.seen == self.skipped:
             raise DataError(f"{what} had no usable image: {self.summary()}")
         share = self.skipped / self.seen
         if share > self.max_skip_fraction:

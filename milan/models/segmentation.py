@@ -124,16 +124,12 @@ class UPerHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = _classifier(channels, num_classes)
 
-    def psp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_top, h, w) -> (B, channels, h, w): the input and its pooled, upsampled views, fused."""
-        pooled = [_resize(ppm(x), x.shape[2:]) for ppm in self.psp_modules]
-        out: torch.Tensor = self.bottleneck(torch.cat([x, *pooled], dim=1))
-        return out
-
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Levels finest first -> (B, num_classes, h0, w0) logits at the finest level's size."""
         laterals = [conv(inputs[i]) for i, conv in enumerate(self.lateral_convs)]
-        laterals.append(self.psp_forward(inputs[-1]))
+        top = inputs[-1]
+        pooled = [_resize(ppm(top), top.shape[2:]) for ppm in self.psp_modules]  # PPM on the coarsest level
+        laterals.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
         for i in range(len(laterals) - 1, 0, -1):  # top-down: add each level's upsampled coarser neighbour
             laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[2:])
         outs = [conv(laterals[i]) for i, conv in enumerate(self.fpn_convs)]
