@@ -305,9 +305,6 @@ def create_model(name: str, *, teacher: Teacher | None = None, **overrides: Any)
             another patch grid is run on the student's, as ``milan pretrain`` runs ``model.teacher.checkpoint``.
         **overrides: Top-level :class:`ModelConfig` fields (e.g. ``mask_ratio=0.5``, ``masking="random"``).
 
-    Returns:
-        The model.
-
     Examples:
         >>> model = create_model("milan_test_tiny")
         >>> model.encoder.num_patches

@@ -83,10 +83,7 @@ def save_lr_grid_plot(history: Sequence[dict[str, Any]], out: str | os.PathLike[
     Args:
         history: The probe's evaluations in order, each with ``epoch``, ``best_head`` and ``heads`` (one
             ``{"lr", "top1", ...}`` per head).
-        out: The PNG to write.
-
-    Returns:
-        ``out``.
+        out: The PNG to write (returned).
     """
     import matplotlib
 

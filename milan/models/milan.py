@@ -176,9 +176,6 @@ class MILAN(nn.Module):
             images: (B, 3, H, W) ImageNet-normalised images.
             noise: (B, L) uniform noise for the mask draw (default: drawn from the global RNG).
             mask: Use this mask instead of drawing one.
-
-        Returns:
-            Loss, predictions (spatial order), targets, mask and importance.
         """
         target, importance = self.targets(images)
         if mask is None:
