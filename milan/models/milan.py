@@ -84,7 +84,6 @@ class MILAN(nn.Module):
         mask_ratio: Fraction of patches masked (0.75).
         masking: ``"attention"`` (semantic-aware, MILAN) or ``"random"``.
         loss_on: ``"all"`` tokens (the references) or only the ``"masked"`` ones. Pixel targets never count cls.
-        norm_pix: Normalise each target patch for pixel targets (MAE's ``norm_pix_loss``).
     """
 
     def __init__(
@@ -95,7 +94,6 @@ class MILAN(nn.Module):
         mask_ratio: float = 0.75,
         masking: Masking = "attention",
         loss_on: LossOn = "all",
-        norm_pix: bool = True,
     ) -> None:
         super().__init__()
         if masking not in ("attention", "random"):
@@ -120,7 +118,6 @@ class MILAN(nn.Module):
         self.mask_ratio = mask_ratio
         self.masking: Masking = masking
         self.loss_on: LossOn = loss_on
-        self.norm_pix = norm_pix
 
     @property
     def encoder(self) -> VisionTransformer:
@@ -164,7 +161,7 @@ class MILAN(nn.Module):
                 patches[:, : mask.num_keep] = 0.0
             weight = torch.cat([torch.zeros_like(patches[:, :1]), patches], dim=1)  # (B, 1 + L); cls never counts
         if self.teacher is None:
-            return pixel_mse_loss(pred, target, weight, self.norm_pix)
+            return pixel_mse_loss(pred, target, weight)  # per-patch normalised targets (MAE's norm_pix_loss)
         return cosine_loss(pred, target, weight)
 
     def forward(
