@@ -42,15 +42,11 @@ class LinearProbe(nn.Module):
         self.encoder.eval()
         return self
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) CLS token after the encoder's final LayerNorm."""
-        with torch.no_grad():
-            feats: torch.Tensor = self.encoder.forward_features(images)[:, 0]
-        return feats
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits."""
-        logits: torch.Tensor = self.head(self.forward_features(images))
+        with torch.no_grad():
+            feats = self.encoder.forward_features(images)[:, 0]  # (B, D) CLS token after the final LayerNorm
+        logits: torch.Tensor = self.head(feats)
         return logits
 
 

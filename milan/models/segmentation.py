@@ -38,8 +38,6 @@ from torch.utils.checkpoint import checkpoint
 
 from milan.models.vit import VisionTransformer
 
-REFERENCE_BLOCKS = (4, 6, 8, 12)  # 1-based blocks of a 12-block ViT whose outputs feed the neck (mmseg 3, 5, 7, 11)
-
 
 def feature_blocks(depth: int) -> tuple[int, int, int, int]:
     """The 0-based blocks feeding the neck: ``round(depth * k / 12) - 1`` (at least 0) for ``k`` in 4, 6, 8, 12.
@@ -50,7 +48,7 @@ def feature_blocks(depth: int) -> tuple[int, int, int, int]:
         >>> feature_blocks(12), feature_blocks(24), feature_blocks(4)
         ((3, 5, 7, 11), (7, 11, 15, 23), (0, 1, 2, 3))
     """
-    a, b, c, d = (max(1, round(depth * k / 12)) - 1 for k in REFERENCE_BLOCKS)
+    a, b, c, d = (max(1, round(depth * k / 12)) - 1 for k in (4, 6, 8, 12))  # ViT-B's 1-based blocks 4, 6, 8, 12
     return a, b, c, d
 
 
