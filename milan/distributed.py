@@ -20,7 +20,6 @@ from milan.errors import UserError
 
 
 def is_enabled() -> bool:
-    """Whether a process group is initialised."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -32,11 +31,6 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if is_enabled() else 1
-
-
-def local_rank() -> int:
-    """Rank on this node (``LOCAL_RANK``, 0 when not launched by torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -65,7 +59,7 @@ def resolve_device(kind: Literal["auto", "cpu", "cuda"] = "auto") -> torch.devic
         )
     if kind == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())  # torchrun's
 
 
 def init(device_kind: Literal["auto", "cpu", "cuda"] = "auto", timeout_s: float = 1800.0) -> torch.device:
@@ -90,18 +84,8 @@ def destroy() -> None:
 
 
 def barrier() -> None:
-    """Waits for every process."""
     if is_enabled():
         dist.barrier()
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over processes (a new tensor; the input is unchanged)."""
-    if not is_enabled():
-        return tensor.clone()
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world_size()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -110,6 +94,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_enabled():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of float ``tensor`` over processes (a new tensor)."""
+    return all_reduce_sum(tensor) / world_size()
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:

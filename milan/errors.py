@@ -43,7 +43,6 @@ class RunInterrupted(KeyboardInterrupt):
     Here, not with the loop, so that the command line reads its exit status without importing torch.
 
     Attributes:
-        signum: The signal.
         exit_status: The conventional status of a process ended by that signal (128 + signum: 143, 130).
     """
 
@@ -65,16 +64,3 @@ def warn_assumption(message: str) -> None:
 def traceback_requested() -> bool:
     """Whether the user asked for full tracebacks (``milan --traceback`` or ``MILAN_TRACEBACK=1``)."""
     return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-__all__ = [
-    "TRACEBACK_ENV",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "CheckpointWarning",
-    "ConfigError",
-    "RunInterrupted",
-    "UserError",
-    "traceback_requested",
-    "warn_assumption",
-]

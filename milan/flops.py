@@ -84,12 +84,8 @@ class TowerShape:
     """What a ViT's FLOPs depend on.
 
     Attributes:
-        width: Token width.
-        depth: Blocks.
-        patch_size: Patch side in pixels.
         grid: Patches per side at the resolution it runs at.
         out_dim: Width of the output projection (0: none).
-        mlp_ratio: MLP hidden width / width.
         prefix_tokens: Class (and register) tokens.
     """
 

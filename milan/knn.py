@@ -12,16 +12,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _check(train_features: torch.Tensor, train_labels: torch.Tensor | None, query_features: torch.Tensor) -> None:
-    if train_features.ndim != 2 or query_features.ndim != 2 or train_features.shape[1] != query_features.shape[1]:
-        raise ValueError(
-            f"knn: expected (N, D) train and (M, D) query features, got {tuple(train_features.shape)} and "
-            f"{tuple(query_features.shape)}"
-        )
-    if train_labels is not None and train_labels.shape != train_features.shape[:1]:
-        raise ValueError(f"knn: {train_labels.shape[0]} labels for {train_features.shape[0]} train features")
-
-
 def knn_neighbours(
     train_features: torch.Tensor,
     query_features: torch.Tensor,
@@ -38,7 +28,11 @@ def knn_neighbours(
     Returns:
         ``(similarities (M, k) float32, indices (M, k) int64)``, most similar first.
     """
-    _check(train_features, None, query_features)
+    if train_features.ndim != 2 or query_features.ndim != 2 or train_features.shape[1] != query_features.shape[1]:
+        raise ValueError(
+            f"knn: expected (N, D) train and (M, D) query features, got {tuple(train_features.shape)} and "
+            f"{tuple(query_features.shape)}"
+        )
     n = train_features.shape[0]
     k = min(k, n)
     train = F.normalize(train_features.float(), dim=1)  # (N, D)
@@ -86,6 +80,7 @@ def knn_scores(
     (N, D) train features with (N,) int labels in ``[0, num_classes)``, (M, D) queries -> (M, num_classes) summed
     vote weights (float32); ``argmax`` is the prediction.
     """
-    _check(train_features, train_labels, query_features)
+    if train_labels.shape != train_features.shape[:1]:
+        raise ValueError(f"knn: {train_labels.shape[0]} labels for {train_features.shape[0]} train features")
     sims, idx = knn_neighbours(train_features, query_features, k, query_chunk=query_chunk, train_chunk=train_chunk)
     return knn_vote(sims, train_labels.long().to(idx.device)[idx], num_classes, temperature)

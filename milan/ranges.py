@@ -23,14 +23,7 @@ from milan.errors import ConfigError
 
 @dataclass(frozen=True)
 class Range:
-    """An interval of allowed values; ``None`` bounds are open-ended.
-
-    Attributes:
-        lo: Lower bound.
-        hi: Upper bound.
-        lo_open: Exclude ``lo`` itself.
-        hi_open: Exclude ``hi`` itself.
-    """
+    """An interval of allowed values; ``None`` bounds are open-ended, ``*_open`` bounds are excluded."""
 
     lo: float | None = None
     hi: float | None = None
@@ -90,14 +83,3 @@ PositiveFloat = Annotated[float, Range(0, lo_open=True)]  # > 0
 NonNegativeFloat = Annotated[float, Range(0)]  # >= 0
 Probability = Annotated[float, Range(0, 1)]  # in [0, 1]
 Fraction = Annotated[float, Range(0, 1, hi_open=True)]  # in [0, 1): mask ratios, Adam betas, drop-path rates
-
-__all__ = [
-    "Fraction",
-    "NonNegative",
-    "NonNegativeFloat",
-    "Positive",
-    "PositiveFloat",
-    "Probability",
-    "Range",
-    "range_of",
-]

@@ -71,6 +71,3 @@ def _nanmean(values: torch.Tensor) -> float:
 
 def _value(v: float) -> float | None:
     return None if math.isnan(v) else v
-
-
-__all__ = ["area_counts", "segmentation_scores"]

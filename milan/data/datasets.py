@@ -139,11 +139,9 @@ class ShardImages(IterableDataset[Item]):
 
     Args:
         urls: Shard paths/URLs: one string (brace patterns allowed) or a sequence.
-        pipeline: Decode + transform.
         shuffle_buffer: Samples held for shuffling; 0 keeps the shards' order and theirs.
         seed: Seed of the shuffles (mixed with the epoch, rank and worker).
         num_samples: The number of samples, if known (``len()`` raises otherwise).
-        max_pixels: Decompression-bomb guard.
         allow_shell_pipes: Accept ``pipe:`` sources and remote URLs.
     """
 

@@ -91,10 +91,6 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def files(self) -> list[torch.Tensor]:
-        """The ``B`` files, ``(N_i,)`` uint8 views of :attr:`data`."""
-        return [self.data[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-
 
 def collate_encoded(items: Sequence[EncodedItem]) -> EncodedBatch:
     """DataLoader ``collate_fn`` for :class:`EncodedImages`: packs the files, keeps the bad samples aside."""
@@ -236,7 +232,8 @@ def decode_batch(batch: EncodedBatch, augment: DeviceAugment, device: torch.devi
         workers' plus the undecodable files) and the ``(B,)`` bool mask of the files kept, to select their rows of
         per-sample tensors such as the mask noise.
     """
-    decoded = decode_on_device(batch.files(), batch.paths, device)
+    files = [batch.data[a:b] for a, b in zip(batch.offsets[:-1], batch.offsets[1:], strict=True)]  # (N_i,) views
+    decoded = decode_on_device(files, batch.paths, device)
     keep = torch.tensor([not isinstance(d, BadSample) for d in decoded], dtype=torch.bool)  # (B,)
     images = [d for d in decoded if not isinstance(d, BadSample)]
     seeds = [s for s, d in zip(batch.seeds, decoded, strict=True) if not isinstance(d, BadSample)]

@@ -97,13 +97,7 @@ class SkipReport:
 
     @property
     def skipped(self) -> int:
-        """Number of skipped images."""
         return sum(self.counts.values())
-
-    @property
-    def usable(self) -> int:
-        """Number of images that were not skipped."""
-        return self.seen - self.skipped
 
     def add(self, bad: Iterable[BadSample], good: int = 0) -> None:
         """Records skipped samples and ``good`` usable ones."""
@@ -120,7 +114,6 @@ class SkipReport:
                 self.examples.append(sample)
 
     def update(self, batch: Batch) -> None:
-        """Records one batch."""
         self.add(batch.skipped, good=len(batch))
 
     def merge(self, other: SkipReport) -> None:
@@ -191,7 +184,7 @@ class SkipReport:
 
         Call it after :meth:`all_reduce`.
         """
-        if self.usable == 0:
+        if self.seen == self.skipped:
             raise DataError(f"{what} had no usable image: {self.summary()}")
         share = self.skipped / self.seen
         if share > self.max_skip_fraction:

@@ -88,17 +88,13 @@ class EpochSampler(Sampler[SampleKey]):
         self.epoch = epoch
         self.start = start
 
-    def indices(self) -> list[int]:
-        """This process's sample indices of the current epoch, from the start position."""
+    def __iter__(self) -> Iterator[SampleKey]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order: list[int] = torch.randperm(self.num_samples, generator=generator).tolist()
         total = self.per_rank * self.world_size
         if total > len(order):  # pad by wrapping around, as DistributedSampler does
             order += (order * (-(-total // len(order))))[: total - len(order)]
-        return order[self.rank : total : self.world_size][self.start :]
-
-    def __iter__(self) -> Iterator[SampleKey]:
-        return iter([(self.epoch, i) for i in self.indices()])
+        return iter([(self.epoch, i) for i in order[self.rank : total : self.world_size][self.start :]])
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start)

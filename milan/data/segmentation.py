@@ -407,25 +407,3 @@ class EvalTransform:
         """``(RGB image, (H, W) labels) -> ((3, h, w) normalised resized image, (H, W) int64 labels)``."""
         w, h = rescale_size(image.width, image.height, self.scale)
         return normalize(resize_image(_to_tensor(image), (h, w))), torch.from_numpy(labels)
-
-
-__all__ = [
-    "EvalTransform",
-    "LabelError",
-    "LabelProblem",
-    "LabelSpec",
-    "SegBatch",
-    "SegmentationDataset",
-    "TrainTransform",
-    "check_labels",
-    "collate_segmentation",
-    "eval_folders",
-    "find_label",
-    "find_pairs",
-    "normalize",
-    "photometric_distortion",
-    "read_label",
-    "rescale_size",
-    "resize_image",
-    "resize_labels",
-]

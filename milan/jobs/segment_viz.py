@@ -26,7 +26,7 @@ from milan.data import DataError, ImageDecodeError, open_image, scan_sources
 from milan.data.decode import load_rgb
 from milan.data.segmentation import EvalTransform, LabelSpec, find_label, read_label
 from milan.jobs.plot import pyplot, save_figure
-from milan.models.segmentation import SegmentationModel, slide_inference, whole_inference
+from milan.models.segmentation import SegmentationModel, slide_inference
 
 CELL_INCHES = 2.6
 DPI = 100
@@ -67,7 +67,7 @@ def predict_labels(
     if ev["mode"] == "slide":
         logits = slide_inference(model.predict, x, model.num_classes, crop=int(ev["crop"]), stride=int(ev["stride"]))
     else:
-        logits = whole_inference(model.predict, x)
+        logits = model.predict(x)
     logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     out: np.ndarray = logits.argmax(dim=1)[0].cpu().numpy()
     return out

@@ -124,7 +124,7 @@ def compute_views(
     pred = out.pred[:, 1:].float()  # (B, L, D) spatial order, cls dropped
     target = out.target[:, 1:].float()  # (B, L, D)
     pixel_targets = model.teacher is None
-    if pixel_targets and model.norm_pix:
+    if pixel_targets:  # the loss's per-patch normalised targets
         target = normalize_patches(target)
     cosine = F.cosine_similarity(pred, target, dim=-1)  # (B, L)
     importance = out.importance.float().cpu() if out.importance is not None else None

@@ -25,10 +25,6 @@ class LinearProbe(nn.Module):
     """MAE/MILAN linear probe: CLS token after the final LayerNorm -> BatchNorm1d(affine=False) -> Linear.
 
     The encoder is frozen (``requires_grad=False``); only ``head`` trains.
-
-    Args:
-        encoder: Pretrained encoder.
-        num_classes: Number of classes.
     """
 
     def __init__(self, encoder: VisionTransformer, num_classes: int) -> None:
@@ -46,15 +42,11 @@ class LinearProbe(nn.Module):
         self.encoder.eval()
         return self
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) CLS token after the encoder's final LayerNorm."""
-        with torch.no_grad():
-            feats: torch.Tensor = self.encoder.forward_features(images)[:, 0]
-        return feats
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_classes) logits."""
-        logits: torch.Tensor = self.head(self.forward_features(images))
+        with torch.no_grad():
+            feats = self.encoder.forward_features(images)[:, 0]  # (B, D) CLS token after the final LayerNorm
+        logits: torch.Tensor = self.head(feats)
         return logits
 
 
@@ -64,7 +56,6 @@ class FinetuneClassifier(nn.Module):
     Args:
         encoder: Pretrained encoder (build it with the fine-tuning drop-path rate). Its final ``norm`` is replaced
             by an identity, and its position embedding becomes trainable, as in the references.
-        num_classes: Number of classes.
         global_pool: ``"avg"`` pools the patch tokens (the recipe); ``"token"`` uses the CLS token.
     """
 

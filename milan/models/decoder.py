@@ -17,7 +17,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers.drop import DropPath
 from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import Block
 
@@ -29,14 +28,14 @@ from milan.pos_embed import PosEmbedLayout, sincos_2d
 class PromptAttention(nn.Module):
     """Multi-head attention whose queries come only from the mask tokens."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # rows [k; v]
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)  # rows [k; v]
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -58,27 +57,18 @@ class PromptBlock(nn.Module):
     then the usual residual MLP on the mask tokens. The prompts (cls + visible tokens) pass through unchanged.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path: float = 0.0,
-        norm_eps: float = 1e-6,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = PromptAttention(dim, num_heads, qkv_bias)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = PromptAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, mask_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """(B, M, C) mask tokens, (B, P, C) fixed prompts (cls + visible tokens) -> (B, M, C) updated mask tokens."""
         h = self.norm1(mask_tokens)
-        x: torch.Tensor = mask_tokens + self.drop_path(self.attn(h, torch.cat([prompts, h], dim=1)))
-        out: torch.Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
+        x: torch.Tensor = mask_tokens + self.attn(h, torch.cat([prompts, h], dim=1))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
         return out
 
 
@@ -86,10 +76,7 @@ class _Decoder(nn.Module):
     """Shared parts: embedding, mask token, fixed position table, the blocks, final norm and prediction head.
 
     Args:
-        grid_size: Patch grid of the encoder.
-        in_dim: Encoder width.
         out_dim: Prediction width (teacher width, or ``patch_size**2 * 3`` for pixels).
-        embed_dim: Decoder width.
         pos_embed_layout: Sin-cos layout (see ``milan.pos_embed``).
     """
 
@@ -103,7 +90,6 @@ class _Decoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         pos_embed_layout: PosEmbedLayout = "mmpretrain",
-        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -113,15 +99,13 @@ class _Decoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             sincos_2d(grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
         )  # (1, 1 + L, C)
-        self.decoder_blocks = nn.ModuleList(
-            self._block(embed_dim, num_heads, mlp_ratio, norm_eps) for _ in range(depth)
-        )
-        self.decoder_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.decoder_blocks = nn.ModuleList(self._block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.decoder_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(embed_dim, out_dim)
         self.init_weights()
 
     @staticmethod
-    def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
+    def _block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
         raise NotImplementedError
 
     def init_weights(self) -> None:
@@ -147,8 +131,8 @@ class PromptingDecoder(_Decoder):
     """MILAN's prompting decoder (default 512 wide, 8 blocks, 16 heads); arguments as in :class:`_Decoder`."""
 
     @staticmethod
-    def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
-        return PromptBlock(dim, num_heads, mlp_ratio, norm_eps=norm_eps)
+    def _block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+        return PromptBlock(dim, num_heads, mlp_ratio)
 
     def forward(self, latent: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
         """Predicts the teacher features of every token.
@@ -174,8 +158,8 @@ class MAEDecoder(_Decoder):
     """
 
     @staticmethod
-    def _block(dim: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> nn.Module:
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+    def _block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
         return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
 
     def forward(self, latent: torch.Tensor, mask: MaskIndices) -> torch.Tensor:

@@ -92,7 +92,7 @@ def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
     return grid_size[0] * cfg.patch_size
 
 
-def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) -> Teacher | None:
+def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int]) -> Teacher | None:
     """Builds a random frozen teacher from its config (``None`` for pixel targets).
 
     Args:
@@ -106,14 +106,8 @@ def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int] | None = None) 
             f"model.teacher.checkpoint={cfg.checkpoint!r} names a weights file: build the model with "
             "milan.checkpoint.model_from_config(cfg), or pass teacher=milan.checkpoint.load_teacher(path)"
         )
-    if grid_size is not None:
-        img_size = teacher_img_size(cfg, grid_size)
-    elif cfg.img_size is not None:
-        img_size = cfg.img_size
-    else:
-        raise ValueError("teacher img_size is None (it follows the student): pass the student's grid_size")
     tower = clip_vision_tower(
-        img_size=img_size,
+        img_size=teacher_img_size(cfg, grid_size),
         patch_size=cfg.patch_size,
         width=cfg.width,
         depth=cfg.depth,
@@ -218,7 +212,6 @@ def check_model(cfg: ModelConfig, prefix: str = "") -> None:
 
 
 def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
-    """Builds the student encoder."""
     return VisionTransformer(**dataclasses.asdict(cfg))  # the config's fields are the constructor's arguments
 
 
@@ -311,9 +304,6 @@ def create_model(name: str, *, teacher: Teacher | None = None, **overrides: Any)
         teacher: Use this teacher instead of the variant's (e.g. ``milan.checkpoint.load_teacher(path)``); one on
             another patch grid is run on the student's, as ``milan pretrain`` runs ``model.teacher.checkpoint``.
         **overrides: Top-level :class:`ModelConfig` fields (e.g. ``mask_ratio=0.5``, ``masking="random"``).
-
-    Returns:
-        The model.
 
     Examples:
         >>> model = create_model("milan_test_tiny")

@@ -28,7 +28,6 @@ class LinearProbeGrid(nn.Module):
 
     Args:
         encoder: Pretrained encoder (frozen here).
-        num_classes: Number of classes.
         lr_scales: One lr multiplier per head (e.g. ``[0.5, 1, 2]`` times the scheduled lr).
     """
 
@@ -60,13 +59,6 @@ class LinearProbeGrid(nn.Module):
         x = self.bn(feats)
         return torch.stack([fc(x) for fc in self.fcs])
 
-    def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """One optimizer group per head, carrying its ``lr_scale``."""
-        return [
-            {"params": list(fc.parameters()), "lr_scale": s, "weight_decay": weight_decay, "head": i}
-            for i, (fc, s) in enumerate(zip(self.fcs, self.lr_scales, strict=True))
-        ]
-
     def probe_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Head ``index`` as a :class:`~milan.models.classifier.LinearProbe` state dict (``encoder.*``, ``head.*``)."""
         sd: dict[str, torch.Tensor] = OrderedDict((f"encoder.{k}", v) for k, v in self.encoder.state_dict().items())
@@ -91,10 +83,7 @@ def save_lr_grid_plot(history: Sequence[dict[str, Any]], out: str | os.PathLike[
     Args:
         history: The probe's evaluations in order, each with ``epoch``, ``best_head`` and ``heads`` (one
             ``{"lr", "top1", ...}`` per head).
-        out: The PNG to write.
-
-    Returns:
-        ``out``.
+        out: The PNG to write (returned).
     """
     import matplotlib
 

@@ -79,13 +79,11 @@ class MILAN(nn.Module):
     DDP/FSDP wrapper a job puts around it) and ``loss``; :meth:`forward` composes them with ``self.student``.
 
     Args:
-        encoder: Student ViT.
         decoder: Prompting decoder (MILAN) or MAE decoder (ablation).
         teacher: Frozen teacher; ``None`` means pixel targets (MAE, for ablations; needs random masking).
         mask_ratio: Fraction of patches masked (0.75).
         masking: ``"attention"`` (semantic-aware, MILAN) or ``"random"``.
         loss_on: ``"all"`` tokens (the references) or only the ``"masked"`` ones. Pixel targets never count cls.
-        norm_pix: Normalise each target patch for pixel targets (MAE's ``norm_pix_loss``).
     """
 
     def __init__(
@@ -96,7 +94,6 @@ class MILAN(nn.Module):
         mask_ratio: float = 0.75,
         masking: Masking = "attention",
         loss_on: LossOn = "all",
-        norm_pix: bool = True,
     ) -> None:
         super().__init__()
         if masking not in ("attention", "random"):
@@ -121,16 +118,13 @@ class MILAN(nn.Module):
         self.mask_ratio = mask_ratio
         self.masking: Masking = masking
         self.loss_on: LossOn = loss_on
-        self.norm_pix = norm_pix
 
     @property
     def encoder(self) -> VisionTransformer:
-        """The student encoder."""
         return self.student.encoder
 
     @property
     def decoder(self) -> PromptingDecoder | MAEDecoder:
-        """The student decoder."""
         return self.student.decoder
 
     def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,7 +161,7 @@ class MILAN(nn.Module):
                 patches[:, : mask.num_keep] = 0.0
             weight = torch.cat([torch.zeros_like(patches[:, :1]), patches], dim=1)  # (B, 1 + L); cls never counts
         if self.teacher is None:
-            return pixel_mse_loss(pred, target, weight, self.norm_pix)
+            return pixel_mse_loss(pred, target, weight)  # per-patch normalised targets (MAE's norm_pix_loss)
         return cosine_loss(pred, target, weight)
 
     def forward(
@@ -179,9 +173,6 @@ class MILAN(nn.Module):
             images: (B, 3, H, W) ImageNet-normalised images.
             noise: (B, L) uniform noise for the mask draw (default: drawn from the global RNG).
             mask: Use this mask instead of drawing one.
-
-        Returns:
-            Loss, predictions (spatial order), targets, mask and importance.
         """
         target, importance = self.targets(images)
         if mask is None:

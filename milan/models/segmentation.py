@@ -19,8 +19,8 @@ Conv-BN-ReLU blocks (:class:`ConvModule`) are initialised as mmcv's ``ConvModule
 the classifiers with N(0, 0.01), as mmsegmentation's ``BaseDecodeHead``. The state-dict names of the neck and the
 heads are mmsegmentation's (``decode_head.psp_modules.0.1.conv.weight``, ...), so its weights load by name.
 
-Inference (:func:`slide_inference`, :func:`whole_inference`) returns logits at the input resolution; inputs of any
-size are padded to a multiple of ``2 x patch`` (the stride-``2p`` level) and the padding is cropped off.
+Inference (:func:`slide_inference`, :meth:`SegmentationModel.predict`) returns logits at the input resolution;
+inputs of any size are padded to a multiple of ``2 x patch`` (the stride-``2p`` level) and the padding is cropped off.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from torch.utils.checkpoint import checkpoint
 
 from milan.models.vit import VisionTransformer
 
-REFERENCE_BLOCKS = (4, 6, 8, 12)  # 1-based blocks of a 12-block ViT whose outputs feed the neck (mmseg 3, 5, 7, 11)
-
 
 def feature_blocks(depth: int) -> tuple[int, int, int, int]:
     """The 0-based blocks feeding the neck: ``round(depth * k / 12) - 1`` (at least 0) for ``k`` in 4, 6, 8, 12.
@@ -50,9 +48,7 @@ def feature_blocks(depth: int) -> tuple[int, int, int, int]:
         >>> feature_blocks(12), feature_blocks(24), feature_blocks(4)
         ((3, 5, 7, 11), (7, 11, 15, 23), (0, 1, 2, 3))
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    a, b, c, d = (max(1, round(depth * k / 12)) - 1 for k in REFERENCE_BLOCKS)
+    a, b, c, d = (max(1, round(depth * k / 12)) - 1 for k in (4, 6, 8, 12))  # ViT-B's 1-based blocks 4, 6, 8, 12
     return a, b, c, d
 
 
@@ -95,8 +91,6 @@ class Feature2Pyramid(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """4 x (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)."""
         ops = (self.upsample_4x, self.upsample_2x, self.identity, self.downsample_2x)
-        if len(features) != len(ops):
-            raise ValueError(f"Feature2Pyramid takes {len(ops)} maps, got {len(features)}")
         return [op(x) for op, x in zip(ops, features, strict=True)]
 
 
@@ -128,16 +122,12 @@ class UPerHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = _classifier(channels, num_classes)
 
-    def psp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_top, h, w) -> (B, channels, h, w): the input and its pooled, upsampled views, fused."""
-        pooled = [_resize(ppm(x), x.shape[2:]) for ppm in self.psp_modules]
-        out: torch.Tensor = self.bottleneck(torch.cat([x, *pooled], dim=1))
-        return out
-
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Levels finest first -> (B, num_classes, h0, w0) logits at the finest level's size."""
         laterals = [conv(inputs[i]) for i, conv in enumerate(self.lateral_convs)]
-        laterals.append(self.psp_forward(inputs[-1]))
+        top = inputs[-1]
+        pooled = [_resize(ppm(top), top.shape[2:]) for ppm in self.psp_modules]  # PPM on the coarsest level
+        laterals.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
         for i in range(len(laterals) - 1, 0, -1):  # top-down: add each level's upsampled coarser neighbour
             laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[2:])
         outs = [conv(laterals[i]) for i, conv in enumerate(self.fpn_convs)]
@@ -217,11 +207,6 @@ class SegmentationModel(nn.Module):
         self.decode_head = UPerHead([dim] * 4, channels or dim, num_classes, pool_scales, dropout)
         self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, dropout) if aux_channels > 0 else None
 
-    @property
-    def pad_multiple(self) -> int:
-        """Inputs are padded to a multiple of this (the patch size times the coarsest level's extra stride)."""
-        return 2 * self.encoder.patch_size
-
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W), H and W multiples of the patch size -> 4 x (B, D, H/p, W/p) block outputs.
 
@@ -246,7 +231,7 @@ class SegmentationModel(nn.Module):
         return outs
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training forward pass on (B, 3, H, W) inputs, H and W multiples of :attr:`pad_multiple`.
+        """Training forward pass on (B, 3, H, W) inputs, H and W multiples of twice the patch size.
 
         Returns:
             ``(logits at stride p/4, auxiliary logits at stride p or None)``; the auxiliary head runs only in
@@ -261,11 +246,11 @@ class SegmentationModel(nn.Module):
         """Logits at the input resolution for inputs of any size: (B, 3, H, W) -> (B, K, H, W).
 
         The input is padded at the bottom and right with zeros (the normalised mean colour, as mmsegmentation's
-        data preprocessor pads) to a multiple of :attr:`pad_multiple`; the decode logits are resized bilinearly to the
-        padded size and the padding is cropped off.
+        data preprocessor pads) to a multiple of twice the patch size (the coarsest level's stride); the decode
+        logits are resized bilinearly to the padded size and the padding is cropped off.
         """
         h, w = images.shape[2:]
-        m = self.pad_multiple
+        m = 2 * self.encoder.patch_size
         padded = F.pad(images, (0, -w % m, 0, -h % m))
         logits, _ = self(padded)
         return _resize(logits, padded.shape[2:])[:, :, :h, :w]
@@ -295,16 +280,8 @@ def segmentation_loss(
     return loss
 
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
-
-
-def whole_inference(predict: Predictor, images: torch.Tensor) -> torch.Tensor:
-    """Logits of the whole (B, 3, H, W) image in one pass: ``predict(images)`` (B, K, H, W)."""
-    return predict(images)
-
-
 def slide_inference(
-    predict: Predictor, images: torch.Tensor, num_classes: int, *, crop: int, stride: int
+    predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, num_classes: int, *, crop: int, stride: int
 ) -> torch.Tensor:
     """Sliding-window inference (mmsegmentation's): ``crop`` windows every ``stride`` pixels, averaged.
 
@@ -372,20 +349,3 @@ def build_from_spec(spec: dict[str, Any]) -> SegmentationModel:
 def window_grid(height: int, width: int, crop: int, stride: int) -> tuple[int, int]:
     """(rows, columns) of the windows :func:`slide_inference` runs on an image of this size."""
     return max(height - crop + stride - 1, 0) // stride + 1, max(width - crop + stride - 1, 0) // stride + 1
-
-
-__all__ = [
-    "REFERENCE_BLOCKS",
-    "ConvModule",
-    "FCNHead",
-    "Feature2Pyramid",
-    "SegmentationModel",
-    "UPerHead",
-    "build_from_spec",
-    "feature_blocks",
-    "model_spec",
-    "segmentation_loss",
-    "slide_inference",
-    "whole_inference",
-    "window_grid",
-]

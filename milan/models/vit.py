@@ -130,5 +130,4 @@ class VisionTransformer(nn.Module):
         return self._run_blocks(self._prepend_cls(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`forward_features`."""
         return self.forward_features(images)

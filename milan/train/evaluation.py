@@ -13,7 +13,7 @@ from timm.utils.metrics import accuracy
 from milan import distributed as dist
 from milan.data import Batch, SkipReport, eval_batches
 from milan.data.segmentation import check_labels
-from milan.models.segmentation import SegmentationModel, slide_inference, whole_inference
+from milan.models.segmentation import SegmentationModel, slide_inference
 from milan.seg_metrics import area_counts
 from milan.train.loop import autocast_context
 
@@ -129,7 +129,7 @@ def segmentation_areas(
             if mode == "slide":
                 logits = slide_inference(model.predict, images, k, crop=crop, stride=stride)
             else:
-                logits = whole_inference(model.predict, images)
+                logits = model.predict(images)
         logits = F.interpolate(logits.float(), size=batch.labels.shape[1:], mode="bilinear", align_corners=False)
         areas += area_counts(logits.argmax(dim=1).cpu(), batch.labels, k, ignore_index)
         count += len(batch)
