@@ -24,20 +24,17 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import json
 import os
 import pickle
-import pickletools
 import secrets
 import struct
 import sys
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, NamedTuple
 
 import torch
 
@@ -142,15 +139,15 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"not a file: {path} (for a Hugging Face folder use milan.checkpoint.read_checkpoint)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if _safetensors_header(path) is not None or path.suffix == ".safetensors":
+    if _safetensors_metadata(path) is not None or path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+    with path.open("rb") as f:
+        magic = f.read(4)
     if magic == b"PK\x03\x04":
         return _load_zip(path)
     if not magic.startswith(b"\x80"):  # legacy torch.save files are pickles with a protocol >= 2 header
@@ -163,51 +160,43 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` header (empty when there is none, or for any other file)."""
-    header = _safetensors_header(Path(path)) or {}
-    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    return _safetensors_metadata(Path(path)) or {}
 
 
-def _safetensors_header(path: Path) -> dict[str, Any] | None:
-    """The parsed JSON header if ``path`` looks like a safetensors file, else ``None``."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return None
-        (n,) = struct.unpack("<Q", head)
-        if not 2 <= n <= min(size - 8, 100_000_000):
-            return None
-        raw = f.read(n)
-    if not raw.startswith(b"{"):
-        return None
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The header's metadata if ``path`` is a complete safetensors file (whatever its suffix), else ``None``."""
+    from safetensors import safe_open
+
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        with safe_open(path, "pt") as f:  # reads and checks the bounded header only
+            return dict(f.metadata() or {})
+    except Exception:  # safetensors' own error types: not a safetensors file, or a damaged one
         return None
-    return header if isinstance(header, dict) else None
 
 
 def _load_zip(path: Path) -> Any:
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
             check_zip(path, zf)  # before anything is inflated: records sized as the tensors need
             bad = zf.testzip()  # CRC-checks every record
+            pkl = _data_pkl(zf)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt zip archive ({e})") from e
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
-    if any(n.split("/")[-1] == "constants.pkl" and n.count("/") == 1 for n in names):
+    if pkl is not None and f"{pkl.split('/')[0]}/constants.pkl" in zf.namelist():
         return read_torchscript(path)
 
     def pickled() -> bytes:
-        pkl = next((n for n in names if n.split("/")[-1] == "data.pkl" and n.count("/") == 1), None)
-        if pkl is None:
-            return b""
         with zipfile.ZipFile(path) as zf:
-            return read_record(zf, pkl)
+            return read_record(zf, pkl) if pkl is not None else b""
 
     return _torch_load(path, pickled)
+
+
+def _data_pkl(zf: zipfile.ZipFile) -> str | None:
+    """The archive's top pickle, ``NAME/data.pkl`` (the one loaders read; TorchScript's others lie deeper)."""
+    return next((n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
 
 
 def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
@@ -220,7 +209,7 @@ def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
         obj = _weights_only_load(path, [])
     except Exception as e:  # anything torch raises on a bad file becomes one clear message
         try:
-            names = dict.fromkeys(python3_name(*g) for g in pickle_globals(pickled()))
+            names = dict.fromkeys(pickle_globals(pickled()))
         except Exception:  # not a pickle stream at all
             raise CheckpointError(
                 f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file, or corrupt "
@@ -282,7 +271,10 @@ _INERT_NAMES = {("builtins", "getattr"), ("__builtin__", "getattr")}
 
 
 class Inert:
-    """What the pickle built from a name we do not import: the name, the call's arguments, the restored state."""
+    """What the pickle built from a name we do not import: the name, the call's arguments, the restored state.
+
+    Whatever else a pickle does with it (call it, set its items, append to it) is absorbed.
+    """
 
     qualified_name: ClassVar[str] = ""
     args: tuple[Any, ...] = ()
@@ -291,8 +283,20 @@ class Inert:
     def __init__(self, *args: Any) -> None:
         self.args = args
 
+    def __call__(self, *args: Any) -> Inert:
+        return Inert(*args)
+
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
 
     def __repr__(self) -> str:
         return f"<inert {self.qualified_name}>"
@@ -325,106 +329,91 @@ def python3_name(module: str, name: str) -> tuple[str, str]:
     return IMPORT_MAPPING.get(module, module), name
 
 
-def pickle_globals(data: bytes) -> Iterator[tuple[str, str]]:
-    """``(module, name)`` of every global the pickle stream(s) in ``data`` refer to, found from the opcodes alone.
-
-    Legacy ``torch.save`` files are several pickles in a row followed by raw storage bytes; the scan stops at the
-    first byte that is not a pickle. Raises if ``data`` does not start with a pickle.
-    """
-    stream = io.BytesIO(data)
-    strings: list[str] = []
-    first = True
-    while stream.tell() < len(data):
-        start = stream.tell()
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                    module, _, name = arg.partition(" ")
-                    yield module, name
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    yield strings[-2], strings[-1]
-                elif isinstance(arg, str):
-                    strings.append(arg)
-        except Exception:
-            if first:
-                raise
-            stream.seek(start)
-            break
-        first = False
-
-
-@dataclass(frozen=True)
-class StorageClaim:
-    """One tensor storage a pickle refers to: its record ``key``, ``numel`` elements of ``itemsize`` bytes."""
+class StorageClaim(NamedTuple):
+    """One tensor storage a pickle refers to: its record ``key``, ``numel`` elements taking ``nbytes`` bytes."""
 
     key: str
     numel: int
-    itemsize: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
+    nbytes: int
 
 
-class _Sink:
-    """Absorbs whatever a pickle does with an object built from a global (calls, state, items, appends)."""
-
-    storage_name: ClassVar[str | None] = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Sink:
-        return _Sink()
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, item: Any) -> None:
-        pass
-
-    def extend(self, items: Any) -> None:
-        pass
+_SCRIPT_HELPERS: dict[tuple[str, str], Any] = {  # what TorchScript pickles call: they only build lists and tensors
+    # torch._utils._rebuild_tensor(_v2) over a flat tensor holding the storage's bytes: a view, nothing copied
+    # (as_strided refuses views that leave the storage; check_tensors refuses stride-0 ones that claim more)
+    ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: storage.as_strided(
+        tuple(size), tuple(stride), offset
+    ),
+    ("torch._utils", "_rebuild_tensor"): lambda storage, offset, size, stride: storage.as_strided(
+        tuple(size), tuple(stride), offset
+    ),
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch.jit._pickle", "restore_type_tag"): lambda value, *_: value,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
+}
 
 
-class _ClaimScanner(pickle.Unpickler):
-    """Unpickles with every global replaced by :class:`_Sink` and records the storage persistent ids."""
+class _Unpickler(pickle.Unpickler):
+    """Unpickles without importing or calling anything the pickle names; records the globals and storages it names.
 
-    def __init__(self, file: IO[bytes]) -> None:
+    Scanning (no ``storage``): every global becomes an :class:`Inert` stand-in and every storage a placeholder, so any
+    well-formed pickle reads and tells what it refers to. Reading a TorchScript ``data.pkl``: instances of
+    ``__torch__.*`` classes become Inert records (their state holds their parameters, buffers and submodules),
+    storages come from ``storage(key, dtype, numel)``, the helpers above are allowed and any other global is refused.
+    """
+
+    def __init__(self, file: IO[bytes], storage: Callable[[str, torch.dtype, int], torch.Tensor] | None = None) -> None:
         super().__init__(file)
+        self._storage = storage
+        self.globals: list[tuple[str, str]] = []
         self.claims: list[StorageClaim] = []
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = python3_name(module, name)
+        self.globals.append((module, name))
         if module == "torch" and name.endswith("Storage"):
-            return type(name, (_Sink,), {"storage_name": name})
-        return _Sink
+            return _dtype(name)  # the storage's dtype stands for its type in the persistent ids
+        if self._storage is None or module.split(".")[0] == "__torch__":
+            return standin(module, name)
+        allowed = _SCRIPT_HELPERS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}, which is not allowed")
+        return allowed
 
     def persistent_load(self, pid: Any) -> Any:
         # zip files and TorchScript: ('storage', type, key, location, numel); legacy files add view metadata.
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-            storage_name = getattr(pid[1], "storage_name", None)
-            if not isinstance(storage_name, str) or not isinstance(pid[4], int) or pid[4] < 0:
-                raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.120}")
-            itemsize = 1 if storage_name == "UntypedStorage" else _dtype(storage_name).itemsize
-            self.claims.append(StorageClaim(str(pid[2]), int(pid[4]), itemsize))
-        return _Sink()
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            if self._storage is None:
+                return Inert()
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, dtype, key, _location, numel, *_ = pid
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.120}")
+        self.claims.append(StorageClaim(str(key), numel, numel * dtype.itemsize))
+        return Inert() if self._storage is None else self._storage(str(key), dtype, numel)
 
 
-def storage_claims(file: IO[bytes]) -> tuple[Any, list[StorageClaim]]:
-    """Reads one pickle from ``file`` with every global inert: (the object, with placeholders; the storages it names).
+def pickle_globals(data: bytes) -> list[tuple[str, str]]:
+    """``(module, name)`` of every global the pickle stream(s) in ``data`` refer to; nothing is imported or called.
 
-    Raises on a malformed pickle.
+    Legacy ``torch.save`` files are several pickles in a row followed by raw storage bytes; the scan stops at the
+    first that does not read. Raises if ``data`` does not start with a pickle.
     """
-    scanner = _ClaimScanner(file)
-    obj = scanner.load()
-    return obj, scanner.claims
+    stream = io.BytesIO(data)
+    scanner = _Unpickler(stream)
+    scanner.load()
+    with suppress(Exception):
+        while stream.tell() < len(data):
+            scanner.load()
+    return scanner.globals
 
 
 def _dtype(storage_name: str) -> torch.dtype:
-    """``FloatStorage`` -> ``torch.float32`` ..."""
+    """``FloatStorage`` -> ``torch.float32`` ... (``UntypedStorage``: bytes)."""
+    if storage_name == "UntypedStorage":
+        return torch.uint8
     try:
         return torch.serialization.StorageType(storage_name).dtype  # type: ignore[no-untyped-call,no-any-return]
     except (KeyError, AttributeError) as e:
@@ -462,14 +451,15 @@ def check_zip(path: Path, zf: zipfile.ZipFile) -> None:
         if len(parts) != 2 or parts[1] != "data.pkl":  # the pickle the loaders read (TorchScript's others are not)
             continue
         _bound_metadata(path, info)
+        scanner = _Unpickler(io.BytesIO(read_record(zf, info)))
         try:
-            _, claims = storage_claims(io.BytesIO(read_record(zf, info)))
+            scanner.load()
         except Exception as e:  # read with every name inert: only a damaged or malformed pickle fails here
             raise CheckpointError(
                 f"cannot read checkpoint {path}: its record {info.filename!r} is not a valid pickle, truncated or "
                 f"corrupt ({type(e).__name__}: {str(e)[:200]})"
             ) from e
-        for claim in claims:
+        for claim in scanner.claims:
             name = f"{parts[0]}/data/{claim.key}"
             if name not in by_name:
                 raise CheckpointError(f"{path}: the tensor record {name!r} is missing")
@@ -512,14 +502,15 @@ def check_legacy(path: Path) -> None:
     with path.open("rb") as f:
         try:
             for _ in range(3):  # magic number, protocol version, system info
-                storage_claims(f)
-            _, claims = storage_claims(f)
-            keys, _ = storage_claims(f)
+                _Unpickler(f).load()
+            scanner = _Unpickler(f)
+            scanner.load()
+            keys = _Unpickler(f).load()
         except Exception:
             return
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             return
-        declared = {c.key: c for c in claims}
+        declared = {c.key: c for c in scanner.claims}
         for key in keys:
             claim = declared.get(key)
             head = f.read(8)
@@ -604,77 +595,6 @@ def _size(n: int) -> str:
 # archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript archives (OpenAI's CLIP files are ones).
 
 
-def _rebuild_tensor(
-    storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
-) -> torch.Tensor:
-    """``torch._utils._rebuild_tensor_v2`` over a flat tensor holding the storage's bytes (a view: nothing copied)."""
-    values = [offset, *size, *stride]
-    if not all(isinstance(v, int) and v >= 0 for v in values) or len(size) != len(stride):
-        raise pickle.UnpicklingError(f"malformed tensor view: offset {offset!r}, shape {size!r}, strides {stride!r}")
-    if 0 not in size:
-        extent = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1
-        if extent > storage.numel():
-            raise pickle.UnpicklingError(
-                f"a tensor view of shape {tuple(size)} reaches element {extent} of a storage of {storage.numel()}"
-            )
-    return torch.as_strided(storage, tuple(size), tuple(stride), int(offset))
-
-
-_SCRIPT_HELPERS: dict[tuple[str, str], Any] = {  # what TorchScript pickles call: they only build lists and tensors
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("torch.jit._pickle", "restore_type_tag"): lambda value, *_: value,
-    ("torch.jit._pickle", "build_intlist"): list,
-    ("torch.jit._pickle", "build_doublelist"): list,
-    ("torch.jit._pickle", "build_boollist"): list,
-    ("torch.jit._pickle", "build_tensorlist"): list,
-}
-
-
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript ``data.pkl`` without importing or calling anything it names.
-
-    Instances of ``__torch__.*`` classes become :class:`Inert` records (their state holds their parameters, buffers
-    and submodules), storages come from the raw records, the helpers above are allowed and any other global is
-    refused.
-    """
-
-    def __init__(self, data: bytes, zf: zipfile.ZipFile, prefix: str, path: Path) -> None:
-        super().__init__(io.BytesIO(data))
-        self._zf, self._prefix, self._path = zf, prefix, path
-        self._storages: dict[str, torch.Tensor] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("__torch__.") or module == "__torch__":
-            return standin(module, name)
-        if module == "torch" and name.endswith("Storage"):
-            return _dtype(name)  # the storage's dtype stands for its type in the persistent ids
-        allowed = _SCRIPT_HELPERS.get((module, name))
-        if allowed is None:
-            raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}, which is not allowed")
-        return allowed
-
-    def persistent_load(self, pid: Any) -> torch.Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError(f"unknown storage type {dtype!r:.80}")
-        if not isinstance(numel, int) or numel < 0:
-            raise pickle.UnpicklingError(f"malformed storage size {numel!r:.80}")
-        cache_key = f"{key}:{dtype}"
-        if cache_key not in self._storages:  # check_zip has checked the record's size against this storage
-            record = f"{self._prefix}/data/{key}"
-            need = numel * dtype.itemsize
-            raw = read_record(self._zf, record, need)  # never more than the tensor needs, whatever the record claims
-            if len(raw) < need:
-                raise CheckpointError(f"TorchScript archive {self._path}: record {record!r} is truncated")
-            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            self._storages[cache_key] = flat
-        return self._storages[cache_key]
-
-
 def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Reads every tensor attribute of a TorchScript archive's module tree, without running any of its code.
 
@@ -687,23 +607,34 @@ def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             tensors and lists.
     """
     path = Path(path)
+    storages: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if (key, dtype) not in storages:  # check_zip has checked the record's size against this storage
+            record, need = f"{prefix}/data/{key}", numel * dtype.itemsize
+            raw = read_record(zf, record, need)  # never more than the tensor needs, whatever the record claims
+            if len(raw) < need:
+                raise CheckpointError(f"TorchScript archive {path}: record {record!r} is truncated")
+            storages[key, dtype] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return storages[key, dtype]
+
     try:
         with zipfile.ZipFile(path) as zf:
             check_zip(path, zf)
-            pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if len(pkls) != 1 or f"{pkls[0].split('/')[0]}/constants.pkl" not in zf.namelist():
+            pkl = _data_pkl(zf)
+            prefix = (pkl or "").split("/")[0]
+            if pkl is None or f"{prefix}/constants.pkl" not in zf.namelist():
                 raise CheckpointError(f"{path} is not a TorchScript archive (no <name>/data.pkl + constants.pkl)")
-            prefix = pkls[0].split("/")[0]
             order = f"{prefix}/byteorder"
             stored_order = read_record(zf, order, 16).decode().strip() if order in zf.namelist() else sys.byteorder
             if stored_order != sys.byteorder:
                 raise CheckpointError(f"{path}: stored with {stored_order} byte order; not supported here")
-            root = _ArchiveUnpickler(read_record(zf, pkls[0]), zf, prefix, path).load()
+            root = _Unpickler(io.BytesIO(read_record(zf, pkl)), storage).load()
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as e:  # incl. malformed views (see _rebuild_tensor)
+    except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing to read TorchScript archive {path}: {e}") from e
-    except Exception as e:  # zip/pickle structure errors on a damaged file
+    except Exception as e:  # zip/pickle structure errors on a damaged file, views outside their storage
         raise CheckpointError(f"cannot read TorchScript archive {path} (truncated or corrupt?): {e}") from e
     out: dict[str, torch.Tensor] = {}
     _flatten(root, "", out, set())
@@ -716,15 +647,12 @@ def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def torchscript_classes(path: str | os.PathLike[str]) -> list[str]:
     """The qualified names of the TorchScript classes in an archive's module tree (``__torch__....QuickGELU`` ...).
 
-    Read from the pickle's opcodes; an empty list if ``path`` is not a TorchScript archive.
+    Read with every name inert; an empty list if ``path`` is not a TorchScript archive.
     """
     try:
         with zipfile.ZipFile(path) as zf:
-            pkls = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if len(pkls) != 1:
-                return []
-            data = read_record(zf, pkls[0], MAX_INFLATED_METADATA)
-        names = {f"{m}.{n}" for m, n in pickle_globals(data)}
+            pkl = _data_pkl(zf)
+            names = {f"{m}.{n}" for m, n in pickle_globals(read_record(zf, pkl, MAX_INFLATED_METADATA))} if pkl else ()
     except Exception:  # damaged: the reader reports it
         return []
     return sorted(n for n in names if n.startswith("__torch__."))
