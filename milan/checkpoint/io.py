@@ -9,7 +9,7 @@ What :func:`safe_load` accepts:
   ``getattr``) come back as inert :class:`Inert` records of what was pickled. mmengine is not imported and nothing
   named in the file is called;
 * ``.safetensors`` files (recognised by their header, whatever the suffix);
-* TorchScript archives (e.g. OpenAI's ``ViT-B-16.pt``), read by :func:`read_torchscript`.
+* TorchScript archives (e.g. OpenAI's ``ViT-B-16.pt``), read without running their code.
 
 A file can lie about its size: a tensor can be a stride-0 view of one element that claims gigabytes, a zip record
 can deflate to gigabytes. Before anything is materialised, each tensor's claimed bytes are checked against the file
@@ -44,7 +44,6 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "read_safetensors_metadata",
-    "read_torchscript",
     "safe_load",
     "save_safetensors",
 ]
@@ -175,23 +174,21 @@ def _safetensors_metadata(path: Path) -> dict[str, str] | None:
 
 
 def _load_zip(path: Path) -> Any:
+    """A ``torch.save`` zip archive, or a TorchScript one (it has ``NAME/constants.pkl`` next to ``NAME/data.pkl``)."""
     try:
         with zipfile.ZipFile(path) as zf:
             check_zip(path, zf)  # before anything is inflated: records sized as the tensors need
             bad = zf.testzip()  # CRC-checks every record
+            if bad is not None:
+                raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
             pkl = _data_pkl(zf)
+            prefix = (pkl or "").split("/")[0]
+            if pkl is not None and f"{prefix}/constants.pkl" in zf.namelist():
+                return _read_torchscript(path, zf, prefix)
+            pickled = read_record(zf, pkl) if pkl is not None else b""
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt zip archive ({e})") from e
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
-    if pkl is not None and f"{pkl.split('/')[0]}/constants.pkl" in zf.namelist():
-        return read_torchscript(path)
-
-    def pickled() -> bytes:
-        with zipfile.ZipFile(path) as zf:
-            return read_record(zf, pkl) if pkl is not None else b""
-
-    return _torch_load(path, pickled)
+    return _torch_load(path, lambda: pickled)
 
 
 def _data_pkl(zf: zipfile.ZipFile) -> str | None:
@@ -337,15 +334,17 @@ class StorageClaim(NamedTuple):
     nbytes: int
 
 
+def _view(storage: torch.Tensor, offset: int, size: Any, stride: Any, *_: Any) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor(_v2)`` over a flat tensor holding the storage's bytes (a view, nothing copied).
+
+    ``as_strided`` refuses views that leave the storage; :func:`check_tensors` refuses stride-0 ones that claim more.
+    """
+    return storage.as_strided(tuple(size), tuple(stride), offset)
+
+
 _SCRIPT_HELPERS: dict[tuple[str, str], Any] = {  # what TorchScript pickles call: they only build lists and tensors
-    # torch._utils._rebuild_tensor(_v2) over a flat tensor holding the storage's bytes: a view, nothing copied
-    # (as_strided refuses views that leave the storage; check_tensors refuses stride-0 ones that claim more)
-    ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: storage.as_strided(
-        tuple(size), tuple(stride), offset
-    ),
-    ("torch._utils", "_rebuild_tensor"): lambda storage, offset, size, stride: storage.as_strided(
-        tuple(size), tuple(stride), offset
-    ),
+    ("torch._utils", "_rebuild_tensor_v2"): _view,
+    ("torch._utils", "_rebuild_tensor"): _view,
     ("collections", "OrderedDict"): OrderedDict,
     ("torch.jit._pickle", "restore_type_tag"): lambda value, *_: value,
     ("torch.jit._pickle", "build_intlist"): list,
@@ -595,18 +594,16 @@ def _size(n: int) -> str:
 # archive's code, and ``torch.load(weights_only=True)`` refuses TorchScript archives (OpenAI's CLIP files are ones).
 
 
-def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Reads every tensor attribute of a TorchScript archive's module tree, without running any of its code.
+def _read_torchscript(path: Path, zf: zipfile.ZipFile, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor attribute of a (checked) TorchScript archive's module tree, without running any of its code.
 
     Returns:
         ``{dotted.name: tensor}`` in module order, as ``torch.jit.load(path).state_dict()`` would name them (plain
         tensor attributes that are not parameters or buffers included), in their stored dtype.
 
     Raises:
-        CheckpointError: Not a TorchScript archive, corrupt, or it references anything but TorchScript classes,
-            tensors and lists.
+        CheckpointError: Corrupt, or it references anything but TorchScript classes, tensors and lists.
     """
-    path = Path(path)
     storages: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -619,17 +616,11 @@ def read_torchscript(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         return storages[key, dtype]
 
     try:
-        with zipfile.ZipFile(path) as zf:
-            check_zip(path, zf)
-            pkl = _data_pkl(zf)
-            prefix = (pkl or "").split("/")[0]
-            if pkl is None or f"{prefix}/constants.pkl" not in zf.namelist():
-                raise CheckpointError(f"{path} is not a TorchScript archive (no <name>/data.pkl + constants.pkl)")
-            order = f"{prefix}/byteorder"
-            stored_order = read_record(zf, order, 16).decode().strip() if order in zf.namelist() else sys.byteorder
-            if stored_order != sys.byteorder:
-                raise CheckpointError(f"{path}: stored with {stored_order} byte order; not supported here")
-            root = _Unpickler(io.BytesIO(read_record(zf, pkl)), storage).load()
+        order = f"{prefix}/byteorder"
+        stored_order = read_record(zf, order, 16).decode().strip() if order in zf.namelist() else sys.byteorder
+        if stored_order != sys.byteorder:
+            raise CheckpointError(f"{path}: stored with {stored_order} byte order; not supported here")
+        root = _Unpickler(io.BytesIO(read_record(zf, f"{prefix}/data.pkl")), storage).load()
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
