@@ -80,6 +80,28 @@ _FOLDER_WEIGHTS = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.bin",
 )
+# The CLIP formats: (the file next to the weights that records the teacher's MLP activation, what a file without it
+# is, the activation assumed then, and why).
+_CLIP_FORMATS: dict[str, tuple[str, str, Act, str]] = {
+    "openai-clip": (
+        "open_clip_config.json",
+        "a state dict in OpenAI CLIP key layout",
+        "quick_gelu",
+        "as OpenAI's CLIP weights, the paper's teacher; OpenCLIP models trained with GELU have the same keys",
+    ),
+    "open-clip": (
+        "open_clip_config.json",
+        "an OpenCLIP checkpoint without its open_clip_config.json",
+        "gelu",
+        "open_clip's default for the models it trains; OpenAI-pretrained and '-quickgelu' models use QuickGELU",
+    ),
+    "hf": (
+        "config.json",
+        "a Hugging Face CLIP weights file without its config.json",
+        "quick_gelu",
+        "transformers' CLIP default, as OpenAI's CLIP weights",
+    ),
+}
 _TOWER_FEATURES = ("norm_pre.weight", "reg_token", "blocks.0.ls1.gamma", "blocks.0.attn.q_norm.weight")
 
 
@@ -166,7 +188,6 @@ def read_checkpoint(
     if fmt != "auto" and fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
     obj, configs, file_meta = _read_raw(Path(path))
-    script_act = _torchscript_act(Path(path))
     sd, meta = _unwrap(obj, path)
     teacher = meta.pop("teacher", None)  # training checkpoints keep a random teacher next to the student
     if isinstance(teacher, dict) and teacher and all(isinstance(v, torch.Tensor) for v in teacher.values()):
@@ -185,55 +206,30 @@ def read_checkpoint(
     ck = Checkpoint(str(path), fmt, "encoder", {}, hints=hints, source_shapes=shapes)
     given = {"model_name": model_name, "head": head, **tower_opts}
     ck.tower_options = {k: v for k, v in given.items() if v is not None}
-    main_heads = hints.get("num_heads") if fmt in ("openai-clip", "open-clip", "hf") else None
     if fmt == "milan":
         _read_milan(ck, sd, tower_opts)
     elif fmt == "mmpretrain":
         _read_mmpretrain(ck, sd, tower_opts)
     elif fmt == "milan-orig":
         ck.kind, ck.state_dict = milan_orig_to_milan(sd)
-    elif fmt == "openai-clip":
-        if act is None and script_act is None:
-            _assumed_act(
-                ck.source,
-                "a state dict in OpenAI CLIP key layout",
-                "quick_gelu",
-                "as OpenAI's CLIP weights, the paper's teacher; OpenCLIP models trained with GELU have the same keys",
-                ", or put the model's open_clip_config.json next to the file",
-            )
-        opts = {**tower_opts, "act": act or script_act}  # OpenAI's TorchScript archive names its activation class
-        timm_sd, ck.tower, ck.dropped = openai_tower(sd, num_heads=main_heads, **opts)
-        ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
-    elif fmt == "open-clip":
-        oc_config = configs.get("open_clip_config.json")
-        trunk = any(k.startswith("visual.trunk.") for k in sd)
-        if act is None and oc_config is None and not trunk:
-            _assumed_act(
-                ck.source,
-                "an OpenCLIP checkpoint without its open_clip_config.json",
-                "gelu",
-                "open_clip's default for the models it trains; OpenAI-pretrained and '-quickgelu' models use QuickGELU",
-                ", or put the model's open_clip_config.json next to the file",
-            )
-        timm_sd, ck.tower, ck.dropped = open_clip_tower(
-            sd, oc_config, num_heads=main_heads, model_name=model_name, **tower_opts
-        )
-        if trunk and ck.tower.timm_name is None:
-            _check_inferred_timm_tower(ck, timm_sd, tower_opts)
-        ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     elif fmt == "hf" and not any(k.startswith("vision_model.") for k in sd):  # a ViTModel (e.g. our export)
         _read_hf_vit(ck, sd, configs.get("config.json") or {})
-    elif fmt == "hf":
-        hf_config = configs.get("config.json")
-        if act is None and hf_config is None:
-            _assumed_act(
-                ck.source,
-                "a Hugging Face CLIP weights file without its config.json",
-                "quick_gelu",
-                "transformers' CLIP default, as OpenAI's CLIP weights",
-                ", or put the model's config.json next to the file",
-            )
-        timm_sd, ck.tower, ck.dropped = hf_clip_tower(sd, hf_config, num_heads=main_heads, **tower_opts)
+    elif fmt in _CLIP_FORMATS:
+        config_name, what, assumed, why = _CLIP_FORMATS[fmt]
+        config = configs.get(config_name) if fmt != "openai-clip" else None
+        trunk = any(k.startswith("visual.trunk.") for k in sd)
+        script_act = _torchscript_act(Path(path)) if fmt == "openai-clip" else None  # OpenAI's archive names it
+        if act is None and script_act is None and config is None and not trunk:
+            _assumed_act(ck.source, what, assumed, why, f", or put the model's {config_name} next to the file")
+        opts = {**tower_opts, "act": act or script_act, "num_heads": hints.get("num_heads")}
+        if fmt == "openai-clip":
+            timm_sd, ck.tower, ck.dropped = openai_tower(sd, **opts)
+        elif fmt == "open-clip":
+            timm_sd, ck.tower, ck.dropped = open_clip_tower(sd, config, model_name=model_name, **opts)
+        else:
+            timm_sd, ck.tower, ck.dropped = hf_clip_tower(sd, config, **opts)
+        if trunk and ck.tower.timm_name is None:
+            _check_inferred_timm_tower(ck, timm_sd, tower_opts)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     else:
         _read_timm(ck, sd, model_name=model_name, head=head, tower_opts=tower_opts)
