@@ -30,6 +30,7 @@ import secrets
 import struct
 import sys
 import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -264,7 +265,7 @@ def _allowed_globals() -> set[str]:
 # OpenMMLab's training bookkeeping, numpy arrays and scalars inside it, and ``getattr``, by which pickles refer to
 # methods (e.g. ``getattr(HistoryBuffer, 'min')``).
 _INERT_PACKAGES = ("mmengine", "mmcv", "mmpretrain", "mmselfsup", "mmcls", "numpy")
-_INERT_NAMES = {("builtins", "getattr"), ("__builtin__", "getattr")}
+_INERT_NAMES = {("builtins", "getattr")}
 
 
 class Inert:
@@ -311,19 +312,9 @@ def standin(module: str, name: str) -> type[Inert]:
     Calling it (the pickle's REDUCE), creating it (NEWOBJ) and restoring its state (BUILD) only record what the pickle
     gave; the real class or function is never imported.
     """
-    module, name = python3_name(module, name)
     # torch's allowlist looks classes up by ``__module__`` + ``__qualname__``.
     attrs = {"qualified_name": f"{module}.{name}", "__module__": module, "__qualname__": name}
     return type(name.rpartition(".")[2] or "Inert", (Inert,), attrs)
-
-
-def python3_name(module: str, name: str) -> tuple[str, str]:
-    """The Python 3 name of a protocol-2 global (``__builtin__.getattr`` -> ``builtins.getattr``), as torch maps it."""
-    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
-
-    if (module, name) in NAME_MAPPING:
-        return NAME_MAPPING[(module, name)]
-    return IMPORT_MAPPING.get(module, module), name
 
 
 class StorageClaim(NamedTuple):
@@ -370,7 +361,8 @@ class _Unpickler(pickle.Unpickler):
         self.claims: list[StorageClaim] = []
 
     def find_class(self, module: str, name: str) -> Any:
-        module, name = python3_name(module, name)
+        # Python 2 names of protocol-2 pickles (``__builtin__.getattr``) as Python 3 and torch name them
+        module, name = NAME_MAPPING.get((module, name)) or (IMPORT_MAPPING.get(module, module), name)
         self.globals.append((module, name))
         if module == "torch" and name.endswith("Storage"):
             return _dtype(name)  # the storage's dtype stands for its type in the persistent ids
