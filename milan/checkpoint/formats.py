@@ -153,7 +153,7 @@ class Checkpoint:
 
     def decoder_arch(self) -> DecoderArch:
         """The decoder's architecture (heads from ``hints``)."""
-        if self.kind != "milan" or not any(k.startswith("student.decoder.") for k in self.state_dict):
+        if self.kind != "milan" or not _has(self.state_dict, "student.decoder."):
             raise CheckpointError(f"{self.source}: a {self.kind} checkpoint has no decoder")
         return infer_decoder(self.part("student.decoder."), num_heads=self.hints.get("decoder_num_heads"))
 
@@ -212,12 +212,12 @@ def read_checkpoint(
         _read_mmpretrain(ck, sd, tower_opts)
     elif fmt == "milan-orig":
         ck.kind, ck.state_dict = milan_orig_to_milan(sd)
-    elif fmt == "hf" and not any(k.startswith("vision_model.") for k in sd):  # a ViTModel (e.g. our export)
+    elif fmt == "hf" and not _has(sd, "vision_model."):  # a ViTModel (e.g. our export)
         _read_hf_vit(ck, sd, configs.get("config.json") or {})
     elif fmt in _CLIP_FORMATS:
         config_name, what, assumed, why = _CLIP_FORMATS[fmt]
         config = configs.get(config_name) if fmt != "openai-clip" else None
-        trunk = any(k.startswith("visual.trunk.") for k in sd)
+        trunk = _has(sd, "visual.trunk.")
         script_act = _torchscript_act(Path(path)) if fmt == "openai-clip" else None  # OpenAI's archive names it
         if act is None and script_act is None and config is None and not trunk:
             _assumed_act(ck.source, what, assumed, why, f", or put the model's {config_name} next to the file")
@@ -367,27 +367,28 @@ def _find_model_config(meta: dict[str, Any], depth: int = 0) -> dict[str, Any] |
 
 
 def _detect(sd: StateDict, configs: dict[str, Any], meta: dict[str, Any]) -> str:
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in sd)
-
-    if has("student.") or has("teacher.model.") or has("encoder.blocks."):
+    if _has(sd, "student.", "teacher.model.", "encoder.blocks."):
         return "milan"
-    if has("model.blocks.") and "model.patch_embed.proj.weight" in sd:
+    if _has(sd, "model.blocks.") and "model.patch_embed.proj.weight" in sd:
         return "milan"
-    if has("backbone.") or has("target_generator."):
+    if _has(sd, "backbone.", "target_generator."):
         return "mmpretrain"
-    if has("vision_model.embeddings.") or has("embeddings.patch_embeddings.") or has("vit.embeddings."):
+    if _has(sd, "vision_model.embeddings.", "embeddings.patch_embeddings.", "vit.embeddings."):
         return "hf"
-    open_clip_signs = has("visual.trunk.") or "open_clip_config.json" in configs or {"epoch", "name"} <= set(meta)
-    if open_clip_signs and has("visual."):
+    open_clip_signs = _has(sd, "visual.trunk.") or "open_clip_config.json" in configs or {"epoch", "name"} <= set(meta)
+    if open_clip_signs and _has(sd, "visual."):
         return "open-clip"
     if "visual.conv1.weight" in sd:
         return "openai-clip"
-    if has("blocks.") and "patch_embed.proj.weight" in sd:
-        if has("decoder_blocks.") or "head.0.running_mean" in sd:
+    if _has(sd, "blocks.") and "patch_embed.proj.weight" in sd:
+        if _has(sd, "decoder_blocks.") or "head.0.running_mean" in sd:
             return "milan-orig"
         return "timm"
     raise CheckpointError(f"unrecognised checkpoint layout (first keys: {list(sd)[:8]}); see milan.checkpoint.formats")
+
+
+def _has(sd: StateDict, *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in sd)
 
 
 def _compatible(given: str, detected: str) -> bool:
@@ -449,12 +450,9 @@ def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str,
 
 
 def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> None:
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in sd)
-
-    if has("student.") or has("teacher.model."):
+    if _has(sd, "student.", "teacher.model."):
         ck.kind, ck.state_dict = "milan", dict(sd)
-    elif has("encoder.") and has("decoder."):
+    elif _has(sd, "encoder.") and _has(sd, "decoder."):
         ck.kind, ck.state_dict = "milan", {"student." + k: v for k, v in sd.items()}
     elif "head.bn.running_mean" in sd:
         ck.kind, ck.state_dict = "linear_probe", dict(sd)
@@ -462,12 +460,12 @@ def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> No
         ck.kind, ck.state_dict = "linear_probe", _probe_from_grid(ck, sd)
     elif "fc_norm.weight" in sd:
         ck.kind, ck.state_dict = "finetune", dict(sd)
-    elif has("model."):
+    elif _has(sd, "model."):
         ck.kind, ck.state_dict = "teacher", dict(sd)
     else:
         ck.kind, ck.state_dict = "encoder", {k[len("encoder.") :]: v for k, v in sd.items()}
     prefix = {"milan": "teacher.model.", "teacher": "model."}.get(ck.kind)
-    if prefix and any(k.startswith(prefix) for k in ck.state_dict):
+    if prefix and _has(ck.state_dict, prefix):
         ck.tower = _tower_from_hints(ck, ck.part(prefix), tower_opts)
 
 
@@ -488,7 +486,7 @@ def _probe_from_grid(ck: Checkpoint, sd: StateDict) -> StateDict:
 
 
 def _read_mmpretrain(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> None:
-    if any(k.startswith(("neck.bn.", "head.")) for k in sd):
+    if _has(sd, "neck.bn.", "head."):
         kind, ck.state_dict, unmapped = mmpretrain_classifier_to_milan(sd)
         ck.kind = kind  # type: ignore[assignment]
     else:
@@ -607,7 +605,7 @@ def resolve_spec(
             "the model has another count"
         )
     decoder = None
-    if ck.kind == "milan" and any(k.startswith("student.decoder.") for k in ck.state_dict):
+    if ck.kind == "milan" and _has(ck.state_dict, "student.decoder."):
         decoder = ck.decoder_arch()
         if stored is None and "decoder_num_heads" not in ck.hints:
             notes["decoder_heads"] = (
