@@ -270,11 +270,9 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
 
 def _torchscript_act(path: Path) -> Act | None:
     """The activation a TorchScript archive's module tree names (its ``QuickGELU`` / ``GELU`` modules), if one."""
-    if not path.is_file():
-        return None
-    names = {name.rpartition(".")[2] for name in torchscript_classes(path)}
-    candidates: tuple[tuple[Act, str], ...] = (("quick_gelu", "QuickGELU"), ("gelu", "GELU"))
-    found = [act for act, cls in candidates if cls in names]
+    names = {name.rpartition(".")[2] for name in torchscript_classes(path)}  # none for a folder or another file
+    acts: dict[str, Act] = {"QuickGELU": "quick_gelu", "GELU": "gelu"}
+    found = [act for cls, act in acts.items() if cls in names]
     return found[0] if len(found) == 1 else None
 
 

@@ -33,7 +33,7 @@ import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, ClassVar, NamedTuple
 
@@ -154,8 +154,7 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file (it starts with {magic!r})"
         )
-    check_legacy(path)
-    return _torch_load(path, path.read_bytes)
+    return _torch_load(path, check_legacy(path))
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -178,7 +177,7 @@ def _load_zip(path: Path) -> Any:
     """A ``torch.save`` zip archive, or a TorchScript one (it has ``NAME/constants.pkl`` next to ``NAME/data.pkl``)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            check_zip(path, zf)  # before anything is inflated: records sized as the tensors need
+            names = check_zip(path, zf)  # before anything is inflated: records sized as the tensors need
             bad = zf.testzip()  # CRC-checks every record
             if bad is not None:
                 raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
@@ -186,10 +185,9 @@ def _load_zip(path: Path) -> Any:
             prefix = (pkl or "").split("/")[0]
             if pkl is not None and f"{prefix}/constants.pkl" in zf.namelist():
                 return _read_torchscript(path, zf, prefix)
-            pickled = read_record(zf, pkl) if pkl is not None else b""
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt zip archive ({e})") from e
-    return _torch_load(path, lambda: pickled)
+    return _torch_load(path, names)
 
 
 def _data_pkl(zf: zipfile.ZipFile) -> str | None:
@@ -197,23 +195,22 @@ def _data_pkl(zf: zipfile.ZipFile) -> str | None:
     return next((n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
 
 
-def _torch_load(path: Path, pickled: Callable[[], bytes]) -> Any:
+def _torch_load(path: Path, names: list[tuple[str, str]] | None) -> Any:
     """``torch.load(weights_only=True)``, then the size checks of every loaded tensor.
 
-    A file refused only for training bookkeeping (see :func:`inert_allowed`) is loaded again with those objects as
-    inert records.
+    ``names`` are the globals the file's pickles name, as the size checks found them (``None``: no pickle). A file
+    refused only for training bookkeeping (see :func:`inert_allowed`) is loaded again with those objects as inert
+    records.
     """
     try:
         obj = _weights_only_load(path, [])
     except Exception as e:  # anything torch raises on a bad file becomes one clear message
-        try:
-            names = dict.fromkeys(pickle_globals(pickled()))
-        except Exception:  # not a pickle stream at all
+        if names is None:  # not a pickle stream at all
             raise CheckpointError(
                 f"cannot read checkpoint {path}: not a PyTorch, safetensors or TorchScript file, or corrupt "
                 f"({type(e).__name__}: {_first_line(e)})"
             ) from e
-        unsafe = [g for g in names if ".".join(g) not in _allowed_globals()]
+        unsafe = [g for g in dict.fromkeys(names) if ".".join(g) not in _allowed_globals()]
         if not unsafe:
             raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_line(e)}") from e
         if not all(inert_allowed(*g) for g in unsafe):
@@ -386,21 +383,6 @@ class _Unpickler(pickle.Unpickler):
         return Inert() if self._storage is None else self._storage(str(key), dtype, numel)
 
 
-def pickle_globals(data: bytes) -> list[tuple[str, str]]:
-    """``(module, name)`` of every global the pickle stream(s) in ``data`` refer to; nothing is imported or called.
-
-    Legacy ``torch.save`` files are several pickles in a row followed by raw storage bytes; the scan stops at the
-    first that does not read. Raises if ``data`` does not start with a pickle.
-    """
-    stream = io.BytesIO(data)
-    scanner = _Unpickler(stream)
-    scanner.load()
-    with suppress(Exception):
-        while stream.tell() < len(data):
-            scanner.load()
-    return scanner.globals
-
-
 def _dtype(storage_name: str) -> torch.dtype:
     """``FloatStorage`` -> ``torch.float32`` ... (``UntypedStorage``: bytes)."""
     if storage_name == "UntypedStorage":
@@ -415,13 +397,16 @@ def _dtype(storage_name: str) -> torch.dtype:
 # Size checks, before anything is materialised
 
 
-def check_zip(path: Path, zf: zipfile.ZipFile) -> None:
+def check_zip(path: Path, zf: zipfile.ZipFile) -> list[tuple[str, str]] | None:
     """Checks the records of a zip-based checkpoint (``torch.save`` zip or TorchScript) against the file and tensors.
 
     Every record lies inside the file and a stored record declares the size it occupies; a tensor record holds the
     bytes its storage needs (read from the archive's ``data.pkl``) and, if compressed, inflates to no more; any other
     compressed record (pickles, code) to at most :data:`MAX_INFLATED_METADATA` bytes. Only the central directory and
     ``data.pkl`` are read.
+
+    Returns:
+        The globals ``data.pkl`` names (``None`` if there is none).
     """
     file_size = path.stat().st_size
     infos = zf.infolist()
@@ -437,6 +422,7 @@ def check_zip(path: Path, zf: zipfile.ZipFile) -> None:
             )
     by_name = {info.filename: info for info in infos}
     needs: dict[str, int] = {}
+    names: list[tuple[str, str]] | None = None
     for info in infos:
         parts = info.filename.split("/")
         if len(parts) != 2 or parts[1] != "data.pkl":  # the pickle the loaders read (TorchScript's others are not)
@@ -450,6 +436,7 @@ def check_zip(path: Path, zf: zipfile.ZipFile) -> None:
                 f"cannot read checkpoint {path}: its record {info.filename!r} is not a valid pickle, truncated or "
                 f"corrupt ({type(e).__name__}: {str(e)[:200]})"
             ) from e
+        names = [*(names or []), *scanner.globals]
         for claim in scanner.claims:
             name = f"{parts[0]}/data/{claim.key}"
             if name not in by_name:
@@ -470,6 +457,7 @@ def check_zip(path: Path, zf: zipfile.ZipFile) -> None:
     for info in infos:
         if info.filename not in needs:
             _bound_metadata(path, info)
+    return names
 
 
 def read_record(zf: zipfile.ZipFile, name: str | zipfile.ZipInfo, limit: int | None = None) -> bytes:
@@ -484,29 +472,33 @@ def read_record(zf: zipfile.ZipFile, name: str | zipfile.ZipInfo, limit: int | N
         return f.read(size) if size else b""
 
 
-def check_legacy(path: Path) -> None:
+def check_legacy(path: Path) -> list[tuple[str, str]] | None:
     """Checks that a legacy ``torch.save`` file holds every storage its pickle declares, at the declared size.
 
     Files that are not in the legacy layout (plain pickles, garbage) pass unchecked: the loader reports them.
+
+    Returns:
+        The globals its pickles name (``None`` if it does not start with a pickle).
     """
     file_size = path.stat().st_size
+    scanners: list[_Unpickler] = []
     with path.open("rb") as f:
         try:
-            for _ in range(3):  # magic number, protocol version, system info
-                _Unpickler(f).load()
-            scanner = _Unpickler(f)
-            scanner.load()
-            keys = _Unpickler(f).load()
-        except Exception:
-            return
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            return
-        declared = {c.key: c for c in scanner.claims}
+            for _ in range(5):  # magic number, protocol version, system info, the object, its storages' keys
+                scanners.append(_Unpickler(f))
+                keys = scanners[-1].load()
+            legacy = isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+        except Exception:  # a damaged file or another layout (a plain pickle): the loader reports it
+            legacy = False
+        names = [g for scanner in scanners for g in scanner.globals] if len(scanners) > 1 else None
+        if not legacy:
+            return names
+        declared = {c.key: c for c in scanners[3].claims}
         for key in keys:
             claim = declared.get(key)
             head = f.read(8)
             if claim is None or len(head) < 8:
-                return  # not the layout we know: the loader reports it
+                return names  # not the layout we know: the loader reports it
             (numel,) = struct.unpack("<q", head)
             if numel != claim.numel:
                 raise CheckpointError(
@@ -519,6 +511,7 @@ def check_legacy(path: Path) -> None:
                     f"{_size(end - file_size)} short of it (truncated or forged)"
                 )
             f.seek(end)
+    return names
 
 
 def check_tensors(obj: Any, path: str | Path) -> None:
@@ -635,9 +628,11 @@ def torchscript_classes(path: str | os.PathLike[str]) -> list[str]:
     try:
         with zipfile.ZipFile(path) as zf:
             pkl = _data_pkl(zf)
-            names = {f"{m}.{n}" for m, n in pickle_globals(read_record(zf, pkl, MAX_INFLATED_METADATA))} if pkl else ()
+            scanner = _Unpickler(io.BytesIO(read_record(zf, pkl, MAX_INFLATED_METADATA) if pkl else b""))
+            scanner.load()
     except Exception:  # damaged: the reader reports it
         return []
+    names = {f"{module}.{name}" for module, name in scanner.globals}
     return sorted(n for n in names if n.startswith("__torch__."))
 
 
