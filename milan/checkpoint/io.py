@@ -98,15 +98,10 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     the temporary file is removed and ``path`` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies here
-        except FileExistsError:
-            continue
-        mode = os.fstat(fd).st_mode & 0o777
-        os.close(fd)
-        break
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"  # O_EXCL: never another writer's file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies here
+    mode = os.fstat(fd).st_mode & 0o777
+    os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, mode)
