@@ -69,6 +69,7 @@ from milan.errors import CheckpointError, CheckpointNotFoundError, warn_assumpti
 from milan.models.tower import Act, StateDict, TowerSpec
 
 FORMATS = ("milan", "mmpretrain", "milan-orig", "openai-clip", "open-clip", "hf", "timm")
+_SAME_LAYOUT = ({"openai-clip", "open-clip"}, {"timm", "milan-orig"})  # a file may be read as either
 Kind = Literal["milan", "encoder", "linear_probe", "finetune", "teacher"]
 
 # Weights files looked for in a folder, in order (Hugging Face, then OpenCLIP hub layouts).
@@ -199,7 +200,7 @@ def read_checkpoint(
     detected = _detect(sd, configs, meta)
     if fmt == "auto":
         fmt = detected
-    elif not _compatible(fmt, detected):
+    elif fmt != detected and {fmt, detected} not in _SAME_LAYOUT:
         raise CheckpointError(f"{path}: looks like a {detected!r} checkpoint, not {fmt!r} (first keys: {list(sd)[:5]})")
     tower_opts: dict[str, Any] = dict(act=act, norm_eps=norm_eps, img_size=img_size)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -387,11 +388,6 @@ def _detect(sd: StateDict, configs: dict[str, Any], meta: dict[str, Any]) -> str
 
 def _has(sd: StateDict, *prefixes: str) -> bool:
     return any(k.startswith(prefixes) for k in sd)
-
-
-def _compatible(given: str, detected: str) -> bool:
-    same_layout = {frozenset({"openai-clip", "open-clip"}), frozenset({"timm", "milan-orig"})}
-    return given == detected or frozenset({given, detected}) in same_layout
 
 
 # ----------------------------------------------------------------------------------------------------------------

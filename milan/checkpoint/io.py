@@ -194,7 +194,7 @@ def _torch_load(path: Path, names: list[tuple[str, str]] | None) -> Any:
     """``torch.load(weights_only=True)``, then the size checks of every loaded tensor.
 
     ``names`` are the globals the file's pickles name, as the size checks found them (``None``: no pickle). A file
-    refused only for training bookkeeping (see :func:`inert_allowed`) is loaded again with those objects as inert
+    refused only for training bookkeeping (see ``_INERT_PACKAGES``) is loaded again with those objects as inert
     records.
     """
     try:
@@ -208,7 +208,7 @@ def _torch_load(path: Path, names: list[tuple[str, str]] | None) -> Any:
         unsafe = [g for g in dict.fromkeys(names) if ".".join(g) not in _allowed_globals()]
         if not unsafe:
             raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_line(e)}") from e
-        if not all(inert_allowed(*g) for g in unsafe):
+        if not all(g == _INERT_GETATTR or g[0].split(".")[0] in _INERT_PACKAGES for g in unsafe):
             raise CheckpointError(
                 f"refusing to load {path}: unpickling it would import and call "
                 f"{', '.join('.'.join(g) for g in unsafe[:8])}{' ...' if len(unsafe) > 8 else ''}, which can run "
@@ -257,7 +257,7 @@ def _allowed_globals() -> set[str]:
 # OpenMMLab's training bookkeeping, numpy arrays and scalars inside it, and ``getattr``, by which pickles refer to
 # methods (e.g. ``getattr(HistoryBuffer, 'min')``).
 _INERT_PACKAGES = ("mmengine", "mmcv", "mmpretrain", "mmselfsup", "mmcls", "numpy")
-_INERT_NAMES = {("builtins", "getattr")}
+_INERT_GETATTR = ("builtins", "getattr")
 
 
 class Inert:
@@ -290,11 +290,6 @@ class Inert:
 
     def __repr__(self) -> str:
         return f"<inert {self.qualified_name}>"
-
-
-def inert_allowed(module: str, name: str) -> bool:
-    """Whether objects named ``module.name`` may be read as :class:`Inert` records instead of being refused."""
-    return (module, name) in _INERT_NAMES or module.split(".")[0] in _INERT_PACKAGES
 
 
 @functools.cache
