@@ -615,7 +615,13 @@ def resolve_spec(
     given = {k: v for k, v in options.items() if v is not None}
     if pre is None:
         pre = Preprocessing(arch.img_size)
-        assumed = [_describe_field(pre, k) for k in ("mean", "std", "interpolation", "crop_pct") if k not in given]
+        described = {
+            "mean": f"ImageNet mean ({', '.join(f'{v:g}' for v in pre.mean)})",
+            "std": f"ImageNet std ({', '.join(f'{v:g}' for v in pre.std)})",
+            "interpolation": f"{pre.interpolation} resize",
+            "crop_pct": f"crop_pct {pre.crop_pct:g} (resize to {pre.resize}, center crop {pre.img_size})",
+        }
+        assumed = [text for k, text in described.items() if k not in given]
         if assumed:
             notes["preprocessing"] = (
                 f"preprocessing: {', '.join(assumed)} assumed (the references' evaluation view; the file does not "
@@ -630,15 +636,6 @@ def resolve_spec(
     kind = cast(SpecKind, ck.kind)
     spec = ModelSpec(kind, arch, pre, decoder, teacher, head)
     return Resolved(spec, stored is not None, notes)
-
-
-def _describe_field(pre: Preprocessing, name: str) -> str:
-    if name in ("mean", "std"):
-        values = ", ".join(f"{v:g}" for v in getattr(pre, name))
-        return f"ImageNet {name} ({values})"
-    if name == "crop_pct":
-        return f"crop_pct {pre.crop_pct:g} (resize to {pre.resize}, center crop {pre.img_size})"
-    return f"{pre.interpolation} resize"
 
 
 def _check_agrees(ck: Checkpoint, spec: EncoderArch, arch: EncoderArch) -> None:
