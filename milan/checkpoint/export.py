@@ -116,10 +116,7 @@ def timm_tower_model(spec: TowerSpec) -> tuple[str | None, dict[str, Any]]:
     if not (clip_like or plain) or not spec.class_token or spec.qk_norm or not spec.qkv_bias:
         return None, {}
     args = {"num_classes": spec.out_dim, **vit_kwargs(spec)}
-    if spec.reg_tokens:
-        args["reg_tokens"] = spec.reg_tokens
-    if spec.no_embed_class:
-        args["no_embed_class"] = True
+    args.update({k: v for k, v in {"reg_tokens": spec.reg_tokens, "no_embed_class": spec.no_embed_class}.items() if v})
     if spec.layer_scale:
         args["init_values"] = 1.0
     if clip_like:

@@ -118,14 +118,9 @@ class Preprocessing:
 
     def timm_cfg(self) -> dict[str, Any]:
         """The same view as timm ``pretrained_cfg`` fields (what ``timm.data.resolve_model_data_config`` reads)."""
-        return {
-            "input_size": (3, self.img_size, self.img_size),
-            "mean": tuple(self.mean),
-            "std": tuple(self.std),
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "crop_mode": "center",
-        }
+        view = {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(self).items()}
+        size = view.pop("img_size")
+        return {"input_size": (3, size, size), **view, "crop_mode": "center"}
 
     def describe(self) -> str:
         """``"64 px: bicubic resize to 73, center crop (crop_pct 0.875), mean (...), std (...)"``."""
@@ -200,18 +195,23 @@ class ModelSpec:
         Raises:
             CheckpointError: A newer spec version, or a malformed record.
         """
-        version = data.get("version")
-        if not isinstance(version, int) or version < 1:
-            raise CheckpointError(f"the stored model spec has no valid version (got {version!r})")
-        if version > SPEC_VERSION:
-            raise CheckpointError(
-                f"the stored model spec is version {version}, newer than this milan understands ({SPEC_VERSION}); "
-                "upgrade milan-pretrain"
-            )
+        check_version(data)
         try:
             return _from_dict(cls, data)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"the stored model spec is malformed ({type(e).__name__}: {e})") from e
+
+
+def check_version(record: dict[str, Any], where: str = "") -> None:
+    """Raises when a stored spec record (ours or a segmentation model's) has no version or a newer one."""
+    version = record.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where}the stored model spec has no valid version (got {version!r})")
+    if version > SPEC_VERSION:
+        raise CheckpointError(
+            f"{where}the stored model spec is version {version}, newer than this milan understands ({SPEC_VERSION}); "
+            "upgrade milan-pretrain"
+        )
 
 
 def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
