@@ -392,11 +392,6 @@ def _heads(n: int, stored: bool, flag: str) -> str:
     return f"{n}" if stored else f"{n} (assumed; pass {flag} if different)"
 
 
-def _names(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return f" ({shown}{', ...' if len(names) > limit else ''})" if names else " (class names not stored)"
-
-
 def _vit_line(shape: ViTShape, heads: str) -> str:
     return (
         f"width {shape.embed_dim}, depth {shape.depth}, heads {heads}, patch {shape.patch_size}, "
@@ -464,11 +459,13 @@ def describe(ck: Checkpoint, max_groups: int, resolved: Resolved | None) -> str:
     if spec is not None and spec.head is not None:
         head = spec.head
         pool = {"token": "cls token", "avg": "mean of the patch tokens"}[head.global_pool]
-        text = f"{head.kind.replace('_', ' ')}, {head.num_classes} classes{_names(head.class_names)}, pooling: {pool}"
+        names = ", ".join(head.class_names[:6]) + (", ..." if len(head.class_names) > 6 else "")
+        names = f"({names})" if head.class_names else "(class names not stored)"
+        text = f"{head.kind.replace('_', ' ')}, {head.num_classes} classes {names}, pooling: {pool}"
         if head.lr is not None:
-            text += f", lr {head.lr:.4g}" + (
-                f" (head {head.grid_index} of the grid)" if head.grid_index is not None else ""
-            )
+            text += f", lr {head.lr:.4g}"
+        if head.lr is not None and head.grid_index is not None:
+            text += f" (head {head.grid_index} of the grid)"
         lines.append(f"head:        {text}")
     tower = ck.tower or (spec.teacher.tower if spec is not None and spec.teacher is not None else None)
     if tower is not None:
