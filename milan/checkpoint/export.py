@@ -321,23 +321,11 @@ def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
 
 def _model_config(ck: Checkpoint) -> dict[str, Any]:
     """``dataclasses.asdict(ModelConfig)`` describing a MILAN checkpoint (teacher fields from its tower, if any)."""
-    dec = ck.decoder_arch()
-    cfg = ModelConfig(
-        encoder=ck.encoder_arch().to_config(),
-        decoder=DecoderConfig(dec.kind, dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio),
-        teacher=TeacherConfig(kind="none"),
-    )
-    if ck.tower is not None:
-        t = ck.tower
-        cfg.teacher = TeacherConfig(
-            width=t.embed_dim,
-            depth=t.depth,
-            num_heads=t.num_heads,
-            patch_size=t.patch_size,
-            img_size=t.img_size,
-            out_dim=t.out_dim,
-        )
-    return dataclasses.asdict(cfg)
+    dec, t = ck.decoder_arch(), ck.tower
+    shared = ("depth", "num_heads", "patch_size", "img_size", "out_dim")  # TowerSpec's names in TeacherConfig
+    teacher = TeacherConfig(width=t.embed_dim, **{k: getattr(t, k) for k in shared}) if t else TeacherConfig("none")
+    decoder = DecoderConfig(dec.kind, dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio)
+    return dataclasses.asdict(ModelConfig(ck.encoder_arch().to_config(), decoder, teacher))
 
 
 # ----------------------------------------------------------------------------------------------------------------
