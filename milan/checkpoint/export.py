@@ -1,18 +1,8 @@
-"""Writing checkpoints out: timm models, Hugging Face ``ViTModel`` folders, and our own canonical files.
+"""Writing checkpoints out (timm models, Hugging Face ``ViTModel`` folders, our own files) and ``milan inspect``.
 
 Every export carries the model spec (:mod:`milan.checkpoint.spec`) of what it holds in its metadata, and the values
-it had to assume for a file without one are reported (:attr:`Exported.assumed`).
-
-* :func:`export_timm`: the encoder in timm ``VisionTransformer`` keys (our encoder's keys already are), a classifier
-  with its head, or a teacher as a timm tower (e.g. ``vit_base_patch16_clip_quickgelu_224`` layout);
-  :attr:`Exported.snippet` is the ``timm.create_model`` call that loads it, with the evaluation view and the class
-  names.
-* :func:`export_hf`: a folder with ``config.json`` (``ViTConfig``: GELU, LayerNorm eps 1e-6, qkv bias),
-  ``model.safetensors`` and ``preprocessor_config.json``; ``ViTModel.from_pretrained(folder,
-  add_pooling_layer=False)`` gives ``last_hidden_state`` equal to our ``forward_features`` (HF's final
-  ``layernorm`` is our ``norm``).
-* :func:`save_canonical`: our layout (``milan convert --to milan``) with the architecture facts stored alongside.
-* :func:`describe`: the human-readable summary ``milan inspect`` prints.
+it had to assume for a file without one are reported (:attr:`Exported.assumed`). Our encoder's keys already are timm
+``VisionTransformer`` keys.
 """
 
 from __future__ import annotations
@@ -241,6 +231,8 @@ def export_hf(
     """Writes a Hugging Face ``ViTModel`` folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
 
     ``src`` holds an encoder with its final norm (pretraining, encoder, linear probe).
+    ``ViTModel.from_pretrained(folder, add_pooling_layer=False)`` then gives ``last_hidden_state`` equal to our
+    ``forward_features`` (HF's final ``layernorm`` is our ``norm``; GELU, LayerNorm eps 1e-6, qkv bias as ours).
     """
     ck = src if isinstance(src, Checkpoint) else read_checkpoint(src, **read_options)
     if ck.kind not in ("milan", "encoder", "linear_probe"):
