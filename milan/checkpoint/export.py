@@ -1,18 +1,8 @@
-"""Writing checkpoints out: timm models, Hugging Face ``ViTModel`` folders, and our own canonical files.
+"""Writing checkpoints out (timm models, Hugging Face ``ViTModel`` folders, our own files) and ``milan inspect``.
 
 Every export carries the model spec (:mod:`milan.checkpoint.spec`) of what it holds in its metadata, and the values
-it had to assume for a file without one are reported (:attr:`Exported.assumed`).
-
-* :func:`export_timm`: the encoder in timm ``VisionTransformer`` keys (our encoder's keys already are), a classifier
-  with its head, or a teacher as a timm tower (e.g. ``vit_base_patch16_clip_quickgelu_224`` layout);
-  :attr:`Exported.snippet` is the ``timm.create_model`` call that loads it, with the evaluation view and the class
-  names.
-* :func:`export_hf`: a folder with ``config.json`` (``ViTConfig``: GELU, LayerNorm eps 1e-6, qkv bias),
-  ``model.safetensors`` and ``preprocessor_config.json``; ``ViTModel.from_pretrained(folder,
-  add_pooling_layer=False)`` gives ``last_hidden_state`` equal to our ``forward_features`` (HF's final
-  ``layernorm`` is our ``norm``).
-* :func:`save_canonical`: our layout (``milan convert --to milan``) with the architecture facts stored alongside.
-* :func:`describe`: the human-readable summary ``milan inspect`` prints.
+it had to assume for a file without one are reported (:attr:`Exported.assumed`). Our encoder's keys already are timm
+``VisionTransformer`` keys.
 """
 
 from __future__ import annotations
@@ -30,10 +20,10 @@ import torch
 from milan.checkpoint.formats import Checkpoint, Resolved, read_checkpoint, resolve_spec
 from milan.checkpoint.io import atomic_save, save_safetensors
 from milan.checkpoint.keymaps import encoder_to_hf_vit
-from milan.checkpoint.spec import DecoderArch, EncoderArch, ModelSpec, Resample
+from milan.checkpoint.spec import EncoderArch, ModelSpec, Resample
 from milan.errors import CheckpointError
 from milan.models.factory import DecoderConfig, ModelConfig, TeacherConfig
-from milan.models.tower import StateDict, TowerSpec
+from milan.models.tower import StateDict, TowerSpec, ViTShape, vit_kwargs
 from milan.models.vit import VIT_ARCHS
 
 _VIT_SIZES = {arch: size for size, arch in VIT_ARCHS.items()}  # (embed_dim, depth, heads) -> timm's size name
@@ -98,25 +88,12 @@ def timm_encoder_model(arch: EncoderArch, num_classes: int = 0) -> tuple[str, di
     """The timm model name (plus overrides) whose ``VisionTransformer`` has this encoder's shape."""
     import timm
 
+    defaults = {"mlp_ratio": 4.0, "qkv_bias": True, "in_chans": 3}  # timm's: left out of the call
+    args = {"num_classes": num_classes, **{k: v for k, v in vit_kwargs(arch).items() if defaults.get(k) != v}}
     size = _VIT_SIZES.get((arch.embed_dim, arch.depth, arch.num_heads))
     name = f"vit_{size}_patch{arch.patch_size}_{arch.img_size}"
-    standard = size is not None and arch.mlp_ratio == 4.0 and arch.qkv_bias and arch.in_chans == 3
-    if standard and timm.is_model(name):
+    if size is not None and not args.keys() & defaults.keys() and timm.is_model(name):
         return name, {"num_classes": num_classes}
-    args: dict[str, Any] = {
-        "num_classes": num_classes,
-        "img_size": arch.img_size,
-        "patch_size": arch.patch_size,
-        "embed_dim": arch.embed_dim,
-        "depth": arch.depth,
-        "num_heads": arch.num_heads,
-    }
-    if arch.mlp_ratio != 4.0:
-        args["mlp_ratio"] = arch.mlp_ratio
-    if not arch.qkv_bias:
-        args["qkv_bias"] = False
-    if arch.in_chans != 3:
-        args["in_chans"] = arch.in_chans
     return "vit_base_patch16_224", args
 
 
@@ -124,23 +101,12 @@ def timm_tower_model(spec: TowerSpec) -> tuple[str | None, dict[str, Any]]:
     """A timm model name (plus overrides) building this teacher tower exactly, or ``None`` if there is none."""
     if spec.timm_name:
         return spec.timm_name, {"num_classes": spec.out_dim, "img_size": spec.img_size}
-    args: dict[str, Any] = {
-        "num_classes": spec.out_dim,
-        "img_size": spec.img_size,
-        "patch_size": spec.patch_size,
-        "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
-        "num_heads": spec.num_heads,
-        "mlp_ratio": spec.mlp_ratio,
-    }
     clip_like = spec.pre_norm and spec.norm_eps == 1e-5 and spec.act in ("quick_gelu", "gelu")
     plain = not spec.pre_norm and spec.norm_eps == 1e-6 and spec.act == "gelu"
     if not (clip_like or plain) or not spec.class_token or spec.qk_norm or not spec.qkv_bias:
         return None, {}
-    if spec.reg_tokens:
-        args["reg_tokens"] = spec.reg_tokens
-    if spec.no_embed_class:
-        args["no_embed_class"] = True
+    args = {"num_classes": spec.out_dim, **vit_kwargs(spec)}
+    args.update({k: v for k, v in {"reg_tokens": spec.reg_tokens, "no_embed_class": spec.no_embed_class}.items() if v})
     if spec.layer_scale:
         args["init_values"] = 1.0
     if clip_like:
@@ -265,6 +231,8 @@ def export_hf(
     """Writes a Hugging Face ``ViTModel`` folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
 
     ``src`` holds an encoder with its final norm (pretraining, encoder, linear probe).
+    ``ViTModel.from_pretrained(folder, add_pooling_layer=False)`` then gives ``last_hidden_state`` equal to our
+    ``forward_features`` (HF's final ``layernorm`` is our ``norm``; GELU, LayerNorm eps 1e-6, qkv bias as ours).
     """
     ck = src if isinstance(src, Checkpoint) else read_checkpoint(src, **read_options)
     if ck.kind not in ("milan", "encoder", "linear_probe"):
@@ -345,23 +313,11 @@ def save_canonical(ck: Checkpoint, dst: str | os.PathLike[str]) -> Path:
 
 def _model_config(ck: Checkpoint) -> dict[str, Any]:
     """``dataclasses.asdict(ModelConfig)`` describing a MILAN checkpoint (teacher fields from its tower, if any)."""
-    dec = ck.decoder_arch()
-    cfg = ModelConfig(
-        encoder=ck.encoder_arch().to_config(),
-        decoder=DecoderConfig(dec.kind, dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio),
-        teacher=TeacherConfig(kind="none"),
-    )
-    if ck.tower is not None:
-        t = ck.tower
-        cfg.teacher = TeacherConfig(
-            width=t.embed_dim,
-            depth=t.depth,
-            num_heads=t.num_heads,
-            patch_size=t.patch_size,
-            img_size=t.img_size,
-            out_dim=t.out_dim,
-        )
-    return dataclasses.asdict(cfg)
+    dec, t = ck.decoder_arch(), ck.tower
+    shared = ("depth", "num_heads", "patch_size", "img_size", "out_dim")  # TowerSpec's names in TeacherConfig
+    teacher = TeacherConfig(width=t.embed_dim, **{k: getattr(t, k) for k in shared}) if t else TeacherConfig("none")
+    decoder = DecoderConfig(dec.kind, dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio)
+    return dataclasses.asdict(ModelConfig(ck.encoder_arch().to_config(), decoder, teacher))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,56 +343,39 @@ def group_keys(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int, int]]
     ``backbone.layers.3.attn.qkv.weight`` falls in ``backbone.layers.{0..11}``; keys without an index are grouped
     by their first two name parts.
     """
-    groups: dict[str, list[int]] = {}
-    indices: dict[str, set[int]] = {}
+    groups: dict[tuple[str, bool], tuple[list[int], set[int]]] = {}  # (name, indexed) -> ([tensors, elements], ids)
     for key, shape in shapes.items():
         parts = key.split(".")
         idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        if idx is not None:
-            base = ".".join(parts[:idx])
-            indices.setdefault(base, set()).add(int(parts[idx]))
-            name = base + ".{N}"
-        else:
-            name = ".".join(parts[:2]) if len(parts) > 2 else key
-        entry = groups.setdefault(name, [0, 0])
-        entry[0] += 1
-        entry[1] += math.prod(shape)
+        name = ".".join(parts[: 2 if idx is None else idx])
+        counts, ids = groups.setdefault((name, idx is not None), ([0, 0], set()))
+        counts[0] += 1
+        counts[1] += math.prod(shape)
+        ids.update([int(parts[idx])] if idx is not None else [])
     out = []
-    for name, (count, numel) in groups.items():
-        label = name
-        if name.endswith(".{N}"):
-            base = name[: -len(".{N}")]
-            ids = sorted(indices[base])
-            label = f"{base}.{{{ids[0]}..{ids[-1]}}}" if len(ids) > 1 else f"{base}.{ids[0]}"
+    for (name, _), ([count, numel], ids) in groups.items():
+        first, last = min(ids, default=0), max(ids, default=0)
+        label = name if not ids else f"{name}.{first}" if first == last else f"{name}.{{{first}..{last}}}"
         out.append((label, count, numel))
     return out
+
+
+def _numel(state_dict: StateDict) -> int:
+    return sum(v.numel() for v in state_dict.values() if v.is_floating_point())
 
 
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
 
-def _heads(n: int, stored: bool, flag: str = "--num-heads") -> str:
+def _heads(n: int, stored: bool, flag: str) -> str:
     return f"{n}" if stored else f"{n} (assumed; pass {flag} if different)"
 
 
-def _names(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return f" ({shown}{', ...' if len(names) > limit else ''})" if names else " (class names not stored)"
-
-
-def _encoder_line(arch: EncoderArch, stored_heads: bool) -> str:
+def _vit_line(shape: ViTShape, heads: str) -> str:
     return (
-        f"width {arch.embed_dim}, depth {arch.depth}, heads {_heads(arch.num_heads, stored_heads)}, "
-        f"patch {arch.patch_size}, grid {arch.grid}x{arch.grid} ({arch.img_size} px), mlp ratio {arch.mlp_ratio:g}"
-    )
-
-
-def _decoder_line(arch: DecoderArch, stored_heads: bool) -> str:
-    return (
-        f"{arch.kind}, width {arch.embed_dim}, depth {arch.depth}, "
-        f"heads {_heads(arch.num_heads, stored_heads, '--decoder-num-heads')}, "
-        f"in {arch.in_dim} -> out {arch.out_dim}, grid {arch.grid}x{arch.grid}"
+        f"width {shape.embed_dim}, depth {shape.depth}, heads {heads}, patch {shape.patch_size}, "
+        f"grid {shape.grid}x{shape.grid} ({shape.img_size} px)"
     )
 
 
@@ -453,10 +392,7 @@ def _tower_line(spec: TowerSpec) -> str:
         if on
     ]
     out = f"out {spec.out_dim}" if spec.out_dim else f"no projection (out {spec.embed_dim})"
-    text = (
-        f"width {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}, patch {spec.patch_size}, "
-        f"grid {spec.grid}x{spec.grid} ({spec.img_size} px), {out}, act {spec.act}, LN eps {spec.norm_eps:g}"
-    )
+    text = f"{_vit_line(spec, str(spec.num_heads))}, {out}, act {spec.act}, LN eps {spec.norm_eps:g}"
     if spec.timm_name:
         text += f", timm {spec.timm_name}"
     return text + (f" [{', '.join(extras)}]" if extras else "")
@@ -481,49 +417,48 @@ def describe(ck: Checkpoint, max_groups: int, resolved: Resolved | None) -> str:
         contents = f"linear-probe training checkpoint: an lr grid of {len(grid)} heads (BN + linear on the CLS token)"
     lines.append(f"contents:    {contents}")
     spec = resolved.spec if resolved is not None else None
+    assumed = resolved.assumed if resolved is not None else {}
     if resolved is not None and spec is not None:
         stored = f"stored (version {spec.version})" if resolved.stored else "not stored: values marked assumed"
         lines.append(f"model spec:  {stored}")
-        lines.append(f"encoder:     {_encoder_line(spec.encoder, 'encoder_heads' not in resolved.assumed)}")
+        heads = _heads(spec.encoder.num_heads, "encoder_heads" not in assumed, "--num-heads")
+        lines.append(f"encoder:     {_vit_line(spec.encoder, heads)}, mlp ratio {spec.encoder.mlp_ratio:g}")
         grid_note = "" if ck.kind != "finetune" else " (fine-tuned: learnable, initialised from the stored table)"
         lines.append(f"pos-embed:   {_LAYOUTS[ck.encoder_arch().pos_embed_layout]}{grid_note}")
-        assumed = (
-            " (assumed; see --crop-pct, --interpolation, --mean, --std)" if "preprocessing" in resolved.assumed else ""
+        view = " (assumed; see --crop-pct, --interpolation, --mean, --std)" if "preprocessing" in assumed else ""
+        lines.append(f"eval view:   {spec.preprocessing.describe()}{view}")
+    if spec is not None and spec.decoder is not None:
+        dec = spec.decoder
+        heads = _heads(dec.num_heads, "decoder_heads" not in assumed, "--decoder-num-heads")
+        lines.append(
+            f"decoder:     {dec.kind}, width {dec.embed_dim}, depth {dec.depth}, heads {heads}, "
+            f"in {dec.in_dim} -> out {dec.out_dim}, grid {dec.grid}x{dec.grid}"
         )
-        lines.append(f"eval view:   {spec.preprocessing.describe()}{assumed}")
-    if spec is not None and spec.decoder is not None and resolved is not None:
-        lines.append(f"decoder:     {_decoder_line(spec.decoder, 'decoder_heads' not in resolved.assumed)}")
     elif ck.kind == "milan":
         lines.append("decoder:     none")
     if spec is not None and spec.head is not None:
         head = spec.head
         pool = {"token": "cls token", "avg": "mean of the patch tokens"}[head.global_pool]
-        text = f"{head.kind.replace('_', ' ')}, {head.num_classes} classes{_names(head.class_names)}, pooling: {pool}"
+        names = ", ".join(head.class_names[:6]) + (", ..." if len(head.class_names) > 6 else "")
+        names = f"({names})" if head.class_names else "(class names not stored)"
+        text = f"{head.kind.replace('_', ' ')}, {head.num_classes} classes {names}, pooling: {pool}"
         if head.lr is not None:
-            text += f", lr {head.lr:.4g}" + (
-                f" (head {head.grid_index} of the grid)" if head.grid_index is not None else ""
-            )
+            text += f", lr {head.lr:.4g}"
+        if head.lr is not None and head.grid_index is not None:
+            text += f" (head {head.grid_index} of the grid)"
         lines.append(f"head:        {text}")
-    if ck.tower is not None:
-        lines.append(f"teacher:     {_tower_line(ck.tower)}")
-    elif spec is not None and spec.teacher is not None:
-        lines.append(f"teacher:     {_tower_line(spec.teacher.tower)}")
+    tower = ck.tower or (spec.teacher.tower if spec is not None and spec.teacher is not None else None)
+    if tower is not None:
+        lines.append(f"teacher:     {_tower_line(tower)}")
     elif ck.kind == "milan":
         lines.append("teacher:     not stored (pass one when loading the full model)")
     if spec is not None and spec.teacher is not None:
         t = spec.teacher
         source = f"weights {t.weights} ({t.format})" if t.weights else "weights stored in this file"
         lines.append(f"             input norm {t.input_norm}; {source}")
-    counts = []
-    for label, prefix in (
-        ("encoder", "student.encoder."),
-        ("decoder", "student.decoder."),
-        ("teacher", "teacher.model."),
-    ):
-        n = sum(v.numel() for v in ck.part(prefix).values() if v.is_floating_point())
-        if n:
-            counts.append(f"{label} {_millions(n)}")
-    total = sum(v.numel() for v in ck.state_dict.values() if v.is_floating_point())
+    parts = {"encoder": "student.encoder.", "decoder": "student.decoder.", "teacher": "teacher.model."}
+    counts = [f"{label} {_millions(n)}" for label, prefix in parts.items() if (n := _numel(ck.part(prefix)))]
+    total = _numel(ck.state_dict)
     lines.append(f"parameters:  {total:,} ({_millions(total)})" + (f": {', '.join(counts)}" if counts else ""))
     if ck.dropped:
         lines.append(f"not used:    {len(ck.dropped)} source keys (e.g. {', '.join(ck.dropped[:3])})")

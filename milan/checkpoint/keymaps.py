@@ -30,8 +30,10 @@ from GELU (OpenAI's CLIP and the CLIPs trained with GELU by OpenCLIP share their
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 
@@ -39,74 +41,150 @@ from milan.checkpoint.spec import infer_tower
 from milan.errors import CheckpointError
 from milan.models.tower import Act, StateDict, TowerSpec
 
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11 (annotations only)
+
 OrigKind = Literal["milan", "finetune", "linear_probe", "encoder"]
+# Renaming rules: (source, destination) name templates, the first that matches a key applies. ``{}`` is a block
+# index and a ``*`` the rest of the key; a name with neither is a whole key. An empty destination drops the key.
+Rules = list[tuple[str, str]]
 
 
-def _mmcv_blocks(src: str, dst: str) -> list[tuple[str, str]]:
+@functools.cache
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)").replace(r"\*", "(.*)") + "$")
+
+
+def _rename(key: str, rules: Rules) -> str | None:
+    for src, dst in rules:
+        if m := _pattern(src).match(key):
+            parts = iter(m.groups())
+            return "".join(next(parts) if t in ("{}", "*") else t for t in re.split(r"(\{\}|\*)", dst))
+    return None
+
+
+def _convert(state_dict: StateDict, rules: Rules) -> tuple[StateDict, list[str]]:
+    """Every key renamed by ``rules`` -> (renamed state dict, the keys no rule matches)."""
+    out: StateDict = {}
+    unmapped: list[str] = []
+    for key, value in state_dict.items():
+        if not (new := _rename(key, rules)):
+            unmapped.append(key)
+        else:
+            out[new] = value
+    return out, unmapped
+
+
+def _fuse_qkv(state_dict: StateDict) -> StateDict:
+    """Separate ``attn.q``, ``attn.k``, ``attn.v`` projections -> timm's fused ``attn.qkv`` (rows [q; k; v])."""
+    out: StateDict = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if m := re.match(r"^(.*\.attn\.)([qkv])(\..*)$", key):
+            parts.setdefault(f"{m[1]}qkv{m[3]}", {})[m[2]] = value
+        else:
+            out[key] = value
+    for key, part in parts.items():
+        if len(part) != 3:
+            raise ValueError(f"attention {key}: missing {sorted(set('qkv') - set(part))}")
+        out[key] = torch.cat([part[n] for n in "qkv"], dim=0)
+    return out
+
+
+def _mmcv_blocks(src: str, dst: str) -> Rules:
     """Rules from mmcv transformer layers (``{src}N.ln1``, ``.attn``, ``.ffn``) to timm blocks (``{dst}N.norm1``)."""
-    names = [
-        ("ln1.", "norm1."),
-        ("ln2.", "norm2."),
-        ("attn.", "attn."),
-        ("ffn.layers.0.0.", "mlp.fc1."),
-        ("ffn.layers.1.", "mlp.fc2."),
-    ]
-    return [(rf"^{re.escape(src)}(\d+)\.{re.escape(a)}", rf"{dst}\1.{b}") for a, b in names]
+    names = {"ln1": "norm1", "ln2": "norm2", "attn": "attn", "ffn.layers.0.0": "mlp.fc1", "ffn.layers.1": "mlp.fc2"}
+    return [(f"{src}{{}}.{a}.*", f"{dst}{{}}.{b}.*") for a, b in names.items()]
 
 
 # mmpretrain / MMSelfSup MILAN (backbone = MILANViT, neck = MILANPretrainDecoder) -> ours.
 _MMPRETRAIN_ENCODER = [
-    (r"^backbone\.patch_embed\.projection\.", "patch_embed.proj."),
+    ("backbone.patch_embed.projection.*", "patch_embed.proj.*"),
     *_mmcv_blocks("backbone.layers.", "blocks."),
-    (r"^backbone\.ln1\.", "norm."),
-    (r"^backbone\.(cls_token|pos_embed)$", r"\1"),
+    ("backbone.ln1.*", "norm.*"),
+    ("backbone.cls_token", "cls_token"),
+    ("backbone.pos_embed", "pos_embed"),
 ]
-_MMPRETRAIN_DECODER = [
-    *_mmcv_blocks("neck.decoder_blocks.", "decoder_blocks."),
-    (r"^neck\.ln1\.", "decoder_norm."),
-    (r"^neck\.(mask_token|decoder_pos_embed|decoder_embed\.\w+|decoder_pred\.\w+)$", r"\1"),
+_MMPRETRAIN_MILAN = [
+    ("target_generator.tokenizer.*", "clip.*"),
+    *[(src, "encoder." + dst) for src, dst in _MMPRETRAIN_ENCODER],
+    *_mmcv_blocks("neck.decoder_blocks.", "decoder.decoder_blocks."),
+    ("neck.ln1.*", "decoder.decoder_norm.*"),
+    *[
+        (f"neck.{name}", f"decoder.{name}")
+        for name in ("mask_token", "decoder_pos_embed", "decoder_embed.*", "decoder_pred.*")
+    ],
+]
+# An mmpretrain ImageClassifier (ViT backbone) -> our LinearProbe or FinetuneClassifier.
+_MMPRETRAIN_CLASSIFIER = [
+    ("backbone.ln2.*", "fc_norm.*"),  # norm after average pooling (fine-tuning)
+    ("neck.bn.*", "head.bn.*"),  # ClsBatchNormNeck (linear probe)
+    ("head.layers.head.*", "head.fc.*"),  # VisionTransformerClsHead (linear probe)
+    ("head.fc.*", "head.*"),  # LinearClsHead (fine-tuning)
+    *[(src, "encoder." + dst) for src, dst in _MMPRETRAIN_ENCODER],
+]
+# Original MILAN / MAE (timm-0.3.2 names): (kind, a key prefix that marks it, rules). Pretraining models become a
+# MILAN student (the decoder names are already ours), MAE linear probes (``head.0`` BatchNorm + ``head.1`` Linear) a
+# LinearProbe, fine-tuned models (``fc_norm`` + ``head``, no ``norm``) a FinetuneClassifier.
+_MILAN_ORIG: list[tuple[OrigKind, str, Rules]] = [
+    (
+        "milan",
+        "decoder_",
+        [
+            ("decoder_*", "student.decoder.decoder_*"),
+            ("mask_token", "student.decoder.mask_token"),
+            ("*", "student.encoder.*"),
+        ],
+    ),
+    ("linear_probe", "head.0.running_mean", [("head.0.*", "head.bn.*"), ("head.1.*", "head.fc.*"), ("*", "encoder.*")]),
+    ("finetune", "fc_norm.weight", [("fc_norm.*", "fc_norm.*"), ("head.*", "head.*"), ("*", "encoder.*")]),
+    ("encoder", "", [("*", "*")]),
+]
+# Hugging Face transformers CLIP image tower -> timm keys (the text tower has no rule: it is dropped).
+_HF_CLIP = [
+    ("visual_projection.weight", "head.weight"),  # (out, D), outside the vision_model prefix
+    ("vision_model.embeddings.patch_embedding.weight", "patch_embed.proj.weight"),
+    ("vision_model.embeddings.class_embedding", "cls_token"),
+    ("vision_model.embeddings.position_embedding.weight", "pos_embed"),
+    ("vision_model.embeddings.position_ids", ""),  # dropped (an empty name drops a key)
+    ("vision_model.pre_layrnorm.*", "norm_pre.*"),
+    ("vision_model.post_layernorm.*", "norm.*"),
+    *[(f"vision_model.encoder.layers.{{}}.self_attn.{n}_proj.*", f"blocks.{{}}.attn.{n}.*") for n in "qkv"],
+    ("vision_model.encoder.layers.{}.self_attn.out_proj.*", "blocks.{}.attn.proj.*"),
+    ("vision_model.encoder.layers.{}.layer_norm1.*", "blocks.{}.norm1.*"),
+    ("vision_model.encoder.layers.{}.layer_norm2.*", "blocks.{}.norm2.*"),
+    ("vision_model.encoder.layers.{}.mlp.*", "blocks.{}.mlp.*"),
+    ("vision_model.*", "*"),  # left as is: a strict load will name it
+]
+# Our encoder -> Hugging Face ``ViTModel`` (on-disk names; the fused qkv is split into query / key / value first).
+_HF_VIT = [
+    ("cls_token", "embeddings.cls_token"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.proj.*", "embeddings.patch_embeddings.projection.*"),
+    ("blocks.{}.norm1.*", "encoder.layer.{}.layernorm_before.*"),
+    ("blocks.{}.norm2.*", "encoder.layer.{}.layernorm_after.*"),
+    ("blocks.{}.attn.q.*", "encoder.layer.{}.attention.attention.query.*"),
+    ("blocks.{}.attn.k.*", "encoder.layer.{}.attention.attention.key.*"),
+    ("blocks.{}.attn.v.*", "encoder.layer.{}.attention.attention.value.*"),
+    ("blocks.{}.attn.proj.*", "encoder.layer.{}.attention.output.dense.*"),
+    ("blocks.{}.mlp.fc1.*", "encoder.layer.{}.intermediate.dense.*"),
+    ("blocks.{}.mlp.fc2.*", "encoder.layer.{}.output.dense.*"),
+    ("norm.*", "layernorm.*"),
 ]
 
 
-def _merge_qkv(parts: dict[str, dict[str, torch.Tensor]], names: tuple[str, str, str], what: str) -> StateDict:
-    """Separate q, k, v projections (``{fused_key: {name: tensor}}``) -> timm's fused ``qkv`` (rows [q; k; v])."""
-    out: StateDict = {}
-    for key, part in parts.items():
-        if set(part) != set(names):
-            raise ValueError(f"{what} attention {key}: missing {sorted(set(names) - set(part))}")
-        out[key] = torch.cat([part[n] for n in names], dim=0)
-    return out
-
-
-def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return None
+def _part(state_dict: StateDict, prefix: str) -> StateDict:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def mmpretrain_milan_to_milan(state_dict: StateDict) -> tuple[StateDict, StateDict, StateDict, list[str]]:
     """An mmpretrain/MMSelfSup MILAN state dict -> (encoder, decoder, openai_clip, unmapped keys).
 
-    The source has ``backbone.*``, ``neck.*`` and optionally the whole OpenAI-layout CLIP under
-    ``target_generator.tokenizer.*``.
-    The teacher dict keeps OpenAI key names (``visual.*`` and the unused text tower) for :func:`openai_tower`.
+    The CLIP under ``target_generator.tokenizer.`` keeps OpenAI key names (``visual.*`` and the unused text tower)
+    for :func:`openai_tower`.
     """
-    encoder: StateDict = {}
-    decoder: StateDict = {}
-    clip: StateDict = {}
-    unmapped: list[str] = []
-    for key, value in state_dict.items():
-        if key.startswith("target_generator.tokenizer."):
-            clip[key[len("target_generator.tokenizer.") :]] = value
-        elif (new := _rename(key, _MMPRETRAIN_ENCODER)) is not None:
-            encoder[new] = value
-        elif (new := _rename(key, _MMPRETRAIN_DECODER)) is not None:
-            decoder[new] = value
-        else:
-            unmapped.append(key)
-    return encoder, decoder, clip, unmapped
+    out, unmapped = _convert(state_dict, _MMPRETRAIN_MILAN)
+    return _part(out, "encoder."), _part(out, "decoder."), _part(out, "clip."), unmapped
 
 
 def openai_clip_to_timm(state_dict: StateDict) -> StateDict:
@@ -120,167 +198,64 @@ def openai_clip_to_timm(state_dict: StateDict) -> StateDict:
     return _convert_openai_clip(state_dict, None)  # type: ignore[arg-type]
 
 
-def hf_clip_to_timm(state_dict: StateDict) -> StateDict:
+def hf_clip_to_timm(state_dict: StateDict) -> tuple[StateDict, list[str]]:
     """Hugging Face transformers CLIP image tower -> timm ``VisionTransformer`` keys (like :func:`openai_clip_to_timm`).
 
-    ``q_proj``/``k_proj``/``v_proj`` are concatenated into timm's fused ``qkv`` (rows [q; k; v]); ``pre_layrnorm``
-    becomes ``norm_pre``, ``post_layernorm`` ``norm`` and ``visual_projection`` (no bias) ``head`` with a zero bias.
-    Text-tower keys are dropped. (timm 1.0 converts OpenAI/OpenCLIP layouts but not transformers' CLIP one.)
+    ``q_proj``/``k_proj``/``v_proj`` are concatenated into timm's fused ``qkv``; ``visual_projection`` (no bias)
+    becomes ``head`` with a zero bias. (timm 1.0 converts OpenAI/OpenCLIP layouts but not transformers' CLIP one.)
+
+    Returns:
+        (timm state dict, dropped keys: the text tower's and the position ids).
     """
-    out: StateDict = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    simple = [
-        (r"^embeddings\.patch_embedding\.weight$", "patch_embed.proj.weight"),
-        (r"^pre_layrnorm\.", "norm_pre."),
-        (r"^post_layernorm\.", "norm."),
-        (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-        (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-        (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-        (r"^encoder\.layers\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
-    ]
-    for key, value in state_dict.items():
-        if key == "visual_projection.weight":  # (out, D), outside the vision_model prefix
-            out["head.weight"] = value
-            out["head.bias"] = torch.zeros(value.shape[0], dtype=value.dtype)
-            continue
-        if not key.startswith("vision_model."):
-            continue
-        k = key.removeprefix("vision_model.")
-        if k == "embeddings.class_embedding":
-            out["cls_token"] = value.reshape(1, 1, -1)
-        elif k == "embeddings.position_embedding.weight":
-            out["pos_embed"] = value.unsqueeze(0)
-        elif k == "embeddings.position_ids":
-            continue
-        elif m := re.match(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", k):
-            qkv.setdefault(f"blocks.{m.group(1)}.attn.qkv.{m.group(3)}", {})[m.group(2)] = value
-        elif (new := _rename(k, simple)) is not None:
-            out[new] = value
-        else:
-            out[k] = value  # left as is: a strict load will name it
-    return {**out, **_merge_qkv(qkv, ("q", "k", "v"), "HF CLIP")}
-
-
-_MMPRETRAIN_CLASSIFIER = [
-    (r"^backbone\.ln2\.", "fc_norm."),  # norm after average pooling (fine-tuning)
-    (r"^neck\.bn\.", "head.bn."),  # ClsBatchNormNeck (linear probe)
-    (r"^head\.layers\.head\.", "head.fc."),  # VisionTransformerClsHead (linear probe)
-]
+    out, dropped = _convert(state_dict, _HF_CLIP)
+    if "cls_token" in out:
+        out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
+    if "pos_embed" in out:
+        out["pos_embed"] = out["pos_embed"].unsqueeze(0)
+    if "head.weight" in out:
+        out["head.bias"] = torch.zeros_like(out["head.weight"][:, 0])
+    return _fuse_qkv(out), dropped
 
 
 def mmpretrain_classifier_to_milan(state_dict: StateDict) -> tuple[str, StateDict, list[str]]:
-    """An mmpretrain ``ImageClassifier`` (ViT backbone) -> (``"linear_probe"`` or ``"finetune"``, our keys, unmapped).
-
-    Linear probe (:class:`~milan.models.classifier.LinearProbe`): ``backbone.ln1`` (final norm) -> ``encoder.norm``,
-    ``neck.bn`` -> ``head.bn``, ``head.layers.head`` -> ``head.fc``. Fine-tuning
-    (:class:`~milan.models.classifier.FinetuneClassifier`): ``backbone.ln2`` (after average pooling) -> ``fc_norm``,
-    ``head.fc`` -> ``head``.
-    """
+    """An mmpretrain ``ImageClassifier`` (ViT backbone) -> (``linear_probe`` or ``finetune``, our keys, unmapped)."""
     finetune = "backbone.ln2.weight" in state_dict or "head.fc.weight" in state_dict
-    out: StateDict = {}
-    unmapped: list[str] = []
-    for key, value in state_dict.items():
-        if key == "head.fc.weight" or key == "head.fc.bias":
-            out["head." + key.split(".")[-1]] = value
-        elif (new := _rename(key, _MMPRETRAIN_CLASSIFIER)) is not None:
-            out[new] = value
-        elif (new := _rename(key, _MMPRETRAIN_ENCODER)) is not None:
-            out["encoder." + new] = value
-        else:
-            unmapped.append(key)
-    return ("finetune" if finetune else "linear_probe"), out, unmapped
+    return ("finetune" if finetune else "linear_probe"), *_convert(state_dict, _MMPRETRAIN_CLASSIFIER)
 
 
 def milan_orig_to_milan(state_dict: StateDict) -> tuple[OrigKind, StateDict]:
-    """Original MILAN / MAE checkpoints (``{'model': ...}`` with timm-0.3.2 key names) -> ours.
-
-    Pretraining models (``blocks.N``, ``norm``, ``decoder_*``, ``mask_token``) become a MILAN student
-    (``student.encoder.*`` / ``student.decoder.*``: the decoder names are already ours). Fine-tuned models
-    (``fc_norm`` + ``head``, no ``norm``) become a :class:`~milan.models.classifier.FinetuneClassifier`, and MAE
-    linear-probe models (``head.0`` BatchNorm + ``head.1`` Linear) a :class:`~milan.models.classifier.LinearProbe`.
-
-    Returns:
-        (kind, state_dict).
-    """
-    if any(k.startswith("decoder_") for k in state_dict):
-        out = {
-            ("student.decoder." if k.startswith("decoder_") or k == "mask_token" else "student.encoder.") + k: v
-            for k, v in state_dict.items()
-        }
-        return "milan", out
-    if "head.0.running_mean" in state_dict:
-        rename = {"head.0.": "head.bn.", "head.1.": "head.fc."}
-        out = {}
-        for k, v in state_dict.items():
-            prefix = next((p for p in rename if k.startswith(p)), None)
-            out[rename[prefix] + k[len(prefix) :] if prefix else "encoder." + k] = v
-        return "linear_probe", out
-    if "fc_norm.weight" in state_dict:
-        out = {(k if k.startswith(("fc_norm.", "head.")) else "encoder." + k): v for k, v in state_dict.items()}
-        return "finetune", out
-    return "encoder", dict(state_dict)
-
-
-# Our encoder <-> Hugging Face ``ViTModel`` (the fused qkv is split/merged separately): (ours, HF) name templates;
-# ``{}`` is a block index, a name ending in ``.`` a prefix, any other name a whole key.
-_HF_VIT = [
-    ("cls_token", "embeddings.cls_token"),
-    ("pos_embed", "embeddings.position_embeddings"),
-    ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
-    ("blocks.{}.norm1.", "encoder.layer.{}.layernorm_before."),
-    ("blocks.{}.norm2.", "encoder.layer.{}.layernorm_after."),
-    ("blocks.{}.attn.proj.", "encoder.layer.{}.attention.output.dense."),
-    ("blocks.{}.mlp.fc1.", "encoder.layer.{}.intermediate.dense."),
-    ("blocks.{}.mlp.fc2.", "encoder.layer.{}.output.dense."),
-    ("norm.", "layernorm."),
-]
-
-
-def _template_rules(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """:func:`_rename` rules from ``(src, dst)`` name templates."""
-
-    def pattern(name: str) -> str:
-        return "^" + re.escape(name).replace(r"\{\}", r"(\d+)") + ("" if name.endswith(".") else "$")
-
-    return [(pattern(src), dst.replace("{}", r"\1")) for src, dst in pairs]
+    """Original MILAN / MAE checkpoints (``{'model': ...}`` with timm-0.3.2 key names) -> (kind, our keys)."""
+    kind, rules = next(
+        (kind, rules) for kind, mark, rules in _MILAN_ORIG if not mark or any(k.startswith(mark) for k in state_dict)
+    )
+    return kind, _convert(state_dict, rules)[0]
 
 
 def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
     """Our encoder (timm ``VisionTransformer`` keys, with its final ``norm``) -> Hugging Face ``ViTModel`` keys.
 
-    The fused ``qkv`` splits into ``query``/``key``/``value``; the final ``norm`` is ``ViTModel.layernorm`` (applied
-    to every token of ``last_hidden_state``). No pooler is written (load with ``add_pooling_layer=False``).
+    The final ``norm`` is ``ViTModel.layernorm`` (applied to every token of ``last_hidden_state``). No pooler is
+    written (load with ``add_pooling_layer=False``).
     """
-    rules = _template_rules(_HF_VIT)
-    out: StateDict = {}
+    split: StateDict = {}
     for key, value in state_dict.items():
-        if m := re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key):
-            q, k, v = value.chunk(3, dim=0)
-            base = f"encoder.layer.{m.group(1)}.attention.attention."
-            out[base + "query." + m.group(2)] = q
-            out[base + "key." + m.group(2)] = k
-            out[base + "value." + m.group(2)] = v
-        elif (new := _rename(key, rules)) is not None:
-            out[new] = value
+        if m := re.match(r"^(.*\.attn\.)qkv(\..*)$", key):
+            split.update({f"{m[1]}{n}{m[2]}": part for n, part in zip("qkv", value.chunk(3, dim=0), strict=True)})
         else:
-            raise ValueError(f"no Hugging Face ViT name for encoder key {key!r}")
+            split[key] = value
+    out, unmapped = _convert(split, _HF_VIT)
+    if unmapped:
+        raise ValueError(f"no Hugging Face ViT name for encoder key {unmapped[0]!r}")
     return out
 
 
 def hf_vit_to_encoder(state_dict: StateDict) -> StateDict:
-    """Hugging Face ``ViTModel`` weights (on-disk names, as :func:`encoder_to_hf_vit` writes) -> our encoder keys."""
-    rules = _template_rules([(b, a) for a, b in _HF_VIT])
-    out: StateDict = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        k = key.removeprefix("vit.")
-        if m := re.match(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", k):
-            qkv.setdefault(f"blocks.{m.group(1)}.attn.qkv.{m.group(3)}", {})[m.group(2)] = value
-        elif (new := _rename(k, rules)) is not None:
-            out[new] = value
-        else:
-            out[k] = value  # e.g. pooler.*: left as is, a strict load names it
-    return {**out, **_merge_qkv(qkv, ("query", "key", "value"), "HF ViT")}
+    """Hugging Face ``ViTModel`` weights (on-disk names, as :func:`encoder_to_hf_vit` writes) -> our encoder keys.
+
+    Other keys (e.g. ``pooler.*``) are left as they are: a strict load names them.
+    """
+    rules = [(hf, ours) for ours, hf in _HF_VIT] + [("*", "*")]
+    return _fuse_qkv(_convert({k.removeprefix("vit."): v for k, v in state_dict.items()}, rules)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,14 +270,23 @@ _HF_ACTS: dict[str, Act] = {
 }
 
 
-def openai_tower(
-    sd: StateDict,
-    *,
-    act: Act | None = None,
-    norm_eps: float | None = None,
-    num_heads: int | None = None,
-    img_size: int | None = None,
-) -> tuple[StateDict, TowerSpec, list[str]]:
+class TowerOptions(TypedDict, total=False):
+    """What a tower's weights do not record, given by the caller (``None``: the format's default).
+
+    ``img_size`` runs the tower at another resolution than its stored position table's (resampled when it is built).
+    """
+
+    act: Act | None
+    norm_eps: float | None
+    num_heads: int | None
+    img_size: int | None
+
+
+def _given(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def openai_tower(sd: StateDict, **options: Unpack[TowerOptions]) -> tuple[StateDict, TowerSpec, list[str]]:
     """An OpenAI-layout CLIP image tower (``visual.conv1.weight`` ...) -> timm keys and spec (QuickGELU, eps 1e-5).
 
     Returns:
@@ -314,15 +298,8 @@ def openai_tower(
         raise CheckpointError(f"not an OpenAI-layout CLIP image tower: missing keys {missing}")
     converted = openai_clip_to_timm(sd)
     if "visual.proj" not in sd:  # towers exported without the projection: features are the LN'd tokens
-        converted.pop("head.weight", None)
-        converted.pop("head.bias", None)
-    spec = infer_tower(
-        converted,
-        act=act or "quick_gelu",
-        norm_eps=norm_eps if norm_eps is not None else 1e-5,
-        num_heads=num_heads,
-        img_size=img_size,
-    )
+        converted = {k: v for k, v in converted.items() if not k.startswith("head.")}
+    spec = infer_tower(converted, **{"act": "quick_gelu", "norm_eps": 1e-5, **_given(options)})
     return converted, spec, [k for k in sd if not k.startswith("visual.")]
 
 
@@ -330,11 +307,8 @@ def open_clip_tower(
     sd: StateDict,
     config: dict[str, Any] | None = None,
     *,
-    act: Act | None = None,
-    norm_eps: float | None = None,
-    num_heads: int | None = None,
-    img_size: int | None = None,
     model_name: str | None = None,
+    **options: Unpack[TowerOptions],
 ) -> tuple[StateDict, TowerSpec, list[str]]:
     """An OpenCLIP checkpoint's image tower -> (timm keys, spec, dropped keys).
 
@@ -346,34 +320,22 @@ def open_clip_tower(
     model_cfg = (config or {}).get("model_cfg", config or {})
     vision = model_cfg.get("vision_cfg", {}) if isinstance(model_cfg, dict) else {}
     if any(k.startswith("visual.trunk.") for k in sd):
-        trunk = {k[len("visual.trunk.") :]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
-        if "visual.head.proj.weight" in sd:
-            w = sd["visual.head.proj.weight"]
-            trunk["head.weight"] = w
-            trunk["head.bias"] = sd.get("visual.head.proj.bias", torch.zeros(w.shape[0], dtype=w.dtype))
-        dropped = [k for k in sd if not k.startswith(("visual.trunk.", "visual.head.proj."))]
-        name = model_name or vision.get("timm_model_name")
-        timm_sd, spec = timm_tower(trunk, model_name=name, act=act, norm_eps=norm_eps, num_heads=num_heads)
-        if img_size:
-            spec.img_size = img_size
+        trunk, dropped = _convert(sd, [("visual.trunk.*", "*"), ("visual.head.proj.*", "head.*")])
+        if "visual.head.proj.weight" in sd and "visual.head.proj.bias" not in sd:
+            trunk["head.bias"] = torch.zeros_like(trunk["head.weight"][:, 0])
+        timm_sd, spec = timm_tower(trunk, model_name=model_name or vision.get("timm_model_name"), **options)
         return timm_sd, spec, dropped
-    if act is None:
-        act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
-    if norm_eps is None:
-        norm_eps = float((vision.get("norm_kwargs") or {}).get("eps", 1e-5))
-    if num_heads is None and "head_width" in vision and "visual.conv1.weight" in sd:
-        num_heads = max(1, int(sd["visual.conv1.weight"].shape[0]) // int(vision["head_width"]))
-    return openai_tower(sd, act=act, norm_eps=norm_eps, num_heads=num_heads, img_size=img_size)
+    defaults: dict[str, Any] = {
+        "act": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        "norm_eps": float((vision.get("norm_kwargs") or {}).get("eps", 1e-5)),
+    }
+    if "head_width" in vision and "visual.conv1.weight" in sd:
+        defaults["num_heads"] = max(1, int(sd["visual.conv1.weight"].shape[0]) // int(vision["head_width"]))
+    return openai_tower(sd, **{**defaults, **_given(options)})
 
 
 def hf_clip_tower(
-    sd: StateDict,
-    config: dict[str, Any] | None = None,
-    *,
-    act: Act | None = None,
-    norm_eps: float | None = None,
-    num_heads: int | None = None,
-    img_size: int | None = None,
+    sd: StateDict, config: dict[str, Any] | None = None, **options: Unpack[TowerOptions]
 ) -> tuple[StateDict, TowerSpec, list[str]]:
     """A Hugging Face transformers ``CLIPModel`` / ``CLIPVisionModel(WithProjection)`` -> (timm keys, spec, dropped).
 
@@ -390,32 +352,19 @@ def hf_clip_tower(
     cfg = dict(config or {})
     vision = cfg.get("vision_config", cfg)
     hidden_act = str(vision.get("hidden_act", "quick_gelu"))
-    if act is None:
-        if hidden_act not in _HF_ACTS:
-            raise CheckpointError(f"HF CLIP hidden_act {hidden_act!r} is not supported (known: {sorted(_HF_ACTS)})")
-        act = _HF_ACTS[hidden_act]
-    converted = hf_clip_to_timm(sd)
-    spec = infer_tower(
-        converted,
-        act=act,
-        norm_eps=norm_eps if norm_eps is not None else float(vision.get("layer_norm_eps", 1e-5)),
-        num_heads=num_heads or vision.get("num_attention_heads"),
-        img_size=img_size,
-    )
-    dropped = [k for k in sd if not (k.startswith("vision_model.") or k == "visual_projection.weight")]
-    dropped += [k for k in sd if k.endswith("position_ids")]
-    return converted, spec, dropped
+    if options.get("act") is None and hidden_act not in _HF_ACTS:
+        raise CheckpointError(f"HF CLIP hidden_act {hidden_act!r} is not supported (known: {sorted(_HF_ACTS)})")
+    converted, dropped = hf_clip_to_timm(sd)
+    defaults = {
+        "act": _HF_ACTS.get(hidden_act),
+        "norm_eps": float(vision.get("layer_norm_eps", 1e-5)),
+        "num_heads": vision.get("num_attention_heads"),
+    }
+    return converted, infer_tower(converted, **{**defaults, **_given(options)}), dropped
 
 
 def timm_tower(
-    sd: StateDict,
-    *,
-    model_name: str | None = None,
-    act: Act | None = None,
-    norm_eps: float | None = None,
-    num_heads: int | None = None,
-    img_size: int | None = None,
-    head: bool = True,
+    sd: StateDict, *, model_name: str | None = None, head: bool = True, **options: Unpack[TowerOptions]
 ) -> tuple[StateDict, TowerSpec]:
     """A timm ``VisionTransformer`` checkpoint (bring your own teacher: DINOv2, MAE, DeiT, CLIP in timm layout ...).
 
@@ -425,12 +374,10 @@ def timm_tower(
             heads) and the weights pass through timm's own ``checkpoint_filter_fn``. Without it the architecture is
             inferred from the shapes with timm's defaults (GELU, eps 1e-6, ``width // 64`` heads), except for CLIP
             towers (they have CLIP's ``norm_pre``): QuickGELU as OpenAI's CLIP, eps 1e-5 as every CLIP.
-        act: Override the activation (inferred architectures only).
-        norm_eps: Override the LayerNorm epsilon (inferred architectures only).
-        num_heads: Override the head count (inferred architectures only).
-        img_size: Run at this resolution (position table resampled).
         head: Keep a Linear ``head`` as the per-token projection (output width = head width). ``False`` drops it
             (output width = embed_dim): use that for classifier heads.
+        **options: Overrides (:class:`TowerOptions`; ``act``, ``norm_eps`` and ``num_heads`` of inferred
+            architectures only).
 
     Returns:
         (timm_state_dict, spec).
@@ -442,12 +389,7 @@ def timm_tower(
     if not head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     clip_like = model_name is None and "norm_pre.weight" in sd  # CLIP's ln_pre: timm's *_clip_* towers
-    spec = infer_tower(
-        sd,
-        act=act or ("quick_gelu" if clip_like else "gelu"),
-        norm_eps=norm_eps if norm_eps is not None else (1e-5 if clip_like else 1e-6),
-        num_heads=num_heads,
-        img_size=img_size,
-    )
+    defaults = {"act": "quick_gelu" if clip_like else "gelu", "norm_eps": 1e-5 if clip_like else 1e-6}
+    spec = infer_tower(sd, **{**defaults, **_given(options)})
     spec.timm_name = model_name
     return dict(sd), spec

@@ -33,19 +33,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch.nn as nn
 
 from milan.checkpoint.formats import Checkpoint, read_checkpoint, resolve_spec
-from milan.checkpoint.keymaps import timm_tower
+from milan.checkpoint.keymaps import TowerOptions, timm_tower
 from milan.errors import CheckpointError
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.models.factory import ModelConfig, TeacherConfig, build_milan
 from milan.models.milan import MILAN, MaskedStudent
 from milan.models.teacher import Teacher, TeacherInputNorm
-from milan.models.tower import Act, TowerSpec, build_strict, build_tower
+from milan.models.tower import TowerSpec, build_strict, build_tower
 from milan.models.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11 (annotations only)
 
 Source = str | os.PathLike[str] | Checkpoint
 
@@ -55,14 +58,11 @@ def load_teacher(
     input_norm: TeacherInputNorm = "imagenet",
     *,
     fmt: str = "auto",
-    num_heads: int | None = None,
-    act: Act | None = None,
-    norm_eps: float | None = None,
-    img_size: int | None = None,
     grid_size: int | None = None,
     model_name: str | None = None,
     head: bool = True,
     spec: TowerSpec | None = None,
+    **options: Unpack[TowerOptions],
 ) -> Teacher:
     """Loads a frozen teacher from a local weights file or folder (see the module docstring).
 
@@ -71,37 +71,27 @@ def load_teacher(
         input_norm: Teacher input normalisation (see :class:`milan.models.Teacher`).
         fmt: Force a format (``openai-clip``, ``open-clip``, ``hf``, ``timm``, ``milan``, ``mmpretrain``); ``auto``
             detects it.
-        num_heads: Attention heads, when the default for the format is wrong.
-        act: MLP activation (``quick_gelu``, ``gelu``, ``gelu_tanh``) overriding the format's default.
-        norm_eps: LayerNorm epsilon overriding the format's default.
-        img_size: Run the teacher at this resolution (position table resampled, inputs resized).
-        grid_size: Same, given as a patch grid side (``img_size = grid_size * patch_size``).
+        grid_size: Run the teacher on a patch grid of this side (``img_size = grid_size * patch_size``; position
+            table resampled, inputs resized).
         model_name: timm model name for timm / OpenCLIP ``visual.trunk`` teachers.
         head: Keep a timm checkpoint's Linear head as the output projection.
         spec: Build exactly this tower instead of the inferred one, e.g. the ``teacher_spec`` that training
             checkpoints store (the file then only provides the weights).
+        **options: What the weights do not record (:class:`~milan.checkpoint.keymaps.TowerOptions`: ``act``,
+            ``norm_eps``, ``num_heads``) when the format's default is wrong, and ``img_size`` (inputs resized).
 
     Raises:
         CheckpointError: Unreadable file, unrecognised layout, or weights that do not fit the inferred architecture
             (the message names the keys).
         TypeError: The tower's blocks are not timm ViT blocks (e.g. EVA).
     """
-    if img_size and grid_size:
+    if options.get("img_size") and grid_size:
         raise ValueError("pass img_size or grid_size, not both")
     ck = read_checkpoint(
-        path,
-        fmt,
-        num_heads=num_heads,
-        teacher_num_heads=num_heads,
-        act=act,
-        norm_eps=norm_eps,
-        img_size=img_size,
-        model_name=model_name,
-        head=head,
+        path, fmt, teacher_num_heads=options.get("num_heads"), model_name=model_name, head=head, **options
     )
-    return teacher_from_checkpoint(
-        ck, input_norm, grid_size=grid_size, resize_input=bool(img_size or grid_size), spec=spec
-    )
+    resize = bool(options.get("img_size") or grid_size)
+    return teacher_from_checkpoint(ck, input_norm, grid_size=grid_size, resize_input=resize, spec=spec)
 
 
 def teacher_from_checkpoint(
@@ -158,13 +148,13 @@ def _checkpoint(src: Source, **options: Any) -> Checkpoint:
 
 
 def warn_assumed_heads(ck: Checkpoint, *, decoder: bool = False) -> None:
-    """One warning per head count a (foreign) file does not record, naming the argument that sets it."""
-    if "num_heads" in ck.hints and (not decoder or "decoder_num_heads" in ck.hints):
+    """A warning when the encoder's (or the decoder's) head count is not recorded, naming the argument that sets it."""
+    hint, key = ("decoder_num_heads", "decoder_heads") if decoder else ("num_heads", "encoder_heads")
+    if hint in ck.hints:
         return
     assumed = resolve_spec(ck, heads_flag="num_heads=N", decoder_heads_flag="decoder_num_heads=N").assumed
-    for key in ("decoder_heads",) if decoder else ("encoder_heads",):
-        if key in assumed:
-            warnings.warn(f"{ck.source}: {assumed[key]}", stacklevel=3)
+    if key in assumed:
+        warnings.warn(f"{ck.source}: {assumed[key]}", stacklevel=3)
 
 
 def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> VisionTransformer:

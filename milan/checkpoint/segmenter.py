@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from milan.checkpoint.io import safe_load
-from milan.checkpoint.spec import SPEC_VERSION
+from milan.checkpoint.spec import SPEC_VERSION, check_version
 from milan.errors import CheckpointError
 from milan.models.segmentation import SegmentationModel, build_from_spec, model_spec
 
@@ -59,6 +59,10 @@ def segmentation_spec(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip checkpoint, or unreadable: the caller's own reader reports it
         return None
+    return _spec_of(blob)
+
+
+def _spec_of(blob: Any) -> dict[str, Any] | None:
     spec = blob.get("spec") if isinstance(blob, dict) else None
     return spec if isinstance(spec, dict) and spec.get("kind") == KIND else None
 
@@ -70,14 +74,10 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[SegmentationModel, dic
         CheckpointError: Not a segmentation checkpoint, a newer spec, or weights that do not fit the spec.
     """
     blob = safe_load(path)
-    spec = blob.get("spec") if isinstance(blob, dict) else None
-    if not isinstance(spec, dict) or spec.get("kind") != KIND:
+    spec = _spec_of(blob)
+    if spec is None:
         raise CheckpointError(f"{path} is not a checkpoint of milan segment (no segmentation model spec)")
-    if int(spec.get("version", 0)) > SPEC_VERSION:
-        raise CheckpointError(
-            f"{path}: the stored model spec is version {spec['version']}, newer than this milan understands "
-            f"({SPEC_VERSION}); upgrade milan-pretrain"
-        )
+    check_version(spec, f"{path}: ")
     try:
         model = build_from_spec(spec["arch"])
         model.load_state_dict(blob["model"])

@@ -36,7 +36,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_hints
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -56,6 +56,7 @@ PosLayout = Literal["mmpretrain", "mae", "learned"]
 Pool = Literal["token", "avg"]
 Resample = Literal["bicubic", "bilinear"]
 RGB = tuple[float, float, float]
+T = TypeVar("T")
 
 _TOWER_HEADS = {1280: 16, 1408: 16, 1664: 16}  # OpenCLIP ViT-H/14 (head width 80), g/14 (88), bigG/14 (104)
 
@@ -117,14 +118,9 @@ class Preprocessing:
 
     def timm_cfg(self) -> dict[str, Any]:
         """The same view as timm ``pretrained_cfg`` fields (what ``timm.data.resolve_model_data_config`` reads)."""
-        return {
-            "input_size": (3, self.img_size, self.img_size),
-            "mean": tuple(self.mean),
-            "std": tuple(self.std),
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "crop_mode": "center",
-        }
+        view = {k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(self).items()}
+        size = view.pop("img_size")
+        return {"input_size": (3, size, size), **view, "crop_mode": "center"}
 
     def describe(self) -> str:
         """``"64 px: bicubic resize to 73, center crop (crop_pct 0.875), mean (...), std (...)"``."""
@@ -199,36 +195,36 @@ class ModelSpec:
         Raises:
             CheckpointError: A newer spec version, or a malformed record.
         """
-        version = data.get("version")
-        if not isinstance(version, int) or version < 1:
-            raise CheckpointError(f"the stored model spec has no valid version (got {version!r})")
-        if version > SPEC_VERSION:
-            raise CheckpointError(
-                f"the stored model spec is version {version}, newer than this milan understands ({SPEC_VERSION}); "
-                "upgrade milan-pretrain"
-            )
+        check_version(data)
         try:
-            pre = _fields(Preprocessing, data["preprocessing"])
-            pre.update({k: tuple(float(v) for v in pre[k]) for k in ("mean", "std") if k in pre})
-            teacher = data.get("teacher")
-            if teacher is not None:
-                teacher = {**_fields(TeacherSpec, teacher), "tower": TowerSpec.from_dict(teacher["tower"])}
-            return cls(
-                kind=data["kind"],
-                encoder=EncoderArch(**_fields(EncoderArch, data["encoder"])),
-                preprocessing=Preprocessing(**pre),
-                decoder=DecoderArch(**_fields(DecoderArch, data["decoder"])) if data.get("decoder") else None,
-                teacher=TeacherSpec(**teacher) if teacher is not None else None,
-                head=HeadSpec(**_fields(HeadSpec, data["head"])) if data.get("head") else None,
-                version=version,
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            return _from_dict(cls, data)
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"the stored model spec is malformed ({type(e).__name__}: {e})") from e
 
 
-def _fields(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in data.items() if k in known}
+def check_version(record: dict[str, Any], where: str = "") -> None:
+    """Raises when a stored spec record (ours or a segmentation model's) has no version or a newer one."""
+    version = record.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where}the stored model spec has no valid version (got {version!r})")
+    if version > SPEC_VERSION:
+        raise CheckpointError(
+            f"{where}the stored model spec is version {version}, newer than this milan understands ({SPEC_VERSION}); "
+            "upgrade milan-pretrain"
+        )
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """The dataclass ``cls`` from plain data, nested dataclasses and tuples rebuilt from the field types."""
+    types = get_type_hints(cls)
+    values = {name: data[name] for name in types if name in data}  # unknown keys are ignored
+    for name, value in values.items():
+        nested = [t for t in (types[name], *get_args(types[name])) if dataclasses.is_dataclass(t)]
+        if nested and value is not None:
+            values[name] = _from_dict(cast(Any, nested[0]), value)
+        elif get_origin(types[name]) is tuple:
+            values[name] = tuple(float(v) for v in value)  # RGB: JSON gives lists
+    return cls(**values)
 
 
 def spec_hints(data: Any) -> dict[str, Any]:
@@ -325,29 +321,38 @@ def detect_layout(pos_embed: torch.Tensor, grid: tuple[int, int]) -> PosLayout:
     return "learned"
 
 
-def infer_encoder(sd: StateDict, num_heads: int | None = None) -> EncoderArch:
-    """An encoder from its timm-layout keys (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N``)."""
-    what = "student encoder"
+def _vit_shape(sd: StateDict, what: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """What the student encoder and teacher towers share (timm keys): shape fields and the position table."""
     proj = _need(sd, "patch_embed.proj.weight", what)  # (D, C, p, p)
-    pos = _need(sd, "pos_embed", what)  # (1, 1 + L, D)
-    _need(sd, "cls_token", what)
-    embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[-1])
+    pos = _need(sd, "pos_embed", what)  # (1, prefix tokens + L, D)
     depth = count_blocks(sd, "blocks.")
     if depth == 0:
         raise CheckpointError(f"{what}: no blocks.N.* keys")
+    width = int(proj.shape[0])
+    shape = {
+        "patch_size": int(proj.shape[-1]),
+        "embed_dim": width,
+        "depth": depth,
+        "mlp_ratio": _need(sd, "blocks.0.mlp.fc1.weight", what).shape[0] / width,
+        "in_chans": int(proj.shape[1]),
+        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+    }
+    return shape, pos
+
+
+def infer_encoder(sd: StateDict, num_heads: int | None = None) -> EncoderArch:
+    """An encoder from its timm-layout keys (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N``)."""
+    what = "student encoder"
+    shape, pos = _vit_shape(sd, what)
+    _need(sd, "cls_token", what)
     grid = square_grid(int(pos.shape[1]) - 1, what)
-    fc1 = _need(sd, "blocks.0.mlp.fc1.weight", what)
-    standard = vit_table_heads(embed_dim, depth) or max(1, embed_dim // 64)
+    width = shape["embed_dim"]
+    standard = vit_table_heads(width, shape["depth"]) or max(1, width // 64)
     return EncoderArch(
-        img_size=grid * patch,
-        patch_size=patch,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=_heads(embed_dim, num_heads, standard, what),
-        mlp_ratio=fc1.shape[0] / embed_dim,
-        in_chans=in_chans,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        img_size=grid * shape["patch_size"],
+        num_heads=_heads(width, num_heads, standard, what),
         pos_embed_layout=detect_layout(pos, (grid, grid)),
+        **shape,
     )
 
 
@@ -380,12 +385,8 @@ def infer_tower(
     table's (resampled when it is built).
     """
     what = "teacher tower"
-    proj = _need(sd, "patch_embed.proj.weight", what)
-    pos = _need(sd, "pos_embed", what)
-    embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[-1])
-    depth = count_blocks(sd, "blocks.")
-    if depth == 0:
-        raise CheckpointError(f"{what}: no blocks.N.* keys")
+    shape, pos = _vit_shape(sd, what)
+    width = shape["embed_dim"]
     class_token = "cls_token" in sd
     reg_tokens = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
     prefix = int(class_token) + reg_tokens
@@ -394,12 +395,8 @@ def infer_tower(
     grid = square_grid(n if no_embed_class else n - prefix, what)
     head = sd.get("head.weight")
     return TowerSpec(
-        img_size=img_size or grid * patch,
-        patch_size=patch,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=_heads(embed_dim, num_heads, _TOWER_HEADS.get(embed_dim, max(1, embed_dim // 64)), what),
-        mlp_ratio=_need(sd, "blocks.0.mlp.fc1.weight", what).shape[0] / embed_dim,
+        img_size=img_size or grid * shape["patch_size"],
+        num_heads=_heads(width, num_heads, _TOWER_HEADS.get(width, max(1, width // 64)), what),
         out_dim=int(head.shape[0]) if head is not None else 0,
         act=act,
         norm_eps=norm_eps,
@@ -408,7 +405,6 @@ def infer_tower(
         reg_tokens=reg_tokens,
         no_embed_class=no_embed_class,
         layer_scale="blocks.0.ls1.gamma" in sd,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
         qk_norm="blocks.0.attn.q_norm.weight" in sd,
-        in_chans=in_chans,
+        **shape,
     )
