@@ -82,12 +82,11 @@ class Session:
     ``model`` is the trained module unwrapped (what checkpoints hold; for FSDP2 the sharded module), ``sync_module``
     its DDP/FSDP2 wrapper (gradients are reduced only on the last micro-step of a step); ``flops_per_image`` gives GPU
     runs their MFU. ``schedule`` replaces the default lr schedule (warm-up + cosine to ``schedule.min_lr`` over
-    ``derived``'s steps); ``epochs`` the length in epochs (default ``schedule.epochs``) for a run measured in steps,
-    whose last epoch may be partial (``derived.total_steps`` ends it).
+    ``derived``'s steps). A run measured in steps may end inside its last epoch (``derived.total_steps``).
 
     Attributes:
         state: The position (restored from ``run.resume_from``).
-        epochs: The run's length in epochs.
+        epochs: The run's length in epochs (``derived.epochs``).
         resumed: The checkpoint resumed from (``None`` on a fresh start).
         extra: Entries the job adds to every checkpoint (its model spec, EMA weights ...), kept current by it.
         eval_history: Every evaluation of the run, resumed ones included (checkpoints keep it).
@@ -106,10 +105,9 @@ class Session:
         sync_module: nn.Module | None = None,
         flops_per_image: float | None = None,
         schedule: Schedule | None = None,
-        epochs: int | None = None,
     ) -> None:
         self.cfg, self.derived, self.run_dir, self.model = cfg, derived, run.run_dir, model
-        self.epochs = epochs if epochs is not None else cfg.schedule.epochs
+        self.epochs = derived.epochs
         self.num_batches = derived.steps_per_epoch * cfg.accum_steps  # micro-batches of a whole epoch
         d = derived
         schedule = schedule or CosineSchedule(d.lr, d.total_steps, d.warmup_steps, cfg.schedule.min_lr)
