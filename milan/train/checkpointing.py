@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from milan import distributed as dist
-from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
+from milan.checkpoint.io import CheckpointError, _atomic_path, atomic_save, safe_load
 from milan.errors import UserError
 from milan.train.loop import TrainState
 
@@ -181,31 +181,25 @@ class Checkpointer:
     Args:
         keep: Numbered copies to keep (0: keep only ``last.pt``).
         every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
-        enabled: Whether this process writes (only the main process should).
     """
 
-    def __init__(
-        self, run_dir: str | os.PathLike[str], *, keep: int = 3, every_epochs: int = 1, enabled: bool = True
-    ) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, keep: int = 3, every_epochs: int = 1) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.last = self.dir / "last.pt"
         self.previous = self.dir / "last.prev.pt"  # the last.pt before the newest save: its fallback
         self.keep = keep
         self.every_epochs = every_epochs
-        self.enabled = enabled
 
-    def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path | None:
+    def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path:
         """Writes ``last.pt`` atomically (the one before it stays as ``last.prev.pt``); returns it.
 
         ``epoch_end``, the number of finished epochs at an epoch-end save, also makes an independent copy
         ``epoch_NNNN.pt`` when it is a multiple of ``every_epochs``, and deletes the numbered copies beyond the newest
-        ``keep``. Processes that do not write return ``None``.
+        ``keep``.
 
         Raises:
             CheckpointWriteError: No space left, or the folder is not writable; the previous checkpoint is intact.
         """
-        if not self.enabled:
-            return None
         written = self.dir / f".{self.last.name}.next.tmp"  # complete before anything else changes
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +213,9 @@ class Checkpointer:
             _raise_write_error(e, self.last, nbytes, intact=self.last)
         if epoch_end is not None and self.keep > 0 and self.every_epochs > 0 and epoch_end % self.every_epochs == 0:
             copy = self.dir / f"epoch_{epoch_end:04d}.pt"
-            try:
-                _atomic_copy(self.last, copy)
+            try:  # an independent copy (own bytes, last.pt's modification time), written and renamed atomically
+                with _atomic_path(copy) as tmp:
+                    shutil.copy2(self.last, tmp)
             except OSError as e:
                 _raise_write_error(e, copy, self.last.stat().st_size, intact=self.last)
             for old in self.numbered()[: -self.keep]:
@@ -309,21 +304,6 @@ class Checkpointer:
             except CheckpointError as e:
                 skipped.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
         return None, skipped
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    """An independent copy of ``src`` (own bytes, ``src``'s modification time), written and renamed atomically."""
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        shutil.copy2(src, tmp)
-        with tmp.open("r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _raise_write_error(error: BaseException, path: Path, nbytes: int, *, intact: Path) -> NoReturn:

@@ -209,16 +209,9 @@ def _truncate_jsonl(path: Path, start_step: int) -> None:
     if start_step == 0:
         path.unlink()
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(step, int) and step <= start_step:
-            kept.append(line)
+    kept = [r for r in read_metrics(path, None) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= start_step]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
 
 

@@ -81,21 +81,18 @@ class NonFiniteLossError(UserError, RuntimeError):
         self.value = value
 
 
+@dataclass
 class StopRequest:
     """A request to stop after the current optimizer step, set by :func:`stop_on_signals`.
 
     :func:`train_step` adds it to the step's all-reduce, so every process sees it at the same step (no extra
     collective) and marks it :attr:`agreed` there.
-
-    Attributes:
-        signum: The signal that asked this process to stop (0: none).
-        agreed: Set once the processes stopped together: SIGTERM if any process got one, else SIGINT (0: not
-            stopped); the state is then that of a finished step.
     """
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self.agreed = 0
+    signum: int = 0  # the signal that asked this process to stop (0: none)
+    # set once the processes stopped together: SIGTERM if any process got one, else SIGINT (0: not stopped); the
+    # state is then that of a finished step
+    agreed: int = 0
 
     def request(self, signum: int) -> None:
         """Asks to stop (the first request's signal is kept)."""

@@ -120,7 +120,7 @@ class Session:
         self.eval_history: list[Metrics] = []
         self.run_report = SkipReport()
         self.checkpointer = Checkpointer(
-            run.run_dir, keep=cfg.checkpoint.keep, every_epochs=cfg.checkpoint.every_epochs, enabled=dist.is_main()
+            run.run_dir, keep=cfg.checkpoint.keep, every_epochs=cfg.checkpoint.every_epochs
         )
         self.config = to_dict(dataclasses.replace(cfg, out_dir=str(run.run_dir)))  # where the run really is
         self.resumed: dict[str, Any] | None = None
@@ -281,6 +281,7 @@ class Session:
                 self.model, self.opt.optimizer, self.state, self.config, scaler=self.opt.scaler, extra=extra,
                 world_size=self.derived.world_size,
             )  # fmt: skip
+        if dist.is_main():
             try:
                 self.checkpointer.save(ckpt, epoch_end=epoch_end)
             except CheckpointWriteError as e:
