@@ -49,7 +49,7 @@ from milan.models.segmentation import SegmentationModel, segmentation_loss
 from milan.seg_metrics import segmentation_scores
 from milan.train.config import SegDataConfig, SegmentConfig, check_segment, derive, to_dict
 from milan.train.evaluation import segmentation_areas
-from milan.train.loop import StepOutput, autocast_context, protect_workers, zero_loss
+from milan.train.loop import StepOutput, protect_workers, zero_loss
 from milan.train.optim import build_adamw, layer_decay_groups
 from milan.train.run import seed_everything, start_run
 from milan.train.schedule import PolySchedule
@@ -205,8 +205,8 @@ def _evaluate(s: Session, model: SegmentationModel, val: Iterable[Batch], cfg: S
     report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction)
     e = cfg.eval
     areas, n = segmentation_areas(
-        model, val, device, mode=e.mode, crop=e.crop or cfg.data.crop_size, stride=e.stride,
-        ignore_index=cfg.data.ignore_index, ctx=lambda: autocast_context(device, s.opt.dtype), report=report,
+        model, val, device, s.opt.dtype, mode=e.mode, crop=e.crop or cfg.data.crop_size, stride=e.stride,
+        ignore_index=cfg.data.ignore_index, report=report,
         progress=cfg.log.progress and dist.is_main(),
     )  # fmt: skip
     report.all_reduce(device if device.type == "cuda" else None)

@@ -136,21 +136,16 @@ def restore_checkpoint(
     Raises:
         CheckpointError: The model weights do not fit ``model`` (different architecture).
     """
-    model_sd, optim_sd = ckpt["model"], ckpt["optimizer"]
-    try:
-        if optim_sd.get("state") and all(isinstance(k, int) for k in optim_sd["state"]):  # torch's index-keyed format
-            model.load_state_dict(model_sd)
-            optimizer.load_state_dict(optim_sd)
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            # The state of each parameter (by name) from the checkpoint; the groups and their settings (weight
-            # decay, betas, lr scales) from this run's optimizer, i.e. from its config.
-            names = {id(p): n for n, p in model.named_parameters()}
-            groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
-            optim_sd = {"state": optim_sd["state"], "param_groups": groups}
-            options = StateDictOptions(full_state_dict=True)
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    try:
+        # The state of each parameter (by name) from the checkpoint; the groups and their settings (weight decay,
+        # betas, lr scales) from this run's optimizer, i.e. from its config.
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+        optim_sd = {"state": ckpt["optimizer"]["state"], "param_groups": groups}
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim_sd, options=options)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"the checkpoint does not match this model/optimizer: {str(e).splitlines()[0]}") from e
     if scaler is not None and ckpt.get("scaler"):
