@@ -199,8 +199,15 @@ class Checkpointer:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_save(ckpt, written)
-            if self.last.is_file():
-                self._keep_previous()
+            if self.last.is_file():  # last.prev.pt: a second name of its bytes (renaming over last.pt leaves them)
+                tmp = self.dir / f".{self.previous.name}.tmp"
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(self.last, tmp)
+                except OSError:  # no hard links: move it (resume finds last.prev.pt until last.pt exists)
+                    os.replace(self.last, self.previous)
+                else:
+                    os.replace(tmp, self.previous)
             os.replace(written, self.last)
         except (OSError, RuntimeError) as e:
             written.unlink(missing_ok=True)
@@ -216,17 +223,6 @@ class Checkpointer:
             for old in self.numbered()[: -self.keep]:
                 old.unlink(missing_ok=True)
         return self.last
-
-    def _keep_previous(self) -> None:
-        """``last.prev.pt`` becomes a second name of ``last.pt``'s bytes (renaming a new one over it leaves them)."""
-        tmp = self.dir / f".{self.previous.name}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(self.last, tmp)
-        except OSError:  # a filesystem without hard links: move it (resume finds last.prev.pt until last.pt exists)
-            os.replace(self.last, self.previous)
-            return
-        os.replace(tmp, self.previous)
 
     def check_paths(self) -> None:
         """Checks, without writing, that no checkpoint path is taken by something else (e.g. a folder ``last.pt``).

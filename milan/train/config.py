@@ -675,7 +675,8 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
         ConfigError: Unreadable file, unknown key, wrong type or a value outside its declared range (the message
             names the dotted key).
     """
-    raw = read_yaml(resolve_preset(path, _job_of(cls))) if path is not None else {}
+    job = cls.__name__.removesuffix("Config").lower()  # PretrainConfig -> the presets in configs/pretrain
+    raw = read_yaml(resolve_preset(path, job)) if path is not None else {}
     return from_dict(cls, raw, overrides)
 
 
@@ -795,12 +796,6 @@ def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
-
-
-def _job_of(cls: type) -> str | None:
-    """The preset folder of a config class: ``PretrainConfig`` -> ``pretrain`` (``None`` if not a ``*Config``)."""
-    name = cls.__name__
-    return name.removesuffix("Config").lower() if name.endswith("Config") and name != "Config" else None
 
 
 def _describe(value: Any) -> str:

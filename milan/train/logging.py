@@ -134,16 +134,13 @@ class RunLogger:
             self._window = {}
             # Without a terminal, a progress line at most every 10 s (and at the end) keeps logs short.
             if self._print_lines and (record["elapsed"] - self._printed_at >= 10.0 or state.step >= self.total_steps):
-                self._printed_at = record["elapsed"]
-                self.info(self._progress_line(record))
-
-    def _progress_line(self, r: dict[str, Any]) -> str:
-        done = r["step"] - self._start_step
-        eta = (self.total_steps - r["step"]) * r["elapsed"] / max(done, 1)
-        return (
-            f"step {r['step']}/{self.total_steps} (epoch {r['epoch']:.2f}) loss {r['loss']:.4f} lr {r['lr']:.3e} "
-            f"{r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} elapsed {_hms(r['elapsed'])} eta {_hms(eta)}"
-        )
+                r, self._printed_at = record, record["elapsed"]
+                eta = (self.total_steps - r["step"]) * r["elapsed"] / max(r["step"] - self._start_step, 1)
+                self.info(
+                    f"step {r['step']}/{self.total_steps} (epoch {r['epoch']:.2f}) loss {r['loss']:.4f} "
+                    f"lr {r['lr']:.3e} {r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} "
+                    f"elapsed {_hms(r['elapsed'])} eta {_hms(eta)}"
+                )
 
     def pop_epoch_loss(self) -> float | None:
         """Mean loss of the steps since the last call (``None`` if there were none), then resets it."""

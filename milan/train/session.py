@@ -156,7 +156,24 @@ class Session:
     @contextmanager
     def training(self) -> Iterator[None]:
         """Logs the batch/lr/step plan, then turns SIGTERM and SIGINT into a stop after the current step."""
-        self._log_plan()
+        cfg, d, s = self.cfg, self.derived, self.state
+        how = "optim.lr" if cfg.optim.lr is not None else f"blr {cfg.optim.blr:g} x {d.effective_batch} / 256"
+        self.log.info(
+            f"batch {cfg.batch_size}/process x accum {cfg.accum_steps} x {d.world_size} process(es) = effective "
+            f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
+        )
+        self.log.info(
+            f"{d.steps_per_epoch} steps/epoch x {self.epochs} epochs"
+            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * self.epochs else "")
+            + f" = {d.total_steps} steps "
+            f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
+        )
+        if self.resume_from is not None:
+            self.log.info(f"resumed from {self.resume_from}: epoch {s.epoch}, step {s.step}")
+            if self._layout_note is not None:
+                self.log.warning(self._layout_note)
+        if not self.epochs_left():
+            self.log.info(f"nothing to train: the run is already at step {s.step} (epoch {s.epoch})")
         with stop_on_signals(self.opt.stop):
             yield
 
@@ -190,7 +207,11 @@ class Session:
         try:
             metrics = train_step(loss_fn, batches, self.state, self.opt, *args, **kwargs)
         except NonFiniteLossError as e:
-            raise NonFiniteLossError(e.step, e.value, self._checkpoint_note()) from None
+            if self.saved_path is None:
+                note = "no checkpoint has been written yet"
+            else:
+                note = f"the last checkpoint, {self.saved_path} (step {self._saved[0]}), is intact"
+            raise NonFiniteLossError(e.step, e.value, note) from None
         if metrics is not None:
             now = time.perf_counter()
             self.log.step(self.state, {**metrics, "step_time": now - self._t_last})
@@ -206,8 +227,20 @@ class Session:
         every = self.cfg.checkpoint.every_steps
         if every and self.state.step % every == 0 and self.state.step < self.derived.stop_step:
             self.save()
-        if self.opt.stop.agreed:
-            self._save_and_stop()
+        if not self.opt.stop.agreed:
+            return
+        s, stop = self.state, self.opt.stop
+        if self._saved[0] != s.step:
+            self.save()  # mid-epoch: the resume continues inside this epoch, exactly
+        signum = stop.signum or stop.agreed  # a process that was not signalled follows the others
+        name = signal.Signals(signum).name
+        reason = f"{name} received" if stop.signum else f"{name} received by another process"
+        message = (
+            f"{reason}: stopped after step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}/{self.num_batches}); "
+            f"saved {self.saved_path}; continue with --resume auto"
+        )
+        self.log.info(message)
+        raise RunInterrupted(message, signum)
 
     def end_epoch(self, report: SkipReport) -> bool:
         """Closes the current epoch if it is complete: its skip report (summed over processes), record and line.
@@ -314,27 +347,6 @@ class Session:
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _save_and_stop(self) -> None:
-        """After a stop agreed at the end of a step: a checkpoint of this position, one line, ``RunInterrupted``."""
-        s, stop = self.state, self.opt.stop
-        if self._saved[0] != s.step:
-            self.save()  # mid-epoch: the resume continues inside this epoch, exactly
-        signum = stop.signum or stop.agreed  # a process that was not signalled follows the others
-        name = signal.Signals(signum).name
-        reason = f"{name} received" if stop.signum else f"{name} received by another process"
-        message = (
-            f"{reason}: stopped after step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}/{self.num_batches}); "
-            f"saved {self.saved_path}; continue with --resume auto"
-        )
-        self.log.info(message)
-        raise RunInterrupted(message, signum)
-
-    def _checkpoint_note(self) -> str:
-        """What is on disk, for a message after a failure."""
-        if self.saved_path is None:
-            return "no checkpoint has been written yet"
-        return f"the last checkpoint, {self.saved_path} (step {self._saved[0]}), is intact"
-
     def _adapt_position(self, ckpt: dict[str, Any]) -> None:
         """Carries the position inside the epoch over to another batch layout.
 
@@ -359,23 +371,3 @@ class Session:
             f"this launch uses {cfg.batch_size} x {cfg.accum_steps} x {d.world_size}: training continues from step "
             f"{s.step}, but the rest of epoch {s.epoch} does not see exactly the remaining samples"
         )
-
-    def _log_plan(self) -> None:
-        cfg, d, s = self.cfg, self.derived, self.state
-        how = "optim.lr" if cfg.optim.lr is not None else f"blr {cfg.optim.blr:g} x {d.effective_batch} / 256"
-        self.log.info(
-            f"batch {cfg.batch_size}/process x accum {cfg.accum_steps} x {d.world_size} process(es) = effective "
-            f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
-        )
-        self.log.info(
-            f"{d.steps_per_epoch} steps/epoch x {self.epochs} epochs"
-            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * self.epochs else "")
-            + f" = {d.total_steps} steps "
-            f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
-        )
-        if self.resume_from is not None:
-            self.log.info(f"resumed from {self.resume_from}: epoch {s.epoch}, step {s.step}")
-            if self._layout_note is not None:
-                self.log.warning(self._layout_note)
-        if not self.epochs_left():
-            self.log.info(f"nothing to train: the run is already at step {s.step} (epoch {s.epoch})")
