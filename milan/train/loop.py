@@ -1,9 +1,8 @@
-"""One optimizer step, the resumable order of an epoch's batches, precision, and stopping on a signal.
+"""One optimizer step, precision, and stopping on a signal.
 
 A job writes its own loop over epochs and batches and calls :func:`train_step` for each optimizer step::
 
     opt = Optimization(optimizer, schedule, device, accum_steps=2, sync_module=ddp_model)
-    batches = epoch_batches(loader, sampler, state, batch_size)   # the rest of this epoch, in its fixed order
     while state.batch_in_epoch < num_batches:
         metrics = train_step(loss_fn, batches, state, opt, model)  # loss_fn(batch, model) -> StepOutput
 
@@ -18,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
@@ -28,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from milan import distributed as dist
-from milan.data.sampling import EpochSampler
 from milan.errors import UserError
 from milan.train.schedule import Schedule
 
@@ -180,26 +178,6 @@ def train_step(
     if any(total_asked):
         opt.stop.agreed = next(s for s, k in zip(STOP_SIGNALS, total_asked, strict=True) if k > 0)
     return metrics
-
-
-def epoch_batches(
-    loader: Iterable[Any], sampler: EpochSampler | None, state: TrainState, batch_size: int
-) -> Iterator[Any]:
-    """The batches of ``state``'s epoch from ``state.batch_in_epoch`` on: the same order however often it resumes.
-
-    A sampler starts at the resume position; a stream (tar shards, no sampler) is reshuffled for the epoch and
-    skips the batches consumed before.
-    """
-    if sampler is not None:
-        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * batch_size)
-        return iter(loader)
-    set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
-    if set_epoch is not None:
-        set_epoch(state.epoch)
-    it = iter(loader)
-    for _ in range(state.batch_in_epoch):
-        next(it, None)
-    return it
 
 
 def zero_loss(module: nn.Module, device: torch.device) -> torch.Tensor:

@@ -57,7 +57,6 @@ from milan.train.loop import (
     Optimization,
     StepOutput,
     TrainState,
-    epoch_batches,
     grad_scaler,
     protect_workers,
     stop_on_signals,
@@ -182,11 +181,25 @@ class Session:
         return self.state.epoch < self.epochs and self.state.step < self.derived.stop_step
 
     def epoch_batches(self, loader: Iterable[Any], sampler: EpochSampler | None) -> Iterator[Any]:
-        """The rest of the current epoch's batches (:func:`~milan.train.loop.epoch_batches`)."""
+        """The batches of the current epoch from the resume position on: the same order however often it resumes.
+
+        A sampler starts at the resume position; a stream (tar shards, no sampler) is reshuffled for the epoch and
+        skips the batches consumed before.
+        """
         protect_workers(loader)
         self._streaming = sampler is None
         self._t_last = time.perf_counter()
-        return epoch_batches(loader, sampler, self.state, self.cfg.batch_size)
+        s = self.state
+        if sampler is not None:
+            sampler.set_epoch(s.epoch, start=s.batch_in_epoch * self.cfg.batch_size)
+            return iter(loader)
+        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(s.epoch)
+        it = iter(loader)
+        for _ in range(s.batch_in_epoch):
+            next(it, None)
+        return it
 
     def steps_left(self) -> bool:
         """Whether the current epoch has optimizer steps left (and ``schedule.max_steps`` is not reached)."""
