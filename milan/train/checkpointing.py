@@ -175,22 +175,19 @@ class Checkpointer:
 
     Args:
         keep: Numbered copies to keep (0: keep only ``last.pt``).
-        every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, keep: int = 3, every_epochs: int = 1) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, keep: int = 3) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.last = self.dir / "last.pt"
         self.previous = self.dir / "last.prev.pt"  # the last.pt before the newest save: its fallback
         self.keep = keep
-        self.every_epochs = every_epochs
 
     def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path:
         """Writes ``last.pt`` atomically (the one before it stays as ``last.prev.pt``); returns it.
 
         ``epoch_end``, the number of finished epochs at an epoch-end save, also makes an independent copy
-        ``epoch_NNNN.pt`` when it is a multiple of ``every_epochs``, and deletes the numbered copies beyond the newest
-        ``keep``.
+        ``epoch_NNNN.pt``, and deletes the numbered copies beyond the newest ``keep``.
 
         Raises:
             CheckpointWriteError: No space left, or the folder is not writable; the previous checkpoint is intact.
@@ -213,7 +210,7 @@ class Checkpointer:
             written.unlink(missing_ok=True)
             nbytes = sum(t.numel() * t.element_size() for t in tree_leaves(ckpt) if isinstance(t, torch.Tensor))
             _raise_write_error(e, self.last, nbytes, intact=self.last)
-        if epoch_end is not None and self.keep > 0 and self.every_epochs > 0 and epoch_end % self.every_epochs == 0:
+        if epoch_end is not None and self.keep > 0:
             copy = self.dir / f"epoch_{epoch_end:04d}.pt"
             try:  # an independent copy (own bytes, last.pt's modification time), written and renamed atomically
                 with _atomic_path(copy) as tmp:

@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
+from milan.checkpoint.io import _atomic_path
 from milan.data.sources import shell_sources
 from milan.data.transforms import CropGeometry
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
@@ -762,12 +763,9 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Writes the resolved config as YAML (readable back with :func:`load_config`), atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, p)
-    return p
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(to_yaml(cfg))
+    return Path(path)
 
 
 def field_types(cls: type) -> dict[str, Any]:

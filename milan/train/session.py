@@ -118,9 +118,7 @@ class Session:
         self.extra: dict[str, Any] = {}
         self.eval_history: list[Metrics] = []
         self.run_report = SkipReport()
-        self.checkpointer = Checkpointer(
-            run.run_dir, keep=cfg.checkpoint.keep, every_epochs=cfg.checkpoint.every_epochs
-        )
+        self.checkpointer = Checkpointer(run.run_dir, keep=cfg.checkpoint.keep)
         self.config = to_dict(dataclasses.replace(cfg, out_dir=str(run.run_dir)))  # where the run really is
         self.resumed: dict[str, Any] | None = None
         self._layout_note: str | None = None
