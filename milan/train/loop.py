@@ -37,19 +37,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in the order a stop is named a
 
 @dataclass
 class TrainState:
-    """Where a run is; saved in every checkpoint.
+    """Where a run is; saved in every checkpoint."""
 
-    Attributes:
-        epoch: Current epoch (0-based).
-        step: Optimizer steps taken (the schedule's clock).
-        batch_in_epoch: Micro-batches of the current epoch already consumed (the sampler's resume position).
-        images_seen: Images trained on, over all processes.
-    """
-
-    epoch: int = 0
-    step: int = 0
-    batch_in_epoch: int = 0
-    images_seen: int = 0
+    epoch: int = 0  # current epoch (0-based)
+    step: int = 0  # optimizer steps taken (the schedule's clock)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed (the sampler's resume position)
+    images_seen: int = 0  # images trained on, over all processes
 
 
 class StepOutput(NamedTuple):

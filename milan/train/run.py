@@ -58,21 +58,14 @@ class FinishedRun:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What :func:`start_run` gives a job.
-
-    Attributes:
-        dtype: Compute dtype (autocast, grad scaler).
-        resume_from: Checkpoint to resume from (``None``: a fresh start).
-        finished: Set when the resumed run is already complete: the job should return without writing anything.
-        t_start: ``time.perf_counter()`` when the job started (for its wall time).
-    """
+    """What :func:`start_run` gives a job."""
 
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute dtype (autocast, grad scaler)
     run_dir: Path
-    resume_from: Path | None
-    finished: FinishedRun | None
-    t_start: float
+    resume_from: Path | None  # checkpoint to resume from (None: a fresh start)
+    finished: FinishedRun | None  # set when the resumed run is complete: the job returns without writing anything
+    t_start: float  # time.perf_counter() when the job started (for its wall time)
 
     def header(self, job: str, details: Sequence[str] = ()) -> str:
         """The job's first log line: ``milan JOB -> RUN_DIR  (device, dtype, N process(es)[, details...])``."""
