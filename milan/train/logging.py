@@ -69,7 +69,6 @@ class RunLogger:
         self.skipped = 0
         self.last: dict[str, Any] = {}
         self._window: dict[str, float] = {}
-        self._epoch_loss = (0.0, 0)
         self._bar: tqdm[Any] | None = None
         self._tb: Any = None
         if not enabled:
@@ -95,7 +94,6 @@ class RunLogger:
         for key in ("loss", "images", "step_time", "data_time"):
             w[key] = w.get(key, 0.0) + metrics[key]
         w["steps"] = w.get("steps", 0.0) + 1
-        self._epoch_loss = (self._epoch_loss[0] + metrics["loss"], self._epoch_loss[1] + 1)
         self.skipped += int(metrics.get("skipped", 0))
         img_s = metrics["images"] / max(metrics["step_time"], 1e-9)
         if self._use_bar and self._bar is None:
@@ -142,12 +140,6 @@ class RunLogger:
                     f"lr {r['lr']:.3e} {r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} "
                     f"elapsed {_hms(r['elapsed'])} eta {_hms(eta)}"
                 )
-
-    def pop_epoch_loss(self) -> float | None:
-        """Mean loss of the steps since the last call (``None`` if there were none), then resets it."""
-        total, n = self._epoch_loss
-        self._epoch_loss = (0.0, 0)
-        return total / n if n else None
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends a record to ``metrics.jsonl`` and its numbers to TensorBoard (under ``event/name``)."""

@@ -133,6 +133,7 @@ class Session:
         self.start_images = self.state.images_seen  # trained on before this launch
         self._streaming = False
         self._t_last = time.perf_counter()
+        self._epoch_losses: list[float] = []  # of this epoch's steps (this launch's)
         self.log = RunLogger(
             run.run_dir, enabled=dist.is_main(), total_steps=d.stop_step, start_step=self.state.step,
             steps_per_epoch=d.steps_per_epoch, every_steps=cfg.log.every_steps, progress=cfg.log.progress,
@@ -227,6 +228,7 @@ class Session:
             now = time.perf_counter()
             self.log.step(self.state, {**metrics, "step_time": now - self._t_last})
             self._t_last = now
+            self._epoch_losses.append(metrics["loss"])
         return metrics
 
     def end_step(self) -> None:
@@ -280,7 +282,8 @@ class Session:
         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         report.all_reduce(self.opt.device if self.opt.device.type == "cuda" else None)
         self.run_report.merge(report)
-        loss = self.log.pop_epoch_loss()
+        losses, self._epoch_losses = self._epoch_losses, []
+        loss = sum(losses) / len(losses) if losses else None
         self.log.write({"event": "epoch", "epoch": s.epoch, "step": s.step, "loss": loss, "data": report.as_dict()})
         if s.epoch % max(1, epochs // 20) == 0 or report.skipped or s.epoch == epochs:
             text = f"{loss:.4f}" if loss is not None else "n/a"
