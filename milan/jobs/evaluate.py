@@ -51,7 +51,7 @@ from milan.errors import CheckpointError
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.seg_metrics import segmentation_scores
 from milan.train.evaluation import evaluate_heads, segmentation_areas
-from milan.train.loop import autocast_context, resolve_dtype
+from milan.train.loop import resolve_dtype
 from milan.train.run import process_group
 
 COMMANDS = {"evaluate": "top-1/top-5 of a classifier (mIoU of a segmentation) checkpoint on a validation folder"}
@@ -165,8 +165,8 @@ def evaluate_segmenter(
         dtype = resolve_dtype(precision, dev)
         report = SkipReport()
         areas, n = segmentation_areas(
-            model, loader, dev, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
-            ignore_index=labels.ignore_index, ctx=lambda: autocast_context(dev, dtype), report=report,
+            model, loader, dev, dtype, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
+            ignore_index=labels.ignore_index, report=report,
             progress=progress and dist.is_main(),
         )  # fmt: skip
         report.all_reduce(dev if dev.type == "cuda" else None)

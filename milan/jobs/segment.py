@@ -47,9 +47,9 @@ from milan.jobs.classifier import FitResult, finish_run, load_pretrained_encoder
 from milan.jobs.launch import add_run_arguments, job_config
 from milan.models.segmentation import SegmentationModel, segmentation_loss
 from milan.seg_metrics import segmentation_scores
-from milan.train.config import SegDataConfig, SegmentConfig, check_segment, derive_segment, to_dict
+from milan.train.config import SegDataConfig, SegmentConfig, check_segment, derive, to_dict
 from milan.train.evaluation import segmentation_areas
-from milan.train.loop import StepOutput, autocast_context, protect_workers, zero_loss
+from milan.train.loop import StepOutput, protect_workers, zero_loss
 from milan.train.optim import build_adamw, layer_decay_groups
 from milan.train.run import seed_everything, start_run
 from milan.train.schedule import PolySchedule
@@ -100,7 +100,7 @@ def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
             train_set, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=data.num_workers, device=device,
             key="data.train_images", collate=collate_segmentation,
         )  # fmt: skip
-        d, epochs = derive_segment(cfg, dist.world_size(), batches_per_epoch)
+        d = derive(cfg, dist.world_size(), batches_per_epoch)
         schedule = PolySchedule(d.lr, d.total_steps, d.warmup_steps, sch.min_lr, sch.warmup_ratio, sch.power)
         groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.layer_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, d.lr, device)
@@ -109,9 +109,7 @@ def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
         protect_workers(val)  # a SIGTERM during an evaluation leaves its workers alive: the run stops after a step
         report = SkipReport(max_skip_fraction=data.max_skip_fraction)
         every = cfg.eval.every_steps
-        session = Session(cfg, d, run, model=model, optimizer=optimizer, sync_module=train_module, schedule=schedule,
-                          epochs=epochs)  # fmt: skip
-        with session as s:
+        with Session(cfg, d, run, model=model, optimizer=optimizer, sync_module=train_module, schedule=schedule) as s:
             s.extra["spec"] = spec
             _log_setup(s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels)
             with s.training():
@@ -207,8 +205,8 @@ def _evaluate(s: Session, model: SegmentationModel, val: Iterable[Batch], cfg: S
     report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction)
     e = cfg.eval
     areas, n = segmentation_areas(
-        model, val, device, mode=e.mode, crop=e.crop or cfg.data.crop_size, stride=e.stride,
-        ignore_index=cfg.data.ignore_index, ctx=lambda: autocast_context(device, s.opt.dtype), report=report,
+        model, val, device, s.opt.dtype, mode=e.mode, crop=e.crop or cfg.data.crop_size, stride=e.stride,
+        ignore_index=cfg.data.ignore_index, report=report,
         progress=cfg.log.progress and dist.is_main(),
     )  # fmt: skip
     report.all_reduce(device if device.type == "cuda" else None)

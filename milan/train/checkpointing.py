@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from milan import distributed as dist
-from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
+from milan.checkpoint.io import CheckpointError, _atomic_path, atomic_save, safe_load
 from milan.errors import UserError
 from milan.train.loop import TrainState
 
@@ -136,21 +136,16 @@ def restore_checkpoint(
     Raises:
         CheckpointError: The model weights do not fit ``model`` (different architecture).
     """
-    model_sd, optim_sd = ckpt["model"], ckpt["optimizer"]
-    try:
-        if optim_sd.get("state") and all(isinstance(k, int) for k in optim_sd["state"]):  # torch's index-keyed format
-            model.load_state_dict(model_sd)
-            optimizer.load_state_dict(optim_sd)
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            # The state of each parameter (by name) from the checkpoint; the groups and their settings (weight
-            # decay, betas, lr scales) from this run's optimizer, i.e. from its config.
-            names = {id(p): n for n, p in model.named_parameters()}
-            groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
-            optim_sd = {"state": optim_sd["state"], "param_groups": groups}
-            options = StateDictOptions(full_state_dict=True)
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    try:
+        # The state of each parameter (by name) from the checkpoint; the groups and their settings (weight decay,
+        # betas, lr scales) from this run's optimizer, i.e. from its config.
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+        optim_sd = {"state": ckpt["optimizer"]["state"], "param_groups": groups}
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim_sd, options=options)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"the checkpoint does not match this model/optimizer: {str(e).splitlines()[0]}") from e
     if scaler is not None and ckpt.get("scaler"):
@@ -180,63 +175,51 @@ class Checkpointer:
 
     Args:
         keep: Numbered copies to keep (0: keep only ``last.pt``).
-        every_epochs: Epoch-end saves at multiples of this also keep a numbered copy (0: never).
-        enabled: Whether this process writes (only the main process should).
     """
 
-    def __init__(
-        self, run_dir: str | os.PathLike[str], *, keep: int = 3, every_epochs: int = 1, enabled: bool = True
-    ) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, keep: int = 3) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.last = self.dir / "last.pt"
         self.previous = self.dir / "last.prev.pt"  # the last.pt before the newest save: its fallback
         self.keep = keep
-        self.every_epochs = every_epochs
-        self.enabled = enabled
 
-    def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path | None:
+    def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path:
         """Writes ``last.pt`` atomically (the one before it stays as ``last.prev.pt``); returns it.
 
         ``epoch_end``, the number of finished epochs at an epoch-end save, also makes an independent copy
-        ``epoch_NNNN.pt`` when it is a multiple of ``every_epochs``, and deletes the numbered copies beyond the newest
-        ``keep``. Processes that do not write return ``None``.
+        ``epoch_NNNN.pt``, and deletes the numbered copies beyond the newest ``keep``.
 
         Raises:
             CheckpointWriteError: No space left, or the folder is not writable; the previous checkpoint is intact.
         """
-        if not self.enabled:
-            return None
         written = self.dir / f".{self.last.name}.next.tmp"  # complete before anything else changes
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_save(ckpt, written)
-            if self.last.is_file():
-                self._keep_previous()
+            if self.last.is_file():  # last.prev.pt: a second name of its bytes (renaming over last.pt leaves them)
+                tmp = self.dir / f".{self.previous.name}.tmp"
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(self.last, tmp)
+                except OSError:  # no hard links: move it (resume finds last.prev.pt until last.pt exists)
+                    os.replace(self.last, self.previous)
+                else:
+                    os.replace(tmp, self.previous)
             os.replace(written, self.last)
         except (OSError, RuntimeError) as e:
             written.unlink(missing_ok=True)
             nbytes = sum(t.numel() * t.element_size() for t in tree_leaves(ckpt) if isinstance(t, torch.Tensor))
             _raise_write_error(e, self.last, nbytes, intact=self.last)
-        if epoch_end is not None and self.keep > 0 and self.every_epochs > 0 and epoch_end % self.every_epochs == 0:
+        if epoch_end is not None and self.keep > 0:
             copy = self.dir / f"epoch_{epoch_end:04d}.pt"
-            try:
-                _atomic_copy(self.last, copy)
+            try:  # an independent copy (own bytes, last.pt's modification time), written and renamed atomically
+                with _atomic_path(copy) as tmp:
+                    shutil.copy2(self.last, tmp)
             except OSError as e:
                 _raise_write_error(e, copy, self.last.stat().st_size, intact=self.last)
             for old in self.numbered()[: -self.keep]:
                 old.unlink(missing_ok=True)
         return self.last
-
-    def _keep_previous(self) -> None:
-        """``last.prev.pt`` becomes a second name of ``last.pt``'s bytes (renaming a new one over it leaves them)."""
-        tmp = self.dir / f".{self.previous.name}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(self.last, tmp)
-        except OSError:  # a filesystem without hard links: move it (resume finds last.prev.pt until last.pt exists)
-            os.replace(self.last, self.previous)
-            return
-        os.replace(tmp, self.previous)
 
     def check_paths(self) -> None:
         """Checks, without writing, that no checkpoint path is taken by something else (e.g. a folder ``last.pt``).
@@ -309,21 +292,6 @@ class Checkpointer:
             except CheckpointError as e:
                 skipped.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
         return None, skipped
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    """An independent copy of ``src`` (own bytes, ``src``'s modification time), written and renamed atomically."""
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        shutil.copy2(src, tmp)
-        with tmp.open("r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _raise_write_error(error: BaseException, path: Path, nbytes: int, *, intact: Path) -> NoReturn:

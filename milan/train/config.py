@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
+from milan.checkpoint.io import _atomic_path
 from milan.data.sources import shell_sources
 from milan.data.transforms import CropGeometry
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
@@ -496,12 +497,14 @@ class Derived:
     total_steps: int  # optimizer steps of the whole schedule
     warmup_steps: int
     stop_step: int  # where this launch stops: total_steps, or schedule.max_steps if smaller
+    epochs: int  # the epochs the schedule spans (a schedule in iterations: the last one partial)
 
 
 def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
     """The effective batch, the absolute lr (``blr * effective batch / 256``) and the step counts.
 
-    ``batches_per_epoch``: micro-batches per epoch on each of the ``world_size`` processes.
+    ``batches_per_epoch``: micro-batches per epoch on each of the ``world_size`` processes. A schedule in iterations
+    (:class:`SegmentScheduleConfig`) counts its steps from ``iters`` / ``warmup_iters`` where they are set.
 
     Raises:
         ConfigError: An epoch has fewer micro-batches than ``accum_steps``.
@@ -514,25 +517,13 @@ def derive(cfg: RunConfig, world_size: int, batches_per_epoch: int) -> Derived:
         )
     effective_batch = cfg.batch_size * cfg.accum_steps * world_size
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
-    total = cfg.schedule.epochs * steps_per_epoch
-    stop = total if cfg.schedule.max_steps is None else min(total, cfg.schedule.max_steps)
-    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    return Derived(world_size, effective_batch, lr, steps_per_epoch, total, warmup, stop)
-
-
-def derive_segment(cfg: SegmentConfig, world_size: int, batches_per_epoch: int) -> tuple[Derived, int]:
-    """:func:`derive` with the schedule in iterations where ``schedule.iters`` / ``warmup_iters`` are set.
-
-    Returns:
-        ``(derived, epochs)``: the epochs the run spans (the last one partial).
-    """
-    d = derive(cfg, world_size, batches_per_epoch)
     s = cfg.schedule
-    total = s.iters if s.iters is not None else d.total_steps
-    warmup = s.warmup_iters if s.warmup_iters is not None else d.warmup_steps
+    iters, warmup_iters = getattr(s, "iters", None), getattr(s, "warmup_iters", None)
+    total = iters if iters is not None else s.epochs * steps_per_epoch
+    warmup = warmup_iters if warmup_iters is not None else round(s.warmup_epochs * steps_per_epoch)
     stop = total if s.max_steps is None else min(total, s.max_steps)
-    d = dataclasses.replace(d, total_steps=total, warmup_steps=min(warmup, total), stop_step=stop)
-    return d, math.ceil(total / d.steps_per_epoch)
+    epochs = math.ceil(total / steps_per_epoch)
+    return Derived(world_size, effective_batch, lr, steps_per_epoch, total, min(warmup, total), stop, epochs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,8 +531,7 @@ def derive_segment(cfg: SegmentConfig, world_size: int, batches_per_epoch: int) 
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:
-    _check_run(cfg)
-    _check_compile(cfg.runtime)
+    _check_sections(cfg)
     check_model(cfg.model, prefix="model.")
     d, enc = cfg.data, cfg.model.encoder
     if d.img_size is not None and d.img_size != enc.img_size:
@@ -553,10 +543,8 @@ def check_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(
             "data.path is not set: pass data.path=PATH (a folder of images, a .txt list of image paths, or tar shards)"
         )
-    _check_scale(d.scale)
     if not 0 < d.ratio[0] <= d.ratio[1]:
         raise ConfigError(f"data.ratio must satisfy 0 < min <= max, got {list(d.ratio)}")
-    _check_images(d)
     if d.num_samples is not None and d.num_samples < 1:
         raise ConfigError(f"data.num_samples must be >= 1 or null, got {d.num_samples}")
     if shell_sources([d.path]) and not d.allow_shell_pipes:
@@ -567,41 +555,30 @@ def check_pretrain(cfg: PretrainConfig) -> None:
 
 
 def check_linprobe(cfg: LinprobeConfig) -> None:
-    _check_run(cfg)
-    _check_images(cfg.data)
-    _check_encoder(cfg.encoder)
-    _check_scale(cfg.data.scale)
+    _check_sections(cfg)
     if not cfg.optim.lr_grid or any(f <= 0 for f in cfg.optim.lr_grid):
         raise ConfigError(f"optim.lr_grid must be a non-empty list of positive factors, got {cfg.optim.lr_grid}")
-    _check_sources(cfg.data)
+    _check_data_given(cfg)
 
 
 def check_finetune(cfg: FinetuneConfig) -> None:
-    _check_run(cfg)
-    _check_compile(cfg.runtime)
-    _check_images(cfg.data)
-    _check_encoder(cfg.encoder)
-    _check_scale(cfg.data.scale)
+    _check_sections(cfg)
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
-    _check_sources(cfg.data)
+    _check_data_given(cfg)
 
 
 def check_knn(cfg: KnnConfig) -> None:
-    _check_run(cfg)
-    _check_images(cfg.data)
-    _check_encoder(cfg.encoder)
+    _check_sections(cfg)
     if not cfg.k or any(k < 1 for k in cfg.k):
         raise ConfigError(f"k must be a non-empty list of positive ints, got {cfg.k}")
-    _check_sources(cfg.data)
+    _check_data_given(cfg)
 
 
 def check_segment(cfg: SegmentConfig) -> None:
-    _check_run(cfg)
-    _check_compile(cfg.runtime)
-    _check_encoder(cfg.encoder)
+    _check_sections(cfg)
     d, m, s = cfg.data, cfg.model, cfg.schedule
     if 0 <= d.ignore_index < d.num_classes:
         raise ConfigError(f"data.ignore_index={d.ignore_index} is one of the classes 0..{d.num_classes - 1}")
@@ -613,68 +590,63 @@ def check_segment(cfg: SegmentConfig) -> None:
         raise ConfigError("model.pool_scales must hold at least one size")
     if s.iters is not None and s.warmup_iters is not None and s.warmup_iters > s.iters:
         raise ConfigError(f"schedule.warmup_iters={s.warmup_iters} is longer than schedule.iters={s.iters}")
-    folders = [getattr(d, f"{split}_{kind}") for split in ("train", "val") for kind in ("images", "labels")]
-    if d.root is None and not all(Path(f).expanduser().is_absolute() for f in folders):
-        raise ConfigError(  # checked last: the presets leave it to the user
-            f"data.root is not set: pass data.root=DIR, the folder that holds {', '.join(folders)} (or give "
-            "absolute paths)"
-        )
+    _check_data_given(cfg)
 
 
-def _check_run(cfg: RunConfig | KnnConfig) -> None:
-    _from_raw(type(cfg), to_dict(cfg))  # types and declared ranges, as if read from a file (configs built in Python)
+def _check_sections(cfg: PretrainConfig | ClassifierConfig | KnnConfig | SegmentConfig) -> None:
+    """The checks of the shared sections a job's config has (schedule, runtime, data, encoder)."""
+    from_dict(type(cfg), to_dict(cfg))  # types and declared ranges, as if read from a file (configs built in Python)
     if isinstance(cfg, RunConfig) and cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         sch = cfg.schedule
         raise ConfigError(
-            f"schedule.warmup_epochs={_num(sch.warmup_epochs)} is longer than schedule.epochs={sch.epochs}: "
+            f"schedule.warmup_epochs={sch.warmup_epochs:g} is longer than schedule.epochs={sch.epochs}: "
             f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
         )
-
-
-def _check_compile(rt: TrainRuntimeConfig) -> None:
-    if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
-        raise ConfigError(
-            f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"
-        )
-    teacher = isinstance(rt, PretrainRuntimeConfig) and rt.compile_teacher
-    if not rt.compile and (rt.compile_mode is not None or teacher):
-        key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
-        raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
-
-
-def _check_scale(scale: tuple[float, float]) -> None:
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(scale)}")
-
-
-def _check_images(d: DataConfig) -> None:
-    if d.num_workers is not None and d.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {d.num_workers}")
-    if d.max_image_pixels is not None and d.max_image_pixels < 1:
-        raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {d.max_image_pixels}")
-
-
-def _check_encoder(encoder: EncoderSource) -> None:
-    if encoder.pretrained is None and encoder.model_name is None:
+    rt = cfg.runtime
+    if isinstance(rt, TrainRuntimeConfig):
+        if rt.compile_mode is not None and rt.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"runtime.compile_mode must be null or one of {', '.join(COMPILE_MODES)}, got {rt.compile_mode!r}"
+            )
+        teacher = isinstance(rt, PretrainRuntimeConfig) and rt.compile_teacher
+        if not rt.compile and (rt.compile_mode is not None or teacher):
+            key = "runtime.compile_mode" if rt.compile_mode is not None else "runtime.compile_teacher"
+            raise ConfigError(f"{key} is set but runtime.compile is false: set runtime.compile=true too")
+    encoder = getattr(cfg, "encoder", None)
+    if encoder is not None and encoder.pretrained is None and encoder.model_name is None:
         raise ConfigError(
             "encoder.pretrained is not set: pass encoder.pretrained=PATH (a pretraining checkpoint), or "
             "encoder.model_name=NAME for a randomly initialised encoder (a baseline, not a pretrained model)"
         )
+    d = cfg.data
+    if not isinstance(d, DataConfig):
+        return
+    if d.num_workers is not None and d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 or null (min(8, CPU cores)), got {d.num_workers}")
+    if d.max_image_pixels is not None and d.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1 or null (no limit), got {d.max_image_pixels}")
+    if isinstance(d, (PretrainDataConfig, FinetuneDataConfig)) and not 0 < d.scale[0] <= d.scale[1] <= 1:
+        raise ConfigError(f"data.scale must satisfy 0 < min <= max <= 1, got {list(d.scale)}")
 
 
-def _check_sources(data: ClassifyDataConfig) -> None:
-    """``data.train`` and ``data.val`` are given (checked last: the presets leave them to the user)."""
+def _check_data_given(cfg: ClassifierConfig | KnnConfig | SegmentConfig) -> None:
+    """The data paths are given (checked last: the presets leave them to the user)."""
+    d = cfg.data
+    if isinstance(d, SegDataConfig):
+        folders = [getattr(d, f"{split}_{kind}") for split in ("train", "val") for kind in ("images", "labels")]
+        if d.root is None and not all(Path(f).expanduser().is_absolute() for f in folders):
+            raise ConfigError(
+                f"data.root is not set: pass data.root=DIR, the folder that holds {', '.join(folders)} (or give "
+                "absolute paths)"
+            )
+        return
     for key in ("train", "val"):
-        value = getattr(data, key)
+        value = getattr(d, key)
         if value is None or not str(value).strip():
             raise ConfigError(
                 f"data.{key} is not set: pass data.{key}=PATH (an ImageFolder tree root/<class>/<image>, or a "
                 ".tar/.tar.gz archive of one)"
             )
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -704,16 +676,14 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
         ConfigError: Unreadable file, unknown key, wrong type or a value outside its declared range (the message
             names the dotted key).
     """
-    raw = read_yaml(resolve_preset(path, _job_of(cls))) if path is not None else {}
+    job = cls.__name__.removesuffix("Config").lower()  # PretrainConfig -> the presets in configs/pretrain
+    raw = read_yaml(resolve_preset(path, job)) if path is not None else {}
     return from_dict(cls, raw, overrides)
 
 
 def from_dict(cls: type[T], raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> T:
     """``cls`` from plain data (e.g. the config a checkpoint stores), with ``overrides`` on top, validated."""
-    return _from_raw(cls, _merge(dict(raw), parse_overrides(overrides)))
-
-
-def _from_raw(cls: type[T], raw: Mapping[str, Any]) -> T:
+    raw = _merge(dict(raw), parse_overrides(overrides))
     factory = getattr(cls, "defaults_from", None)
     base: T = factory(raw) if factory is not None else cls()
     return update(base, raw)
@@ -760,10 +730,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def update(cfg: T, data: Mapping[str, Any], prefix: str = "") -> T:
     """A copy of dataclass ``cfg`` with ``data`` merged in (nested mappings merge into nested sections)."""
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"update() needs a dataclass instance, got {type(cfg).__name__}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_describe(data)}")
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"update() needs a dataclass instance, got {type(cfg).__name__}")
     hints = field_types(type(cfg))
     changes: dict[str, Any] = {}
     for key, value in data.items():
@@ -793,12 +763,9 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Writes the resolved config as YAML (readable back with :func:`load_config`), atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, p)
-    return p
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(to_yaml(cfg))
+    return Path(path)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -827,12 +794,6 @@ def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
-
-
-def _job_of(cls: type) -> str | None:
-    """The preset folder of a config class: ``PretrainConfig`` -> ``pretrain`` (``None`` if not a ``*Config``)."""
-    name = cls.__name__
-    return name.removesuffix("Config").lower() if name.endswith("Config") and name != "Config" else None
 
 
 def _describe(value: Any) -> str:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,19 +100,20 @@ def segmentation_areas(
     model: SegmentationModel,
     loader: Iterable[Batch],
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     *,
     mode: Literal["slide", "whole"],
     crop: int,
     stride: int,
     ignore_index: int,
-    ctx: Callable[[], AbstractContextManager[Any]] = nullcontext,
     report: SkipReport | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Per-class areas (:func:`~milan.seg_metrics.area_counts`) over a loader of single images, summed over processes.
 
     Each image's logits (sliding window or whole image, at the resized scale) are resized bilinearly to its label
-    map's size and arg-maxed (mmsegmentation's ``postprocess_result``). Put the model in eval mode first.
+    map's size and arg-maxed (mmsegmentation's ``postprocess_result``); autocast on CUDA for a reduced ``dtype``. Put
+    the model in eval mode first.
 
     Returns:
         ``((4, K) int64 areas, images evaluated over all processes)``.
@@ -125,7 +125,7 @@ def segmentation_areas(
     areas = torch.zeros(4, k, dtype=torch.long)
     count = 0
     for images, batch in eval_batches(map(check_labels, loader), device, report=report, progress=progress):
-        with ctx():
+        with autocast_context(device, dtype):
             if mode == "slide":
                 logits = slide_inference(model.predict, images, k, crop=crop, stride=stride)
             else:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from milan.checkpoint.io import _atomic_path
 from milan.flops import mfu
 from milan.train.loop import TrainState
 
@@ -68,7 +69,6 @@ class RunLogger:
         self.skipped = 0
         self.last: dict[str, Any] = {}
         self._window: dict[str, float] = {}
-        self._epoch_loss = (0.0, 0)
         self._bar: tqdm[Any] | None = None
         self._tb: Any = None
         if not enabled:
@@ -94,7 +94,6 @@ class RunLogger:
         for key in ("loss", "images", "step_time", "data_time"):
             w[key] = w.get(key, 0.0) + metrics[key]
         w["steps"] = w.get("steps", 0.0) + 1
-        self._epoch_loss = (self._epoch_loss[0] + metrics["loss"], self._epoch_loss[1] + 1)
         self.skipped += int(metrics.get("skipped", 0))
         img_s = metrics["images"] / max(metrics["step_time"], 1e-9)
         if self._use_bar and self._bar is None:
@@ -134,22 +133,13 @@ class RunLogger:
             self._window = {}
             # Without a terminal, a progress line at most every 10 s (and at the end) keeps logs short.
             if self._print_lines and (record["elapsed"] - self._printed_at >= 10.0 or state.step >= self.total_steps):
-                self._printed_at = record["elapsed"]
-                self.info(self._progress_line(record))
-
-    def _progress_line(self, r: dict[str, Any]) -> str:
-        done = r["step"] - self._start_step
-        eta = (self.total_steps - r["step"]) * r["elapsed"] / max(done, 1)
-        return (
-            f"step {r['step']}/{self.total_steps} (epoch {r['epoch']:.2f}) loss {r['loss']:.4f} lr {r['lr']:.3e} "
-            f"{r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} elapsed {_hms(r['elapsed'])} eta {_hms(eta)}"
-        )
-
-    def pop_epoch_loss(self) -> float | None:
-        """Mean loss of the steps since the last call (``None`` if there were none), then resets it."""
-        total, n = self._epoch_loss
-        self._epoch_loss = (0.0, 0)
-        return total / n if n else None
+                r, self._printed_at = record, record["elapsed"]
+                eta = (self.total_steps - r["step"]) * r["elapsed"] / max(r["step"] - self._start_step, 1)
+                self.info(
+                    f"step {r['step']}/{self.total_steps} (epoch {r['epoch']:.2f}) loss {r['loss']:.4f} "
+                    f"lr {r['lr']:.3e} {r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} "
+                    f"elapsed {_hms(r['elapsed'])} eta {_hms(eta)}"
+                )
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends a record to ``metrics.jsonl`` and its numbers to TensorBoard (under ``event/name``)."""
@@ -209,17 +199,9 @@ def _truncate_jsonl(path: Path, start_step: int) -> None:
     if start_step == 0:
         path.unlink()
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(step, int) and step <= start_step:
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    kept = [r for r in read_metrics(path, None) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= start_step]
+    with _atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path: str | os.PathLike[str], event: str | None = "train") -> list[dict[str, Any]]:

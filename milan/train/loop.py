@@ -1,9 +1,8 @@
-"""One optimizer step, the resumable order of an epoch's batches, precision, and stopping on a signal.
+"""One optimizer step, precision, and stopping on a signal.
 
 A job writes its own loop over epochs and batches and calls :func:`train_step` for each optimizer step::
 
     opt = Optimization(optimizer, schedule, device, accum_steps=2, sync_module=ddp_model)
-    batches = epoch_batches(loader, sampler, state, batch_size)   # the rest of this epoch, in its fixed order
     while state.batch_in_epoch < num_batches:
         metrics = train_step(loss_fn, batches, state, opt, model)  # loss_fn(batch, model) -> StepOutput
 
@@ -18,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
@@ -28,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from milan import distributed as dist
-from milan.data.sampling import EpochSampler
 from milan.errors import UserError
 from milan.train.schedule import Schedule
 
@@ -39,19 +37,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # in the order a stop is named a
 
 @dataclass
 class TrainState:
-    """Where a run is; saved in every checkpoint.
+    """Where a run is; saved in every checkpoint."""
 
-    Attributes:
-        epoch: Current epoch (0-based).
-        step: Optimizer steps taken (the schedule's clock).
-        batch_in_epoch: Micro-batches of the current epoch already consumed (the sampler's resume position).
-        images_seen: Images trained on, over all processes.
-    """
-
-    epoch: int = 0
-    step: int = 0
-    batch_in_epoch: int = 0
-    images_seen: int = 0
+    epoch: int = 0  # current epoch (0-based)
+    step: int = 0  # optimizer steps taken (the schedule's clock)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed (the sampler's resume position)
+    images_seen: int = 0  # images trained on, over all processes
 
 
 class StepOutput(NamedTuple):
@@ -81,21 +72,18 @@ class NonFiniteLossError(UserError, RuntimeError):
         self.value = value
 
 
+@dataclass
 class StopRequest:
     """A request to stop after the current optimizer step, set by :func:`stop_on_signals`.
 
     :func:`train_step` adds it to the step's all-reduce, so every process sees it at the same step (no extra
     collective) and marks it :attr:`agreed` there.
-
-    Attributes:
-        signum: The signal that asked this process to stop (0: none).
-        agreed: Set once the processes stopped together: SIGTERM if any process got one, else SIGINT (0: not
-            stopped); the state is then that of a finished step.
     """
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self.agreed = 0
+    signum: int = 0  # the signal that asked this process to stop (0: none)
+    # set once the processes stopped together: SIGTERM if any process got one, else SIGINT (0: not stopped); the
+    # state is then that of a finished step
+    agreed: int = 0
 
     def request(self, signum: int) -> None:
         """Asks to stop (the first request's signal is kept)."""
@@ -183,26 +171,6 @@ def train_step(
     if any(total_asked):
         opt.stop.agreed = next(s for s, k in zip(STOP_SIGNALS, total_asked, strict=True) if k > 0)
     return metrics
-
-
-def epoch_batches(
-    loader: Iterable[Any], sampler: EpochSampler | None, state: TrainState, batch_size: int
-) -> Iterator[Any]:
-    """The batches of ``state``'s epoch from ``state.batch_in_epoch`` on: the same order however often it resumes.
-
-    A sampler starts at the resume position; a stream (tar shards, no sampler) is reshuffled for the epoch and
-    skips the batches consumed before.
-    """
-    if sampler is not None:
-        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * batch_size)
-        return iter(loader)
-    set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
-    if set_epoch is not None:
-        set_epoch(state.epoch)
-    it = iter(loader)
-    for _ in range(state.batch_in_epoch):
-        next(it, None)
-    return it
 
 
 def zero_loss(module: nn.Module, device: torch.device) -> torch.Tensor:

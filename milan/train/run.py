@@ -58,21 +58,14 @@ class FinishedRun:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What :func:`start_run` gives a job.
-
-    Attributes:
-        dtype: Compute dtype (autocast, grad scaler).
-        resume_from: Checkpoint to resume from (``None``: a fresh start).
-        finished: Set when the resumed run is already complete: the job should return without writing anything.
-        t_start: ``time.perf_counter()`` when the job started (for its wall time).
-    """
+    """What :func:`start_run` gives a job."""
 
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute dtype (autocast, grad scaler)
     run_dir: Path
-    resume_from: Path | None
-    finished: FinishedRun | None
-    t_start: float
+    resume_from: Path | None  # checkpoint to resume from (None: a fresh start)
+    finished: FinishedRun | None  # set when the resumed run is complete: the job returns without writing anything
+    t_start: float  # time.perf_counter() when the job started (for its wall time)
 
     def header(self, job: str, details: Sequence[str] = ()) -> str:
         """The job's first log line: ``milan JOB -> RUN_DIR  (device, dtype, N process(es)[, details...])``."""
@@ -236,30 +229,43 @@ class RunLock:
 def _take_run_dir(
     out_dir: Path, resume: str | None, schedule: ScheduleConfig | None, done_file: str | None
 ) -> tuple[RunLock, tuple[Path, Path | None, FinishedRun | None]]:
-    """Main process: the locked run folder, the checkpoint to resume from and, if the run is complete, its end."""
+    """Main process: the locked run folder, the checkpoint to resume from and, if the run is complete, its end.
+
+    The checkpoints' folder is checked to be writable, and what a killed run left mid-write is removed.
+    """
     if resume is None:
-        new_lock, run_dir = _take_new_run_dir(out_dir)
-        return new_lock, (run_dir, None, None)
-    lock = _lock(out_dir)
-    if lock is None:
-        raise RunFolderError(
-            f"run folder {out_dir} is in use by {RunLock(out_dir).holder()}; wait for it to end, or start a new run "
-            "without --resume"
-        )
+        lock, run_dir = _take_new_run_dir(out_dir)
+    else:
+        run_dir, resume_lock = out_dir, _lock(out_dir)
+        if resume_lock is None:
+            raise RunFolderError(
+                f"run folder {out_dir} is in use by {RunLock(out_dir).holder()}; wait for it to end, or start a new "
+                "run without --resume"
+            )
+        lock = resume_lock
     try:
-        checkpointer = _prepare(Checkpointer(out_dir))
+        checkpointer = Checkpointer(run_dir)
+        checkpointer.check_writable()
+        files, freed = checkpointer.clean_orphans()
+        if files:
+            print(
+                f"removed {files} unfinished temporary checkpoint file(s) ({freed / 1e6:.1f} MB) left by an "
+                "interrupted run"
+            )
+        if resume is None:
+            return lock, (run_dir, None, None)
         if resume == "auto":
             found, skipped = usable_checkpoint(checkpointer, resume)
             if found is None:
                 print(f"--resume auto: no checkpoint in {checkpointer.dir}; starting a new run there")
-                return lock, (out_dir, None, None)
+                return lock, (run_dir, None, None)
             path, ckpt = found
             for bad, why in skipped:
                 print(f"--resume auto: skipping unusable checkpoint {bad} ({why}); resuming from {path}")
         else:
             path = Path(resume)
             ckpt = load_training_checkpoint(path)  # fail early with a clear message
-        return lock, (out_dir, path, _finished(out_dir, path, ckpt, schedule, done_file))
+        return lock, (run_dir, path, _finished(run_dir, path, ckpt, schedule, done_file))
     except BaseException:
         lock.release()
         raise
@@ -279,11 +285,6 @@ def _take_new_run_dir(out_dir: Path) -> tuple[RunLock, Path]:
         run_dir = out_dir.with_name(f"{out_dir.name}-{n}")
     if run_dir != out_dir:
         print(f"{out_dir} already holds a run; writing this one to {run_dir} (--resume auto continues {out_dir})")
-    try:
-        _prepare(Checkpointer(run_dir))
-    except BaseException:
-        lock.release()
-        raise
     return lock, run_dir
 
 
@@ -306,17 +307,6 @@ def _lock(folder: Path) -> RunLock | None:
         ) from e
 
 
-def _prepare(checkpointer: Checkpointer) -> Checkpointer:
-    """Checks that the checkpoints can be written, and removes what a killed run left mid-write."""
-    checkpointer.check_writable()
-    files, freed = checkpointer.clean_orphans()
-    if files:
-        print(
-            f"removed {files} unfinished temporary checkpoint file(s) ({freed / 1e6:.1f} MB) left by an interrupted run"
-        )
-    return checkpointer
-
-
 def _finished(
     run_dir: Path, path: Path, ckpt: dict[str, Any], schedule: ScheduleConfig | None, done_file: str | None
 ) -> FinishedRun | None:
@@ -329,15 +319,12 @@ def _finished(
     at_end = length or (schedule.max_steps is not None and state.step >= schedule.max_steps)
     if not at_end or (done_file is not None and not (run_dir / done_file).is_file()):
         return None
-    if length:
-        how = "a larger schedule.iters=N" if iters is not None else "a larger schedule.epochs=N"
+    if iters is not None:
+        where, how = f"step {state.step}/{iters}", "a larger schedule.iters=N"
     else:
+        where, how = f"epoch {state.epoch}/{schedule.epochs}, step {state.step}", "a larger schedule.epochs=N"
+    if not length:
         how = "a larger schedule.max_steps=N (or schedule.max_steps=null for the whole schedule)"
-    where = (
-        f"step {state.step}/{iters}"
-        if iters is not None
-        else f"epoch {state.epoch}/{schedule.epochs}, step {state.step}"
-    )
     print(
         f"run {run_dir} is finished ({where}; {path}): nothing to do, no file was changed. To train longer, resume "
         f"with {how}"

@@ -57,7 +57,6 @@ from milan.train.loop import (
     Optimization,
     StepOutput,
     TrainState,
-    epoch_batches,
     grad_scaler,
     protect_workers,
     stop_on_signals,
@@ -82,12 +81,11 @@ class Session:
     ``model`` is the trained module unwrapped (what checkpoints hold; for FSDP2 the sharded module), ``sync_module``
     its DDP/FSDP2 wrapper (gradients are reduced only on the last micro-step of a step); ``flops_per_image`` gives GPU
     runs their MFU. ``schedule`` replaces the default lr schedule (warm-up + cosine to ``schedule.min_lr`` over
-    ``derived``'s steps); ``epochs`` the length in epochs (default ``schedule.epochs``) for a run measured in steps,
-    whose last epoch may be partial (``derived.total_steps`` ends it).
+    ``derived``'s steps). A run measured in steps may end inside its last epoch (``derived.total_steps``).
 
     Attributes:
         state: The position (restored from ``run.resume_from``).
-        epochs: The run's length in epochs.
+        epochs: The run's length in epochs (``derived.epochs``).
         resumed: The checkpoint resumed from (``None`` on a fresh start).
         extra: Entries the job adds to every checkpoint (its model spec, EMA weights ...), kept current by it.
         eval_history: Every evaluation of the run, resumed ones included (checkpoints keep it).
@@ -106,10 +104,9 @@ class Session:
         sync_module: nn.Module | None = None,
         flops_per_image: float | None = None,
         schedule: Schedule | None = None,
-        epochs: int | None = None,
     ) -> None:
         self.cfg, self.derived, self.run_dir, self.model = cfg, derived, run.run_dir, model
-        self.epochs = epochs if epochs is not None else cfg.schedule.epochs
+        self.epochs = derived.epochs
         self.num_batches = derived.steps_per_epoch * cfg.accum_steps  # micro-batches of a whole epoch
         d = derived
         schedule = schedule or CosineSchedule(d.lr, d.total_steps, d.warmup_steps, cfg.schedule.min_lr)
@@ -121,9 +118,7 @@ class Session:
         self.extra: dict[str, Any] = {}
         self.eval_history: list[Metrics] = []
         self.run_report = SkipReport()
-        self.checkpointer = Checkpointer(
-            run.run_dir, keep=cfg.checkpoint.keep, every_epochs=cfg.checkpoint.every_epochs, enabled=dist.is_main()
-        )
+        self.checkpointer = Checkpointer(run.run_dir, keep=cfg.checkpoint.keep)
         self.config = to_dict(dataclasses.replace(cfg, out_dir=str(run.run_dir)))  # where the run really is
         self.resumed: dict[str, Any] | None = None
         self._layout_note: str | None = None
@@ -138,6 +133,7 @@ class Session:
         self.start_images = self.state.images_seen  # trained on before this launch
         self._streaming = False
         self._t_last = time.perf_counter()
+        self._epoch_losses: list[float] = []  # of this epoch's steps (this launch's)
         self.log = RunLogger(
             run.run_dir, enabled=dist.is_main(), total_steps=d.stop_step, start_step=self.state.step,
             steps_per_epoch=d.steps_per_epoch, every_steps=cfg.log.every_steps, progress=cfg.log.progress,
@@ -158,7 +154,24 @@ class Session:
     @contextmanager
     def training(self) -> Iterator[None]:
         """Logs the batch/lr/step plan, then turns SIGTERM and SIGINT into a stop after the current step."""
-        self._log_plan()
+        cfg, d, s = self.cfg, self.derived, self.state
+        how = "optim.lr" if cfg.optim.lr is not None else f"blr {cfg.optim.blr:g} x {d.effective_batch} / 256"
+        self.log.info(
+            f"batch {cfg.batch_size}/process x accum {cfg.accum_steps} x {d.world_size} process(es) = effective "
+            f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
+        )
+        self.log.info(
+            f"{d.steps_per_epoch} steps/epoch x {self.epochs} epochs"
+            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * self.epochs else "")
+            + f" = {d.total_steps} steps "
+            f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
+        )
+        if self.resume_from is not None:
+            self.log.info(f"resumed from {self.resume_from}: epoch {s.epoch}, step {s.step}")
+            if self._layout_note is not None:
+                self.log.warning(self._layout_note)
+        if not self.epochs_left():
+            self.log.info(f"nothing to train: the run is already at step {s.step} (epoch {s.epoch})")
         with stop_on_signals(self.opt.stop):
             yield
 
@@ -167,11 +180,25 @@ class Session:
         return self.state.epoch < self.epochs and self.state.step < self.derived.stop_step
 
     def epoch_batches(self, loader: Iterable[Any], sampler: EpochSampler | None) -> Iterator[Any]:
-        """The rest of the current epoch's batches (:func:`~milan.train.loop.epoch_batches`)."""
+        """The batches of the current epoch from the resume position on: the same order however often it resumes.
+
+        A sampler starts at the resume position; a stream (tar shards, no sampler) is reshuffled for the epoch and
+        skips the batches consumed before.
+        """
         protect_workers(loader)
         self._streaming = sampler is None
         self._t_last = time.perf_counter()
-        return epoch_batches(loader, sampler, self.state, self.cfg.batch_size)
+        s = self.state
+        if sampler is not None:
+            sampler.set_epoch(s.epoch, start=s.batch_in_epoch * self.cfg.batch_size)
+            return iter(loader)
+        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(s.epoch)
+        it = iter(loader)
+        for _ in range(s.batch_in_epoch):
+            next(it, None)
+        return it
 
     def steps_left(self) -> bool:
         """Whether the current epoch has optimizer steps left (and ``schedule.max_steps`` is not reached)."""
@@ -192,11 +219,16 @@ class Session:
         try:
             metrics = train_step(loss_fn, batches, self.state, self.opt, *args, **kwargs)
         except NonFiniteLossError as e:
-            raise NonFiniteLossError(e.step, e.value, self._checkpoint_note()) from None
+            if self.saved_path is None:
+                note = "no checkpoint has been written yet"
+            else:
+                note = f"the last checkpoint, {self.saved_path} (step {self._saved[0]}), is intact"
+            raise NonFiniteLossError(e.step, e.value, note) from None
         if metrics is not None:
             now = time.perf_counter()
             self.log.step(self.state, {**metrics, "step_time": now - self._t_last})
             self._t_last = now
+            self._epoch_losses.append(metrics["loss"])
         return metrics
 
     def end_step(self) -> None:
@@ -208,8 +240,20 @@ class Session:
         every = self.cfg.checkpoint.every_steps
         if every and self.state.step % every == 0 and self.state.step < self.derived.stop_step:
             self.save()
-        if self.opt.stop.agreed:
-            self._save_and_stop()
+        if not self.opt.stop.agreed:
+            return
+        s, stop = self.state, self.opt.stop
+        if self._saved[0] != s.step:
+            self.save()  # mid-epoch: the resume continues inside this epoch, exactly
+        signum = stop.signum or stop.agreed  # a process that was not signalled follows the others
+        name = signal.Signals(signum).name
+        reason = f"{name} received" if stop.signum else f"{name} received by another process"
+        message = (
+            f"{reason}: stopped after step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}/{self.num_batches}); "
+            f"saved {self.saved_path}; continue with --resume auto"
+        )
+        self.log.info(message)
+        raise RunInterrupted(message, signum)
 
     def end_epoch(self, report: SkipReport) -> bool:
         """Closes the current epoch if it is complete: its skip report (summed over processes), record and line.
@@ -238,7 +282,8 @@ class Session:
         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         report.all_reduce(self.opt.device if self.opt.device.type == "cuda" else None)
         self.run_report.merge(report)
-        loss = self.log.pop_epoch_loss()
+        losses, self._epoch_losses = self._epoch_losses, []
+        loss = sum(losses) / len(losses) if losses else None
         self.log.write({"event": "epoch", "epoch": s.epoch, "step": s.step, "loss": loss, "data": report.as_dict()})
         if s.epoch % max(1, epochs // 20) == 0 or report.skipped or s.epoch == epochs:
             text = f"{loss:.4f}" if loss is not None else "n/a"
@@ -283,6 +328,7 @@ class Session:
                 self.model, self.opt.optimizer, self.state, self.config, scaler=self.opt.scaler, extra=extra,
                 world_size=self.derived.world_size,
             )  # fmt: skip
+        if dist.is_main():
             try:
                 self.checkpointer.save(ckpt, epoch_end=epoch_end)
             except CheckpointWriteError as e:
@@ -315,27 +361,6 @@ class Session:
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _save_and_stop(self) -> None:
-        """After a stop agreed at the end of a step: a checkpoint of this position, one line, ``RunInterrupted``."""
-        s, stop = self.state, self.opt.stop
-        if self._saved[0] != s.step:
-            self.save()  # mid-epoch: the resume continues inside this epoch, exactly
-        signum = stop.signum or stop.agreed  # a process that was not signalled follows the others
-        name = signal.Signals(signum).name
-        reason = f"{name} received" if stop.signum else f"{name} received by another process"
-        message = (
-            f"{reason}: stopped after step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}/{self.num_batches}); "
-            f"saved {self.saved_path}; continue with --resume auto"
-        )
-        self.log.info(message)
-        raise RunInterrupted(message, signum)
-
-    def _checkpoint_note(self) -> str:
-        """What is on disk, for a message after a failure."""
-        if self.saved_path is None:
-            return "no checkpoint has been written yet"
-        return f"the last checkpoint, {self.saved_path} (step {self._saved[0]}), is intact"
-
     def _adapt_position(self, ckpt: dict[str, Any]) -> None:
         """Carries the position inside the epoch over to another batch layout.
 
@@ -360,23 +385,3 @@ class Session:
             f"this launch uses {cfg.batch_size} x {cfg.accum_steps} x {d.world_size}: training continues from step "
             f"{s.step}, but the rest of epoch {s.epoch} does not see exactly the remaining samples"
         )
-
-    def _log_plan(self) -> None:
-        cfg, d, s = self.cfg, self.derived, self.state
-        how = "optim.lr" if cfg.optim.lr is not None else f"blr {cfg.optim.blr:g} x {d.effective_batch} / 256"
-        self.log.info(
-            f"batch {cfg.batch_size}/process x accum {cfg.accum_steps} x {d.world_size} process(es) = effective "
-            f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
-        )
-        self.log.info(
-            f"{d.steps_per_epoch} steps/epoch x {self.epochs} epochs"
-            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * self.epochs else "")
-            + f" = {d.total_steps} steps "
-            f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
-        )
-        if self.resume_from is not None:
-            self.log.info(f"resumed from {self.resume_from}: epoch {s.epoch}, step {s.step}")
-            if self._layout_note is not None:
-                self.log.warning(self._layout_note)
-        if not self.epochs_left():
-            self.log.info(f"nothing to train: the run is already at step {s.step} (epoch {s.epoch})")

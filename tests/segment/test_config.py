@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from milan.jobs.config import describe
-from milan.train.config import ConfigError, SegmentConfig, check_segment, derive_segment, load_config
+from milan.train.config import ConfigError, SegmentConfig, check_segment, derive, load_config
 from milan.train.schedule import PolySchedule
 from tests.segment.conftest import REPO
 
@@ -80,8 +80,8 @@ def test_every_key_is_described() -> None:
 def test_iterations_replace_epochs_in_the_derived_steps() -> None:
     def derived(*overrides: str) -> tuple[int, int, int, int]:
         cfg = load_config(SegmentConfig, CAMVID_PRESET, ["batch_size=4", *overrides])
-        d, epochs = derive_segment(cfg, world_size=2, batches_per_epoch=10)
-        return d.total_steps, d.warmup_steps, d.stop_step, epochs
+        d = derive(cfg, world_size=2, batches_per_epoch=10)
+        return d.total_steps, d.warmup_steps, d.stop_step, d.epochs
 
     assert derived("schedule.iters=25", "schedule.warmup_iters=3") == (25, 3, 25, 3)  # 10 steps per epoch: 3 epochs
     assert derived("schedule.iters=25", "schedule.warmup_iters=3", "schedule.max_steps=7") == (25, 3, 7, 3)
@@ -89,7 +89,7 @@ def test_iterations_replace_epochs_in_the_derived_steps() -> None:
                    "schedule.warmup_epochs=0.5") == (40, 5, 40, 4)  # fmt: skip
     assert derived("schedule.iters=20", "schedule.warmup_iters=null", "schedule.warmup_epochs=0.5") == (20, 5, 20, 2)
     cfg = load_config(SegmentConfig, CAMVID_PRESET)
-    assert derive_segment(cfg, 1, 45)[0].lr == 5e-4  # optim.lr is absolute: not scaled with the batch
+    assert derive(cfg, 1, 45).lr == 5e-4  # optim.lr is absolute: not scaled with the batch
 
 
 def test_poly_schedule_matches_mmengine_linear_warmup_then_recursive_poly() -> None:
