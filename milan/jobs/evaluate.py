@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +48,7 @@ from milan.data.segmentation import (
     find_pairs,
 )
 from milan.errors import CheckpointError
+from milan.jobs.launch import add_view_arguments, print_warnings, view_options
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.seg_metrics import segmentation_scores
 from milan.train.evaluation import evaluate_heads, segmentation_areas
@@ -89,7 +90,7 @@ def evaluate_checkpoint(
         "notes", "skipped", "seconds"}``.
     """
     t0 = time.perf_counter()
-    warn_ = warn or _python_warning
+    warn_ = warn or functools.partial(warnings.warn, stacklevel=2)  # pointing at the caller
     with process_group(device) as dev:
         ck = read_checkpoint(checkpoint, fmt, num_heads=num_heads)
         if ck.kind not in ("linear_probe", "finetune"):
@@ -179,10 +180,6 @@ def evaluate_segmenter(
     }  # fmt: skip
 
 
-def _python_warning(text: str) -> None:
-    warnings.warn(text, stacklevel=3)  # the caller of evaluate_checkpoint
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="classifier (ours or mmpretrain) or segmentation checkpoint"
@@ -198,55 +195,39 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     parser.add_argument("--format", dest="fmt", default="auto", help="checkpoint format (default: detect)")
     parser.add_argument("--num-heads", type=int, help="encoder heads, if the file does not say (default: ViT table)")
-    g = parser.add_argument_group("evaluation view (default: the checkpoint's; files without one: the references')")
-    g.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
-    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
-    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
-    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
+    add_view_arguments(parser)
     parser.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _print_warning(note: str) -> None:
-    print(f"milan evaluate: warning: {note}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
-    if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
-        with process_group(args.device):
+    with process_group(args.device):  # here too, so that only the main process prints
+        if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
             result = evaluate_segmenter(
                 args.checkpoint, args.data, num_workers=args.num_workers, device=args.device, precision=args.precision,
                 progress=not args.no_progress,
             )  # fmt: skip
-            if dist.is_main():
-                print(
-                    f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
-                    f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
-                    + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
-                )
-                _write_json(args.out, result)
-        return 0
-    with process_group(args.device):  # here too, so that only the main process prints
-        result = evaluate_checkpoint(
-            args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
-            num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
-            mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
-            progress=not args.no_progress, say=print, warn=_print_warning,
-        )  # fmt: skip
-        if dist.is_main():
-            print(
+            line = (
+                f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
+                f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
+                + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
+            )
+        else:
+            result = evaluate_checkpoint(
+                args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
+                num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
+                num_heads=args.num_heads, progress=not args.no_progress, say=print,
+                warn=functools.partial(print_warnings, "evaluate"), **view_options(args),
+            )  # fmt: skip
+            line = (
                 f"{result['kind'].replace('_', ' ')} {result['checkpoint']}: top-1 {result['top1']:.2f}  "
                 f"top-5 {result['top5']:.2f} on {result['count']} images of {result['data']} "
                 f"({result['img_size']} px, {result['seconds']:.1f} s)"
                 + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
             )
-            _write_json(args.out, result)
+        if dist.is_main():
+            print(line)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def _write_json(path: str | None, result: dict[str, Any]) -> None:
-    """``--out FILE``: the result as JSON (nothing without it)."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,9 +1,9 @@
-"""How the config jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``knn``) get their config from the command line.
+"""How the jobs get their options from the command line: the config jobs' config, the checkpoint readers' view flags.
 
-``--config FILE`` and ``KEY=VALUE`` overrides (anywhere on the line, see :func:`milan.cli.main`), or with ``--resume``
-the config stored in the run's checkpoint (:func:`resume_config`): ``--config`` is then optional, and the overrides
-apply on top and are printed as changes. Errors are raised (:class:`~milan.errors.UserError`); the command line prints
-them as one line.
+The config jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``segment``, ``knn``) take ``--config FILE`` and
+``KEY=VALUE`` overrides (anywhere on the line, see :func:`milan.cli.main`), or with ``--resume`` the config stored in
+the run's checkpoint (:func:`resume_config`): ``--config`` is then optional, and the overrides apply on top and are
+printed as changes. Errors are raised (:class:`~milan.errors.UserError`); the command line prints them as one line.
 """
 
 from __future__ import annotations
@@ -72,6 +72,31 @@ def add_run_arguments(
     if resume:
         parser.add_argument("--resume", metavar="auto|RUN_DIR|FILE", help=RESUME_HELP)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def add_view_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--crop-pct``, ``--interpolation``, ``--mean``, ``--std``: the view of a file that does not record it."""
+    g = parser.add_argument_group("evaluation view, for files that do not record it (default: the references')")
+    g.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
+
+
+def view_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`milan.checkpoint.resolve_spec` that :func:`add_view_arguments` parsed."""
+    return {
+        "crop_pct": args.crop_pct,
+        "interpolation": args.interpolation,
+        "mean": tuple(args.mean) if args.mean else None,
+        "std": tuple(args.std) if args.std else None,
+    }
+
+
+def print_warnings(command: str, *notes: str) -> None:
+    """What a job assumed, one line each: ``milan COMMAND: warning: NOTE`` on stderr."""
+    for note in notes:
+        print(f"milan {command}: warning: {note}", file=sys.stderr)
 
 
 def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None]) -> C:
