@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from milan.data import DataError, ImageDecodeError, scan_sources
+from milan.data.decode import decode_rgb
 from milan.data.sources import natural_key
 from milan.errors import UserError
 from milan.train.logging import read_metrics
@@ -108,6 +113,30 @@ def _log_file(metrics: str | os.PathLike[str]) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics log at {path}")
     return path
+
+
+def read_images(sources: Sequence[str], limit: int) -> tuple[list[Path], list[Image.Image], list[str]]:
+    """The first ``limit`` images (RGB) of files, folders (searched recursively), file lists or ``builtin:samples``.
+
+    Returns:
+        Their files, the images and their row labels: file names, with the folder when names repeat (e.g. class
+        folders).
+
+    Raises:
+        FileNotFoundError: A source is missing or holds no images.
+        DataError: An image cannot be decoded (the message names the file).
+    """
+    paths = scan_sources(sources).paths[:limit]
+    images = []
+    for path in paths:
+        try:
+            images.append(decode_rgb(path.read_bytes()))
+        except ImageDecodeError as e:
+            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+    return paths, images, names
 
 
 def save_figure(fig: Any, out: str | os.PathLike[str], dpi: int) -> Path:

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from milan.checkpoint.segmenter import load_segmenter
-from milan.data import DataError, ImageDecodeError, open_image, scan_sources
-from milan.data.decode import load_rgb
+from milan.data import DataError, ImageDecodeError
 from milan.data.segmentation import EvalTransform, LabelSpec, find_label, read_label
-from milan.jobs.plot import pyplot, save_figure
+from milan.jobs.plot import pyplot, read_images, save_figure
 from milan.models.segmentation import SegmentationModel, slide_inference
 
 CELL_INCHES = 2.6
@@ -164,13 +163,9 @@ def visualize_segmentation(
     model.to(dev)
     lab, ev = spec["labels"], spec["eval"]
     labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
-    paths = scan_sources(sources).paths[:max_images]
-    images, truths, preds = [], [], []
-    for path in paths:
-        try:
-            image = load_rgb(open_image(path.read_bytes()))
-        except ImageDecodeError as e:
-            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
+    paths, images, names = read_images(sources, max_images)
+    truths, preds = [], []
+    for path, image in zip(paths, images, strict=True):
         label_path = find_label(path)
         truth = None
         if label_path is not None:
@@ -179,11 +174,16 @@ def visualize_segmentation(
             except ImageDecodeError as e:
                 raise DataError(f"{label_path}: cannot read the label map ({e.reason}: {e.detail})") from None
             truth = labels.convert(raw) if raw.shape == (image.height, image.width) else None
-        images.append(np.asarray(image))
         truths.append(truth)
         preds.append(predict_labels(model, ev, image, dev))
     how = f"sliding {ev['crop']} stride {ev['stride']}" if ev["mode"] == "slide" else "whole image"
     title = f"{Path(checkpoint).name}: resize {list(ev['scale'])}, {how}; {labels.num_classes} classes"
     return render_segmentation(
-        images, truths, preds, out, class_names=lab["class_names"], names=[p.name for p in paths], title=title
+        [np.asarray(image) for image in images],
+        truths,
+        preds,
+        out,
+        class_names=lab["class_names"],
+        names=names,
+        title=title,
     )

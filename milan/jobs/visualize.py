@@ -22,8 +22,8 @@ gets image / ground truth / prediction rows instead (:func:`milan.jobs.segment_v
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import sys
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from milan.checkpoint.segmenter import segmentation_spec
-from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
+from milan.data import eval_transform
 from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from milan.jobs.plot import pyplot, save_figure
+from milan.jobs.launch import print_warnings
+from milan.jobs.plot import pyplot, read_images, save_figure
 from milan.jobs.segment_viz import visualize_segmentation
 from milan.losses import normalize_patches
 from milan.models.milan import MILAN, Masking, patchify
@@ -292,24 +293,12 @@ def load_images(
     """The first ``limit`` images of files, folders (searched recursively), file lists or ``builtin:samples``.
 
     Returns:
-        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their file names.
-
-    Raises:
-        FileNotFoundError: A source is missing or holds no images.
-        DataError: An image cannot be decoded (the message names the file).
+        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their row labels
+        (:func:`milan.jobs.plot.read_images`).
     """
-    paths = scan_sources(sources).paths[:limit]
+    _, images, names = read_images(sources, limit)
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
-    tensors = []
-    for path in paths:
-        try:
-            tensors.append(pipeline(open_image(path.read_bytes())))
-        except ImageDecodeError as e:
-            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
-    names = [p.name for p in paths]
-    if len(set(names)) < len(names):  # e.g. class folders of equally named files: show the folder too
-        names = [f"{p.parent.name}/{p.name}" for p in paths]
-    return torch.stack(tensors), names
+    return torch.stack([pipeline(image) for image in images]), names
 
 
 def visualize(
@@ -357,7 +346,7 @@ def visualize(
     resolved = resolve_spec(ck, crop_pct=crop_pct)
     resolved.adopt(ck)  # reported here, once
     for note in resolved.assumed.values():
-        (warn or _python_warning)(note)
+        (warn or functools.partial(warnings.warn, stacklevel=2))(note)  # pointing at the caller
     spec = resolved.spec
     if ck.kind != "milan" or spec.decoder is None:
         raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a pretraining model (no decoder)")
@@ -399,14 +388,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
 
-def _python_warning(text: str) -> None:
-    warnings.warn(text, stacklevel=3)  # the caller of visualize
-
-
-def _print_warning(note: str) -> None:
-    print(f"milan visualize: warning: {note}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.max_images < 1:
         raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
@@ -417,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     written = visualize(
         args.checkpoint, args.images, args.out, teacher=args.teacher, seed=args.seed, mask_ratio=args.mask_ratio,
         masking=args.masking, crop_pct=args.crop_pct, max_images=args.max_images, device=device,
-        warn=_print_warning,
+        warn=functools.partial(print_warnings, "visualize"),
     )  # fmt: skip
     print(written)
     return 0
