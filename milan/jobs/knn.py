@@ -237,11 +237,8 @@ def knn_accuracy(
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:

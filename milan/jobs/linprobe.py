@@ -138,27 +138,16 @@ def _loss(
     return StepOutput(loss, len(data), len(data.skipped))
 
 
-@torch.no_grad()
-def sync_batchnorm_stats(module: nn.Module) -> None:
-    """Averages BatchNorm running statistics over processes (no-op in a single process).
-
-    Each process's BatchNorm sees only its own batches; averaging before evaluation and saving makes every process
-    (and the checkpoint) use the same statistics.
-    """
-    if dist.world_size() == 1:
-        return
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
-            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
-            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
-
-
 def _evaluate(
     s: Session, model: LinearProbeGrid, val: Iterable[Batch], lrs: list[float], cfg: LinprobeConfig, spec: ModelSpec
 ) -> None:
     """Every head's accuracy on data.val, recorded; the checkpoints' spec names the best head from now on."""
     t0 = time.perf_counter()
-    sync_batchnorm_stats(model)  # every process (and the checkpoint) evaluates the same statistics
+    # Each process's BatchNorm saw only its own batches: every process (and the checkpoint) evaluates their average
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
+            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
+            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
     model.eval()
     heads, report = validate(model, val, cfg.data, s.opt.device, s.opt.dtype, num_heads=len(lrs))
     top1 = [h["top1"] for h in heads]

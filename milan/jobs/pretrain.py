@@ -46,6 +46,7 @@ from milan.train.run import RunContext, seed_everything, start_run
 from milan.train.session import Session
 
 COMMANDS = {"pretrain": "MILAN pretraining from a YAML config plus key=value overrides"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.precision, teacher_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +209,7 @@ def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: tor
     """
     if choice == "auto":
         return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    return DTYPES[choice]
 
 
 def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
@@ -278,9 +279,8 @@ def _log_start(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
-    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(rt.precision)
-    if asked is not None and asked != run.dtype:  # runtime.precision cannot be honoured here
-        got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(run.dtype, str(run.dtype))
+    if rt.precision in DTYPES and DTYPES[rt.precision] != run.dtype:  # runtime.precision cannot be honoured here
+        got = next((k for k, v in DTYPES.items() if v == run.dtype), str(run.dtype))
         log.warning(
             f"runtime.precision={rt.precision} runs in {got} on {run.device.type}: mixed precision is used on CUDA "
             f"only; set runtime.precision=auto (or {got}) to silence this"

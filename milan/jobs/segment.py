@@ -113,7 +113,34 @@ def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
                           epochs=epochs)  # fmt: skip
         with session as s:
             s.extra["spec"] = spec
-            _log_setup(s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels)
+            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            s.log.info(run.header("segment"))
+            s.log.info(f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}")
+            s.log.info(
+                f"model: features after blocks {[b + 1 for b in model.blocks]} of {len(encoder.blocks)}, position "
+                f"table resampled to {encoder.grid_size[0]}x{encoder.grid_size[1]}, UperNet "
+                f"{model.decode_head.conv_seg.in_channels} channels, auxiliary FCN {m.aux_channels} (weight "
+                f"{m.aux_weight}), dropout {m.dropout}, LayerScale {m.layer_scale}; {n_params / 1e6:.2f} M trainable "
+                "params"
+            )
+            s.log.info(
+                f"data: {len(train_set)} train / {len(val_set)} eval pairs; {labels.describe()}; crop "
+                f"{data.crop_size}, resize {list(data.scale)} x {list(data.ratio_range)}, cat_max_ratio "
+                f"{data.cat_max_ratio}, flip {data.hflip}, photometric {data.photometric}; eval resize "
+                f"{list(cfg.eval.scale)}, {cfg.eval.mode}"
+                + (f" {crop} stride {cfg.eval.stride}" if cfg.eval.mode == "slide" else "")
+            )
+            length = f"{d.total_steps} iterations (schedule.iters)" if sch.iters else f"{sch.epochs} epochs"
+            s.log.info(
+                f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay}; "
+                f"{length} over {epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, "
+                f"then poly (power {sch.power}) to {sch.min_lr:g}; evaluation "
+                + (f"every {every} steps and at the end" if every else "at the end")
+            )
+            if cfg.encoder.pretrained is None:
+                s.log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
+            if dist.world_size() > 1 and device.type != "cuda":
+                s.log.info("BatchNorm statistics are all-reduced over the processes (SyncBN's role on GPUs)")
             with s.training():
                 while s.epochs_left():
                     model.train()
@@ -227,49 +254,6 @@ def describe_scores(metrics: Metrics) -> str:
     return f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}" + (
         f"; {skipped} unreadable eval pairs skipped" if skipped else ""
     )
-
-
-def _log_setup(
-    s: Session,
-    cfg: SegmentConfig,
-    header: str,
-    model: SegmentationModel,
-    encoder_desc: str,
-    n_train: int,
-    n_val: int,
-    labels: LabelSpec,
-) -> None:
-    """The start-of-run lines: encoder, model, data, recipe."""
-    m, data, e, sch, d = cfg.model, cfg.data, cfg.eval, cfg.schedule, s.derived
-    crop = e.crop or data.crop_size
-    enc = model.encoder
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    s.log.info(header)
-    s.log.info(f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}")
-    s.log.info(
-        f"model: features after blocks {[b + 1 for b in model.blocks]} of {len(enc.blocks)}, position table resampled "
-        f"to {enc.grid_size[0]}x{enc.grid_size[1]}, UperNet {model.decode_head.conv_seg.in_channels} channels, "
-        f"auxiliary FCN {m.aux_channels} (weight {m.aux_weight}), dropout {m.dropout}, LayerScale {m.layer_scale}; "
-        f"{n_params / 1e6:.2f} M trainable params"
-    )
-    s.log.info(
-        f"data: {n_train} train / {n_val} eval pairs; {labels.describe()}; crop {data.crop_size}, resize "
-        f"{list(data.scale)} x {list(data.ratio_range)}, cat_max_ratio {data.cat_max_ratio}, flip {data.hflip}, "
-        f"photometric {data.photometric}; eval resize {list(e.scale)}, {e.mode}"
-        + (f" {crop} stride {e.stride}" if e.mode == "slide" else "")
-    )
-    length = f"{d.total_steps} iterations (schedule.iters)" if sch.iters else f"{sch.epochs} epochs"
-    every = e.every_steps
-    s.log.info(
-        f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay}; "
-        f"{length} over {s.epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, then poly "
-        f"(power {sch.power}) to {sch.min_lr:g}; evaluation " + (f"every {every} steps and at the end" if every else
-                                                                 "at the end")
-    )  # fmt: skip
-    if cfg.encoder.pretrained is None:
-        s.log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
-    if dist.world_size() > 1 and s.opt.device.type != "cuda":
-        s.log.info("BatchNorm statistics are all-reduced over the processes (SyncBN's role on GPUs)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
