@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from milan.jobs import commands, config_class_name
+from milan.jobs.launch import flatten
 from milan.train import config
 from milan.train.config import (
     ConfigError,
@@ -126,15 +127,6 @@ def _yaml(value: Any) -> str:
     return str(value)
 
 
-def _dotted(raw: Mapping[str, Any], prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for k, v in raw.items():
-        out.add(f"{prefix}{k}")
-        if isinstance(v, Mapping):
-            out |= _dotted(v, f"{prefix}{k}.")
-    return out
-
-
 def format_table(rows: list[KeyInfo]) -> list[str]:
     """Aligned lines: key, type, value (``*`` when set explicitly), description; sections as ``[name]`` lines."""
     keys = [r for r in rows if r.type != "section"]
@@ -180,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
     where = "overrides"
     if args.config:
         path = resolve_preset(args.config, job)
-        explicit |= _dotted(read_yaml(path))
+        explicit |= set(flatten(read_yaml(path)))
         where = f"{path}{' and overrides' if overrides else ''}"
-    explicit |= _dotted(parse_overrides(overrides))
+    explicit |= set(flatten(parse_overrides(overrides)))
     marked = f"; * = set by {where}" if explicit else ""
     print(f"milan {job}: every config key (values: {'resolved' if explicit else 'the defaults'}{marked})")
     print("\n".join(format_table(describe(cfg, explicit))))

@@ -232,15 +232,16 @@ def _stored_config(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[
         raise ConfigError(f"the config stored in {path}: {e}") from e
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of the leaves of nested mappings."""
     if isinstance(tree, Mapping):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
 
 
 def _differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (value in a, value in b)}`` where two configs differ (``out_dir`` left out)."""
-    fa, fb = _flat(to_dict(a)), _flat(to_dict(b))
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
     keys = [k for k in [*fa, *(k for k in fb if k not in fa)] if k != "out_dir"]
     return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}
 
