@@ -139,13 +139,8 @@ def evaluate_segmenter(
 ) -> dict[str, Any]:
     """The mIoU / mAcc / aAcc of a ``milan segment`` checkpoint with the protocol and labels its spec stores.
 
-    Args:
-        checkpoint: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run.
-        data: The ADE20K release folder, or a folder with ``images/`` and ``labels/`` (:func:`eval_folders`).
-        num_workers: DataLoader workers (``None``: min(8, CPU cores)).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        precision: Autocast precision on CUDA.
-        progress: A progress bar (on a terminal).
+    ``checkpoint``: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run; ``data``: the ADE20K
+    release folder, or a folder with ``images/`` and ``labels/`` (:func:`eval_folders`).
 
     Returns:
         ``{"mIoU", "mAcc", "aAcc", "IoU", "Acc", "count", "kind", "checkpoint", "data", "num_classes", "skipped",

@@ -39,7 +39,7 @@ from milan.jobs.classifier import (
     topk_summary,
     validate,
 )
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.classifier import FinetuneClassifier
 from milan.models.compile import compile_method
 from milan.train.config import AugmentConfig, FinetuneConfig, check_finetune, derive, to_dict
@@ -215,7 +215,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, FinetuneConfig, check_finetune)
-    if not args.print_config:
-        finetune(cfg, resume=args.resume)
-    return 0
+    return run_job(args, FinetuneConfig, check_finetune, finetune)

@@ -30,7 +30,7 @@ from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
 from milan.data import Batch, SkipReport, describe_found, eval_batches, eval_loader, eval_transform
 from milan.jobs.classifier import input_size, labelled_splits, load_pretrained_encoder
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.knn import knn_neighbours, knn_vote
 from milan.models.vit import VisionTransformer
 from milan.train.config import KnnConfig, check_knn, save_config, to_dict
@@ -275,7 +275,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, KnnConfig, check_knn)
-    if not args.print_config:
-        knn(cfg)
-    return 0
+    return run_job(args, KnnConfig, check_knn, knn)

@@ -99,14 +99,15 @@ def print_warnings(command: str, *notes: str) -> None:
         print(f"milan {command}: warning: {note}", file=sys.stderr)
 
 
-def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None]) -> C:
-    """The job's checked config: ``--config`` and overrides, or with ``--resume`` the run's own.
+def run_job(args: argparse.Namespace, cls: type[C], check: Callable[[C], None], job: Callable[..., object]) -> int:
+    """Runs ``job(cfg)`` on the checked config: ``--config`` and overrides, or with ``--resume`` the run's own.
 
-    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone, on stdout);
-    ``args.resume`` becomes what the job resumes from (the checkpoint file, or ``"auto"``).
+    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone, on stdout, and runs
+    nothing); a resumed job gets what it resumes from (the checkpoint file, or ``"auto"``) as ``resume``.
     """
-    if getattr(args, "resume", None):
-        cfg, args.resume, notes = resume_config(cls, args.resume, args.config, args.overrides)
+    resume = getattr(args, "resume", None)
+    if resume:
+        cfg, resume, notes = resume_config(cls, resume, args.config, args.overrides)
         if os.environ.get("RANK", "0") == "0":  # before the process group exists: rank 0 of a torchrun launch
             for line in notes:
                 print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)
@@ -115,7 +116,11 @@ def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None
     check(cfg)
     if args.print_config:
         print(to_yaml(cfg), end="")
-    return cfg
+    elif resume is None:  # a new run (knn has no --resume)
+        job(cfg)
+    else:
+        job(cfg, resume=resume)
+    return 0
 
 
 def resume_config(

@@ -42,7 +42,7 @@ from milan.jobs.classifier import (
     topk_summary,
     validate,
 )
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.lr_grid import LinearProbeGrid, grid_cross_entropy, save_lr_grid_plot
 from milan.train.config import LarsConfig, LinprobeConfig, check_linprobe, derive, to_dict
 from milan.train.lars import LARS
@@ -202,7 +202,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, LinprobeConfig, check_linprobe)
-    if not args.print_config:
-        linprobe(cfg, resume=args.resume)
-    return 0
+    return run_job(args, LinprobeConfig, check_linprobe, linprobe)

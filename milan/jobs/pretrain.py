@@ -32,7 +32,7 @@ from milan.data import (
 from milan.data.device import DeviceAugment, EncodedImages, collate_encoded, decode_batch
 from milan.data.sampling import EpochSampler, seeded_loader
 from milan.data.sources import is_shard_source
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.jobs.plot import save_plot
 from milan.models.compile import compile_milan
 from milan.models.factory import model_flops
@@ -337,7 +337,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, PretrainConfig, check_pretrain)
-    if not args.print_config:
-        pretrain(cfg, resume=args.resume)
-    return 0
+    return run_job(args, PretrainConfig, check_pretrain, pretrain)

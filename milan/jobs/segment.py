@@ -44,7 +44,7 @@ from milan.data.segmentation import (
 )
 from milan.errors import ConfigError
 from milan.jobs.classifier import FitResult, finish_run, load_pretrained_encoder
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.segmentation import SegmentationModel, segmentation_loss
 from milan.seg_metrics import segmentation_scores
 from milan.train.config import SegDataConfig, SegmentConfig, check_segment, derive_segment, to_dict
@@ -264,7 +264,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, SegmentConfig, check_segment)
-    if not args.print_config:
-        segment(cfg, resume=args.resume)
-    return 0
+    return run_job(args, SegmentConfig, check_segment, segment)

@@ -82,16 +82,10 @@ def render_segmentation(
     names: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Draws the grid and the legend into a PNG and returns its path.
+    """Draws the grid of (H, W, 3) uint8 RGB images, (H, W) ground truths and predictions, and the legend, into a PNG.
 
-    Args:
-        images: (H, W, 3) uint8 RGB images.
-        truths: (H, W) ground-truth classes (ignored pixels: any value outside ``[0, K)``), or ``None``.
-        preds: (H, W) predicted classes.
-        out: The PNG.
-        class_names: The K class names.
-        names: Row labels.
-        title: Figure title.
+    A ground truth is ``None`` (none found) or its classes in ``[0, K)`` (K ``class_names``; other values are ignored
+    pixels); ``names`` label the rows.
     """
     plt = pyplot()
     from matplotlib.patches import Patch
@@ -145,14 +139,9 @@ def visualize_segmentation(
     max_images: int = 8,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Loads a segmentation checkpoint, predicts some images and draws the grid (with their label maps, if found).
+    """Predicts the first ``max_images`` images of ``sources`` and draws them (with their label maps, if found).
 
-    Args:
-        checkpoint: ``RUN/segmenter.pt`` (or a training checkpoint of a ``milan segment`` run).
-        sources: Image files, folders (searched recursively) or file lists.
-        out: The PNG to write.
-        max_images: At most this many rows.
-        device: Where to run the model.
+    ``checkpoint``: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run.
 
     Raises:
         FileNotFoundError: No images.

@@ -320,20 +320,10 @@ def visualize(
     The architecture, the teacher (its image size and input normalisation included) and the view come from the
     checkpoint's model spec (:mod:`milan.checkpoint.spec`); values a foreign file lacks are assumed and reported.
 
-    Args:
-        checkpoint: A pretraining checkpoint (ours, mmpretrain or original MILAN; see
-            :func:`milan.checkpoint.load_milan`).
-        images: Image files, folders or ``builtin:samples``.
-        out: The PNG to write.
-        teacher: Teacher weights, when the checkpoint neither holds them nor names an existing file (e.g. the file
-            moved); built as the checkpoint's spec describes the teacher.
-        seed: Seed of the mask draw.
-        mask_ratio: Overrides the checkpoint's.
-        masking: Overrides the checkpoint's.
-        crop_pct: Center-crop fraction of the evaluation view (default: the checkpoint's, else 0.875).
-        max_images: At most this many rows.
-        device: Where to run the model.
-        warn: Receives each assumption (default: :func:`warnings.warn`).
+    ``checkpoint``: ours, mmpretrain's or original MILAN's (:func:`milan.checkpoint.load_milan`). ``teacher``: its
+    weights, when the checkpoint neither holds them nor names an existing file (e.g. the file moved), built as the
+    spec describes it. ``seed`` draws the mask; ``mask_ratio``, ``masking`` and ``crop_pct`` override the
+    checkpoint's; ``warn`` receives each assumption (default: :func:`warnings.warn`).
 
     Raises:
         CheckpointError: Unreadable checkpoint, or no teacher to be had (the message names ``--teacher``).
