@@ -104,7 +104,12 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
             )
             s.log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
             s.log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
-            s.log.info(_recipe_line(cfg, len(encoder.blocks)))
+            s.log.info(
+                f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} "
+                f"over {len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing "
+                f"{a.re_prob}, mixup {a.mixup} / cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
+                + (f"{cfg.ema.decay}" if cfg.ema.enabled else "off")
+            )
             if cfg.encoder.pretrained is None:
                 s.log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
             with s.training():
@@ -198,16 +203,6 @@ def _evaluate(s: Session, model: FinetuneClassifier, ema: Any, val: Iterable[Bat
         (averaged,), _ = validate(ema.module, val, cfg.data, s.opt.device, s.opt.dtype)
         metrics.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
     s.record_eval(metrics, time.perf_counter() - t0, describe_topk(metrics))
-
-
-def _recipe_line(cfg: FinetuneConfig, depth: int) -> str:
-    a = cfg.aug
-    return (
-        f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
-        f"{depth + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, mixup {a.mixup} / "
-        f"cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
-        + (f"{cfg.ema.decay}" if cfg.ema.enabled else "off")
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import operator
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +21,7 @@ from typing import Any, TypeVar
 
 from milan.errors import CheckpointError, ConfigError
 from milan.train.checkpointing import Checkpointer, load_training_checkpoint
-from milan.train.config import field_types, from_dict, load_config, to_dict, to_yaml
+from milan.train.config import from_dict, load_config, to_dict, to_yaml
 from milan.train.run import usable_checkpoint
 
 C = TypeVar("C")
@@ -205,26 +207,12 @@ def resume_config(
 
 def _without_retired_keys(cls: type, stored: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A stored config without the :data:`RETIRED_KEYS` that ``cls`` does not have, and the keys dropped."""
-    out, dropped = copy.deepcopy(dict(stored)), []
-    for key in RETIRED_KEYS:
+    out, known = copy.deepcopy(dict(stored)), flatten(to_dict(cls()))
+    dropped = [key for key in RETIRED_KEYS if key in flatten(out) and key not in known]
+    for key in dropped:
         *sections, name = key.split(".")
-        node: Any = out
-        for part in sections:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node and not _has_key(cls, key):
-            del node[name]
-            dropped.append(key)
+        del functools.reduce(operator.getitem, sections, out)[name]
     return out, dropped
-
-
-def _has_key(cls: type, key: str) -> bool:
-    node: Any = cls
-    for part in key.split("."):
-        types = field_types(node) if isinstance(node, type) and dataclasses.is_dataclass(node) else {}
-        if part not in types:
-            return False
-        node = types[part]
-    return True
 
 
 def _stored_config(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[str], path: Path) -> C:

@@ -44,7 +44,7 @@ from milan.jobs.classifier import (
 )
 from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.lr_grid import LinearProbeGrid, grid_cross_entropy, save_lr_grid_plot
-from milan.train.config import LarsConfig, LinprobeConfig, check_linprobe, derive, to_dict
+from milan.train.config import LinprobeConfig, check_linprobe, derive, to_dict
 from milan.train.lars import LARS
 from milan.train.loop import StepOutput, protect_workers, zero_loss
 from milan.train.optim import param_groups
@@ -83,13 +83,26 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         lrs = [d.lr * scale for scale in model.lr_scales]
         head = HeadSpec("linear_probe", num_classes, list(train_set.classes), "token")
         spec = classifier_spec(encoder, head, data)
-        with Session(cfg, d, run, model=model, optimizer=_lars(model, cfg.optim, d.lr), sync_module=train_module) as s:
+        o = (
+            cfg.optim
+        )  # LARS over the heads: one group pair per head (decayed / not, by the one rule), with its lr scale
+        groups = [{**g, "lr_scale": scale} for fc, scale in zip(model.fcs, model.lr_scales, strict=True)
+                  for g in param_groups(fc, o.weight_decay)]  # fmt: skip
+        optimizer = LARS(
+            groups, lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient,
+            variant=o.lars_variant,
+        )  # fmt: skip
+        with Session(cfg, d, run, model=model, optimizer=optimizer, sync_module=train_module) as s:
             s.extra["spec"] = _head_spec(spec, lrs, s.eval_history, grid=True)  # the best head of the last evaluation
             s.log.info(run.header("linprobe"))
             s.log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
             s.log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
             s.log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
-            s.log.info(_optimizer_line(cfg.optim, lrs))
+            s.log.info(
+                f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
+                f"lr grid {[f'{lr:.4g}' for lr in lrs]} ({len(lrs)} head(s), one pass"
+                + ("; the logged loss is the sum of the heads' losses)" if len(lrs) > 1 else ")")
+            )
             if cfg.encoder.pretrained is None:
                 s.log.warning("the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
             with s.training():
@@ -168,24 +181,6 @@ def _head_spec(spec: ModelSpec, lrs: list[float], history: list[Metrics], grid: 
     lr = lrs[best] if best is not None else None
     head = dataclasses.replace(spec.head, lr=lr, grid_index=best if grid else None)
     return dataclasses.replace(spec, head=head).to_dict()
-
-
-def _lars(model: LinearProbeGrid, o: LarsConfig, lr: float) -> LARS:
-    """LARS over the heads: one group pair per head (decayed / not, by the one weight-decay rule), with its lr scale."""
-    groups = [{**g, "lr_scale": scale} for fc, scale in zip(model.fcs, model.lr_scales, strict=True)
-              for g in param_groups(fc, o.weight_decay)]  # fmt: skip
-    return LARS(
-        groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient,
-        variant=o.lars_variant,
-    )  # fmt: skip
-
-
-def _optimizer_line(o: LarsConfig, lrs: list[float]) -> str:
-    return (
-        f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
-        f"lr grid {[f'{lr:.4g}' for lr in lrs]} ({len(lrs)} head(s), one pass"
-        + ("; the logged loss is the sum of the heads' losses)" if len(lrs) > 1 else ")")
-    )
 
 
 def describe_grid(metrics: Metrics) -> str:

@@ -78,7 +78,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             return Summary(run.run_dir, f.checkpoint, f.state, None, time.perf_counter() - run.t_start, 0.0)
         device = run.device
         model = _build_model(cfg, device)
-        loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
+        loader, sampler, batches_per_epoch, images = _build_loader(cfg, model, device)
         d = derive(cfg, dist.world_size(), batches_per_epoch)
         # The model spec (milan.checkpoint.spec) every checkpoint carries; taken before any DDP/FSDP wrapping.
         spec = milan_spec(model, interpolation=cfg.data.interpolation, teacher_weights=cfg.model.teacher.checkpoint)
@@ -94,7 +94,11 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             if cfg.runtime.compile:  # after DDP/FSDP and the teacher's cast; compilation happens at the first step
                 compile_milan(model, mode=cfg.runtime.compile_mode, teacher=cfg.runtime.compile_teacher)
             _log_start(s, run, cfg, model, optimizer, flops)
-            s.log.info(_describe_data(cfg, loader, d.steps_per_epoch))
+            steps = f"{d.steps_per_epoch} steps per epoch"
+            s.log.info(
+                describe_found(images, str(cfg.data.path), unit=steps) if images is not None
+                else f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
+            )  # fmt: skip
             channels_last = cfg.runtime.channels_last
             with s.training():
                 while s.epochs_left():
@@ -221,8 +225,8 @@ def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
 
 def _build_loader(
     cfg: PretrainConfig, model: MILAN, device: torch.device
-) -> tuple[Iterable[Any], EpochSampler | None, int]:
-    """The epoch loader, its sampler (map-style data) and the micro-batches per epoch on each process."""
+) -> tuple[Iterable[Any], EpochSampler | None, int, ImageDataset | None]:
+    """The epoch loader, its sampler (map-style data), the micro-batches per epoch on each process, the image folder."""
     d = cfg.data
     view = pretrain_transform(
         cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation, hflip=d.hflip,
@@ -232,18 +236,20 @@ def _build_loader(
         d.path, view, key="data.path", max_pixels=d.max_image_pixels, shuffle_buffer=1000, seed=cfg.seed,
         num_samples=d.num_samples, allow_shell_pipes=d.allow_shell_pipes,
     )  # fmt: skip
+    images = dataset if isinstance(dataset, ImageDataset) else None
     if d.decode == "device":
         dataset = EncodedImages(dataset)
     if isinstance(dataset, IterableDataset):
         if d.num_samples is None:
             raise ConfigError("data.num_samples is required for tar shards (the epoch length)")
         stream = build_loader(dataset, cfg.batch_size, drop_last=True, seed=cfg.seed, num_workers=d.num_workers)
-        return stream, None, d.num_samples // (cfg.batch_size * dist.world_size())
-    return seeded_loader(
+        return stream, None, d.num_samples // (cfg.batch_size * dist.world_size()), None
+    loader, sampler, batches = seeded_loader(
         dataset, batch_size=cfg.batch_size, seed=cfg.seed, noise_len=model.encoder.num_patches,
         num_workers=d.num_workers, device=device, key=f"data.path={d.path!r}",
         collate=collate_encoded if isinstance(dataset, EncodedImages) else collate_images,
     )  # fmt: skip
+    return loader, sampler, batches, images
 
 
 def _expected_samples(cfg: PretrainConfig, d: Derived) -> int | None:
@@ -255,17 +261,6 @@ def _expected_samples(cfg: PretrainConfig, d: Derived) -> int | None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the run says
-
-
-def _describe_data(cfg: PretrainConfig, loader: Iterable[Any], steps_per_epoch: int) -> str:
-    """The start-of-run data line: ``found N images in PATH; E steps per epoch`` (streams: the announced count)."""
-    steps = f"{steps_per_epoch} steps per epoch"
-    dataset = getattr(loader, "dataset", None)
-    dataset = getattr(dataset, "dataset", dataset)  # SeededSamples wraps the dataset
-    dataset = getattr(dataset, "images", dataset)  # EncodedImages wraps it too
-    if isinstance(dataset, ImageDataset):
-        return describe_found(dataset, str(cfg.data.path), unit=steps)
-    return f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
 
 
 def _log_start(
