@@ -18,8 +18,8 @@ class order (the standard ImageNet ``val/<wnid>/`` layout), with a warning for e
 each process evaluates a shard and the counts are summed.
 
 A ``milan segment`` checkpoint (``RUN/segmenter.pt`` or one of its training checkpoints) is evaluated with the
-protocol its spec stores (resize, sliding window or whole image) on image / label-map pairs
-(:func:`evaluate_segmenter`): mIoU, mAcc, aAcc and the IoU of every class.
+protocol its spec stores (resize, sliding window or whole image) on image / label-map pairs (the ADE20K release
+folder, or ``images/`` and ``labels/`` folders): mIoU, mAcc, aAcc and the IoU of every class.
 """
 
 from __future__ import annotations
@@ -128,53 +128,6 @@ def evaluate_checkpoint(
     }  # fmt: skip
 
 
-def evaluate_segmenter(
-    checkpoint: str,
-    data: str,
-    *,
-    num_workers: int | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The mIoU / mAcc / aAcc of a ``milan segment`` checkpoint with the protocol and labels its spec stores.
-
-    ``checkpoint``: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run; ``data``: the ADE20K
-    release folder, or a folder with ``images/`` and ``labels/`` (:func:`eval_folders`).
-
-    Returns:
-        ``{"mIoU", "mAcc", "aAcc", "IoU", "Acc", "count", "kind", "checkpoint", "data", "num_classes", "skipped",
-        "seconds"}``.
-
-    Raises:
-        milan.data.segmentation.LabelError: A label value that is neither a class nor the ignore index.
-        DataError: No usable pair, or more than half of them skipped.
-    """
-    t0 = time.perf_counter()
-    with process_group(device) as dev:
-        model, spec = load_segmenter(checkpoint)
-        model.to(dev)
-        lab, ev = spec["labels"], spec["eval"]
-        labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
-        dataset = SegmentationDataset(find_pairs(*eval_folders(data)), EvalTransform(tuple(ev["scale"])), labels)
-        loader = eval_loader(dataset, 1, num_workers, dev, collate=collate_segmentation)
-        dtype = resolve_dtype(precision, dev)
-        report = SkipReport()
-        areas, n = segmentation_areas(
-            model, loader, dev, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
-            ignore_index=labels.ignore_index, ctx=lambda: autocast_context(dev, dtype), report=report,
-            progress=progress and dist.is_main(),
-        )  # fmt: skip
-        report.all_reduce(dev if dev.type == "cuda" else None)
-        report.check(f"--data {data}")
-    scores = segmentation_scores(areas, lab["class_names"])
-    return {
-        **{k: scores[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}, "count": n, "kind": "segmentation",
-        "checkpoint": str(checkpoint), "data": str(data), "num_classes": labels.num_classes,
-        "skipped": report.skipped, "seconds": time.perf_counter() - t0,
-    }  # fmt: skip
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="classifier (ours or mmpretrain) or segmentation checkpoint"
@@ -196,12 +149,31 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with process_group(args.device):  # here too, so that only the main process prints
-        if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
-            result = evaluate_segmenter(
-                args.checkpoint, args.data, num_workers=args.num_workers, device=args.device, precision=args.precision,
-                progress=not args.no_progress,
+    t0 = time.perf_counter()
+    with process_group(args.device) as dev:  # here too, so that only the main process prints
+        if segmentation_spec(args.checkpoint) is not None:  # milan segment's: with the protocol and labels it stores
+            model, spec = load_segmenter(args.checkpoint)
+            lab, ev = spec["labels"], spec["eval"]
+            labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
+            pairs = find_pairs(*eval_folders(args.data))  # the ADE20K release folder, or images/ + labels/ folders
+            loader = eval_loader(
+                SegmentationDataset(pairs, EvalTransform(tuple(ev["scale"])), labels), 1, args.num_workers, dev,
+                collate=collate_segmentation,
             )  # fmt: skip
+            dtype, report = resolve_dtype(args.precision, dev), SkipReport()
+            areas, n = segmentation_areas(  # a label value no class has: LabelError
+                model.to(dev), loader, dev, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
+                ignore_index=labels.ignore_index, ctx=lambda: autocast_context(dev, dtype), report=report,
+                progress=not args.no_progress and dist.is_main(),
+            )  # fmt: skip
+            report.all_reduce(dev if dev.type == "cuda" else None)
+            report.check(f"--data {args.data}")  # no usable pair, or more than half skipped: DataError
+            scores = segmentation_scores(areas, lab["class_names"])
+            result = {
+                **{k: scores[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}, "count": n, "kind": "segmentation",
+                "checkpoint": args.checkpoint, "data": args.data, "num_classes": labels.num_classes,
+                "skipped": report.skipped, "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
             line = (
                 f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
                 f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"

@@ -205,12 +205,7 @@ def _patch_map(values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int
 
 def figure_size(rows: int) -> tuple[int, int]:
     """Pixel size (width, height) of a grid with ``rows`` images."""
-    width_in, height_in = _figure_inches(rows)
-    return round(width_in * DPI), round(height_in * DPI)
-
-
-def _figure_inches(rows: int) -> tuple[float, float]:
-    return len(COLUMNS) * CELL_INCHES + 0.6, rows * CELL_INCHES + 0.8
+    return round((len(COLUMNS) * CELL_INCHES + 0.6) * DPI), round((rows * CELL_INCHES + 0.8) * DPI)
 
 
 def render(
@@ -233,7 +228,9 @@ def render(
     p = views.patch_size
     gh, gw = views.grid
     columns = PIXEL_COLUMNS if views.pixel_targets else COLUMNS
-    fig, axes = plt.subplots(b, len(columns), figsize=_figure_inches(b), dpi=DPI, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        b, len(columns), figsize=[n / DPI for n in figure_size(b)], dpi=DPI, squeeze=False, layout="constrained"
+    )
     if views.pixel_targets:
         if normalized_images is None:
             raise ValueError("render: pass normalized_images to draw a pixel-target model's reconstruction")
