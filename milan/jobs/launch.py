@@ -130,15 +130,9 @@ def resume_config(
 ) -> tuple[C, str, list[str]]:
     """The config of a run to resume: the one stored in its checkpoint, with ``overrides`` on top.
 
-    Args:
-        cls: The job's config class.
-        resume: ``"auto"`` (the newest valid checkpoint in ``out_dir``: from an ``out_dir=`` override, else from
-            ``config``, else the default), a run folder (the same there) or a checkpoint file (continued in the run
-            folder that holds it, i.e. the parent of its ``checkpoints/`` folder, unless ``out_dir=`` is given).
-        config: A config file: with a checkpoint it only supplies ``out_dir`` for ``"auto"`` (values that differ
-            from the stored config are named in a note and not used); without one (a folder with no checkpoint yet)
-            it is the new run's config.
-        overrides: ``KEY=VALUE`` strings applied on top (each change is a note ``key: old -> new``).
+    ``resume``, ``config`` and ``overrides`` are ``--resume``, ``--config`` and the ``KEY=VALUE`` words, read as
+    :data:`RESUME_HELP` says; with a checkpoint, ``config`` only supplies ``out_dir`` for ``"auto"`` (values that
+    differ from the stored config are named in a note and not used).
 
     Returns:
         ``(config, resume, notes)``: the run's config (its checkpoint's, with the overrides on top; ``out_dir`` is the

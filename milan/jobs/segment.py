@@ -205,17 +205,13 @@ def _loss(
     cfg: SegmentConfig,
     report: SkipReport,
 ) -> StepOutput:
-    """The decode + auxiliary cross-entropy of one batch of crops (its mask noise is not used).
-
-    Dropout and drop path draw from a generator seeded by (seed, epoch, micro-batch, rank): a resumed run trains
-    exactly as an uninterrupted one (the loaders' draws from the global generator do not shift them).
-    """
+    """The decode + auxiliary cross-entropy of one batch of crops (its mask noise is not used)."""
     data = check_labels(batch[0])  # a label value no class has stops the run, before an all-bad batch is skipped
     report.update(data)
     device = s.opt.device
     if data.empty:
         return StepOutput(zero_loss(model, device), 0, len(data.skipped))
-    torch.manual_seed(mix_seeds(cfg.seed, s.state.epoch, s.state.batch_in_epoch, dist.rank()))
+    torch.manual_seed(mix_seeds(cfg.seed, s.state.epoch, s.state.batch_in_epoch, dist.rank()))  # dropout, drop path
     images = data.images.to(device, non_blocking=True)  # (B, 3, c, c)
     labels = data.labels.to(device, non_blocking=True)  # (B, c, c)
     logits, aux = train_module(images)
