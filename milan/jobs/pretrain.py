@@ -314,7 +314,7 @@ def _finish(cfg: PretrainConfig, s: Session, t_start: float) -> Summary:
         images / max(wall, 1e-9),
     )  # fmt: skip
     if dist.is_main():
-        plot = save_plot(s.run_dir / "metrics.jsonl", s.run_dir / "plot.png") if cfg.log.plot else None
+        plot = save_plot(s.run_dir / "metrics.jsonl", s.run_dir / "plot.png")[0] if cfg.log.plot else None
         loss_text = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
         since = f"; {state.images_seen} since the run began" if s.start_images else ""
         s.finish(
