@@ -29,8 +29,8 @@ COMMANDS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    if command in ("export", "inspect"):
-        parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint file or folder")
+    metavar = "SRC" if command == "convert" else "CKPT"
+    parser.add_argument("checkpoint", metavar=metavar, help="any supported checkpoint file or folder")
     parser.add_argument("--from", dest="fmt", choices=("auto", *FORMATS), default="auto", help="source format")
     if command == "export":
         parser.add_argument("--to", choices=("timm", "hf"), default="timm", help="target library (default timm)")
@@ -43,7 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--no-head", action="store_true", help="timm: a classifier's pooled features, no head")
     elif command == "convert":
         parser.add_argument("--to", choices=("milan", "timm"), required=True, help="target layout")
-        parser.add_argument("src", metavar="SRC", help="source checkpoint file or folder")
         parser.add_argument("dst", metavar="DST", help="output file (.safetensors, or .pth for a torch file)")
     elif command == "inspect":
         parser.add_argument("--groups", type=int, default=40, help="key groups to list (default 40)")
@@ -65,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
     names = ("num_heads", "decoder_num_heads", "teacher_num_heads", "act", "norm_eps", "img_size", "model_name")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     view = view_options(args)
+    ck = read_checkpoint(args.checkpoint, args.fmt, **options)
     if args.command == "inspect":
-        ck = read_checkpoint(args.checkpoint, args.fmt, **options)
         print(describe(ck, max_groups=args.groups, resolved=resolve_spec(ck, **view) if ck.kind != "teacher" else None))
     elif args.command == "export":
-        ck = read_checkpoint(args.checkpoint, args.fmt, **options)
         _output_folder(Path(args.out) if args.to == "hf" else Path(args.out).parent)
         if args.to == "hf":
             result = export_hf(ck, args.out)
@@ -79,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             _report(export_timm(ck, args.out, pth=args.pth, head=not args.no_head, **view), args.command)
     else:  # convert
-        ck = read_checkpoint(args.src, args.fmt, **options)
         _output_folder(Path(args.dst).parent)
         if ck.kind != "teacher":  # heads assumed now are written down as facts
             print_warnings(args.command, *(v for k, v in resolve_spec(ck).assumed.items() if k != "preprocessing"))

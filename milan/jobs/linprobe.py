@@ -185,11 +185,10 @@ def _head_spec(spec: ModelSpec, lrs: list[float], history: list[Metrics], grid: 
 
 def describe_grid(metrics: Metrics) -> str:
     """``"top-1 78.90  top-5 94.10 at lr 3.2 (winner of 5 heads)"``: the best head's numbers and its lr."""
-    heads = metrics.get("heads") or []
-    text = describe_topk(metrics)
-    if "best_lr" not in metrics:
-        return text
-    return f"{text} at lr {metrics['best_lr']:.4g}" + (f" (winner of {len(heads)} heads)" if len(heads) > 1 else "")
+    heads = metrics["heads"]
+    return f"{describe_topk(metrics)} at lr {metrics['best_lr']:.4g}" + (
+        f" (winner of {len(heads)} heads)" if len(heads) > 1 else ""
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
