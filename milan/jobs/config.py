@@ -93,10 +93,7 @@ def _class_comments(klass: type) -> dict[str, str]:
 def describe(cfg: Any, explicit: set[str] | None = None, prefix: str = "") -> list[KeyInfo]:
     """The lines of ``milan config`` for a config instance: sections, then their keys, in field order.
 
-    Args:
-        cfg: A config dataclass instance (defaults, or a preset merged over them).
-        explicit: Dotted keys set by the preset or an override.
-        prefix: Dotted prefix of ``cfg``'s keys.
+    ``explicit``: the dotted keys set by the preset or an override; ``prefix``: the dotted prefix of ``cfg``'s keys.
     """
     explicit = explicit or set()
     docs, hints = field_docs(type(cfg)), field_types(type(cfg))

@@ -124,15 +124,10 @@ def milan_loss(
 ) -> StepOutput:
     """The MILAN loss of one micro-batch: teacher targets, the mask draw, the student, the loss.
 
-    Args:
-        batch: ``(Batch, noise (B, L))`` from the seeded loader; with ``augment`` (``data.decode=device``)
-            ``(EncodedBatch, noise)``, decoded and augmented on the device first (failed files join the batch's
-            skipped ones); or a plain :class:`~milan.data.Batch` from tar shards (mask noise from the global RNG).
-        model: MILAN (teacher, masking, loss).
-        student: ``model.student`` or its DDP/FSDP wrapper (compilation lives inside ``model.student``).
-        report: Receives the batch's unreadable files.
-        augment: The device view (``data.decode=device``).
-        channels_last: Channels-last images.
+    ``batch``: ``(Batch, noise (B, L))`` from the seeded loader; with ``augment`` (``data.decode=device``)
+    ``(EncodedBatch, noise)``, decoded and augmented on the device first (failed files join the batch's skipped ones,
+    which go to ``report``); or a plain :class:`~milan.data.Batch` from tar shards (mask noise from the global RNG).
+    ``student``: ``model.student`` or its DDP/FSDP wrapper (compilation lives inside ``model.student``).
     """
     device = model.encoder.cls_token.device
     data, noise = batch if isinstance(batch, tuple) else (batch, None)
