@@ -161,14 +161,9 @@ def finish_run(
 ) -> FitResult:
     """Ends a run whose last step was evaluated: the ``"summary"`` record, ``results.json``, the closing line.
 
-    Args:
-        s: The job's session.
-        job: The summary's ``job``.
-        metrics: The summary's result fields (e.g. :func:`topk_summary`).
-        fields: More summary fields (the files the job wrote ...).
-        text: The result in the closing line ``done: JOB TEXT; after epoch ...``.
-        t_start: When the job started (``time.perf_counter()``).
-        plot: A plot to name in the closing line.
+    The summary holds ``job``, the result ``metrics`` (e.g. :func:`topk_summary`), the run's position and wall time
+    (since ``t_start``, a ``time.perf_counter()``), then ``fields`` (the files the job wrote ...); the closing line
+    reads ``done: JOB TEXT; after epoch ...`` and names ``plot``.
     """
     dist.barrier()  # the files the job wrote exist for every process once this returns
     state = s.state

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from milan.jobs import commands, config_class_name
+from milan.jobs.launch import flatten
 from milan.train import config
 from milan.train.config import (
     ConfigError,
@@ -92,10 +93,7 @@ def _class_comments(klass: type) -> dict[str, str]:
 def describe(cfg: Any, explicit: set[str] | None = None, prefix: str = "") -> list[KeyInfo]:
     """The lines of ``milan config`` for a config instance: sections, then their keys, in field order.
 
-    Args:
-        cfg: A config dataclass instance (defaults, or a preset merged over them).
-        explicit: Dotted keys set by the preset or an override.
-        prefix: Dotted prefix of ``cfg``'s keys.
+    ``explicit``: the dotted keys set by the preset or an override; ``prefix``: the dotted prefix of ``cfg``'s keys.
     """
     explicit = explicit or set()
     docs, hints = field_docs(type(cfg)), field_types(type(cfg))
@@ -124,15 +122,6 @@ def _yaml(value: Any) -> str:
     if isinstance(value, str):
         return value if value else "''"
     return str(value)
-
-
-def _dotted(raw: Mapping[str, Any], prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for k, v in raw.items():
-        out.add(f"{prefix}{k}")
-        if isinstance(v, Mapping):
-            out |= _dotted(v, f"{prefix}{k}.")
-    return out
 
 
 def format_table(rows: list[KeyInfo]) -> list[str]:
@@ -180,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
     where = "overrides"
     if args.config:
         path = resolve_preset(args.config, job)
-        explicit |= _dotted(read_yaml(path))
+        explicit |= set(flatten(read_yaml(path)))
         where = f"{path}{' and overrides' if overrides else ''}"
-    explicit |= _dotted(parse_overrides(overrides))
+    explicit |= set(flatten(parse_overrides(overrides)))
     marked = f"; * = set by {where}" if explicit else ""
     print(f"milan {job}: every config key (values: {'resolved' if explicit else 'the defaults'}{marked})")
     print("\n".join(format_table(describe(cfg, explicit))))

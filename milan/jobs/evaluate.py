@@ -18,16 +18,16 @@ class order (the standard ImageNet ``val/<wnid>/`` layout), with a warning for e
 each process evaluates a shard and the counts are summed.
 
 A ``milan segment`` checkpoint (``RUN/segmenter.pt`` or one of its training checkpoints) is evaluated with the
-protocol its spec stores (resize, sliding window or whole image) on image / label-map pairs
-(:func:`evaluate_segmenter`): mIoU, mAcc, aAcc and the IoU of every class.
+protocol its spec stores (resize, sliding window or whole image) on image / label-map pairs (the ADE20K release
+folder, or ``images/`` and ``labels/`` folders): mIoU, mAcc, aAcc and the IoU of every class.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +48,7 @@ from milan.data.segmentation import (
     find_pairs,
 )
 from milan.errors import CheckpointError
+from milan.jobs.launch import add_view_arguments, print_warnings, view_options
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.seg_metrics import segmentation_scores
 from milan.train.evaluation import evaluate_heads, segmentation_areas
@@ -89,7 +90,7 @@ def evaluate_checkpoint(
         "notes", "skipped", "seconds"}``.
     """
     t0 = time.perf_counter()
-    warn_ = warn or _python_warning
+    warn_ = warn or functools.partial(warnings.warn, stacklevel=2)  # pointing at the caller
     with process_group(device) as dev:
         ck = read_checkpoint(checkpoint, fmt, num_heads=num_heads)
         if ck.kind not in ("linear_probe", "finetune"):
@@ -127,62 +128,6 @@ def evaluate_checkpoint(
     }  # fmt: skip
 
 
-def evaluate_segmenter(
-    checkpoint: str,
-    data: str,
-    *,
-    num_workers: int | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The mIoU / mAcc / aAcc of a ``milan segment`` checkpoint with the protocol and labels its spec stores.
-
-    Args:
-        checkpoint: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run.
-        data: The ADE20K release folder, or a folder with ``images/`` and ``labels/`` (:func:`eval_folders`).
-        num_workers: DataLoader workers (``None``: min(8, CPU cores)).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        precision: Autocast precision on CUDA.
-        progress: A progress bar (on a terminal).
-
-    Returns:
-        ``{"mIoU", "mAcc", "aAcc", "IoU", "Acc", "count", "kind", "checkpoint", "data", "num_classes", "skipped",
-        "seconds"}``.
-
-    Raises:
-        milan.data.segmentation.LabelError: A label value that is neither a class nor the ignore index.
-        DataError: No usable pair, or more than half of them skipped.
-    """
-    t0 = time.perf_counter()
-    with process_group(device) as dev:
-        model, spec = load_segmenter(checkpoint)
-        model.to(dev)
-        lab, ev = spec["labels"], spec["eval"]
-        labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
-        dataset = SegmentationDataset(find_pairs(*eval_folders(data)), EvalTransform(tuple(ev["scale"])), labels)
-        loader = eval_loader(dataset, 1, num_workers, dev, collate=collate_segmentation)
-        dtype = resolve_dtype(precision, dev)
-        report = SkipReport()
-        areas, n = segmentation_areas(
-            model, loader, dev, dtype, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
-            ignore_index=labels.ignore_index, report=report,
-            progress=progress and dist.is_main(),
-        )  # fmt: skip
-        report.all_reduce(dev if dev.type == "cuda" else None)
-        report.check(f"--data {data}")
-    scores = segmentation_scores(areas, lab["class_names"])
-    return {
-        **{k: scores[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}, "count": n, "kind": "segmentation",
-        "checkpoint": str(checkpoint), "data": str(data), "num_classes": labels.num_classes,
-        "skipped": report.skipped, "seconds": time.perf_counter() - t0,
-    }  # fmt: skip
-
-
-def _python_warning(text: str) -> None:
-    warnings.warn(text, stacklevel=3)  # the caller of evaluate_checkpoint
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="classifier (ours or mmpretrain) or segmentation checkpoint"
@@ -198,55 +143,58 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     parser.add_argument("--format", dest="fmt", default="auto", help="checkpoint format (default: detect)")
     parser.add_argument("--num-heads", type=int, help="encoder heads, if the file does not say (default: ViT table)")
-    g = parser.add_argument_group("evaluation view (default: the checkpoint's; files without one: the references')")
-    g.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
-    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
-    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
-    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
+    add_view_arguments(parser)
     parser.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _print_warning(note: str) -> None:
-    print(f"milan evaluate: warning: {note}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
-    if segmentation_spec(args.checkpoint) is not None:  # milan segment's: mIoU with the protocol it stores
-        with process_group(args.device):
-            result = evaluate_segmenter(
-                args.checkpoint, args.data, num_workers=args.num_workers, device=args.device, precision=args.precision,
-                progress=not args.no_progress,
+    t0 = time.perf_counter()
+    with process_group(args.device) as dev:  # here too, so that only the main process prints
+        if segmentation_spec(args.checkpoint) is not None:  # milan segment's: with the protocol and labels it stores
+            model, spec = load_segmenter(args.checkpoint)
+            lab, ev = spec["labels"], spec["eval"]
+            labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
+            pairs = find_pairs(*eval_folders(args.data))  # the ADE20K release folder, or images/ + labels/ folders
+            loader = eval_loader(
+                SegmentationDataset(pairs, EvalTransform(tuple(ev["scale"])), labels), 1, args.num_workers, dev,
+                collate=collate_segmentation,
             )  # fmt: skip
-            if dist.is_main():
-                print(
-                    f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
-                    f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
-                    + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
-                )
-                _write_json(args.out, result)
-        return 0
-    with process_group(args.device):  # here too, so that only the main process prints
-        result = evaluate_checkpoint(
-            args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
-            num_heads=args.num_heads, crop_pct=args.crop_pct, interpolation=args.interpolation,
-            mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
-            progress=not args.no_progress, say=print, warn=_print_warning,
-        )  # fmt: skip
-        if dist.is_main():
-            print(
+            dtype, report = resolve_dtype(args.precision, dev), SkipReport()
+            areas, n = segmentation_areas(  # a label value no class has: LabelError
+                model.to(dev), loader, dev, dtype, mode=ev["mode"], crop=int(ev["crop"]), stride=int(ev["stride"]),
+                ignore_index=labels.ignore_index, report=report,
+                progress=not args.no_progress and dist.is_main(),
+            )  # fmt: skip
+            report.all_reduce(dev if dev.type == "cuda" else None)
+            report.check(f"--data {args.data}")  # no usable pair, or more than half skipped: DataError
+            scores = segmentation_scores(areas, lab["class_names"])
+            result = {
+                **{k: scores[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}, "count": n, "kind": "segmentation",
+                "checkpoint": args.checkpoint, "data": args.data, "num_classes": labels.num_classes,
+                "skipped": report.skipped, "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
+            line = (
+                f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
+                f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
+                + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
+            )
+        else:
+            result = evaluate_checkpoint(
+                args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
+                num_workers=args.num_workers, device=args.device, precision=args.precision, fmt=args.fmt,
+                num_heads=args.num_heads, progress=not args.no_progress, say=print,
+                warn=functools.partial(print_warnings, "evaluate"), **view_options(args),
+            )  # fmt: skip
+            line = (
                 f"{result['kind'].replace('_', ' ')} {result['checkpoint']}: top-1 {result['top1']:.2f}  "
                 f"top-5 {result['top5']:.2f} on {result['count']} images of {result['data']} "
                 f"({result['img_size']} px, {result['seconds']:.1f} s)"
                 + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
             )
-            _write_json(args.out, result)
+        if dist.is_main():
+            print(line)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def _write_json(path: str | None, result: dict[str, Any]) -> None:
-    """``--out FILE``: the result as JSON (nothing without it)."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")

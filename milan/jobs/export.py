@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Any
 
 from milan.checkpoint.export import Exported, describe, export_hf, export_timm, save_canonical
 from milan.checkpoint.formats import FORMATS, read_checkpoint, resolve_spec
 from milan.errors import CheckpointError
+from milan.jobs.launch import add_view_arguments, print_warnings, view_options
 
 COMMANDS = {
     "export": "export the encoder for timm / Hugging Face",
@@ -29,26 +28,11 @@ COMMANDS = {
 }
 
 
-def _read_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("architecture facts the weights do not record (defaults: see milan.checkpoint)")
-    g.add_argument("--num-heads", type=int, help="heads of the main network (student encoder, or the teacher)")
-    g.add_argument("--decoder-num-heads", type=int, help="decoder heads (default width // 32)")
-    g.add_argument("--teacher-num-heads", type=int, help="heads of a teacher stored inside a MILAN checkpoint")
-    g.add_argument("--act", choices=("quick_gelu", "gelu", "gelu_tanh"), help="teacher MLP activation")
-    g.add_argument("--norm-eps", type=float, help="teacher LayerNorm epsilon")
-    g.add_argument("--img-size", type=int, help="run the teacher at this resolution (position table resampled)")
-    g.add_argument("--model-name", help="timm model name of a timm / OpenCLIP visual.trunk teacher")
-    v = parser.add_argument_group("evaluation view, for files that do not record it (default: the references')")
-    v.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
-    v.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
-    v.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
-    v.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    formats = ("auto", *FORMATS)
+    metavar = "SRC" if command == "convert" else "CKPT"
+    parser.add_argument("checkpoint", metavar=metavar, help="any supported checkpoint file or folder")
+    parser.add_argument("--from", dest="fmt", choices=("auto", *FORMATS), default="auto", help="source format")
     if command == "export":
-        parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint file or folder")
         parser.add_argument("--to", choices=("timm", "hf"), default="timm", help="target library (default timm)")
         parser.add_argument(
             "--out",
@@ -57,64 +41,55 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
         parser.add_argument("--pth", action="store_true", help="timm: also write a .pth next to the .safetensors")
         parser.add_argument("--no-head", action="store_true", help="timm: a classifier's pooled features, no head")
-        parser.add_argument("--from", dest="fmt", choices=formats, default="auto", help="source format")
     elif command == "convert":
-        parser.add_argument("--from", dest="fmt", choices=formats, default="auto", help="source format")
         parser.add_argument("--to", choices=("milan", "timm"), required=True, help="target layout")
-        parser.add_argument("src", metavar="SRC", help="source checkpoint file or folder")
         parser.add_argument("dst", metavar="DST", help="output file (.safetensors, or .pth for a torch file)")
     elif command == "inspect":
-        parser.add_argument("checkpoint", metavar="CKPT", help="any supported checkpoint file or folder")
-        parser.add_argument("--from", dest="fmt", choices=formats, default="auto", help="source format")
         parser.add_argument("--groups", type=int, default=40, help="key groups to list (default 40)")
     else:
         raise ValueError(f"milan.jobs.export does not serve {command!r}")
-    _read_options(parser)
+    g = parser.add_argument_group("architecture facts the weights do not record (defaults: see milan.checkpoint)")
+    g.add_argument("--num-heads", type=int, help="heads of the main network (student encoder, or the teacher)")
+    g.add_argument("--decoder-num-heads", type=int, help="decoder heads (default width // 32)")
+    g.add_argument("--teacher-num-heads", type=int, help="heads of a teacher stored inside a MILAN checkpoint")
+    g.add_argument("--act", choices=("quick_gelu", "gelu", "gelu_tanh"), help="teacher MLP activation")
+    g.add_argument("--norm-eps", type=float, help="teacher LayerNorm epsilon")
+    g.add_argument("--img-size", type=int, help="run the teacher at this resolution (position table resampled)")
+    g.add_argument("--model-name", help="timm model name of a timm / OpenCLIP visual.trunk teacher")
+    add_view_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the command; what a file does not record and had to be assumed is a warning naming the flag that sets it."""
     names = ("num_heads", "decoder_num_heads", "teacher_num_heads", "act", "norm_eps", "img_size", "model_name")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    view: dict[str, Any] = {
-        "crop_pct": args.crop_pct,
-        "interpolation": args.interpolation,
-        "mean": tuple(args.mean) if args.mean else None,
-        "std": tuple(args.std) if args.std else None,
-    }
+    view = view_options(args)
+    ck = read_checkpoint(args.checkpoint, args.fmt, **options)
     if args.command == "inspect":
-        ck = read_checkpoint(args.checkpoint, args.fmt, **options)
         print(describe(ck, max_groups=args.groups, resolved=resolve_spec(ck, **view) if ck.kind != "teacher" else None))
     elif args.command == "export":
-        ck = read_checkpoint(args.checkpoint, args.fmt, **options)
         _output_folder(Path(args.out) if args.to == "hf" else Path(args.out).parent)
         if args.to == "hf":
             result = export_hf(ck, args.out)
-            _warn(args.command, result.assumed)
+            print_warnings(args.command, *result.assumed)
             print(f"wrote {args.out}/ (config.json, model.safetensors, preprocessor_config.json)")
             print(f"load: transformers.ViTModel.from_pretrained({args.out!r}, add_pooling_layer=False)")
         else:
-            _report(args.command, export_timm(ck, args.out, pth=args.pth, head=not args.no_head, **view))
+            _report(export_timm(ck, args.out, pth=args.pth, head=not args.no_head, **view), args.command)
     else:  # convert
-        ck = read_checkpoint(args.src, args.fmt, **options)
         _output_folder(Path(args.dst).parent)
         if ck.kind != "teacher":  # heads assumed now are written down as facts
-            _warn(args.command, [v for k, v in resolve_spec(ck).assumed.items() if k != "preprocessing"])
+            print_warnings(args.command, *(v for k, v in resolve_spec(ck).assumed.items() if k != "preprocessing"))
         if args.to == "milan":
             print(f"wrote {save_canonical(ck, args.dst)} ({ck.format} {ck.kind} -> milan)")
         else:
-            _report(args.command, export_timm(ck, args.dst, **view))
+            _report(export_timm(ck, args.dst, **view), args.command)
     return 0
 
 
-def _warn(command: str, notes: list[str]) -> None:
-    for note in notes:
-        print(f"milan {command}: warning: {note}", file=sys.stderr)
-
-
-def _report(command: str, result: Exported) -> None:
+def _report(result: Exported, command: str) -> None:
     """What an export wrote, its notes, and the lines that load it."""
-    _warn(command, result.assumed)
+    print_warnings(command, *result.assumed)
     for path in (result.path, *result.extra_paths):
         print(f"wrote {path} ({result.kind})")
     for note in result.notes:

@@ -39,7 +39,7 @@ from milan.jobs.classifier import (
     topk_summary,
     validate,
 )
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.classifier import FinetuneClassifier
 from milan.models.compile import compile_method
 from milan.train.config import AugmentConfig, FinetuneConfig, check_finetune, derive, to_dict
@@ -104,7 +104,12 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
             )
             s.log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
             s.log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
-            s.log.info(_recipe_line(cfg, len(encoder.blocks)))
+            s.log.info(
+                f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} "
+                f"over {len(encoder.blocks) + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing "
+                f"{a.re_prob}, mixup {a.mixup} / cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
+                + (f"{cfg.ema.decay}" if cfg.ema.enabled else "off")
+            )
             if cfg.encoder.pretrained is None:
                 s.log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
             with s.training():
@@ -200,22 +205,9 @@ def _evaluate(s: Session, model: FinetuneClassifier, ema: Any, val: Iterable[Bat
     s.record_eval(metrics, time.perf_counter() - t0, describe_topk(metrics))
 
 
-def _recipe_line(cfg: FinetuneConfig, depth: int) -> str:
-    a = cfg.aug
-    return (
-        f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay} over "
-        f"{depth + 2} layer ids; aug {a.auto_augment or 'no RandAugment'}, erasing {a.re_prob}, mixup {a.mixup} / "
-        f"cutmix {a.cutmix}, label smoothing {a.label_smoothing}; EMA "
-        + (f"{cfg.ema.decay}" if cfg.ema.enabled else "off")
-    )
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_run_arguments(parser, "configs/finetune/cifar10_tiny_cpu.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, FinetuneConfig, check_finetune)
-    if not args.print_config:
-        finetune(cfg, resume=args.resume)
-    return 0
+    return run_job(args, FinetuneConfig, check_finetune, finetune)

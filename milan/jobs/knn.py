@@ -28,24 +28,16 @@ import torch
 
 from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError, atomic_save, safe_load
-from milan.data import (
-    Batch,
-    ImageDataset,
-    SkipReport,
-    describe_found,
-    eval_batches,
-    eval_loader,
-    eval_transform,
-)
+from milan.data import Batch, SkipReport, describe_found, eval_batches, eval_loader, eval_transform
 from milan.jobs.classifier import input_size, labelled_splits, load_pretrained_encoder
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.knn import knn_neighbours, knn_vote
 from milan.models.vit import VisionTransformer
 from milan.train.config import KnnConfig, check_knn, save_config, to_dict
 from milan.train.evaluation import TopKAccuracy
 from milan.train.logging import RunLogger
 from milan.train.loop import autocast_context
-from milan.train.run import RunContext, seed_everything, start_run
+from milan.train.run import seed_everything, start_run
 
 COMMANDS = {"knn": "weighted k-NN evaluation on frozen features"}
 
@@ -88,10 +80,35 @@ def knn(cfg: KnnConfig) -> KnnResult:
         key = {"weights": weights, "num_heads": encoder.num_heads, "transform": repr(pipeline), "feature": cfg.feature,
                "seed": cfg.seed if cfg.encoder.pretrained is None else None, "version": 1}  # fmt: skip
         splits, hits = {}, 0
-        for name, dataset in (("train", train_set), ("val", val_set)):
-            meta = {"split": name, "encoder": encoder_desc}
-            splits[name], hit = _split_features(cfg, run, encoder, dataset, meta, cache, key, report, log)
-            hits += hit
+        for name, dataset in (
+            ("train", train_set),
+            ("val", val_set),
+        ):  # (features (N, D), labels (N,)) on every process
+            entry = cache_key(**key, data=dataset_fingerprint(dataset))
+            found = cache.load(entry)
+            if dist.broadcast_object(found is not None):  # every process takes the same branch
+                if found is None:
+                    raise FileNotFoundError(f"feature cache entry {cache.path(entry)} is visible to rank 0 only")
+                log.info(f"{name} features: {tuple(found[0].shape)} from the cache {cache.path(entry)}")
+                splits[name], hits = found, hits + 1
+                continue
+            t0 = time.perf_counter()
+            loader = eval_loader(dataset, cfg.batch_size, data.num_workers, run.device)
+            split_report = SkipReport(max_skip_fraction=data.max_skip_fraction)
+            fn = functools.partial(encoder_features, encoder, cfg.feature)
+            f, y = extract_features(
+                fn, loader, run.device, run.dtype, report=split_report, desc=f"{name} features",
+                progress=cfg.log.progress and dist.is_main(),
+            )  # fmt: skip
+            split_report.all_reduce(run.device if run.device.type == "cuda" else None)
+            split_report.check(f"data.{name}")  # no usable image, or too many skipped: DataError
+            report.merge(split_report)
+            f, y = dist.all_gather_rows(f.to(run.device)).cpu(), dist.all_gather_rows(y.to(run.device)).cpu()
+            splits[name] = cache.round(f), y
+            if dist.is_main():
+                meta = {"split": name, "encoder": encoder_desc, "source": dataset.source}
+                cache.save(entry, *splits[name], meta=meta)
+            log.info(f"{name} features: {tuple(f.shape)} extracted in {time.perf_counter() - t0:.1f} s")
         train, val = splits["train"], splits["val"]
         if report.skipped:
             log.warning(report.summary())
@@ -118,51 +135,6 @@ def knn(cfg: KnnConfig) -> KnnResult:
         )
         log.close()
         return KnnResult(run.run_dir, metrics, summary["num_train"], summary["num_val"], hits, wall)
-
-
-def _split_features(
-    cfg: KnnConfig,
-    run: RunContext,
-    encoder: VisionTransformer,
-    dataset: ImageDataset,
-    meta: dict[str, str],
-    cache: FeatureCache,
-    key: dict[str, Any],
-    report: SkipReport,
-    log: RunLogger,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-    """A split's ``(features (N, D), labels (N,))`` on every process, from the cache or extracted; 1 for a cache hit.
-
-    ``meta``: the split's name (``"split"``) and the encoder's description, kept with a cache entry.
-
-    Raises:
-        DataError: The split had no usable image, or skipped more than ``data.max_skip_fraction``.
-    """
-    name = meta["split"]
-    entry = cache_key(**key, data=dataset_fingerprint(dataset))
-    found = cache.load(entry)
-    if dist.broadcast_object(found is not None):  # every process takes the same branch
-        if found is None:
-            raise FileNotFoundError(f"feature cache entry {cache.path(entry)} is visible to rank 0 only")
-        log.info(f"{name} features: {tuple(found[0].shape)} from the cache {cache.path(entry)}")
-        return found, 1
-    t0 = time.perf_counter()
-    loader = eval_loader(dataset, cfg.batch_size, cfg.data.num_workers, run.device)
-    split_report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction)
-    progress = cfg.log.progress and dist.is_main()
-    fn = functools.partial(encoder_features, encoder, cfg.feature)
-    f, y = extract_features(
-        fn, loader, run.device, run.dtype, report=split_report, desc=f"{name} features", progress=progress
-    )
-    split_report.all_reduce(run.device if run.device.type == "cuda" else None)
-    split_report.check(f"data.{name}")  # no usable image, or too many skipped: DataError
-    report.merge(split_report)
-    f, y = dist.all_gather_rows(f.to(run.device)).cpu(), dist.all_gather_rows(y.to(run.device)).cpu()
-    f = cache.round(f)
-    if dist.is_main():
-        cache.save(entry, f, y, meta={**meta, "source": dataset.source})
-    log.info(f"{name} features: {tuple(f.shape)} extracted in {time.perf_counter() - t0:.1f} s")
-    return (f, y), 0
 
 
 def encoder_features(encoder: VisionTransformer, feature: Literal["cls", "avg"], images: torch.Tensor) -> torch.Tensor:
@@ -237,11 +209,8 @@ def knn_accuracy(
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -306,7 +275,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, KnnConfig, check_knn)
-    if not args.print_config:
-        knn(cfg)
-    return 0
+    return run_job(args, KnnConfig, check_knn, knn)

@@ -1,9 +1,9 @@
-"""How the config jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``knn``) get their config from the command line.
+"""How the jobs get their options from the command line: the config jobs' config, the checkpoint readers' view flags.
 
-``--config FILE`` and ``KEY=VALUE`` overrides (anywhere on the line, see :func:`milan.cli.main`), or with ``--resume``
-the config stored in the run's checkpoint (:func:`resume_config`): ``--config`` is then optional, and the overrides
-apply on top and are printed as changes. Errors are raised (:class:`~milan.errors.UserError`); the command line prints
-them as one line.
+The config jobs (``milan pretrain``, ``linprobe``, ``finetune``, ``segment``, ``knn``) take ``--config FILE`` and
+``KEY=VALUE`` overrides (anywhere on the line, see :func:`milan.cli.main`), or with ``--resume`` the config stored in
+the run's checkpoint (:func:`resume_config`): ``--config`` is then optional, and the overrides apply on top and are
+printed as changes. Errors are raised (:class:`~milan.errors.UserError`); the command line prints them as one line.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import operator
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +21,7 @@ from typing import Any, TypeVar
 
 from milan.errors import CheckpointError, ConfigError
 from milan.train.checkpointing import Checkpointer, load_training_checkpoint
-from milan.train.config import field_types, from_dict, load_config, to_dict, to_yaml
+from milan.train.config import from_dict, load_config, to_dict, to_yaml
 from milan.train.run import usable_checkpoint
 
 C = TypeVar("C")
@@ -74,14 +76,40 @@ def add_run_arguments(
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None]) -> C:
-    """The job's checked config: ``--config`` and overrides, or with ``--resume`` the run's own.
+def add_view_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--crop-pct``, ``--interpolation``, ``--mean``, ``--std``: the view of a file that does not record it."""
+    g = parser.add_argument_group("evaluation view, for files that do not record it (default: the references')")
+    g.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (ImageNet's)")
 
-    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone, on stdout);
-    ``args.resume`` becomes what the job resumes from (the checkpoint file, or ``"auto"``).
+
+def view_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`milan.checkpoint.resolve_spec` that :func:`add_view_arguments` parsed."""
+    return {
+        "crop_pct": args.crop_pct,
+        "interpolation": args.interpolation,
+        "mean": tuple(args.mean) if args.mean else None,
+        "std": tuple(args.std) if args.std else None,
+    }
+
+
+def print_warnings(command: str, *notes: str) -> None:
+    """What a job assumed, one line each: ``milan COMMAND: warning: NOTE`` on stderr."""
+    for note in notes:
+        print(f"milan {command}: warning: {note}", file=sys.stderr)
+
+
+def run_job(args: argparse.Namespace, cls: type[C], check: Callable[[C], None], job: Callable[..., object]) -> int:
+    """Runs ``job(cfg)`` on the checked config: ``--config`` and overrides, or with ``--resume`` the run's own.
+
+    The resume notes are printed (to stderr with ``--print-config``, which prints the config alone, on stdout, and runs
+    nothing); a resumed job gets what it resumes from (the checkpoint file, or ``"auto"``) as ``resume``.
     """
-    if getattr(args, "resume", None):
-        cfg, args.resume, notes = resume_config(cls, args.resume, args.config, args.overrides)
+    resume = getattr(args, "resume", None)
+    if resume:
+        cfg, resume, notes = resume_config(cls, resume, args.config, args.overrides)
         if os.environ.get("RANK", "0") == "0":  # before the process group exists: rank 0 of a torchrun launch
             for line in notes:
                 print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)
@@ -90,7 +118,11 @@ def job_config(args: argparse.Namespace, cls: type[C], check: Callable[[C], None
     check(cfg)
     if args.print_config:
         print(to_yaml(cfg), end="")
-    return cfg
+    elif resume is None:  # a new run (knn has no --resume)
+        job(cfg)
+    else:
+        job(cfg, resume=resume)
+    return 0
 
 
 def resume_config(
@@ -98,15 +130,9 @@ def resume_config(
 ) -> tuple[C, str, list[str]]:
     """The config of a run to resume: the one stored in its checkpoint, with ``overrides`` on top.
 
-    Args:
-        cls: The job's config class.
-        resume: ``"auto"`` (the newest valid checkpoint in ``out_dir``: from an ``out_dir=`` override, else from
-            ``config``, else the default), a run folder (the same there) or a checkpoint file (continued in the run
-            folder that holds it, i.e. the parent of its ``checkpoints/`` folder, unless ``out_dir=`` is given).
-        config: A config file: with a checkpoint it only supplies ``out_dir`` for ``"auto"`` (values that differ
-            from the stored config are named in a note and not used); without one (a folder with no checkpoint yet)
-            it is the new run's config.
-        overrides: ``KEY=VALUE`` strings applied on top (each change is a note ``key: old -> new``).
+    ``resume``, ``config`` and ``overrides`` are ``--resume``, ``--config`` and the ``KEY=VALUE`` words, read as
+    :data:`RESUME_HELP` says; with a checkpoint, ``config`` only supplies ``out_dir`` for ``"auto"`` (values that
+    differ from the stored config are named in a note and not used).
 
     Returns:
         ``(config, resume, notes)``: the run's config (its checkpoint's, with the overrides on top; ``out_dir`` is the
@@ -175,26 +201,12 @@ def resume_config(
 
 def _without_retired_keys(cls: type, stored: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A stored config without the :data:`RETIRED_KEYS` that ``cls`` does not have, and the keys dropped."""
-    out, dropped = copy.deepcopy(dict(stored)), []
-    for key in RETIRED_KEYS:
+    out, known = copy.deepcopy(dict(stored)), flatten(to_dict(cls()))
+    dropped = [key for key in RETIRED_KEYS if key in flatten(out) and key not in known]
+    for key in dropped:
         *sections, name = key.split(".")
-        node: Any = out
-        for part in sections:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node and not _has_key(cls, key):
-            del node[name]
-            dropped.append(key)
+        del functools.reduce(operator.getitem, sections, out)[name]
     return out, dropped
-
-
-def _has_key(cls: type, key: str) -> bool:
-    node: Any = cls
-    for part in key.split("."):
-        types = field_types(node) if isinstance(node, type) and dataclasses.is_dataclass(node) else {}
-        if part not in types:
-            return False
-        node = types[part]
-    return True
 
 
 def _stored_config(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[str], path: Path) -> C:
@@ -207,15 +219,16 @@ def _stored_config(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[
         raise ConfigError(f"the config stored in {path}: {e}") from e
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of the leaves of nested mappings."""
     if isinstance(tree, Mapping):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
 
 
 def _differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (value in a, value in b)}`` where two configs differ (``out_dir`` left out)."""
-    fa, fb = _flat(to_dict(a)), _flat(to_dict(b))
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
     keys = [k for k in [*fa, *(k for k in fb if k not in fa)] if k != "out_dir"]
     return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}
 

@@ -42,9 +42,9 @@ from milan.jobs.classifier import (
     topk_summary,
     validate,
 )
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.lr_grid import LinearProbeGrid, grid_cross_entropy, save_lr_grid_plot
-from milan.train.config import LarsConfig, LinprobeConfig, check_linprobe, derive, to_dict
+from milan.train.config import LinprobeConfig, check_linprobe, derive, to_dict
 from milan.train.lars import LARS
 from milan.train.loop import StepOutput, protect_workers, zero_loss
 from milan.train.optim import param_groups
@@ -83,13 +83,26 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         lrs = [d.lr * scale for scale in model.lr_scales]
         head = HeadSpec("linear_probe", num_classes, list(train_set.classes), "token")
         spec = classifier_spec(encoder, head, data)
-        with Session(cfg, d, run, model=model, optimizer=_lars(model, cfg.optim, d.lr), sync_module=train_module) as s:
+        o = (
+            cfg.optim
+        )  # LARS over the heads: one group pair per head (decayed / not, by the one rule), with its lr scale
+        groups = [{**g, "lr_scale": scale} for fc, scale in zip(model.fcs, model.lr_scales, strict=True)
+                  for g in param_groups(fc, o.weight_decay)]  # fmt: skip
+        optimizer = LARS(
+            groups, lr=d.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient,
+            variant=o.lars_variant,
+        )  # fmt: skip
+        with Session(cfg, d, run, model=model, optimizer=optimizer, sync_module=train_module) as s:
             s.extra["spec"] = _head_spec(spec, lrs, s.eval_history, grid=True)  # the best head of the last evaluation
             s.log.info(run.header("linprobe"))
             s.log.info(f"encoder: {encoder_desc}; frozen, CLS token after the final norm, {size} px")
             s.log.info(f"train: {describe_found(train_set, unit=f'{d.steps_per_epoch} steps per epoch')}")
             s.log.info(f"val: {describe_found(val_set)}; {num_classes} classes")
-            s.log.info(_optimizer_line(cfg.optim, lrs))
+            s.log.info(
+                f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
+                f"lr grid {[f'{lr:.4g}' for lr in lrs]} ({len(lrs)} head(s), one pass"
+                + ("; the logged loss is the sum of the heads' losses)" if len(lrs) > 1 else ")")
+            )
             if cfg.encoder.pretrained is None:
                 s.log.warning("the encoder is RANDOM: this measures a random-feature baseline, not pretraining")
             with s.training():
@@ -138,27 +151,16 @@ def _loss(
     return StepOutput(loss, len(data), len(data.skipped))
 
 
-@torch.no_grad()
-def sync_batchnorm_stats(module: nn.Module) -> None:
-    """Averages BatchNorm running statistics over processes (no-op in a single process).
-
-    Each process's BatchNorm sees only its own batches; averaging before evaluation and saving makes every process
-    (and the checkpoint) use the same statistics.
-    """
-    if dist.world_size() == 1:
-        return
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
-            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
-            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
-
-
 def _evaluate(
     s: Session, model: LinearProbeGrid, val: Iterable[Batch], lrs: list[float], cfg: LinprobeConfig, spec: ModelSpec
 ) -> None:
     """Every head's accuracy on data.val, recorded; the checkpoints' spec names the best head from now on."""
     t0 = time.perf_counter()
-    sync_batchnorm_stats(model)  # every process (and the checkpoint) evaluates the same statistics
+    # Each process's BatchNorm saw only its own batches: every process (and the checkpoint) evaluates their average
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
+            m.running_mean.copy_(dist.all_reduce_mean(m.running_mean))
+            m.running_var.copy_(dist.all_reduce_mean(m.running_var))
     model.eval()
     heads, report = validate(model, val, cfg.data, s.opt.device, s.opt.dtype, num_heads=len(lrs))
     top1 = [h["top1"] for h in heads]
@@ -181,31 +183,12 @@ def _head_spec(spec: ModelSpec, lrs: list[float], history: list[Metrics], grid: 
     return dataclasses.replace(spec, head=head).to_dict()
 
 
-def _lars(model: LinearProbeGrid, o: LarsConfig, lr: float) -> LARS:
-    """LARS over the heads: one group pair per head (decayed / not, by the one weight-decay rule), with its lr scale."""
-    groups = [{**g, "lr_scale": scale} for fc, scale in zip(model.fcs, model.lr_scales, strict=True)
-              for g in param_groups(fc, o.weight_decay)]  # fmt: skip
-    return LARS(
-        groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient,
-        variant=o.lars_variant,
-    )  # fmt: skip
-
-
-def _optimizer_line(o: LarsConfig, lrs: list[float]) -> str:
-    return (
-        f"LARS ({o.lars_variant}, momentum {o.momentum}, trust {o.trust_coefficient}, wd {o.weight_decay}); "
-        f"lr grid {[f'{lr:.4g}' for lr in lrs]} ({len(lrs)} head(s), one pass"
-        + ("; the logged loss is the sum of the heads' losses)" if len(lrs) > 1 else ")")
-    )
-
-
 def describe_grid(metrics: Metrics) -> str:
     """``"top-1 78.90  top-5 94.10 at lr 3.2 (winner of 5 heads)"``: the best head's numbers and its lr."""
-    heads = metrics.get("heads") or []
-    text = describe_topk(metrics)
-    if "best_lr" not in metrics:
-        return text
-    return f"{text} at lr {metrics['best_lr']:.4g}" + (f" (winner of {len(heads)} heads)" if len(heads) > 1 else "")
+    heads = metrics["heads"]
+    return f"{describe_topk(metrics)} at lr {metrics['best_lr']:.4g}" + (
+        f" (winner of {len(heads)} heads)" if len(heads) > 1 else ""
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -213,7 +196,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, LinprobeConfig, check_linprobe)
-    if not args.print_config:
-        linprobe(cfg, resume=args.resume)
-    return 0
+    return run_job(args, LinprobeConfig, check_linprobe, linprobe)

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
 from milan.models.factory import (
-    DecoderConfig,
-    EncoderConfig,
     ModelConfig,
-    TeacherConfig,
     build_decoder,
     build_encoder,
     build_teacher,
@@ -53,50 +50,31 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     enc, dec = dataclasses.replace(cfg.encoder, depth=0), dataclasses.replace(cfg.decoder, depth=0)  # the cache keys
     teacher = dataclasses.replace(cfg.teacher, checkpoint=None, depth=0)
     out_dim = 3 * enc.patch_size**2 if teacher.kind == "none" else teacher.out_dim
-    teacher_params = 0
-    if teacher.kind != "none":
-        build = functools.partial(_teacher, teacher, grid)
-        teacher_params = _by_depth(f"teacher {teacher} {grid}", build, cfg.teacher.depth)
-    decoder = functools.partial(_decoder, dec, grid, enc, out_dim)
     return ParamCounts(
-        encoder=_by_depth(f"encoder {enc}", functools.partial(_encoder, enc), cfg.encoder.depth),
-        decoder=_by_depth(f"decoder {dec} {enc} {out_dim}", decoder, cfg.decoder.depth),
-        teacher=teacher_params,
+        encoder=_by_depth(build_encoder, enc, cfg.encoder.depth),
+        decoder=_by_depth(build_decoder, dec, cfg.decoder.depth, grid, enc.embed_dim, out_dim, enc.pos_embed_layout),
+        teacher=_by_depth(build_teacher, teacher, cfg.teacher.depth, grid, frozen=True),  # None: pixel targets
     )
 
 
 _CACHE: dict[str, tuple[int, int]] = {}  # the counts of one part's 1- and 2-block builds, by its description
 
 
-def _by_depth(key: str, build: Callable[[int], tuple[nn.Module | None, bool]], depth: int) -> int:
-    """Parameters of a ``depth``-block part from builds with 1 and 2 blocks (blocks are identical in size).
+def _by_depth(build: Callable[..., nn.Module | None], part: Any, depth: int, *args: Any, frozen: bool = False) -> int:
+    """Parameters of a ``depth``-block part, ``build(part with depth n, *args)``, from its builds with 1 and 2 blocks.
 
-    ``build(depth)`` gives the part and whether it is frozen (then every parameter counts, else the trainable ones).
+    Blocks are identical in size. A frozen part counts every parameter, another its trainable ones.
     """
+    key = f"{build.__name__} {part} {args}"
     if key not in _CACHE:
         counts = []
         for n in (1, 2):
-            module, frozen = build(n)
+            module = build(dataclasses.replace(part, depth=n), *args)
             params = module.parameters() if module is not None else ()
             counts.append(sum(p.numel() for p in params if p.requires_grad or frozen))
         _CACHE[key] = (counts[0], counts[1])
     one, two = _CACHE[key]
     return one + (depth - 1) * (two - one)
-
-
-def _encoder(cfg: EncoderConfig, depth: int) -> tuple[nn.Module, bool]:
-    return build_encoder(dataclasses.replace(cfg, depth=depth)), False
-
-
-def _decoder(
-    cfg: DecoderConfig, grid: tuple[int, int], enc: EncoderConfig, out_dim: int, depth: int
-) -> tuple[nn.Module, bool]:
-    decoder = build_decoder(dataclasses.replace(cfg, depth=depth), grid, enc.embed_dim, out_dim, enc.pos_embed_layout)
-    return decoder, False
-
-
-def _teacher(cfg: TeacherConfig, grid: tuple[int, int], depth: int) -> tuple[nn.Module | None, bool]:
-    return build_teacher(dataclasses.replace(cfg, depth=depth), grid), True
 
 
 def models_table() -> list[str]:

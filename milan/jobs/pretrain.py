@@ -32,7 +32,7 @@ from milan.data import (
 from milan.data.device import DeviceAugment, EncodedImages, collate_encoded, decode_batch
 from milan.data.sampling import EpochSampler, seeded_loader
 from milan.data.sources import is_shard_source
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.jobs.plot import save_plot
 from milan.models.compile import compile_milan
 from milan.models.factory import model_flops
@@ -46,6 +46,7 @@ from milan.train.run import RunContext, seed_everything, start_run
 from milan.train.session import Session
 
 COMMANDS = {"pretrain": "MILAN pretraining from a YAML config plus key=value overrides"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.precision, teacher_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             return Summary(run.run_dir, f.checkpoint, f.state, None, time.perf_counter() - run.t_start, 0.0)
         device = run.device
         model = _build_model(cfg, device)
-        loader, sampler, batches_per_epoch = _build_loader(cfg, model, device)
+        loader, sampler, batches_per_epoch, images = _build_loader(cfg, model, device)
         d = derive(cfg, dist.world_size(), batches_per_epoch)
         # The model spec (milan.checkpoint.spec) every checkpoint carries; taken before any DDP/FSDP wrapping.
         spec = milan_spec(model, interpolation=cfg.data.interpolation, teacher_weights=cfg.model.teacher.checkpoint)
@@ -93,7 +94,11 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             if cfg.runtime.compile:  # after DDP/FSDP and the teacher's cast; compilation happens at the first step
                 compile_milan(model, mode=cfg.runtime.compile_mode, teacher=cfg.runtime.compile_teacher)
             _log_start(s, run, cfg, model, optimizer, flops)
-            s.log.info(_describe_data(cfg, loader, d.steps_per_epoch))
+            steps = f"{d.steps_per_epoch} steps per epoch"
+            s.log.info(
+                describe_found(images, str(cfg.data.path), unit=steps) if images is not None
+                else f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
+            )  # fmt: skip
             channels_last = cfg.runtime.channels_last
             with s.training():
                 while s.epochs_left():
@@ -119,15 +124,10 @@ def milan_loss(
 ) -> StepOutput:
     """The MILAN loss of one micro-batch: teacher targets, the mask draw, the student, the loss.
 
-    Args:
-        batch: ``(Batch, noise (B, L))`` from the seeded loader; with ``augment`` (``data.decode=device``)
-            ``(EncodedBatch, noise)``, decoded and augmented on the device first (failed files join the batch's
-            skipped ones); or a plain :class:`~milan.data.Batch` from tar shards (mask noise from the global RNG).
-        model: MILAN (teacher, masking, loss).
-        student: ``model.student`` or its DDP/FSDP wrapper (compilation lives inside ``model.student``).
-        report: Receives the batch's unreadable files.
-        augment: The device view (``data.decode=device``).
-        channels_last: Channels-last images.
+    ``batch``: ``(Batch, noise (B, L))`` from the seeded loader; with ``augment`` (``data.decode=device``)
+    ``(EncodedBatch, noise)``, decoded and augmented on the device first (failed files join the batch's skipped ones,
+    which go to ``report``); or a plain :class:`~milan.data.Batch` from tar shards (mask noise from the global RNG).
+    ``student``: ``model.student`` or its DDP/FSDP wrapper (compilation lives inside ``model.student``).
     """
     device = model.encoder.cls_token.device
     data, noise = batch if isinstance(batch, tuple) else (batch, None)
@@ -208,7 +208,7 @@ def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: tor
     """
     if choice == "auto":
         return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    return DTYPES[choice]
 
 
 def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
@@ -220,8 +220,8 @@ def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
 
 def _build_loader(
     cfg: PretrainConfig, model: MILAN, device: torch.device
-) -> tuple[Iterable[Any], EpochSampler | None, int]:
-    """The epoch loader, its sampler (map-style data) and the micro-batches per epoch on each process."""
+) -> tuple[Iterable[Any], EpochSampler | None, int, ImageDataset | None]:
+    """The epoch loader, its sampler (map-style data), the micro-batches per epoch on each process, the image folder."""
     d = cfg.data
     view = pretrain_transform(
         cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation, hflip=d.hflip,
@@ -231,18 +231,20 @@ def _build_loader(
         d.path, view, key="data.path", max_pixels=d.max_image_pixels, shuffle_buffer=1000, seed=cfg.seed,
         num_samples=d.num_samples, allow_shell_pipes=d.allow_shell_pipes,
     )  # fmt: skip
+    images = dataset if isinstance(dataset, ImageDataset) else None
     if d.decode == "device":
         dataset = EncodedImages(dataset)
     if isinstance(dataset, IterableDataset):
         if d.num_samples is None:
             raise ConfigError("data.num_samples is required for tar shards (the epoch length)")
         stream = build_loader(dataset, cfg.batch_size, drop_last=True, seed=cfg.seed, num_workers=d.num_workers)
-        return stream, None, d.num_samples // (cfg.batch_size * dist.world_size())
-    return seeded_loader(
+        return stream, None, d.num_samples // (cfg.batch_size * dist.world_size()), None
+    loader, sampler, batches = seeded_loader(
         dataset, batch_size=cfg.batch_size, seed=cfg.seed, noise_len=model.encoder.num_patches,
         num_workers=d.num_workers, device=device, key=f"data.path={d.path!r}",
         collate=collate_encoded if isinstance(dataset, EncodedImages) else collate_images,
     )  # fmt: skip
+    return loader, sampler, batches, images
 
 
 def _expected_samples(cfg: PretrainConfig, d: Derived) -> int | None:
@@ -256,17 +258,6 @@ def _expected_samples(cfg: PretrainConfig, d: Derived) -> int | None:
 # What the run says
 
 
-def _describe_data(cfg: PretrainConfig, loader: Iterable[Any], steps_per_epoch: int) -> str:
-    """The start-of-run data line: ``found N images in PATH; E steps per epoch`` (streams: the announced count)."""
-    steps = f"{steps_per_epoch} steps per epoch"
-    dataset = getattr(loader, "dataset", None)
-    dataset = getattr(dataset, "dataset", dataset)  # SeededSamples wraps the dataset
-    dataset = getattr(dataset, "images", dataset)  # EncodedImages wraps it too
-    if isinstance(dataset, ImageDataset):
-        return describe_found(dataset, str(cfg.data.path), unit=steps)
-    return f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
-
-
 def _log_start(
     s: Session, run: RunContext, cfg: PretrainConfig, model: MILAN, optimizer: torch.optim.Optimizer, flops: float
 ) -> None:
@@ -278,9 +269,8 @@ def _log_start(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
-    asked = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(rt.precision)
-    if asked is not None and asked != run.dtype:  # runtime.precision cannot be honoured here
-        got = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(run.dtype, str(run.dtype))
+    if rt.precision in DTYPES and DTYPES[rt.precision] != run.dtype:  # runtime.precision cannot be honoured here
+        got = next((k for k, v in DTYPES.items() if v == run.dtype), str(run.dtype))
         log.warning(
             f"runtime.precision={rt.precision} runs in {got} on {run.device.type}: mixed precision is used on CUDA "
             f"only; set runtime.precision=auto (or {got}) to silence this"
@@ -319,7 +309,7 @@ def _finish(cfg: PretrainConfig, s: Session, t_start: float) -> Summary:
         images / max(wall, 1e-9),
     )  # fmt: skip
     if dist.is_main():
-        plot = save_plot(s.run_dir / "metrics.jsonl", s.run_dir / "plot.png") if cfg.log.plot else None
+        plot = save_plot(s.run_dir / "metrics.jsonl", s.run_dir / "plot.png")[0] if cfg.log.plot else None
         loss_text = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
         since = f"; {state.images_seen} since the run began" if s.start_images else ""
         s.finish(
@@ -337,7 +327,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, PretrainConfig, check_pretrain)
-    if not args.print_config:
-        pretrain(cfg, resume=args.resume)
-    return 0
+    return run_job(args, PretrainConfig, check_pretrain, pretrain)

@@ -44,7 +44,7 @@ from milan.data.segmentation import (
 )
 from milan.errors import ConfigError
 from milan.jobs.classifier import FitResult, finish_run, load_pretrained_encoder
-from milan.jobs.launch import add_run_arguments, job_config
+from milan.jobs.launch import add_run_arguments, run_job
 from milan.models.segmentation import SegmentationModel, segmentation_loss
 from milan.seg_metrics import segmentation_scores
 from milan.train.config import SegDataConfig, SegmentConfig, check_segment, derive, to_dict
@@ -111,7 +111,34 @@ def segment(cfg: SegmentConfig, resume: str | None = None) -> FitResult:
         every = cfg.eval.every_steps
         with Session(cfg, d, run, model=model, optimizer=optimizer, sync_module=train_module, schedule=schedule) as s:
             s.extra["spec"] = spec
-            _log_setup(s, cfg, run.header("segment"), model, encoder_desc, len(train_set), len(val_set), labels)
+            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            s.log.info(run.header("segment"))
+            s.log.info(f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}")
+            s.log.info(
+                f"model: features after blocks {[b + 1 for b in model.blocks]} of {len(encoder.blocks)}, position "
+                f"table resampled to {encoder.grid_size[0]}x{encoder.grid_size[1]}, UperNet "
+                f"{model.decode_head.conv_seg.in_channels} channels, auxiliary FCN {m.aux_channels} (weight "
+                f"{m.aux_weight}), dropout {m.dropout}, LayerScale {m.layer_scale}; {n_params / 1e6:.2f} M trainable "
+                "params"
+            )
+            s.log.info(
+                f"data: {len(train_set)} train / {len(val_set)} eval pairs; {labels.describe()}; crop "
+                f"{data.crop_size}, resize {list(data.scale)} x {list(data.ratio_range)}, cat_max_ratio "
+                f"{data.cat_max_ratio}, flip {data.hflip}, photometric {data.photometric}; eval resize "
+                f"{list(cfg.eval.scale)}, {cfg.eval.mode}"
+                + (f" {crop} stride {cfg.eval.stride}" if cfg.eval.mode == "slide" else "")
+            )
+            length = f"{d.total_steps} iterations (schedule.iters)" if sch.iters else f"{sch.epochs} epochs"
+            s.log.info(
+                f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay}; "
+                f"{length} over {d.epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, "
+                f"then poly (power {sch.power}) to {sch.min_lr:g}; evaluation "
+                + (f"every {every} steps and at the end" if every else "at the end")
+            )
+            if cfg.encoder.pretrained is None:
+                s.log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
+            if dist.world_size() > 1 and device.type != "cuda":
+                s.log.info("BatchNorm statistics are all-reduced over the processes (SyncBN's role on GPUs)")
             with s.training():
                 while s.epochs_left():
                     model.train()
@@ -176,17 +203,13 @@ def _loss(
     cfg: SegmentConfig,
     report: SkipReport,
 ) -> StepOutput:
-    """The decode + auxiliary cross-entropy of one batch of crops (its mask noise is not used).
-
-    Dropout and drop path draw from a generator seeded by (seed, epoch, micro-batch, rank): a resumed run trains
-    exactly as an uninterrupted one (the loaders' draws from the global generator do not shift them).
-    """
+    """The decode + auxiliary cross-entropy of one batch of crops (its mask noise is not used)."""
     data = check_labels(batch[0])  # a label value no class has stops the run, before an all-bad batch is skipped
     report.update(data)
     device = s.opt.device
     if data.empty:
         return StepOutput(zero_loss(model, device), 0, len(data.skipped))
-    torch.manual_seed(mix_seeds(cfg.seed, s.state.epoch, s.state.batch_in_epoch, dist.rank()))
+    torch.manual_seed(mix_seeds(cfg.seed, s.state.epoch, s.state.batch_in_epoch, dist.rank()))  # dropout, drop path
     images = data.images.to(device, non_blocking=True)  # (B, 3, c, c)
     labels = data.labels.to(device, non_blocking=True)  # (B, c, c)
     logits, aux = train_module(images)
@@ -227,49 +250,6 @@ def describe_scores(metrics: Metrics) -> str:
     )
 
 
-def _log_setup(
-    s: Session,
-    cfg: SegmentConfig,
-    header: str,
-    model: SegmentationModel,
-    encoder_desc: str,
-    n_train: int,
-    n_val: int,
-    labels: LabelSpec,
-) -> None:
-    """The start-of-run lines: encoder, model, data, recipe."""
-    m, data, e, sch, d = cfg.model, cfg.data, cfg.eval, cfg.schedule, s.derived
-    crop = e.crop or data.crop_size
-    enc = model.encoder
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    s.log.info(header)
-    s.log.info(f"encoder: {encoder_desc}; drop path {cfg.drop_path_rate}")
-    s.log.info(
-        f"model: features after blocks {[b + 1 for b in model.blocks]} of {len(enc.blocks)}, position table resampled "
-        f"to {enc.grid_size[0]}x{enc.grid_size[1]}, UperNet {model.decode_head.conv_seg.in_channels} channels, "
-        f"auxiliary FCN {m.aux_channels} (weight {m.aux_weight}), dropout {m.dropout}, LayerScale {m.layer_scale}; "
-        f"{n_params / 1e6:.2f} M trainable params"
-    )
-    s.log.info(
-        f"data: {n_train} train / {n_val} eval pairs; {labels.describe()}; crop {data.crop_size}, resize "
-        f"{list(data.scale)} x {list(data.ratio_range)}, cat_max_ratio {data.cat_max_ratio}, flip {data.hflip}, "
-        f"photometric {data.photometric}; eval resize {list(e.scale)}, {e.mode}"
-        + (f" {crop} stride {e.stride}" if e.mode == "slide" else "")
-    )
-    length = f"{d.total_steps} iterations (schedule.iters)" if sch.iters else f"{sch.epochs} epochs"
-    every = e.every_steps
-    s.log.info(
-        f"AdamW (betas {tuple(cfg.optim.betas)}, wd {cfg.optim.weight_decay}), layer decay {cfg.layer_decay}; "
-        f"{length} over {s.epochs} epoch(s): linear warm-up {d.warmup_steps} from {sch.warmup_ratio:g} x lr, then poly "
-        f"(power {sch.power}) to {sch.min_lr:g}; evaluation " + (f"every {every} steps and at the end" if every else
-                                                                 "at the end")
-    )  # fmt: skip
-    if cfg.encoder.pretrained is None:
-        s.log.warning("the encoder is RANDOM: this trains from scratch, not from a pretrained model")
-    if dist.world_size() > 1 and s.opt.device.type != "cuda":
-        s.log.info("BatchNorm statistics are all-reduced over the processes (SyncBN's role on GPUs)")
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_run_arguments(
         parser, "configs/segment/camvid_tiny_cpu.yaml",
@@ -278,7 +258,4 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = job_config(args, SegmentConfig, check_segment)
-    if not args.print_config:
-        segment(cfg, resume=args.resume)
-    return 0
+    return run_job(args, SegmentConfig, check_segment, segment)

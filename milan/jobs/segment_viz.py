@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from milan.checkpoint.segmenter import load_segmenter
-from milan.data import DataError, ImageDecodeError, open_image, scan_sources
-from milan.data.decode import load_rgb
+from milan.data import DataError, ImageDecodeError
 from milan.data.segmentation import EvalTransform, LabelSpec, find_label, read_label
-from milan.jobs.plot import pyplot, save_figure
+from milan.jobs.plot import pyplot, read_images, save_figure
 from milan.models.segmentation import SegmentationModel, slide_inference
 
 CELL_INCHES = 2.6
@@ -83,16 +82,10 @@ def render_segmentation(
     names: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Draws the grid and the legend into a PNG and returns its path.
+    """Draws the grid of (H, W, 3) uint8 RGB images, (H, W) ground truths and predictions, and the legend, into a PNG.
 
-    Args:
-        images: (H, W, 3) uint8 RGB images.
-        truths: (H, W) ground-truth classes (ignored pixels: any value outside ``[0, K)``), or ``None``.
-        preds: (H, W) predicted classes.
-        out: The PNG.
-        class_names: The K class names.
-        names: Row labels.
-        title: Figure title.
+    A ground truth is ``None`` (none found) or its classes in ``[0, K)`` (K ``class_names``; other values are ignored
+    pixels); ``names`` label the rows.
     """
     plt = pyplot()
     from matplotlib.patches import Patch
@@ -146,14 +139,9 @@ def visualize_segmentation(
     max_images: int = 8,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Loads a segmentation checkpoint, predicts some images and draws the grid (with their label maps, if found).
+    """Predicts the first ``max_images`` images of ``sources`` and draws them (with their label maps, if found).
 
-    Args:
-        checkpoint: ``RUN/segmenter.pt`` (or a training checkpoint of a ``milan segment`` run).
-        sources: Image files, folders (searched recursively) or file lists.
-        out: The PNG to write.
-        max_images: At most this many rows.
-        device: Where to run the model.
+    ``checkpoint``: ``RUN/segmenter.pt`` or a training checkpoint of a ``milan segment`` run.
 
     Raises:
         FileNotFoundError: No images.
@@ -164,13 +152,9 @@ def visualize_segmentation(
     model.to(dev)
     lab, ev = spec["labels"], spec["eval"]
     labels = LabelSpec(int(lab["num_classes"]), int(lab["ignore_index"]), bool(lab["reduce_zero_label"]))
-    paths = scan_sources(sources).paths[:max_images]
-    images, truths, preds = [], [], []
-    for path in paths:
-        try:
-            image = load_rgb(open_image(path.read_bytes()))
-        except ImageDecodeError as e:
-            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
+    paths, images, names = read_images(sources, max_images)
+    truths, preds = [], []
+    for path, image in zip(paths, images, strict=True):
         label_path = find_label(path)
         truth = None
         if label_path is not None:
@@ -179,11 +163,16 @@ def visualize_segmentation(
             except ImageDecodeError as e:
                 raise DataError(f"{label_path}: cannot read the label map ({e.reason}: {e.detail})") from None
             truth = labels.convert(raw) if raw.shape == (image.height, image.width) else None
-        images.append(np.asarray(image))
         truths.append(truth)
         preds.append(predict_labels(model, ev, image, dev))
     how = f"sliding {ev['crop']} stride {ev['stride']}" if ev["mode"] == "slide" else "whole image"
     title = f"{Path(checkpoint).name}: resize {list(ev['scale'])}, {how}; {labels.num_classes} classes"
     return render_segmentation(
-        images, truths, preds, out, class_names=lab["class_names"], names=[p.name for p in paths], title=title
+        [np.asarray(image) for image in images],
+        truths,
+        preds,
+        out,
+        class_names=lab["class_names"],
+        names=names,
+        title=title,
     )

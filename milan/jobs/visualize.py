@@ -22,8 +22,8 @@ gets image / ground truth / prediction rows instead (:func:`milan.jobs.segment_v
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import sys
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from milan.checkpoint.segmenter import segmentation_spec
-from milan.data import DataError, ImageDecodeError, eval_transform, open_image, scan_sources
+from milan.data import eval_transform
 from milan.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from milan.jobs.plot import pyplot, save_figure
+from milan.jobs.launch import print_warnings
+from milan.jobs.plot import pyplot, read_images, save_figure
 from milan.jobs.segment_viz import visualize_segmentation
 from milan.losses import normalize_patches
 from milan.models.milan import MILAN, Masking, patchify
@@ -204,12 +205,7 @@ def _patch_map(values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int
 
 def figure_size(rows: int) -> tuple[int, int]:
     """Pixel size (width, height) of a grid with ``rows`` images."""
-    width_in, height_in = _figure_inches(rows)
-    return round(width_in * DPI), round(height_in * DPI)
-
-
-def _figure_inches(rows: int) -> tuple[float, float]:
-    return len(COLUMNS) * CELL_INCHES + 0.6, rows * CELL_INCHES + 0.8
+    return round((len(COLUMNS) * CELL_INCHES + 0.6) * DPI), round((rows * CELL_INCHES + 0.8) * DPI)
 
 
 def render(
@@ -232,7 +228,9 @@ def render(
     p = views.patch_size
     gh, gw = views.grid
     columns = PIXEL_COLUMNS if views.pixel_targets else COLUMNS
-    fig, axes = plt.subplots(b, len(columns), figsize=_figure_inches(b), dpi=DPI, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        b, len(columns), figsize=[n / DPI for n in figure_size(b)], dpi=DPI, squeeze=False, layout="constrained"
+    )
     if views.pixel_targets:
         if normalized_images is None:
             raise ValueError("render: pass normalized_images to draw a pixel-target model's reconstruction")
@@ -292,24 +290,12 @@ def load_images(
     """The first ``limit`` images of files, folders (searched recursively), file lists or ``builtin:samples``.
 
     Returns:
-        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their file names.
-
-    Raises:
-        FileNotFoundError: A source is missing or holds no images.
-        DataError: An image cannot be decoded (the message names the file).
+        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their row labels
+        (:func:`milan.jobs.plot.read_images`).
     """
-    paths = scan_sources(sources).paths[:limit]
+    _, images, names = read_images(sources, limit)
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
-    tensors = []
-    for path in paths:
-        try:
-            tensors.append(pipeline(open_image(path.read_bytes())))
-        except ImageDecodeError as e:
-            raise DataError(f"{path}: cannot read the image ({e.reason}: {e.detail})") from None
-    names = [p.name for p in paths]
-    if len(set(names)) < len(names):  # e.g. class folders of equally named files: show the folder too
-        names = [f"{p.parent.name}/{p.name}" for p in paths]
-    return torch.stack(tensors), names
+    return torch.stack([pipeline(image) for image in images]), names
 
 
 def visualize(
@@ -331,20 +317,10 @@ def visualize(
     The architecture, the teacher (its image size and input normalisation included) and the view come from the
     checkpoint's model spec (:mod:`milan.checkpoint.spec`); values a foreign file lacks are assumed and reported.
 
-    Args:
-        checkpoint: A pretraining checkpoint (ours, mmpretrain or original MILAN; see
-            :func:`milan.checkpoint.load_milan`).
-        images: Image files, folders or ``builtin:samples``.
-        out: The PNG to write.
-        teacher: Teacher weights, when the checkpoint neither holds them nor names an existing file (e.g. the file
-            moved); built as the checkpoint's spec describes the teacher.
-        seed: Seed of the mask draw.
-        mask_ratio: Overrides the checkpoint's.
-        masking: Overrides the checkpoint's.
-        crop_pct: Center-crop fraction of the evaluation view (default: the checkpoint's, else 0.875).
-        max_images: At most this many rows.
-        device: Where to run the model.
-        warn: Receives each assumption (default: :func:`warnings.warn`).
+    ``checkpoint``: ours, mmpretrain's or original MILAN's (:func:`milan.checkpoint.load_milan`). ``teacher``: its
+    weights, when the checkpoint neither holds them nor names an existing file (e.g. the file moved), built as the
+    spec describes it. ``seed`` draws the mask; ``mask_ratio``, ``masking`` and ``crop_pct`` override the
+    checkpoint's; ``warn`` receives each assumption (default: :func:`warnings.warn`).
 
     Raises:
         CheckpointError: Unreadable checkpoint, or no teacher to be had (the message names ``--teacher``).
@@ -357,7 +333,7 @@ def visualize(
     resolved = resolve_spec(ck, crop_pct=crop_pct)
     resolved.adopt(ck)  # reported here, once
     for note in resolved.assumed.values():
-        (warn or _python_warning)(note)
+        (warn or functools.partial(warnings.warn, stacklevel=2))(note)  # pointing at the caller
     spec = resolved.spec
     if ck.kind != "milan" or spec.decoder is None:
         raise CheckpointError(f"{checkpoint}: a {ck.format} {ck.kind} checkpoint, not a pretraining model (no decoder)")
@@ -399,14 +375,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
 
 
-def _python_warning(text: str) -> None:
-    warnings.warn(text, stacklevel=3)  # the caller of visualize
-
-
-def _print_warning(note: str) -> None:
-    print(f"milan visualize: warning: {note}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.max_images < 1:
         raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
@@ -417,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
     written = visualize(
         args.checkpoint, args.images, args.out, teacher=args.teacher, seed=args.seed, mask_ratio=args.mask_ratio,
         masking=args.masking, crop_pct=args.crop_pct, max_images=args.max_images, device=device,
-        warn=_print_warning,
+        warn=functools.partial(print_warnings, "visualize"),
     )  # fmt: skip
     print(written)
     return 0
