@@ -191,7 +191,7 @@ class SegmentationModel(nn.Module):
         encoder.pos_embed = nn.Parameter(resampled, requires_grad=True)
         encoder.grid_size = grid
         encoder.num_patches = grid[0] * grid[1]
-        encoder.norm = nn.Identity()  # type: ignore[assignment]
+        encoder.norm = nn.Identity()
         if layer_scale is not None:
             for blk in encoder.blocks:
                 for name in ("ls1", "ls2"):
