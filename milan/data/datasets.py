@@ -19,6 +19,7 @@ from typing import Any, Literal, overload
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from milan import distributed as dist
 from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image, read_file
 from milan.data.sampling import mix_seeds
 from milan.data.sources import (
@@ -184,9 +185,7 @@ class ShardImages(IterableDataset[Item]):
     def __iter__(self) -> Iterator[Item]:
         wds = import_webdataset()
         info = get_worker_info()
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        seed = mix_seeds(self.seed, self.epoch + self._iterations, rank, info.id if info is not None else 0)
+        seed = mix_seeds(self.seed, self.epoch + self._iterations, dist.rank(), info.id if info is not None else 0)
         self._iterations += 1
         errors: list[tuple[str | None, str]] = []  # (shard or None, message), filled by the handler
 

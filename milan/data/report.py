@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from milan import distributed as dist
 from milan.data.decode import DAMAGED_SHARD, SKIP_REASONS, BadSample
 from milan.errors import UserError
 
@@ -128,7 +129,7 @@ class SkipReport:
 
     def all_reduce(self, device: torch.device | None = None) -> None:
         """Sums the counts over all ranks in place (no-op without a process group; NCCL needs a CUDA ``device``)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not dist.is_enabled():
             return
         counts = [self.counts[r] for r in SKIP_REASONS]
         values = torch.tensor([self.seen, self.damaged_shards, *counts], dtype=torch.long, device=device)
