@@ -77,21 +77,15 @@ class ImageDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> tuple[bytes, int] | BadSample:
-        """The encoded file of sample ``index`` and its label, or why it cannot be read (no decoding)."""
+    def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
         data = read_file(path)
-        return data if isinstance(data, BadSample) else (data, label)
-
-    def __getitem__(self, index: int) -> Item:
-        read = self.read(index)
-        if isinstance(read, BadSample):
-            return read
-        data, label = read
+        if isinstance(data, BadSample):
+            return data
         try:
             return self.pipeline(open_image(data, max_pixels=self.max_pixels)), label
         except ImageDecodeError as err:
-            return BadSample(str(self.samples[index][0]), err.reason, err.detail)
+            return BadSample(str(path), err.reason, err.detail)
 
 
 def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:

@@ -35,7 +35,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from milan.data.datasets import ImageDataset
-from milan.data.decode import BadSample, ImageDecodeError, decode_rgb, open_image
+from milan.data.decode import BadSample, ImageDecodeError, decode_rgb, open_image, read_file
 from milan.data.report import Batch
 from milan.errors import ConfigError
 
@@ -56,16 +56,15 @@ class EncodedImages(Dataset[EncodedItem]):
         return len(self.images)
 
     def __getitem__(self, index: int) -> EncodedItem:
-        read = self.images.read(index)
-        if isinstance(read, BadSample):
-            return read
-        data, label = read
-        path = str(self.images.samples[index][0])
+        path, label = self.images.samples[index]
+        data = read_file(path)
+        if isinstance(data, BadSample):
+            return data
         try:
             open_image(data, max_pixels=self.images.max_pixels)  # the header only
         except ImageDecodeError as err:
-            return BadSample(path, err.reason, err.detail)
-        return data, int(torch.randint(1 << 62, (1,)).item()), path, label
+            return BadSample(str(path), err.reason, err.detail)
+        return data, int(torch.randint(1 << 62, (1,)).item()), str(path), label
 
 
 @dataclass
