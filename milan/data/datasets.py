@@ -7,7 +7,6 @@ not raised, so that it crosses DataLoader worker processes and is counted by :cl
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from collections import Counter
@@ -209,7 +208,7 @@ class ShardImages(IterableDataset[Item]):
     def _decode(self, sample: dict[str, Any]) -> Item:
         name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         keys = (key for key in sample if not key.startswith("__") and key.lower().rsplit(".", 1)[-1] in _IMAGE_KEYS)
-        image_key = next(itertools.islice(keys, 1), None)
+        image_key = next(keys, None)
         if image_key is None:
             return BadSample(name, "not an image", f"no image file in the sample (keys: {sorted(sample)})")
         label = UNLABELLED
