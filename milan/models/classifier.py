@@ -73,9 +73,14 @@ class FinetuneClassifier(nn.Module):
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits."""
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) pooled, normalised features."""
         tokens = self.encoder.forward_features(images)  # (B, 1 + L, D), no final norm
         pooled = tokens[:, 1:].mean(dim=1) if self.global_pool == "avg" else tokens[:, 0]
-        logits: torch.Tensor = self.head(self.fc_norm(pooled))
+        out: torch.Tensor = self.fc_norm(pooled)
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits."""
+        logits: torch.Tensor = self.head(self.forward_features(images))
         return logits
