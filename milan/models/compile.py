@@ -4,7 +4,7 @@ Only a method of a module is replaced (an instance attribute shadowing it), so t
 state-dict keys and hooks, DDP can wrap it as usual, and forward hooks run eagerly around the compiled region (no
 recompilation when hooks are added or removed). If compiling fails (no C++ compiler on a CPU machine, an unsupported
 op, a backend error), ``torch._dynamo.config.suppress_errors`` runs that code eagerly from then on; torch logs the
-failure with its traceback, which is turned into one :class:`CompileWarning` line per reason here.
+failure with its traceback, which is turned into one :class:`CompileWarning` line per function here.
 
 Compilation happens on the first call; the backward graph is compiled at the first backward pass, where torch does
 not suppress a failure (set ``TORCHDYNAMO_DISABLE=1`` then).
@@ -13,6 +13,7 @@ not suppress a failure (set ``TORCHDYNAMO_DISABLE=1`` then).
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -31,13 +32,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _OneWarning(logging.Filter):
-    """Turns dynamo's "WON'T CONVERT ... Traceback" log records into one :class:`CompileWarning` line per reason.
+    """Turns dynamo's "WON'T CONVERT ... Traceback" log records into one :class:`CompileWarning` per function.
 
-    After a function's frame fails, dynamo also tries (and fails on) every frame it calls, for the same reason.
+    After a function's frame fails, dynamo also tries (and fails on) every frame it calls; those repeat the reason
+    already reported and are dropped. Dynamo names the failing frame only inside its pre-formatted message
+    (``WON'T CONVERT <name> <file> line <n>``), which is matched against the methods :func:`compile_method` compiled.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.compiled: dict[tuple[str, int], str] = {}  # (file, first line) of a compiled method -> its name
         self.reported: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -48,10 +52,18 @@ class _OneWarning(logging.Filter):
         cause = exc.__cause__ or getattr(exc, "inner_exception", None)  # dynamo wraps backend errors
         if isinstance(cause, BaseException):
             reason += f" {type(cause).__name__}: {_first_line(cause)}"
-        if reason not in self.reported:
-            self.reported.add(reason)
-            warnings.warn(f"torch.compile failed ({reason}); running it eagerly", CompileWarning, stacklevel=2)
+        frame = re.match(r"WON'T CONVERT \S+ (.+) line (\d+)", record.getMessage())
+        what = self.compiled.get((frame.group(1), int(frame.group(2)))) if frame else None
+        if what is not None and what not in self.reported:
+            self._warn(f"torch.compile of {what}", reason)
+        elif what is None and reason not in self.reported:  # a frame we did not compile ourselves
+            self._warn("torch.compile", reason)
+        self.reported.update({reason} if what is None else {reason, what})
         return False
+
+    @staticmethod
+    def _warn(what: str, reason: str) -> None:
+        warnings.warn(f"{what} failed ({reason}); running it eagerly", CompileWarning, stacklevel=3)
 
 
 _FILTER = _OneWarning()
@@ -77,7 +89,11 @@ def compile_method(module: nn.Module, name: str = "forward", **compile_kwargs: A
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
     module.__dict__.pop(name, None)  # compiling twice compiles the eager method again
-    setattr(module, name, torch.compile(getattr(module, name), **compile_kwargs))
+    method = getattr(module, name)
+    code = getattr(getattr(method, "__func__", method), "__code__", None)
+    if code is not None:
+        _FILTER.compiled[(code.co_filename, code.co_firstlineno)] = f"{type(module).__name__}.{name}"
+    setattr(module, name, torch.compile(method, **compile_kwargs))
 
 
 def compile_milan(model: MILAN, *, mode: str | None = None, backend: str = "inductor", teacher: bool = True) -> None:
