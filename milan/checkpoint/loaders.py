@@ -168,7 +168,7 @@ def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> V
     def build() -> VisionTransformer:
         encoder = arch.build(drop_path_rate=drop_path_rate)
         if ck.kind == "finetune":
-            encoder.norm = nn.Identity()  # type: ignore[assignment]
+            encoder.norm = nn.Identity()
         return encoder
 
     return build_strict(build, ck.encoder_state(), f"{ck.source}: student encoder")

@@ -7,7 +7,6 @@ not raised, so that it crosses DataLoader worker processes and is counted by :cl
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from collections import Counter
@@ -19,6 +18,7 @@ from typing import Any, Literal, overload
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from milan import distributed as dist
 from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image, read_file
 from milan.data.sampling import mix_seeds
 from milan.data.sources import (
@@ -76,21 +76,15 @@ class ImageDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> tuple[bytes, int] | BadSample:
-        """The encoded file of sample ``index`` and its label, or why it cannot be read (no decoding)."""
+    def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
         data = read_file(path)
-        return data if isinstance(data, BadSample) else (data, label)
-
-    def __getitem__(self, index: int) -> Item:
-        read = self.read(index)
-        if isinstance(read, BadSample):
-            return read
-        data, label = read
+        if isinstance(data, BadSample):
+            return data
         try:
             return self.pipeline(open_image(data, max_pixels=self.max_pixels)), label
         except ImageDecodeError as err:
-            return BadSample(str(self.samples[index][0]), err.reason, err.detail)
+            return BadSample(str(path), err.reason, err.detail)
 
 
 def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
@@ -184,9 +178,7 @@ class ShardImages(IterableDataset[Item]):
     def __iter__(self) -> Iterator[Item]:
         wds = import_webdataset()
         info = get_worker_info()
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        seed = mix_seeds(self.seed, self.epoch + self._iterations, rank, info.id if info is not None else 0)
+        seed = mix_seeds(self.seed, self.epoch + self._iterations, dist.rank(), info.id if info is not None else 0)
         self._iterations += 1
         errors: list[tuple[str | None, str]] = []  # (shard or None, message), filled by the handler
 
@@ -216,7 +208,7 @@ class ShardImages(IterableDataset[Item]):
     def _decode(self, sample: dict[str, Any]) -> Item:
         name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         keys = (key for key in sample if not key.startswith("__") and key.lower().rsplit(".", 1)[-1] in _IMAGE_KEYS)
-        image_key = next(itertools.islice(keys, 1), None)
+        image_key = next(keys, None)
         if image_key is None:
             return BadSample(name, "not an image", f"no image file in the sample (keys: {sorted(sample)})")
         label = UNLABELLED

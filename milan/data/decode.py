@@ -17,28 +17,19 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SkipReason = Literal[
-    "empty", "not an image", "corrupt", "truncated", "too large", "missing", "unreadable", "mismatched", "damaged shard"
+    "corrupt", "truncated", "empty", "not an image", "too large", "missing", "unreadable", "mismatched", "damaged shard"
 ]
 """Why a sample was skipped: ``missing``/``unreadable`` come from the file system, ``mismatched``: an image and its
 label map (segmentation) differ in size, ``damaged shard`` marks a tar shard that could not be read to its end (it
 counts shards, not images), the others come from the bytes."""
 
-SKIP_REASONS: tuple[SkipReason, ...] = (
-    "corrupt",
-    "truncated",
-    "empty",
-    "not an image",
-    "too large",
-    "missing",
-    "unreadable",
-    "mismatched",
-)
+SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)[:-1]
 """The reasons an *image* is skipped, in the order reports list them (``damaged shard`` is counted apart)."""
 
 DAMAGED_SHARD: SkipReason = "damaged shard"

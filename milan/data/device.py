@@ -19,10 +19,11 @@ packs a batch's files back to back in one ``uint8`` tensor (one shared-memory bl
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,23 +35,13 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from milan.data.datasets import ImageDataset
-from milan.data.decode import BadSample, ImageDecodeError, decode_rgb, open_image
+from milan.data.decode import BadSample, ImageDecodeError, decode_rgb, open_image, read_file
 from milan.data.report import Batch
 from milan.errors import ConfigError
 
 CropBox = tuple[int, int, int, int]  # (top, left, height, width), torchvision's order
 DecodeResult = torch.Tensor | BadSample  # (3, H, W) uint8 RGB on the device, or why it was skipped
-
-
-class Encoded(NamedTuple):
-    """One sample's file, as read by a worker."""
-
-    data: bytes  # the encoded file
-    seed: int  # the augmentation seed
-    path: str
-
-
-EncodedItem = tuple[Encoded, int] | BadSample
+EncodedItem = tuple[bytes, int, str, int] | BadSample  # (the encoded file, its augmentation seed, path, label)
 
 
 class EncodedImages(Dataset[EncodedItem]):
@@ -65,16 +56,15 @@ class EncodedImages(Dataset[EncodedItem]):
         return len(self.images)
 
     def __getitem__(self, index: int) -> EncodedItem:
-        read = self.images.read(index)
-        if isinstance(read, BadSample):
-            return read
-        data, label = read
-        path = str(self.images.samples[index][0])
+        path, label = self.images.samples[index]
+        data = read_file(path)
+        if isinstance(data, BadSample):
+            return data
         try:
             open_image(data, max_pixels=self.images.max_pixels)  # the header only
         except ImageDecodeError as err:
-            return BadSample(path, err.reason, err.detail)
-        return Encoded(data, int(torch.randint(1 << 62, (1,)).item()), path), label
+            return BadSample(str(path), err.reason, err.detail)
+        return data, int(torch.randint(1 << 62, (1,)).item()), str(path), label
 
 
 @dataclass
@@ -95,16 +85,14 @@ class EncodedBatch:
 def collate_encoded(items: Sequence[EncodedItem]) -> EncodedBatch:
     """DataLoader ``collate_fn`` for :class:`EncodedImages`: packs the files, keeps the bad samples aside."""
     good = [item for item in items if not isinstance(item, BadSample)]
-    offsets = [0]
-    for encoded, _ in good:
-        offsets.append(offsets[-1] + len(encoded.data))
-    packed = bytearray(b"".join(encoded.data for encoded, _ in good))
+    datas, seeds, paths, labels = zip(*good, strict=True) if good else ((), (), (), ())
+    packed = bytearray(b"".join(datas))
     return EncodedBatch(
         data=torch.frombuffer(packed, dtype=torch.uint8) if packed else torch.empty(0, dtype=torch.uint8),  # (N,)
-        offsets=offsets,
-        seeds=[encoded.seed for encoded, _ in good],
-        paths=[encoded.path for encoded, _ in good],
-        labels=torch.tensor([label for _, label in good], dtype=torch.long),  # (B,)
+        offsets=[0, *itertools.accumulate(len(data) for data in datas)],
+        seeds=list(seeds),
+        paths=list(paths),
+        labels=torch.tensor(labels, dtype=torch.long),  # (B,)
         skipped=tuple(item for item in items if isinstance(item, BadSample)),
     )
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from milan import distributed as dist
 from milan.data.decode import DAMAGED_SHARD, SKIP_REASONS, BadSample
 from milan.errors import UserError
 
@@ -51,15 +52,15 @@ class Batch:
         return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
 
 
-def collate_images(items: Sequence[tuple[torch.Tensor, int] | BadSample]) -> Batch:
+def collate_images(items: Sequence[tuple[torch.Tensor, int | torch.Tensor] | BadSample]) -> Batch:
     """DataLoader ``collate_fn``: stacks the good ``(image, label)`` items and keeps the bad ones aside."""
     bad = tuple(item for item in items if isinstance(item, BadSample))
     good = [item for item in items if not isinstance(item, BadSample)]
     if not good:
         return Batch(images=torch.empty(0, 3, 0, 0), labels=torch.empty(0, dtype=torch.long), skipped=bad)
     # default_collate writes straight into shared memory inside worker processes (no extra copy).
-    images = default_collate([image for image, _ in good])  # (B, 3, H, W)
-    return Batch(images=images, labels=torch.tensor([label for _, label in good], dtype=torch.long), skipped=bad)
+    images, labels = default_collate(good)  # (B, 3, H, W), (B,) int64 (or the label maps stacked)
+    return Batch(images=images, labels=labels, skipped=bad)
 
 
 class SkipReport:
@@ -128,7 +129,7 @@ class SkipReport:
 
     def all_reduce(self, device: torch.device | None = None) -> None:
         """Sums the counts over all ranks in place (no-op without a process group; NCCL needs a CUDA ``device``)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not dist.is_enabled():
             return
         counts = [self.counts[r] for r in SKIP_REASONS]
         values = torch.tensor([self.seen, self.damaged_shards, *counts], dtype=torch.long, device=device)

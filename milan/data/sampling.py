@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 from tqdm import tqdm
 
 from milan import distributed as dist
@@ -51,12 +51,12 @@ def mix_seeds(*parts: int) -> int:
     return x >> 1
 
 
-class EpochSampler(Sampler[SampleKey]):
+class EpochSampler(DistributedSampler[int]):
     """Shuffled, rank-sharded ``(epoch, index)`` keys that can start mid-epoch: the training sampler.
 
-    The order is :class:`torch.utils.data.DistributedSampler`'s: ``randperm(n)`` seeded with ``seed + epoch``,
-    truncated to a multiple of ``world_size`` (``drop_last``) or padded by wrapping around, then every
-    ``world_size``-th index from ``rank``.
+    torch's :class:`~torch.utils.data.DistributedSampler` order (``randperm(n)`` seeded with ``seed + epoch``,
+    truncated to a multiple of ``world_size`` or padded by wrapping around, every ``world_size``-th index from
+    ``rank``), each index keyed with its epoch, from the resume position ``start`` on.
     """
 
     def __init__(
@@ -70,34 +70,20 @@ class EpochSampler(Sampler[SampleKey]):
     ) -> None:
         if num_samples < 1:
             raise ValueError("the dataset is empty")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.epoch = 0
+        indices: Any = range(num_samples)  # a Sized stand-in for the dataset: only its length is read
+        super().__init__(indices, num_replicas=world_size, rank=rank, seed=seed, drop_last=drop_last)
         self.start = 0
-
-    @property
-    def per_rank(self) -> int:
-        """Samples each process gets in a full epoch."""
-        return self.num_samples // self.world_size if self.drop_last else -(-self.num_samples // self.world_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Selects the epoch (reshuffles) and skips its first ``start`` samples of this process (resume)."""
-        self.epoch = epoch
+        super().set_epoch(epoch)
         self.start = start
 
-    def __iter__(self) -> Iterator[SampleKey]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order: list[int] = torch.randperm(self.num_samples, generator=generator).tolist()
-        total = self.per_rank * self.world_size
-        if total > len(order):  # pad by wrapping around, as DistributedSampler does
-            order += (order * (-(-total // len(order))))[: total - len(order)]
-        return iter([(self.epoch, i) for i in order[self.rank : total : self.world_size][self.start :]])
+    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start :]])
 
     def __len__(self) -> int:
-        return max(0, self.per_rank - self.start)
+        return max(0, self.num_samples - self.start)
 
 
 class Keyed(NamedTuple):
@@ -240,7 +226,7 @@ def seeded_loader(
     """
     n = len(dataset)  # type: ignore[arg-type]
     sampler = EpochSampler(n, seed=seed, rank=dist.rank(), world_size=dist.world_size())
-    if sampler.per_rank < batch_size:
+    if sampler.num_samples < batch_size:
         raise ConfigError(
             f"{key} has {n} images: fewer than batch_size={batch_size} per process ({dist.world_size()} "
             "process(es)); lower batch_size or use more data"
@@ -255,7 +241,7 @@ def seeded_loader(
         pin_memory=device.type == "cuda",
         seed=None,  # every sample seeds itself: the workers' seeds do not matter
     )
-    return loader, sampler, sampler.per_rank // batch_size
+    return loader, sampler, sampler.num_samples // batch_size
 
 
 def eval_loader(

@@ -46,7 +46,7 @@ from milan.data.decode import (
     open_image,
     read_file,
 )
-from milan.data.report import Batch
+from milan.data.report import Batch, collate_images
 from milan.data.sources import no_images_error, scan_images
 from milan.errors import ConfigError
 
@@ -242,16 +242,10 @@ class SegmentationDataset(Dataset[SegItem]):
 
 
 def collate_segmentation(items: Sequence[SegItem]) -> SegBatch:
-    """DataLoader ``collate_fn``: stacks the good pairs, keeps the bad samples and the label problems aside."""
-    bad = tuple(i for i in items if isinstance(i, BadSample))
+    """DataLoader ``collate_fn``: :func:`~milan.data.collate_images` of the pairs, the label problems kept aside."""
+    batch = collate_images([i for i in items if not isinstance(i, LabelProblem)])  # labels (B, H, W)
     problems = tuple(i.message for i in items if isinstance(i, LabelProblem))
-    good = [i for i in items if not isinstance(i, (BadSample, LabelProblem))]
-    if not good:
-        empty = torch.empty(0, 3, 0, 0), torch.empty(0, 0, 0, dtype=torch.long)
-        return SegBatch(images=empty[0], labels=empty[1], skipped=bad, label_errors=problems)
-    images = torch.stack([image for image, _ in good])  # (B, 3, H, W): equal sizes (training crops, or B = 1)
-    labels = torch.stack([label for _, label in good])  # (B, H, W)
-    return SegBatch(images=images, labels=labels, skipped=bad, label_errors=problems)
+    return SegBatch(images=batch.images, labels=batch.labels, skipped=batch.skipped, label_errors=problems)
 
 
 def check_labels(batch: Batch) -> Batch:

@@ -239,50 +239,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "milan"
 
 
-def _members_by_class(tar_path: Path, split: str | None) -> dict[str, list[tuple[str, str]]]:
-    """Image members by class: ``class -> [(member name, output path "class/.../image")]``.
+def _members_by_class(tf: tarfile.TarFile, split: str | None) -> dict[str, list[tarfile.TarInfo]]:
+    """Image members by class, each renamed to its output path ``class/.../image``.
 
     ``split=None`` strips a top folder shared by every image (``train/<class>/...``), if there is one.
     """
-    names: list[tuple[str, tuple[str, ...]]] = []
-    with tarfile.open(tar_path, "r:*") as tf:
-        for member in tf:
-            path = PurePosixPath(member.name)
-            if member.isfile() and is_image_file(member.name) and ".." not in path.parts and not path.is_absolute():
-                names.append((member.name, path.parts))
+    members: list[tuple[tarfile.TarInfo, tuple[str, ...]]] = []
+    for member in tf:
+        path = PurePosixPath(member.name)
+        if member.isfile() and is_image_file(member.name) and ".." not in path.parts and not path.is_absolute():
+            members.append((member, path.parts))
     if split is None:
-        tops = {parts[0] for _, parts in names}
-        if len(tops) == 1 and all(len(parts) >= 3 for _, parts in names):
+        tops = {parts[0] for _, parts in members}
+        if len(tops) == 1 and all(len(parts) >= 3 for _, parts in members):
             split = tops.pop()
-    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for member_name, parts in names:
+    groups: dict[str, list[tarfile.TarInfo]] = defaultdict(list)
+    for member, parts in members:
         if split is not None and parts[0] != split:
             continue
         inner = parts[1:] if split is not None else parts
         if len(inner) >= 2:  # class folder + file
-            groups[inner[0]].append((member_name, "/".join(inner)))
+            member.name = "/".join(inner)
+            groups[inner[0]].append(member)
     return groups
-
-
-def _extract(tar_path: Path, selected: dict[str, str], dest: Path) -> None:
-    """Writes the selected members (name -> relative output path) under ``dest``."""
-    remaining = len(selected)
-    with tarfile.open(tar_path, "r:*") as tf:
-        for member in tf:
-            out = selected.get(member.name)
-            if out is None:
-                continue
-            source = tf.extractfile(member)
-            if source is None:
-                raise OSError(f"{tar_path}: cannot read member {member.name}")
-            (dest / out).parent.mkdir(parents=True, exist_ok=True)
-            with source, open(dest / out, "wb") as sink:
-                shutil.copyfileobj(source, sink)
-            remaining -= 1
-            if remaining == 0:
-                break
-    if remaining:
-        raise OSError(f"{tar_path}: {remaining} selected members were not found on the second read")
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -346,37 +325,39 @@ def extract_archive_subset(
     if marker is None and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and was not written by extract_archive_subset; choose another out_dir")
 
-    groups = _members_by_class(tar_path, split)
-    if classes is not None:
-        missing = sorted(set(classes) - set(groups))
-        if missing:
-            raise FileNotFoundError(f"{tar_path}: classes not in the archive (split {split!r}): {missing[:10]}")
-        groups = {name: groups[name] for name in classes}
-    selected: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    for name, members in groups.items():
-        chosen = sorted(members, key=lambda m: natural_key(m[0]))[:per_class]
-        selected.update(chosen)
-        counts[name] = len(chosen)
-    if not selected:
-        raise FileNotFoundError(f"no images in {tar_path} for split {split!r} (layout: [split/]class/.../image)")
+    with tarfile.open(tar_path, "r:*") as tf:
+        groups = _members_by_class(tf, split)
+        if classes is not None:
+            missing = sorted(set(classes) - set(groups))
+            if missing:
+                raise FileNotFoundError(f"{tar_path}: classes not in the archive (split {split!r}): {missing[:10]}")
+            groups = {name: groups[name] for name in classes}
+        selected: list[tarfile.TarInfo] = []
+        counts: dict[str, int] = {}
+        for name, members in groups.items():
+            chosen = sorted(members, key=lambda m: natural_key(m.name))[:per_class]
+            selected += chosen
+            counts[name] = len(chosen)
+        if not selected:
+            raise FileNotFoundError(f"no images in {tar_path} for split {split!r} (layout: [split/]class/.../image)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _extract(tar_path, selected, tmp)
-        (tmp / MARKER).write_text(json.dumps({**request, "num_images": len(selected), "per_class_found": counts}))
-        if out.exists():  # another subset of ours: replace it
-            stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
-            os.replace(out, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            theirs = _read_marker(out)
-            if theirs is None or {k: theirs.get(k) for k in request} != request:
-                raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
+            selected.sort(key=lambda m: m.offset)  # one pass in archive order (a compressed stream seeks forward)
+            tf.extractall(tmp, members=selected, filter="data")
+            (tmp / MARKER).write_text(json.dumps({**request, "num_images": len(selected), "per_class_found": counts}))
+            if out.exists():  # another subset of ours: replace it
+                stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
+                os.replace(out, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished first
+                theirs = _read_marker(out)
+                if theirs is None or {k: theirs.get(k) for k in request} != request:
+                    raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(tmp)
     return out

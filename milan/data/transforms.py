@@ -117,10 +117,11 @@ class ImagePipeline:
         return self.transform(self.decode(img))
 
 
+@dataclass(frozen=True)
 class RandomResizedCropDecode:
     """Decode stage of the training views: a random resized crop of either geometry, optionally through draft.
 
-    Args:
+    Attributes:
         size: Output size, an int (square) or ``(height, width)``.
         scale: Range of the crop area as a fraction of the image area.
         ratio: Range of the crop aspect ratio (width / height).
@@ -129,58 +130,45 @@ class RandomResizedCropDecode:
         crop: How the box is drawn (:data:`CropGeometry`).
     """
 
-    def __init__(
-        self,
-        size: int | Sequence[int],
-        *,
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        interpolation: Interpolation = "bicubic",
-        draft: bool = False,
-        crop: CropGeometry = "torchvision",
-    ) -> None:
-        if crop not in CROP_GEOMETRIES:
-            raise ValueError(f"crop must be one of {', '.join(CROP_GEOMETRIES)}, got {crop!r}")
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-        if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
-        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))  # (height, width)
-        self.scale = scale
-        self.ratio = ratio
-        self.interpolation = _interpolation(interpolation)
-        self.draft = draft
-        self.crop = crop
+    size: int | Sequence[int]
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: Interpolation = "bicubic"
+    draft: bool = False
+    crop: CropGeometry = "torchvision"
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_GEOMETRIES:
+            raise ValueError(f"crop must be one of {', '.join(CROP_GEOMETRIES)}, got {self.crop!r}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
 
     def __call__(self, img: Image.Image) -> Image.Image:
         # The same random draws, in the same order, as the geometry's reference (header size only).
         top, left, height, width = crop_box(img, self.scale, self.ratio, self.crop)
-        out_h, out_w = self.size
+        out_h, out_w = (self.size, self.size) if isinstance(self.size, int) else self.size
+        mode = _interpolation(self.interpolation)
         s = 1
         if self.draft:  # the whole-image size for which the crop still covers out_w x out_h drafted pixels
             full_w, full_h = img.size
             s = draft_to(img, math.ceil(full_w * out_w / width), math.ceil(full_h * out_h / height))
         rgb = load_rgb(img)
         if s == 1:
-            out = TF.resized_crop(rgb, top, left, height, width, [out_h, out_w], self.interpolation, antialias=True)
+            out = TF.resized_crop(rgb, top, left, height, width, [out_h, out_w], mode, antialias=True)
             return cast(Image.Image, out)
         # Drafted pixel i covers original pixels [i*s, (i+1)*s): the crop box maps exactly by 1/s.
         box = (left / s, top / s, (left + width) / s, (top + height) / s)
-        return rgb.resize((out_w, out_h), TF.pil_modes_mapping[self.interpolation], box=box)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-            f"interpolation={self.interpolation.value}, draft={self.draft}, crop={self.crop})"
-        )
+        return rgb.resize((out_w, out_h), TF.pil_modes_mapping[mode], box=box)
 
 
+@dataclass(frozen=True)
 class ResizeDecode:
     """Decode stage for evaluation: full decode, or (``draft``) a JPEG draft keeping the short side >= the resize."""
 
-    def __init__(self, resize_size: int, *, draft: bool = False) -> None:
-        self.resize_size = resize_size
-        self.draft = draft
+    resize_size: int
+    draft: bool = False
 
     def __call__(self, img: Image.Image) -> Image.Image:
         if self.draft:
@@ -188,9 +176,6 @@ class ResizeDecode:
             short = min(width, height)
             draft_to(img, math.ceil(width * self.resize_size / short), math.ceil(height * self.resize_size / short))
         return load_rgb(img)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(resize_size={self.resize_size}, draft={self.draft})"
 
 
 def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Callable[..., object]]:

@@ -64,7 +64,7 @@ class FinetuneClassifier(nn.Module):
     ) -> None:
         super().__init__()
         dim = encoder.embed_dim
-        encoder.norm = nn.Identity()  # type: ignore[assignment]
+        encoder.norm = nn.Identity()
         encoder.pos_embed.requires_grad_(True)
         self.encoder = encoder
         self.global_pool = global_pool

@@ -102,7 +102,6 @@ def compile_milan(model: MILAN, *, mode: str | None = None, backend: str = "indu
     The mask draw and the loss stay eager (small). With ``mode="reduce-overhead"`` inductor replays CUDA graphs of
     the compiled parts. The model is modified in place (state dict and DDP wrapping are unaffected).
     """
-    kwargs: dict[str, Any] = {"backend": backend} if mode is None else {"backend": backend, "mode": mode}
-    compile_method(model.student, "forward", **kwargs)
+    compile_method(model.student, "forward", mode=mode, backend=backend)
     if teacher and model.teacher is not None:
-        compile_method(model.teacher, "_forward", **kwargs)
+        compile_method(model.teacher, "_forward", mode=mode, backend=backend)

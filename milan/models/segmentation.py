@@ -191,7 +191,7 @@ class SegmentationModel(nn.Module):
         encoder.pos_embed = nn.Parameter(resampled, requires_grad=True)
         encoder.grid_size = grid
         encoder.num_patches = grid[0] * grid[1]
-        encoder.norm = nn.Identity()  # type: ignore[assignment]
+        encoder.norm = nn.Identity()
         if layer_scale is not None:
             for blk in encoder.blocks:
                 for name in ("ls1", "ls2"):
@@ -334,11 +334,8 @@ def model_spec(model: SegmentationModel) -> dict[str, Any]:
 
 def build_from_spec(spec: dict[str, Any]) -> SegmentationModel:
     """An (untrained) :class:`SegmentationModel` of the architecture ``spec`` describes (load its weights next)."""
-    encoder = VisionTransformer(
-        img_size=int(spec["crop_size"]), patch_size=int(spec["patch_size"]), embed_dim=int(spec["embed_dim"]),
-        depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), mlp_ratio=float(spec["mlp_ratio"]),
-        qkv_bias=bool(spec["qkv_bias"]), norm_eps=float(spec["norm_eps"]),
-    )  # fmt: skip
+    shape = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "norm_eps")
+    encoder = VisionTransformer(img_size=int(spec["crop_size"]), **{k: spec[k] for k in shape})
     return SegmentationModel(
         encoder, int(spec["num_classes"]), crop_size=int(spec["crop_size"]), channels=int(spec["channels"]),
         aux_channels=int(spec["aux_channels"]), pool_scales=[int(s) for s in spec["pool_scales"]],

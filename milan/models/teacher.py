@@ -10,7 +10,7 @@ q and k (one query row, never the full L x L map), while every block keeps fused
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -84,15 +84,6 @@ def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) ->
     return x, cls_attention
 
 
-def _cast_input(dtype: torch.dtype) -> Any:
-    """A forward pre-hook casting a module's (first) input to ``dtype``."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0].to(dtype), *args[1:])
-
-    return hook
-
-
 class Teacher(nn.Module):
     """Frozen ViT teacher returning per-token targets and the CLS-to-patch attention.
 
@@ -156,7 +147,9 @@ class Teacher(nn.Module):
         if self._cast_hook is not None:
             self._cast_hook.remove()
         # After the tower's own input hooks (e.g. the resize of a teacher run at another resolution), which run first.
-        self._cast_hook = self.model.patch_embed.register_forward_pre_hook(_cast_input(dtype))
+        self._cast_hook = self.model.patch_embed.register_forward_pre_hook(
+            lambda _, args: (args[0].to(dtype), *args[1:])
+        )
         return self
 
     def train(self, mode: bool = True) -> Teacher:

@@ -1,4 +1,4 @@
-"""The student encoder: an MAE-style Vision Transformer with timm's layers and key names.
+"""The student encoder: timm's Vision Transformer with a fixed sin-cos position table and an MAE-style masked forward.
 
 Its state dict (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,
 norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``) loads strictly into ``timm.create_model('vit_base_patch16_224',
@@ -11,9 +11,8 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers.patch_embed import PatchEmbed
-from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from milan.masking import gather_tokens
 from milan.pos_embed import PosEmbedLayout, sincos_2d
@@ -40,14 +39,17 @@ def mae_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class VisionTransformer(nn.Module):
-    """ViT encoder with a fixed 2-D sin-cos position embedding and a masked forward.
+class VisionTransformer(TimmVisionTransformer):
+    """timm's ViT encoder (no head) with a fixed 2-D sin-cos position embedding, MAE's init and a masked forward.
 
     Args:
         drop_path_rate: Stochastic depth, linearly increasing over depth (0 for pretraining).
         pos_embed_layout: Channel layout of the sin-cos table (see ``milan.pos_embed``).
         norm_eps: LayerNorm epsilon (1e-6 in MAE/MILAN).
     """
+
+    cls_token: nn.Parameter
+    pos_embed: nn.Parameter
 
     def __init__(
         self,
@@ -63,53 +65,29 @@ class VisionTransformer(nn.Module):
         pos_embed_layout: PosEmbedLayout = "mmpretrain",
         norm_eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self.embed_dim = embed_dim
+        super().__init__(
+            img_size, patch_size, in_chans, num_classes=0, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, pos_embed="none",
+            norm_layer=partial(nn.LayerNorm, eps=norm_eps), weight_init="skip",
+        )  # fmt: skip
         self.num_heads = num_heads
         self.patch_size = patch_size
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         gh, gw = self.patch_embed.grid_size
         self.grid_size: tuple[int, int] = (int(gh), int(gw))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed during pretraining (requires_grad=False); fine-tuning may unfreeze it.
         self.pos_embed = nn.Parameter(
             sincos_2d(self.grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
         )  # (1, 1 + L, D)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # CPU: also built on the meta device
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)  # type: ignore[arg-type]
-            for i in range(depth)
-        )
-        self.norm = norm_layer(embed_dim)
-        self.grad_checkpointing = False
         self.init_weights()
 
-    def init_weights(self) -> None:
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """MAE initialisation: Xavier-uniform Linears (and patch projection viewed as a Linear), N(0, 0.02) cls."""
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         mae_init_(self.blocks)
         mae_init_(self.norm)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        out: torch.Tensor = self.norm(x)
-        return out
-
-    def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # pos[0] is zero
-        return torch.cat([cls, x], dim=1)
 
     def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encodes only the visible patches.
@@ -122,12 +100,12 @@ class VisionTransformer(nn.Module):
             (B, 1 + K, D) the cls token then the visible tokens, after the final LayerNorm.
         """
         x = self.patch_embed(images) + self.pos_embed[:, 1:]  # (B, L, D): positions added before masking
-        return self._run_blocks(self._prepend_cls(gather_tokens(x, ids_keep)))  # (B, 1 + K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # pos[0] is zero
+        x = torch.cat([cls, gather_tokens(x, ids_keep)], dim=1)  # (B, 1 + K, D)
+        x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing and torch.is_grad_enabled() else self.blocks(x)
+        out: torch.Tensor = self.norm(x)
+        return out
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Encodes every patch (evaluation): (B, C, H, W) normalised images -> (B, 1 + L, D) after the final norm."""
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]
-        return self._run_blocks(self._prepend_cls(x))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Every patch (evaluation): (B, C, H, W) normalised images -> (B, 1 + L, D) after the final norm."""
         return self.forward_features(images)
