@@ -43,6 +43,7 @@ from milan.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = [
     "CheckpointError",
+    "atomic_path",
     "atomic_save",
     "read_safetensors_metadata",
     "safe_load",
@@ -61,7 +62,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 
     Keep ``obj`` to tensors and plain containers so that ``weights_only=True`` can load it.
     """
-    with _atomic_path(Path(path)) as tmp, tmp.open("wb") as f:
+    with atomic_path(Path(path)) as tmp, tmp.open("wb") as f:
         torch.save(obj, f)
     return Path(path)
 
@@ -84,13 +85,13 @@ def save_safetensors(
             t = t.clone()  # safetensors refuses tensors sharing (or viewing part of) a storage
         seen.add(t.untyped_storage().data_ptr())
         data[key] = t
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         save_file(data, tmp, metadata={"format": "pt", **(metadata or {})})
     return Path(path)
 
 
 @contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary file next to ``path`` for the block to write; then fsynced and renamed over ``path``.
 
     The file ends with mode 0o666 less the umask, as ``open()`` creates files (``tempfile.mkstemp`` would give 0o600,

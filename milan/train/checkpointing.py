@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from milan import distributed as dist
-from milan.checkpoint.io import CheckpointError, _atomic_path, atomic_save, safe_load
+from milan.checkpoint.io import CheckpointError, atomic_path, atomic_save, safe_load
 from milan.errors import UserError
 from milan.train.loop import TrainState
 
@@ -213,7 +213,7 @@ class Checkpointer:
         if epoch_end is not None and self.keep > 0:
             copy = self.dir / f"epoch_{epoch_end:04d}.pt"
             try:  # an independent copy (own bytes, last.pt's modification time), written and renamed atomically
-                with _atomic_path(copy) as tmp:
+                with atomic_path(copy) as tmp:
                     shutil.copy2(self.last, tmp)
             except OSError as e:
                 _raise_write_error(e, copy, self.last.stat().st_size, intact=self.last)

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
-from milan.checkpoint.io import _atomic_path
+from milan.checkpoint.io import atomic_path
 from milan.data.sources import shell_sources
 from milan.data.transforms import CropGeometry
 from milan.errors import ConfigError as ConfigError  # re-exported: the config error of every job
@@ -763,7 +763,7 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Writes the resolved config as YAML (readable back with :func:`load_config`), atomically."""
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         tmp.write_text(to_yaml(cfg))
     return Path(path)
 

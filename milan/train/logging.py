@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from milan.checkpoint.io import _atomic_path
+from milan.checkpoint.io import atomic_path
 from milan.flops import mfu
 from milan.train.loop import TrainState
 
@@ -200,7 +200,7 @@ def _truncate_jsonl(path: Path, start_step: int) -> None:
         path.unlink()
         return
     kept = [r for r in read_metrics(path, None) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= start_step]
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
