@@ -203,10 +203,7 @@ def export_timm(
         result.pretrained_cfg["label_names"] = list(spec.head.class_names)
     if ck.kind == "linear_probe" and head:
         result.notes.append("the probe's BatchNorm is folded into its Linear head (timm global_pool='token')")
-    meta.update(kind=spec.kind, num_heads=spec.encoder.num_heads, pos_embed_layout=spec.encoder.pos_embed_layout)
-    if spec.head is not None:
-        meta["global_pool"] = spec.head.global_pool
-    meta["spec"] = spec.to_dict()
+    meta.update(kind=spec.kind, spec=spec.to_dict())  # the spec holds the heads, the pooling, the pos-embed layout
     _write(sd, out, pth, result, meta)
     return result
 
@@ -399,12 +396,9 @@ def _tower_line(spec: TowerSpec) -> str:
 
 
 def describe(ck: Checkpoint, max_groups: int, resolved: Resolved | None) -> str:
-    """The ``milan inspect`` text: format, kind, architecture, view, head, parameter counts, keys, pos-embed layout.
+    """The ``milan inspect`` text: format, kind, architecture, view, head, parameter counts, ``max_groups`` key groups.
 
-    Args:
-        ck: The checkpoint.
-        max_groups: Key groups to list.
-        resolved: Its resolved spec (``None`` for a teacher); values it had to assume are marked.
+    ``resolved`` is ``None`` for a teacher; values it had to assume are marked.
     """
     lines = [f"file:        {ck.source}"]
     path = Path(ck.source)
@@ -416,9 +410,10 @@ def describe(ck: Checkpoint, max_groups: int, resolved: Resolved | None) -> str:
     if ck.kind == "linear_probe" and grid:
         contents = f"linear-probe training checkpoint: an lr grid of {len(grid)} heads (BN + linear on the CLS token)"
     lines.append(f"contents:    {contents}")
-    spec = resolved.spec if resolved is not None else None
+    spec: ModelSpec | None = None
     assumed = resolved.assumed if resolved is not None else {}
-    if resolved is not None and spec is not None:
+    if resolved is not None:
+        spec = resolved.spec
         stored = f"stored (version {spec.version})" if resolved.stored else "not stored: values marked assumed"
         lines.append(f"model spec:  {stored}")
         heads = _heads(spec.encoder.num_heads, "encoder_heads" not in assumed, "--num-heads")

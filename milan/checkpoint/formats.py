@@ -254,7 +254,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"cannot parse {folder / name}: {e}") from e
     if not path.is_dir():
-        return safe_load(path), configs, read_safetensors_metadata(path)
+        return safe_load(path), configs, read_safetensors_metadata(path) or {}
     weights = next((folder / n for n in _FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in folder {path} (looked for {', '.join(_FOLDER_WEIGHTS)})")
@@ -266,7 +266,7 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
                 raise CheckpointError(f"{folder / shard}: expected a dict of tensors, got {type(part).__name__}")
             merged.update({k: v for k, v in part.items() if isinstance(v, torch.Tensor)})
         return merged, configs, {}
-    return safe_load(weights), configs, read_safetensors_metadata(weights)
+    return safe_load(weights), configs, read_safetensors_metadata(weights) or {}
 
 
 def _torchscript_act(path: Path) -> Act | None:

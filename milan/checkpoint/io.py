@@ -135,7 +135,7 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"not a file: {path} (for a Hugging Face folder use milan.checkpoint.read_checkpoint)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    if _safetensors_metadata(path) is not None or path.suffix == ".safetensors":
+    if read_safetensors_metadata(path) is not None or path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
@@ -153,13 +153,8 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     return _torch_load(path, check_legacy(path))
 
 
-def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a ``.safetensors`` header (empty when there is none, or for any other file)."""
-    return _safetensors_metadata(Path(path)) or {}
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str] | None:
-    """The header's metadata if ``path`` is a complete safetensors file (whatever its suffix), else ``None``."""
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The string metadata of a complete ``.safetensors`` file's header (whatever its suffix), else ``None``."""
     from safetensors import safe_open
 
     try:
@@ -177,18 +172,13 @@ def _load_zip(path: Path) -> Any:
             bad = zf.testzip()  # CRC-checks every record
             if bad is not None:
                 raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
-            pkl = _data_pkl(zf)
-            prefix = (pkl or "").split("/")[0]
-            if pkl is not None and f"{prefix}/constants.pkl" in zf.namelist():
-                return _read_torchscript(path, zf, prefix)
+            # TorchScript: ``NAME/constants.pkl`` next to the ``NAME/data.pkl`` that loaders read
+            tops = [n.split("/")[0] for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if tops and f"{tops[0]}/constants.pkl" in zf.namelist():
+                return _read_torchscript(path, zf, tops[0])
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt zip archive ({e})") from e
     return _torch_load(path, names)
-
-
-def _data_pkl(zf: zipfile.ZipFile) -> str | None:
-    """The archive's top pickle, ``NAME/data.pkl`` (the one loaders read; TorchScript's others lie deeper)."""
-    return next((n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
 
 
 def _torch_load(path: Path, names: list[tuple[str, str]] | None) -> Any:
@@ -614,17 +604,14 @@ def _read_torchscript(path: Path, zf: zipfile.ZipFile, prefix: str) -> dict[str,
 def torchscript_classes(path: str | os.PathLike[str]) -> list[str]:
     """The qualified names of the TorchScript classes in an archive's module tree (``__torch__....QuickGELU`` ...).
 
-    Read with every name inert; an empty list if ``path`` is not a TorchScript archive.
+    Read with every name inert, after the size checks; an empty list if ``path`` is not a TorchScript archive.
     """
     try:
         with zipfile.ZipFile(path) as zf:
-            pkl = _data_pkl(zf)
-            scanner = _Unpickler(io.BytesIO(read_record(zf, pkl, MAX_INFLATED_METADATA) if pkl else b""))
-            scanner.load()
-    except Exception:  # damaged: the reader reports it
+            names = check_zip(Path(path), zf) or []
+    except Exception:  # damaged or refused: the reader reports it
         return []
-    names = {f"{module}.{name}" for module, name in scanner.globals}
-    return sorted(n for n in names if n.startswith("__torch__."))
+    return sorted({f"{module}.{name}" for module, name in names if module.startswith("__torch__.")})
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:

@@ -198,25 +198,6 @@ def openai_clip_to_timm(state_dict: StateDict) -> StateDict:
     return _convert_openai_clip(state_dict, None)  # type: ignore[arg-type]
 
 
-def hf_clip_to_timm(state_dict: StateDict) -> tuple[StateDict, list[str]]:
-    """Hugging Face transformers CLIP image tower -> timm ``VisionTransformer`` keys (like :func:`openai_clip_to_timm`).
-
-    ``q_proj``/``k_proj``/``v_proj`` are concatenated into timm's fused ``qkv``; ``visual_projection`` (no bias)
-    becomes ``head`` with a zero bias. (timm 1.0 converts OpenAI/OpenCLIP layouts but not transformers' CLIP one.)
-
-    Returns:
-        (timm state dict, dropped keys: the text tower's and the position ids).
-    """
-    out, dropped = _convert(state_dict, _HF_CLIP)
-    if "cls_token" in out:
-        out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
-    if "pos_embed" in out:
-        out["pos_embed"] = out["pos_embed"].unsqueeze(0)
-    if "head.weight" in out:
-        out["head.bias"] = torch.zeros_like(out["head.weight"][:, 0])
-    return _fuse_qkv(out), dropped
-
-
 def mmpretrain_classifier_to_milan(state_dict: StateDict) -> tuple[str, StateDict, list[str]]:
     """An mmpretrain ``ImageClassifier`` (ViT backbone) -> (``linear_probe`` or ``finetune``, our keys, unmapped)."""
     finetune = "backbone.ln2.weight" in state_dict or "head.fc.weight" in state_dict
@@ -354,7 +335,15 @@ def hf_clip_tower(
     hidden_act = str(vision.get("hidden_act", "quick_gelu"))
     if options.get("act") is None and hidden_act not in _HF_ACTS:
         raise CheckpointError(f"HF CLIP hidden_act {hidden_act!r} is not supported (known: {sorted(_HF_ACTS)})")
-    converted, dropped = hf_clip_to_timm(sd)
+    # timm 1.0 converts OpenAI/OpenCLIP layouts but not transformers' CLIP one: q/k/v are fused into timm's qkv,
+    # the bias-free visual_projection becomes a head with a zero bias; the text tower and position ids are dropped.
+    converted, dropped = _convert(sd, _HF_CLIP)
+    converted["cls_token"] = converted["cls_token"].reshape(1, 1, -1)
+    if "pos_embed" in converted:
+        converted["pos_embed"] = converted["pos_embed"].unsqueeze(0)
+    if "head.weight" in converted:
+        converted["head.bias"] = torch.zeros_like(converted["head.weight"][:, 0])
+    converted = _fuse_qkv(converted)
     defaults = {
         "act": _HF_ACTS.get(hidden_act),
         "norm_eps": float(vision.get("layer_norm_eps", 1e-5)),
