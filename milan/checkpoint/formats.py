@@ -120,8 +120,8 @@ class Checkpoint:
             or from metadata stored in the file.
         dropped: Source keys deliberately not used (e.g. CLIP's text tower).
         source_shapes: Every source key (after unwrapping) with its shape, for reports.
-        tower_options: The teacher options given to :func:`read_checkpoint` (used when a plain ViT ``encoder``
-            is brought as a teacher).
+        tower_options: The teacher options given to :func:`read_checkpoint` (``model_name``, ``head``, ``act``,
+            ``norm_eps``, ``img_size``): the teacher readers' own, and a plain ViT ``encoder``'s brought as a teacher.
     """
 
     source: str
@@ -208,7 +208,7 @@ def read_checkpoint(
     given = {"model_name": model_name, "head": head, **tower_opts}
     ck.tower_options = {k: v for k, v in given.items() if v is not None}
     if fmt == "milan":
-        _read_milan(ck, sd, tower_opts)
+        _read_milan(ck, sd)
     elif fmt == "mmpretrain":
         _read_mmpretrain(ck, sd, tower_opts)
     elif fmt == "milan-orig":
@@ -230,10 +230,10 @@ def read_checkpoint(
         else:
             timm_sd, ck.tower, ck.dropped = hf_clip_tower(sd, config, **opts)
         if trunk and ck.tower.timm_name is None:
-            _check_inferred_timm_tower(ck, timm_sd, tower_opts)
+            _check_inferred_timm_tower(ck, timm_sd)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     else:
-        _read_timm(ck, sd, model_name=model_name, head=head, tower_opts=tower_opts)
+        _read_timm(ck, sd)
     return ck
 
 
@@ -407,9 +407,9 @@ def _assumed_act(source: str, what: str, chosen: Act, why: str, also: str = "") 
     )
 
 
-def _check_inferred_timm_tower(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str, Any]) -> None:
+def _check_inferred_timm_tower(ck: Checkpoint, tower_sd: StateDict) -> None:
     """Warns when a CLIP-style timm tower (it has CLIP's ``norm_pre``) was inferred without a timm model name."""
-    if tower_opts.get("act") is None and "norm_pre.weight" in tower_sd and ck.tower is not None:
+    if ck.tower_options.get("act") is None and "norm_pre.weight" in tower_sd and ck.tower is not None:
         _assumed_act(
             ck.source,
             "a timm-layout CLIP tower without a timm model name",
@@ -421,9 +421,9 @@ def _check_inferred_timm_tower(ck: Checkpoint, tower_sd: StateDict, tower_opts: 
         )
 
 
-def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str, Any]) -> TowerSpec:
+def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict) -> TowerSpec:
     """Spec of a teacher stored in our own layout: stored metadata first, else CLIP conventions if it has ln_pre."""
-    stored = ck.hints.get("tower")
+    stored, tower_opts = ck.hints.get("tower"), ck.tower_options
     clip_like = "norm_pre.weight" in tower_sd
     if stored is None and clip_like and not tower_opts.get("act"):
         _assumed_act(
@@ -443,7 +443,7 @@ def _tower_from_hints(ck: Checkpoint, tower_sd: StateDict, tower_opts: dict[str,
     return spec
 
 
-def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> None:
+def _read_milan(ck: Checkpoint, sd: StateDict) -> None:
     if _has(sd, "student.", "teacher.model."):
         ck.kind, ck.state_dict = "milan", dict(sd)
     elif _has(sd, "encoder.") and _has(sd, "decoder."):
@@ -460,7 +460,7 @@ def _read_milan(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) -> No
         ck.kind, ck.state_dict = "encoder", {k[len("encoder.") :]: v for k, v in sd.items()}
     prefix = {"milan": "teacher.model.", "teacher": "model."}.get(ck.kind)
     if prefix and _has(ck.state_dict, prefix):
-        ck.tower = _tower_from_hints(ck, ck.part(prefix), tower_opts)
+        ck.tower = _tower_from_hints(ck, ck.part(prefix))
 
 
 def _probe_from_grid(ck: Checkpoint, sd: StateDict) -> StateDict:
@@ -485,11 +485,9 @@ def _read_mmpretrain(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) 
         ck.kind = kind  # type: ignore[assignment]
     else:
         encoder, decoder, clip, unmapped = mmpretrain_milan_to_milan(sd)
-        ck.kind = "milan" if decoder else "encoder"
-        if ck.kind == "encoder":
-            ck.state_dict = encoder
-        else:
-            ck.state_dict = {"student.encoder." + k: v for k, v in encoder.items()}
+        ck.kind, ck.state_dict = "encoder", encoder
+        if decoder:
+            ck.kind, ck.state_dict = "milan", {"student.encoder." + k: v for k, v in encoder.items()}
             ck.state_dict.update({"student.decoder." + k: v for k, v in decoder.items()})
         if clip:  # mmpretrain's MILAN teacher is its own CLIP with QuickGELU: openai_tower's default is exact
             heads = ck.hints.get("teacher_num_heads")
@@ -500,26 +498,20 @@ def _read_mmpretrain(ck: Checkpoint, sd: StateDict, tower_opts: dict[str, Any]) 
         raise CheckpointError(f"{ck.source}: mmpretrain keys with no counterpart in our models: {unmapped[:10]}")
 
 
-def _read_timm(
-    ck: Checkpoint, sd: StateDict, *, model_name: str | None, head: bool, tower_opts: dict[str, Any]
-) -> None:
-    if "decoder_embed.weight" in sd or "head.0.running_mean" in sd:
-        ck.kind, ck.state_dict = milan_orig_to_milan(sd)
-        return
+def _read_timm(ck: Checkpoint, sd: StateDict) -> None:
+    model_name = ck.tower_options.get("model_name")
+    orig = _has(sd, "decoder_", "head.0.running_mean")  # the original MILAN/MAE's pretraining or linear probe
     tower_like = model_name is not None or "cls_token" not in sd or any(k in sd for k in _TOWER_FEATURES)
-    if "mask_token" in sd or tower_like or ck.hints.get("kind") == "teacher":
+    if not orig and ("mask_token" in sd or tower_like or ck.hints.get("kind") == "teacher"):
         heads = ck.hints.get("num_heads")
-        timm_sd, ck.tower = timm_tower(sd, model_name=model_name, num_heads=heads, head=head, **tower_opts)
+        timm_sd, ck.tower = timm_tower(sd, num_heads=heads, **ck.tower_options)
         if "tower" in ck.hints and model_name is None:  # our own export: its stored spec is exact
-            ck.tower = _tower_from_hints(ck, timm_sd, tower_opts)
+            ck.tower = _tower_from_hints(ck, timm_sd)
         elif model_name is None:
-            _check_inferred_timm_tower(ck, timm_sd, tower_opts)
+            _check_inferred_timm_tower(ck, timm_sd)
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
-        return
-    if "fc_norm.weight" in sd:
+    else:  # its rules keep a plain encoder's keys and read fc_norm + head as a fine-tuned classifier
         ck.kind, ck.state_dict = milan_orig_to_milan(sd)
-        return
-    ck.kind, ck.state_dict = "encoder", dict(sd)
 
 
 def _read_hf_vit(ck: Checkpoint, sd: StateDict, config: dict[str, Any]) -> None:

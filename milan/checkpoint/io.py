@@ -119,14 +119,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def safe_load(path: str | os.PathLike[str]) -> Any:
-    """Loads a checkpoint onto the CPU without ever executing pickled code.
+    """Loads a checkpoint onto the CPU without ever executing pickled code (refusals: see the module docstring).
 
     Returns:
         The loaded object (a flat ``{name: tensor}`` dict for safetensors files and TorchScript archives).
-
-    Raises:
-        CheckpointError: Missing, empty, truncated/corrupt, not a checkpoint, lying about its size, or needing
-            arbitrary code to unpickle.
     """
     path = Path(path)
     if not path.exists():
@@ -423,21 +419,20 @@ def check_zip(path: Path, zf: zipfile.ZipFile) -> list[tuple[str, str]] | None:
             if name not in by_name:
                 raise CheckpointError(f"{path}: the tensor record {name!r} is missing")
             needs[name] = max(needs.get(name, 0), claim.nbytes)
-    for name, need in needs.items():
-        info = by_name[name]
-        if info.file_size < need:
+    for info in infos:
+        name, need = info.filename, needs.get(info.filename)
+        if need is None:  # no tensor data: a pickle, code, constants
+            _bound_metadata(path, info)
+        elif info.file_size < need:
             raise CheckpointError(
                 f"{path}: zip record {name!r} holds {_size(info.file_size)} but its tensor storage needs {_size(need)} "
                 "(truncated or forged)"
             )
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > need:
+        elif info.compress_type != zipfile.ZIP_STORED and info.file_size > need:
             raise CheckpointError(
                 f"{path}: compressed zip record {name!r} would inflate to {_size(info.file_size)} but its tensor "
                 f"storage needs only {_size(need)}; refusing to inflate it"
             )
-    for info in infos:
-        if info.filename not in needs:
-            _bound_metadata(path, info)
     return names
 
 
