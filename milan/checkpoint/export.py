@@ -377,17 +377,14 @@ def _vit_line(shape: ViTShape, heads: str) -> str:
 
 
 def _tower_line(spec: TowerSpec) -> str:
-    extras = [
-        name
-        for name, on in (
-            ("ln_pre", spec.pre_norm),
-            (f"{spec.reg_tokens} registers", spec.reg_tokens > 0),
-            ("layer scale", spec.layer_scale),
-            ("qk-norm", spec.qk_norm),
-            ("inputs resized", spec.resize_input),
-        )
-        if on
-    ]
+    flags = {
+        "ln_pre": spec.pre_norm,
+        f"{spec.reg_tokens} registers": spec.reg_tokens > 0,
+        "layer scale": spec.layer_scale,
+        "qk-norm": spec.qk_norm,
+        "inputs resized": spec.resize_input,
+    }
+    extras = [name for name, on in flags.items() if on]
     out = f"out {spec.out_dim}" if spec.out_dim else f"no projection (out {spec.embed_dim})"
     text = f"{_vit_line(spec, str(spec.num_heads))}, {out}, act {spec.act}, LN eps {spec.norm_eps:g}"
     if spec.timm_name:

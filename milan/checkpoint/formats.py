@@ -82,24 +82,21 @@ _FOLDER_WEIGHTS = (
     "open_clip_pytorch_model.bin",
 )
 # The CLIP formats: (the file next to the weights that records the teacher's MLP activation, what a file without it
-# is, the activation assumed then, and why).
-_CLIP_FORMATS: dict[str, tuple[str, str, Act, str]] = {
+# is, and why its reader's default activation is assumed then).
+_CLIP_FORMATS: dict[str, tuple[str, str, str]] = {
     "openai-clip": (
         "open_clip_config.json",
         "a state dict in OpenAI CLIP key layout",
-        "quick_gelu",
         "as OpenAI's CLIP weights, the paper's teacher; OpenCLIP models trained with GELU have the same keys",
     ),
     "open-clip": (
         "open_clip_config.json",
         "an OpenCLIP checkpoint without its open_clip_config.json",
-        "gelu",
         "open_clip's default for the models it trains; OpenAI-pretrained and '-quickgelu' models use QuickGELU",
     ),
     "hf": (
         "config.json",
         "a Hugging Face CLIP weights file without its config.json",
-        "quick_gelu",
         "transformers' CLIP default, as OpenAI's CLIP weights",
     ),
 }
@@ -216,12 +213,10 @@ def read_checkpoint(
     elif fmt == "hf" and not _has(sd, "vision_model."):  # a ViTModel (e.g. our export)
         _read_hf_vit(ck, sd, configs.get("config.json") or {})
     elif fmt in _CLIP_FORMATS:
-        config_name, what, assumed, why = _CLIP_FORMATS[fmt]
+        config_name, what, why = _CLIP_FORMATS[fmt]
         config = configs.get(config_name) if fmt != "openai-clip" else None
         trunk = _has(sd, "visual.trunk.")
         script_act = _torchscript_act(Path(path)) if fmt == "openai-clip" else None  # OpenAI's archive names it
-        if act is None and script_act is None and config is None and not trunk:
-            _assumed_act(ck.source, what, assumed, why, f", or put the model's {config_name} next to the file")
         opts = {**tower_opts, "act": act or script_act, "num_heads": hints.get("num_heads")}
         if fmt == "openai-clip":
             timm_sd, ck.tower, ck.dropped = openai_tower(sd, **opts)
@@ -231,6 +226,8 @@ def read_checkpoint(
             timm_sd, ck.tower, ck.dropped = hf_clip_tower(sd, config, **opts)
         if trunk and ck.tower.timm_name is None:
             _check_inferred_timm_tower(ck, timm_sd)
+        elif not trunk and opts["act"] is None and config is None:
+            _assumed_act(ck.source, what, ck.tower.act, why, f", or put the model's {config_name} next to the file")
         ck.kind, ck.state_dict = "teacher", {"model." + k: v for k, v in timm_sd.items()}
     else:
         _read_timm(ck, sd)
@@ -515,9 +512,7 @@ def _read_timm(ck: Checkpoint, sd: StateDict) -> None:
 
 
 def _read_hf_vit(ck: Checkpoint, sd: StateDict, config: dict[str, Any]) -> None:
-    ck.kind, ck.state_dict = "encoder", hf_vit_to_encoder(sd)
-    ck.dropped = [k for k in ck.state_dict if k.startswith(("pooler.", "classifier."))]
-    ck.state_dict = {k: v for k, v in ck.state_dict.items() if k not in ck.dropped}
+    ck.kind, (ck.state_dict, ck.dropped) = "encoder", hf_vit_to_encoder(sd)
     if config.get("num_attention_heads"):
         ck.hints.setdefault("num_heads", int(config["num_attention_heads"]))
     eps, act = float(config.get("layer_norm_eps", 1e-12)), config.get("hidden_act", "gelu")

@@ -230,13 +230,16 @@ def encoder_to_hf_vit(state_dict: StateDict) -> StateDict:
     return out
 
 
-def hf_vit_to_encoder(state_dict: StateDict) -> StateDict:
+def hf_vit_to_encoder(state_dict: StateDict) -> tuple[StateDict, list[str]]:
     """Hugging Face ``ViTModel`` weights (on-disk names, as :func:`encoder_to_hf_vit` writes) -> our encoder keys.
 
-    Other keys (e.g. ``pooler.*``) are left as they are: a strict load names them.
+    Returns:
+        (our keys, the pooler's and classifier's keys, dropped); other keys are left as they are: a strict load names
+        them.
     """
-    rules = [(hf, ours) for ours, hf in _HF_VIT] + [("*", "*")]
-    return _fuse_qkv(_convert({k.removeprefix("vit."): v for k, v in state_dict.items()}, rules)[0])
+    rules = [(hf, ours) for ours, hf in _HF_VIT] + [("pooler.*", ""), ("classifier.*", ""), ("*", "*")]
+    out, dropped = _convert({k.removeprefix("vit."): v for k, v in state_dict.items()}, rules)
+    return _fuse_qkv(out), dropped
 
 
 # ----------------------------------------------------------------------------------------------------------------
