@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -36,7 +37,7 @@ from typing import Any, Literal, cast
 import torch
 import yaml
 
-from milan.checkpoint.io import read_safetensors_metadata, safe_load, torchscript_classes
+from milan.checkpoint.io import check_zip, read_safetensors_metadata, safe_load
 from milan.checkpoint.keymaps import (
     hf_clip_tower,
     hf_vit_to_encoder,
@@ -268,7 +269,11 @@ def _read_raw(path: Path) -> tuple[Any, dict[str, Any], dict[str, str]]:
 
 def _torchscript_act(path: Path) -> Act | None:
     """The activation a TorchScript archive's module tree names (its ``QuickGELU`` / ``GELU`` modules), if one."""
-    names = {name.rpartition(".")[2] for name in torchscript_classes(path)}  # none for a folder or another file
+    try:
+        with zipfile.ZipFile(path) as zf:  # the globals its data.pkl names, read with every name inert
+            names = {name for module, name in check_zip(path, zf) or [] if module.startswith("__torch__.")}
+    except Exception:  # a folder, another file, a damaged one: the reader reports it
+        return None
     acts: dict[str, Act] = {"QuickGELU": "quick_gelu", "GELU": "gelu"}
     found = [act for cls, act in acts.items() if cls in names]
     return found[0] if len(found) == 1 else None

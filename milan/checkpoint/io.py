@@ -493,7 +493,8 @@ def check_legacy(path: Path) -> list[tuple[str, str]] | None:
 def check_tensors(obj: Any, path: str | Path) -> None:
     """Checks every tensor in a loaded object (not yet copied) against its storage.
 
-    No stride-0 or overlapping view may claim more elements than its storage holds, and every view stays inside it.
+    No stride-0 or overlapping view may claim more elements than its storage holds, and every view stays inside it
+    (torch refuses negative strides and offsets when it builds the tensor).
     """
     stack: list[tuple[str, Any]] = [("", obj)]
     seen: set[int] = set()
@@ -526,8 +527,6 @@ def _check_tensor(t: torch.Tensor, name: str, path: str | Path) -> None:
             f"holds {held} element(s) ({_size(held * itemsize)}) for it (a stride-0 or overlapping view); refusing "
             "to expand it"
         )
-    if min(t.stride(), default=0) < 0 or t.storage_offset() < 0:
-        raise CheckpointError(f"{path}: tensor {name!r} has a negative stride or offset")
     extent = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
     if extent > held:
         raise CheckpointError(
@@ -594,19 +593,6 @@ def _read_torchscript(path: Path, zf: zipfile.ZipFile, prefix: str) -> dict[str,
         raise CheckpointError(f"TorchScript archive {path} holds no tensors")
     check_tensors(out, path)  # no stride-0 view expands into more than the file holds
     return {k: v.clone() for k, v in out.items()}  # own storage: no views into the whole record buffers
-
-
-def torchscript_classes(path: str | os.PathLike[str]) -> list[str]:
-    """The qualified names of the TorchScript classes in an archive's module tree (``__torch__....QuickGELU`` ...).
-
-    Read with every name inert, after the size checks; an empty list if ``path`` is not a TorchScript archive.
-    """
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = check_zip(Path(path), zf) or []
-    except Exception:  # damaged or refused: the reader reports it
-        return []
-    return sorted({f"{module}.{name}" for module, name in names if module.startswith("__torch__.")})
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
