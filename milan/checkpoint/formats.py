@@ -602,11 +602,10 @@ def resolve_spec(
     if teacher is None and ck.tower is not None and ck.kind == "milan":
         norm = cast(Any, ck.hints.get("teacher_input_norm", "imagenet"))
         teacher = TeacherSpec(ck.tower, norm, ck.format, None)
-    pre = stored.preprocessing if stored is not None else None
+    pre = stored.preprocessing if stored is not None else Preprocessing(arch.img_size)
     options: dict[str, Any] = {"crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std}
     given = {k: v for k, v in options.items() if v is not None}
-    if pre is None:
-        pre = Preprocessing(arch.img_size)
+    if stored is None:
         described = {
             "mean": f"ImageNet mean ({', '.join(f'{v:g}' for v in pre.mean)})",
             "std": f"ImageNet std ({', '.join(f'{v:g}' for v in pre.std)})",
