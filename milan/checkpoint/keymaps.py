@@ -364,8 +364,7 @@ def timm_tower(
         sd: timm keys; DINOv2's original layout (``mask_token``, ``register_tokens``) is converted by timm's rules.
         model_name: A timm model name; the tower is then built by ``timm.create_model`` (its activation, norm and
             heads) and the weights pass through timm's own ``checkpoint_filter_fn``. Without it the architecture is
-            inferred from the shapes with timm's defaults (GELU, eps 1e-6, ``width // 64`` heads), except for CLIP
-            towers (they have CLIP's ``norm_pre``): QuickGELU as OpenAI's CLIP, eps 1e-5 as every CLIP.
+            inferred from the shapes, as the module's table says.
         head: Keep a Linear ``head`` as the per-token projection (output width = head width). ``False`` drops it
             (output width = embed_dim): use that for classifier heads.
         **options: Overrides (:class:`TowerOptions`; ``act``, ``norm_eps`` and ``num_heads`` of inferred
