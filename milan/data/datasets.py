@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from milan import distributed as dist
-from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image, read_file
+from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_file, open_image
 from milan.data.sampling import mix_seeds
 from milan.data.sources import (
     ARCHIVE_SUFFIXES,
@@ -29,7 +29,6 @@ from milan.data.sources import (
     describe_ignored,
     entries_of,
     extract_archive_subset,
-    find_classes,
     is_shard_source,
     no_images_error,
     resolve_source,
@@ -48,8 +47,6 @@ class ImageDataset(Dataset[Item]):
     """Images at known paths with integer labels, decoded and transformed by an :class:`ImagePipeline`.
 
     Args:
-        samples: ``(path, label)`` pairs.
-        pipeline: Decode + transform.
         classes: Class names indexed by label (empty for unlabelled data).
         max_pixels: Larger images are skipped as ``"too large"`` (decompression-bomb guard).
         ignored: Files the scan left out for their extension, by extension.
@@ -78,24 +75,23 @@ class ImageDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
-        data = read_file(path)
-        if isinstance(data, BadSample):
-            return data
+        opened = open_file(path, self.max_pixels)
+        if isinstance(opened, BadSample):
+            return opened
         try:
-            return self.pipeline(open_image(data, max_pixels=self.max_pixels)), label
+            return self.pipeline(opened[1]), label
         except ImageDecodeError as err:
-            return BadSample(str(path), err.reason, err.detail)
+            return err.skip(path)
 
 
-def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
-    """The start-of-run line: ``"found 1000 images (10 classes) in PATH (ignored ...); UNIT"``.
+def describe_found(dataset: ImageDataset, *, unit: str = "") -> str:
+    """The start-of-run line: ``"found 1000 images (10 classes) in SOURCE (ignored ...); UNIT"``.
 
-    ``where`` defaults to ``dataset.source``; ``unit`` (e.g. ``"31 steps per epoch"``) follows a ``"; "``.
+    ``unit`` (e.g. ``"31 steps per epoch"``) follows a ``"; "``.
     """
-    where = where if where is not None else dataset.source
     n, k = len(dataset), len(dataset.classes)
     classes = f" ({k} class{'es' if k != 1 else ''})" if k else ""
-    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {where}"
+    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {dataset.source}"
     ignored = describe_ignored(dataset.ignored)
     return text + (f" ({ignored})" if ignored else "") + (f"; {unit}" if unit else "")
 
@@ -220,7 +216,7 @@ class ShardImages(IterableDataset[Item]):
         try:
             return self.pipeline(open_image(bytes(sample[image_key]), max_pixels=self.max_pixels)), label
         except ImageDecodeError as err:
-            return BadSample(f"{name}.{image_key}", err.reason, err.detail)
+            return err.skip(f"{name}.{image_key}")
 
 
 def _shard_error(exn: Exception) -> tuple[str | None, str]:
@@ -373,7 +369,14 @@ def build_dataset(
             raise ConfigError(f"{key}={source!r}: not a folder or a .tar/.tar.gz archive (labels need {tree})")
         if per_class is not None and per_class < 1:
             raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
-        names = list(classes) if classes is not None else find_classes(first)
+        if classes is None:  # ImageFolder's classes: the non-hidden subfolders, sorted
+            classes = sorted(e.name for e in os.scandir(first) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(
+                    f"no class subfolders in {first}: a labelled dataset needs one folder per class "
+                    "(root/<class>/<image>)"
+                )
+        names = list(classes)
         samples, ignored = [], Counter()
         for label, name in enumerate(names):
             folder = first / name

@@ -43,6 +43,7 @@ from milan.data.decode import (
     ImageDecodeError,
     _classify,
     load_rgb,
+    open_file,
     open_image,
     read_file,
 )
@@ -209,19 +210,19 @@ class SegmentationDataset(Dataset[SegItem]):
         image_path, label_path = self.pairs[index]
         if not label_path.exists():
             return BadSample(str(image_path), "missing", f"no label map {label_path}")
-        image_bytes, label_bytes = read_file(image_path), read_file(label_path)
-        if isinstance(image_bytes, BadSample):
-            return image_bytes
+        opened, label_bytes = open_file(image_path, self.max_pixels), read_file(label_path)
+        if isinstance(opened, BadSample):
+            return opened
         if isinstance(label_bytes, BadSample):
             return label_bytes
         try:
-            image = load_rgb(open_image(image_bytes, max_pixels=self.max_pixels))
+            image = load_rgb(opened[1])
         except ImageDecodeError as e:
-            return BadSample(str(image_path), e.reason, e.detail)
+            return e.skip(image_path)
         try:
             raw = read_label(label_bytes, str(label_path), self.max_pixels)
         except ImageDecodeError as e:
-            return BadSample(str(label_path), e.reason, e.detail)
+            return e.skip(label_path)
         except LabelError as e:
             return LabelProblem(str(label_path), str(e))
         if raw.shape != (image.height, image.width):
