@@ -12,7 +12,6 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal, overload
 
 import torch
@@ -100,18 +99,6 @@ def describe_found(dataset: ImageDataset, *, unit: str = "") -> str:
 # Tar shards (webdataset format)
 
 
-def import_webdataset() -> ModuleType:
-    """``webdataset``, or an :class:`ImportError` saying how to install it."""
-    try:
-        import webdataset
-    except ImportError as err:
-        raise ImportError(
-            "reading tar shards needs the optional 'webdataset' package: pip install 'milan-pretrain[webdataset]'"
-        ) from err
-    module: ModuleType = webdataset
-    return module
-
-
 _IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _DAMAGE_KEY = "__damaged_shard__"
 _NAME_IN_REPR = re.compile(r"name='([^']*)'")
@@ -146,7 +133,12 @@ class ShardImages(IterableDataset[Item]):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         allow_shell_pipes: bool = False,
     ) -> None:
-        import_webdataset()  # fail early, in the main process
+        try:  # fail early, in the main process
+            import webdataset  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "reading tar shards needs the optional 'webdataset' package: pip install 'milan-pretrain[webdataset]'"
+            ) from err
         self.urls: str | list[str] = urls if isinstance(urls, str) else [os.fspath(u) for u in urls]
         commands = shell_sources(entries_of(self.urls))
         if commands and not allow_shell_pipes:
@@ -172,7 +164,8 @@ class ShardImages(IterableDataset[Item]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[Item]:
-        wds = import_webdataset()
+        import webdataset as wds
+
         info = get_worker_info()
         seed = mix_seeds(self.seed, self.epoch + self._iterations, dist.rank(), info.id if info is not None else 0)
         self._iterations += 1
