@@ -189,9 +189,7 @@ class DeviceAugment:
         return F.horizontal_flip(out) if flip else out
 
     def __call__(self, images: Sequence[torch.Tensor], seeds: Sequence[int]) -> torch.Tensor:
-        """``(3, H, W)`` uint8 images (sizes may differ, one device) -> ``(B, 3, size, size)`` float32 views."""
-        if not images:
-            return torch.empty(0, 3, self.size, self.size)
+        """``(3, H, W)`` uint8 images (at least one; sizes may differ, one device) -> ``(B, 3, S, S)`` float32 views."""
         device = images[0].device
         with torch.autocast(device.type, enabled=False):  # resampling in fp32 whatever the run's autocast
             views = torch.stack([self.view(img, s) for img, s in zip(images, seeds, strict=True)])  # (B, 3, S, S)
