@@ -339,8 +339,8 @@ def build_dataset(
     try:
         if not entries:
             raise ValueError("empty data source list")
-        if not labelled and (is_shard_source(entries) or shell_sources(entries)):
-            commands = set(shell_sources(entries))
+        commands = shell_sources(entries)  # pipe: and URLs: kept as written (a path would collapse their "//")
+        if not labelled and (commands or is_shard_source(entries)):
             urls = [os.fspath(e) if os.fspath(e) in commands else os.fspath(resolve_source(e)) for e in entries]
             return ShardImages(
                 urls[0] if len(urls) == 1 else urls, pipeline, shuffle_buffer=shuffle_buffer, seed=seed,
@@ -355,11 +355,11 @@ def build_dataset(
             raise ValueError("several labelled sources cannot be combined: their class indices would collide")
         first = resolve_source(entries[0])
         if not first.exists():
-            raise ConfigError(f"{key}={source!r}: not found ({what})")
+            raise FileNotFoundError(f"not found ({what})")
         if first.is_file() and first.name.endswith(ARCHIVE_SUFFIXES):
             first, per_class = extract_archive_subset(first, None, per_class=per_class), None
         elif not first.is_dir():
-            raise ConfigError(f"{key}={source!r}: not a folder or a .tar/.tar.gz archive (labels need {tree})")
+            raise NotADirectoryError(f"not a folder or a .tar/.tar.gz archive (labels need {tree})")
         if per_class is not None and per_class < 1:
             raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
         if classes is None:  # ImageFolder's classes: the non-hidden subfolders, sorted
@@ -381,8 +381,6 @@ def build_dataset(
         return ImageDataset(
             samples, pipeline, classes=names, max_pixels=max_pixels, ignored=ignored, source=os.fspath(entries[0])
         )
-    except ConfigError:
-        raise
     except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         raise ConfigError(f"{key}={source!r}: {e}") from e
 
