@@ -117,15 +117,12 @@ class SegBatch(Batch):
 def find_pairs(images: str | os.PathLike[str], labels: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     """Every image under ``images`` (any depth, natural order) with the label map ``labels/<rel>/<stem>.png``.
 
-    The label path may not exist (the sample is then skipped as ``missing``).
+    The folders exist (the callers check them); a label path may not (the sample is then skipped as ``missing``).
 
     Raises:
-        FileNotFoundError: A folder is missing or holds no images.
+        FileNotFoundError: ``images`` holds no images.
     """
     images, labels = Path(images), Path(labels)
-    for folder in (images, labels):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"not a folder: {folder}")
     scan = scan_images(images)
     if not scan.paths:
         raise no_images_error(str(images), scan.ignored)
