@@ -97,9 +97,8 @@ class LabelSpec:
 
 
 class LabelProblem(NamedTuple):
-    """A sample whose label map holds an invalid value; the main process stops with :attr:`message`."""
+    """A sample whose label map holds an invalid value; the main process stops with :attr:`message` (naming it)."""
 
-    path: str
     message: str
 
 
@@ -221,7 +220,7 @@ class SegmentationDataset(Dataset[SegItem]):
         except ImageDecodeError as e:
             return e.skip(label_path)
         except LabelError as e:
-            return LabelProblem(str(label_path), str(e))
+            return LabelProblem(str(e))
         if raw.shape != (image.height, image.width):
             detail = f"label {raw.shape[1]}x{raw.shape[0]} but image {image.width}x{image.height}"
             return BadSample(str(image_path), "mismatched", detail)
@@ -231,7 +230,6 @@ class SegmentationDataset(Dataset[SegItem]):
             s = self.spec
             what = "after reduce_zero_label " if s.reduce_zero_label else ""
             return LabelProblem(
-                str(label_path),
                 f"{label_path}: label value {bad[0] + int(s.reduce_zero_label)} ({what}{bad[0]}) is neither a class "
                 f"(0..{s.num_classes - 1}) nor the ignore index {s.ignore_index}; check data.num_classes, "
                 "data.ignore_index and data.reduce_zero_label",
