@@ -93,11 +93,7 @@ def byol_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequen
 def crop_box(
     width: int, height: int, scale: Sequence[float], ratio: Sequence[float], geometry: CropGeometry = "torchvision"
 ) -> tuple[int, int, int, int]:
-    """A random resized crop's ``(top, left, height, width)`` in an image of this size, by ``geometry``.
-
-    The one box draw of both views: the CPU path's (:class:`RandomResizedCropDecode`) and the device path's
-    (:func:`milan.data.device.view_params`).
-    """
+    """A random resized crop's ``(top, left, height, width)`` in an image of this size: the CPU and device views'."""
     if geometry == "byol":
         return byol_crop_box(width, height, scale, ratio)
     if geometry != "torchvision":
