@@ -12,14 +12,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal, overload
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from milan import distributed as dist
-from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_image, read_file
+from milan.data.decode import DAMAGED_SHARD, DEFAULT_MAX_PIXELS, BadSample, ImageDecodeError, open_file, open_image
 from milan.data.sampling import mix_seeds
 from milan.data.sources import (
     ARCHIVE_SUFFIXES,
@@ -29,7 +28,6 @@ from milan.data.sources import (
     describe_ignored,
     entries_of,
     extract_archive_subset,
-    find_classes,
     is_shard_source,
     no_images_error,
     resolve_source,
@@ -48,8 +46,6 @@ class ImageDataset(Dataset[Item]):
     """Images at known paths with integer labels, decoded and transformed by an :class:`ImagePipeline`.
 
     Args:
-        samples: ``(path, label)`` pairs.
-        pipeline: Decode + transform.
         classes: Class names indexed by label (empty for unlabelled data).
         max_pixels: Larger images are skipped as ``"too large"`` (decompression-bomb guard).
         ignored: Files the scan left out for their extension, by extension.
@@ -78,42 +74,29 @@ class ImageDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
-        data = read_file(path)
-        if isinstance(data, BadSample):
-            return data
+        opened = open_file(path, self.max_pixels)
+        if isinstance(opened, BadSample):
+            return opened
         try:
-            return self.pipeline(open_image(data, max_pixels=self.max_pixels)), label
+            return self.pipeline(opened[1]), label
         except ImageDecodeError as err:
-            return BadSample(str(path), err.reason, err.detail)
+            return err.skip(path)
 
 
-def describe_found(dataset: ImageDataset, where: str | None = None, *, unit: str = "") -> str:
-    """The start-of-run line: ``"found 1000 images (10 classes) in PATH (ignored ...); UNIT"``.
+def describe_found(dataset: ImageDataset, *, unit: str = "") -> str:
+    """The start-of-run line: ``"found 1000 images (10 classes) in SOURCE (ignored ...); UNIT"``.
 
-    ``where`` defaults to ``dataset.source``; ``unit`` (e.g. ``"31 steps per epoch"``) follows a ``"; "``.
+    ``unit`` (e.g. ``"31 steps per epoch"``) follows a ``"; "``.
     """
-    where = where if where is not None else dataset.source
     n, k = len(dataset), len(dataset.classes)
     classes = f" ({k} class{'es' if k != 1 else ''})" if k else ""
-    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {where}"
+    text = f"found {n} image{'s' if n != 1 else ''}{classes} in {dataset.source}"
     ignored = describe_ignored(dataset.ignored)
     return text + (f" ({ignored})" if ignored else "") + (f"; {unit}" if unit else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tar shards (webdataset format)
-
-
-def import_webdataset() -> ModuleType:
-    """``webdataset``, or an :class:`ImportError` saying how to install it."""
-    try:
-        import webdataset
-    except ImportError as err:
-        raise ImportError(
-            "reading tar shards needs the optional 'webdataset' package: pip install 'milan-pretrain[webdataset]'"
-        ) from err
-    module: ModuleType = webdataset
-    return module
 
 
 _IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
@@ -150,7 +133,12 @@ class ShardImages(IterableDataset[Item]):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         allow_shell_pipes: bool = False,
     ) -> None:
-        import_webdataset()  # fail early, in the main process
+        try:  # fail early, in the main process
+            import webdataset  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "reading tar shards needs the optional 'webdataset' package: pip install 'milan-pretrain[webdataset]'"
+            ) from err
         self.urls: str | list[str] = urls if isinstance(urls, str) else [os.fspath(u) for u in urls]
         commands = shell_sources(entries_of(self.urls))
         if commands and not allow_shell_pipes:
@@ -176,7 +164,8 @@ class ShardImages(IterableDataset[Item]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[Item]:
-        wds = import_webdataset()
+        import webdataset as wds
+
         info = get_worker_info()
         seed = mix_seeds(self.seed, self.epoch + self._iterations, dist.rank(), info.id if info is not None else 0)
         self._iterations += 1
@@ -220,7 +209,7 @@ class ShardImages(IterableDataset[Item]):
         try:
             return self.pipeline(open_image(bytes(sample[image_key]), max_pixels=self.max_pixels)), label
         except ImageDecodeError as err:
-            return BadSample(f"{name}.{image_key}", err.reason, err.detail)
+            return err.skip(f"{name}.{image_key}")
 
 
 def _shard_error(exn: Exception) -> tuple[str | None, str]:
@@ -350,8 +339,8 @@ def build_dataset(
     try:
         if not entries:
             raise ValueError("empty data source list")
-        if not labelled and (is_shard_source(entries) or shell_sources(entries)):
-            commands = set(shell_sources(entries))
+        commands = shell_sources(entries)  # pipe: and URLs: kept as written (a path would collapse their "//")
+        if not labelled and (commands or is_shard_source(entries)):
             urls = [os.fspath(e) if os.fspath(e) in commands else os.fspath(resolve_source(e)) for e in entries]
             return ShardImages(
                 urls[0] if len(urls) == 1 else urls, pipeline, shuffle_buffer=shuffle_buffer, seed=seed,
@@ -366,14 +355,21 @@ def build_dataset(
             raise ValueError("several labelled sources cannot be combined: their class indices would collide")
         first = resolve_source(entries[0])
         if not first.exists():
-            raise ConfigError(f"{key}={source!r}: not found ({what})")
+            raise FileNotFoundError(f"not found ({what})")
         if first.is_file() and first.name.endswith(ARCHIVE_SUFFIXES):
             first, per_class = extract_archive_subset(first, None, per_class=per_class), None
         elif not first.is_dir():
-            raise ConfigError(f"{key}={source!r}: not a folder or a .tar/.tar.gz archive (labels need {tree})")
+            raise NotADirectoryError(f"not a folder or a .tar/.tar.gz archive (labels need {tree})")
         if per_class is not None and per_class < 1:
             raise ValueError(f"per_class must be >= 1 or None, got {per_class}")
-        names = list(classes) if classes is not None else find_classes(first)
+        if classes is None:  # ImageFolder's classes: the non-hidden subfolders, sorted
+            classes = sorted(e.name for e in os.scandir(first) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(
+                    f"no class subfolders in {first}: a labelled dataset needs one folder per class "
+                    "(root/<class>/<image>)"
+                )
+        names = list(classes)
         samples, ignored = [], Counter()
         for label, name in enumerate(names):
             folder = first / name
@@ -385,8 +381,6 @@ def build_dataset(
         return ImageDataset(
             samples, pipeline, classes=names, max_pixels=max_pixels, ignored=ignored, source=os.fspath(entries[0])
         )
-    except ConfigError:
-        raise
     except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
         raise ConfigError(f"{key}={source!r}: {e}") from e
 

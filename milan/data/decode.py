@@ -60,6 +60,10 @@ class ImageDecodeError(Exception):
         self.reason: SkipReason = reason
         self.detail = detail
 
+    def skip(self, path: str | Path) -> BadSample:
+        """This error as the skipped sample ``path``."""
+        return BadSample(str(path), self.reason, self.detail)
+
 
 def _classify(err: BaseException, data: bytes = b"") -> ImageDecodeError:
     if isinstance(err, Image.DecompressionBombError | MemoryError):
@@ -87,6 +91,17 @@ def read_file(path: Path) -> bytes | BadSample:
         return BadSample(str(path), "not an image", "is a folder")
     except OSError as err:  # permissions, I/O errors
         return BadSample(str(path), "unreadable", f"{type(err).__name__}: {err.strerror or err}")
+
+
+def open_file(path: Path, max_pixels: int | None) -> tuple[bytes, Image.Image] | BadSample:
+    """A file's bytes and its parsed header (:func:`read_file`, then :func:`open_image`), or why it cannot be used."""
+    data = read_file(path)
+    if isinstance(data, BadSample):
+        return data
+    try:
+        return data, open_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as err:
+        return err.skip(path)
 
 
 def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

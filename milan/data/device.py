@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_jpeg as _tv_decode_jpeg
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from milan.data.datasets import ImageDataset
-from milan.data.decode import BadSample, ImageDecodeError, decode_rgb, open_image, read_file
+from milan.data.decode import BadSample, ImageDecodeError, decode_rgb, open_file, open_image
 from milan.data.report import Batch
+from milan.data.transforms import crop_box
 from milan.errors import ConfigError
 
 CropBox = tuple[int, int, int, int]  # (top, left, height, width), torchvision's order
@@ -57,14 +57,10 @@ class EncodedImages(Dataset[EncodedItem]):
 
     def __getitem__(self, index: int) -> EncodedItem:
         path, label = self.images.samples[index]
-        data = read_file(path)
-        if isinstance(data, BadSample):
-            return data
-        try:
-            open_image(data, max_pixels=self.images.max_pixels)  # the header only
-        except ImageDecodeError as err:
-            return BadSample(str(path), err.reason, err.detail)
-        return data, int(torch.randint(1 << 62, (1,)).item()), str(path), label
+        opened = open_file(path, self.images.max_pixels)  # the header only
+        if isinstance(opened, BadSample):
+            return opened
+        return opened[0], int(torch.randint(1 << 62, (1,)).item()), str(path), label
 
 
 @dataclass
@@ -97,38 +93,32 @@ def collate_encoded(items: Sequence[EncodedItem]) -> EncodedBatch:
     )
 
 
-def decode_jpeg(data: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
-    """``torchvision.io.decode_jpeg`` to RGB, without its per-call warning.
-
-    torchvision >= 0.29 points to TorchCodec instead, which is not a dependency here.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*image decoding and encoding capabilities", DeprecationWarning)
-        out: torch.Tensor | list[torch.Tensor] = _tv_decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    return out
-
-
 def _decode_cpu(data: torch.Tensor, path: str, device: torch.device) -> DecodeResult:
     try:
         rgb = decode_rgb(data.numpy().tobytes(), max_pixels=None)
     except ImageDecodeError as err:
-        return BadSample(path, err.reason, err.detail)
+        return err.skip(path)
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # (H, W, 3)
     return pixels.permute(2, 0, 1).contiguous().to(device)  # (3, H, W)
 
 
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """JPEGs decoded in one batched call; ``None`` where one is rejected even on its own."""
-    try:
-        return list(decode_jpeg(datas, device))
-    except RuntimeError:  # the batch holds at least one damaged file: find it
-        pass
-    out: list[torch.Tensor | None] = []
-    for data in datas:
+    """JPEGs decoded to RGB in one batched call; ``None`` where one is rejected even on its own.
+
+    torchvision >= 0.29 warns on every call (it points to TorchCodec, which is not a dependency here): silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*image decoding and encoding capabilities", DeprecationWarning)
         try:
-            out.append(decode_jpeg(data, device))  # type: ignore[arg-type]
-        except RuntimeError:
-            out.append(None)
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # the batch holds at least one damaged file: find it
+            pass
+        out: list[torch.Tensor | None] = []
+        for data in datas:
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
     return out
 
 
@@ -147,8 +137,6 @@ def decode_on_device(
     Returns:
         Per input, in order: a ``(3, H, W)`` uint8 RGB tensor on ``device``, or a :class:`BadSample`.
     """
-    if len(datas) != len(paths):
-        raise ValueError(f"got {len(datas)} images but {len(paths)} paths")
     results: list[DecodeResult | None] = [None] * len(datas)
     jpegs: list[int] = []
     for i, (data, path) in enumerate(zip(datas, paths, strict=True)):
@@ -156,7 +144,7 @@ def decode_on_device(
             try:
                 open_image(data.numpy().tobytes(), max_pixels=max_pixels)
             except ImageDecodeError as err:
-                results[i] = BadSample(path, err.reason, err.detail)
+                results[i] = err.skip(path)
                 continue
         if data.numel() >= 3 and bytes(data[:3].tolist()) == b"\xff\xd8\xff":  # a JPEG
             jpegs.append(i)
@@ -175,9 +163,9 @@ def view_params(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        top, left, h, w = RandomResizedCrop.get_params(torch.empty(0, height, width), list(scale), list(ratio))
+        box = crop_box(width, height, scale, ratio)
         flip = torch.rand(1).item() < hflip
-    return (top, left, h, w), flip
+    return box, flip
 
 
 @dataclass(frozen=True)
@@ -201,9 +189,7 @@ class DeviceAugment:
         return F.horizontal_flip(out) if flip else out
 
     def __call__(self, images: Sequence[torch.Tensor], seeds: Sequence[int]) -> torch.Tensor:
-        """``(3, H, W)`` uint8 images (sizes may differ, one device) -> ``(B, 3, size, size)`` float32 views."""
-        if not images:
-            return torch.empty(0, 3, self.size, self.size)
+        """``(3, H, W)`` uint8 images (at least one; sizes may differ, one device) -> ``(B, 3, S, S)`` float32 views."""
         device = images[0].device
         with torch.autocast(device.type, enabled=False):  # resampling in fp32 whatever the run's autocast
             views = torch.stack([self.view(img, s) for img, s in zip(images, seeds, strict=True)])  # (B, 3, S, S)

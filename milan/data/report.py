@@ -129,13 +129,10 @@ class SkipReport:
 
     def all_reduce(self, device: torch.device | None = None) -> None:
         """Sums the counts over all ranks in place (no-op without a process group; NCCL needs a CUDA ``device``)."""
-        if not dist.is_enabled():
-            return
         counts = [self.counts[r] for r in SKIP_REASONS]
         values = torch.tensor([self.seen, self.damaged_shards, *counts], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(values)
-        self.seen, self.damaged_shards = int(values[0]), int(values[1])
-        self.counts = Counter({r: int(v) for r, v in zip(SKIP_REASONS, values[2:].tolist(), strict=True) if v})
+        self.seen, self.damaged_shards, *totals = dist.all_reduce_sum(values).tolist()
+        self.counts = Counter({r: v for r, v in zip(SKIP_REASONS, totals, strict=True) if v})
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready counts: ``{"seen", "skipped", "reasons": {reason: n}, "examples": [[path, reason, detail]]}``.

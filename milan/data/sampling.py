@@ -179,8 +179,6 @@ def build_loader(
     if isinstance(dataset, IterableDataset) and sampler is not None:
         raise ValueError("an iterable dataset (e.g. webdataset shards) orders itself: pass no sampler")
     num_workers = default_num_workers() if num_workers is None else num_workers
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     rank = dist.rank() if rank is None else rank
     return DataLoader(
         dataset,

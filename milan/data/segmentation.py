@@ -43,6 +43,7 @@ from milan.data.decode import (
     ImageDecodeError,
     _classify,
     load_rgb,
+    open_file,
     open_image,
     read_file,
 )
@@ -96,9 +97,8 @@ class LabelSpec:
 
 
 class LabelProblem(NamedTuple):
-    """A sample whose label map holds an invalid value; the main process stops with :attr:`message`."""
+    """A sample whose label map holds an invalid value; the main process stops with :attr:`message` (naming it)."""
 
-    path: str
     message: str
 
 
@@ -116,15 +116,12 @@ class SegBatch(Batch):
 def find_pairs(images: str | os.PathLike[str], labels: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     """Every image under ``images`` (any depth, natural order) with the label map ``labels/<rel>/<stem>.png``.
 
-    The label path may not exist (the sample is then skipped as ``missing``).
+    The folders exist (the callers check them); a label path may not (the sample is then skipped as ``missing``).
 
     Raises:
-        FileNotFoundError: A folder is missing or holds no images.
+        FileNotFoundError: ``images`` holds no images.
     """
     images, labels = Path(images), Path(labels)
-    for folder in (images, labels):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"not a folder: {folder}")
     scan = scan_images(images)
     if not scan.paths:
         raise no_images_error(str(images), scan.ignored)
@@ -209,21 +206,21 @@ class SegmentationDataset(Dataset[SegItem]):
         image_path, label_path = self.pairs[index]
         if not label_path.exists():
             return BadSample(str(image_path), "missing", f"no label map {label_path}")
-        image_bytes, label_bytes = read_file(image_path), read_file(label_path)
-        if isinstance(image_bytes, BadSample):
-            return image_bytes
+        opened, label_bytes = open_file(image_path, self.max_pixels), read_file(label_path)
+        if isinstance(opened, BadSample):
+            return opened
         if isinstance(label_bytes, BadSample):
             return label_bytes
         try:
-            image = load_rgb(open_image(image_bytes, max_pixels=self.max_pixels))
+            image = load_rgb(opened[1])
         except ImageDecodeError as e:
-            return BadSample(str(image_path), e.reason, e.detail)
+            return e.skip(image_path)
         try:
             raw = read_label(label_bytes, str(label_path), self.max_pixels)
         except ImageDecodeError as e:
-            return BadSample(str(label_path), e.reason, e.detail)
+            return e.skip(label_path)
         except LabelError as e:
-            return LabelProblem(str(label_path), str(e))
+            return LabelProblem(str(e))
         if raw.shape != (image.height, image.width):
             detail = f"label {raw.shape[1]}x{raw.shape[0]} but image {image.width}x{image.height}"
             return BadSample(str(image_path), "mismatched", detail)
@@ -233,7 +230,6 @@ class SegmentationDataset(Dataset[SegItem]):
             s = self.spec
             what = "after reduce_zero_label " if s.reduce_zero_label else ""
             return LabelProblem(
-                str(label_path),
                 f"{label_path}: label value {bad[0] + int(s.reduce_zero_label)} ({what}{bad[0]}) is neither a class "
                 f"(0..{s.num_classes - 1}) nor the ignore index {s.ignore_index}; check data.num_classes, "
                 "data.ignore_index and data.reduce_zero_label",

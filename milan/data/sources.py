@@ -96,14 +96,10 @@ def no_images_error(where: str, ignored: Counter[str] | None = None) -> FileNotF
 def scan_images(root: str | os.PathLike[str]) -> ImageScan:
     """The image files under a folder, at any depth, sorted by their path relative to ``root`` in natural order.
 
-    Hidden files and folders are skipped; symbolic links to folders are followed, each real folder once.
-
-    Raises:
-        NotADirectoryError: ``root`` is not a folder.
+    Hidden files and folders are skipped; symbolic links to folders are followed, each real folder once. Callers
+    check that ``root`` is a folder (each with its own message).
     """
     root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"image folder not found: {root}")
     found: list[Path] = []
     ignored: Counter[str] = Counter()
     seen: set[str] = set()
@@ -122,24 +118,6 @@ def scan_images(root: str | os.PathLike[str]) -> ImageScan:
     return ImageScan(sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix())), ignored)
 
 
-def find_classes(root: str | os.PathLike[str]) -> list[str]:
-    """The class names of an ImageFolder tree: its non-hidden subfolders, sorted (as torchvision does).
-
-    Raises:
-        NotADirectoryError: ``root`` is not a folder.
-        FileNotFoundError: ``root`` has no class subfolders.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"image folder not found: {root}")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
-        raise FileNotFoundError(
-            f"no class subfolders in {root}: a labelled dataset needs one folder per class (root/<class>/<image>)"
-        )
-    return classes
-
-
 def read_file_list(list_file: str | os.PathLike[str]) -> list[Path]:
     """The image paths listed in a text file, in order.
 
@@ -147,8 +125,6 @@ def read_file_list(list_file: str | os.PathLike[str]) -> list[Path]:
     are not checked here: a missing or unreadable file is a counted skip when it is loaded.
     """
     list_file = Path(list_file)
-    if not list_file.is_file():
-        raise FileNotFoundError(f"image list not found: {list_file}")
     paths: list[Path] = []
     for line in list_file.read_text(encoding="utf-8").splitlines():
         entry = line.strip()

@@ -91,15 +91,15 @@ def byol_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequen
 
 
 def crop_box(
-    img: Image.Image, scale: Sequence[float], ratio: Sequence[float], geometry: CropGeometry = "torchvision"
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], geometry: CropGeometry = "torchvision"
 ) -> tuple[int, int, int, int]:
-    """A random resized crop's ``(top, left, height, width)`` for ``img`` (only its size is used) by ``geometry``."""
+    """A random resized crop's ``(top, left, height, width)`` in an image of this size: the CPU and device views'."""
     if geometry == "byol":
-        return byol_crop_box(*img.size, scale, ratio)
+        return byol_crop_box(width, height, scale, ratio)
     if geometry != "torchvision":
         raise ValueError(f"crop geometry must be one of {', '.join(CROP_GEOMETRIES)}, got {geometry!r}")
-    top, left, height, width = _RandomResizedCrop.get_params(img, list(scale), list(ratio))
-    return top, left, height, width
+    top, left, h, w = _RandomResizedCrop.get_params(torch.empty(0, height, width), list(scale), list(ratio))
+    return top, left, h, w
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class RandomResizedCropDecode:
 
     def __call__(self, img: Image.Image) -> Image.Image:
         # The same random draws, in the same order, as the geometry's reference (header size only).
-        top, left, height, width = crop_box(img, self.scale, self.ratio, self.crop)
+        top, left, height, width = crop_box(*img.size, self.scale, self.ratio, self.crop)
         out_h, out_w = (self.size, self.size) if isinstance(self.size, int) else self.size
         mode = _interpolation(self.interpolation)
         s = 1

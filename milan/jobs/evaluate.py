@@ -111,7 +111,7 @@ def evaluate_checkpoint(
                 warn_(note)
             if say is not None:
                 batches = -(-len(dataset) // (batch_size * dist.world_size()))
-                say(describe_found(dataset, str(data), unit=f"{batches} batches of {batch_size} per process"))
+                say(describe_found(dataset, unit=f"{batches} batches of {batch_size} per process"))
         dtype = resolve_dtype(precision, dev)
         report = SkipReport()
         loader = eval_loader(dataset, batch_size, num_workers, dev)

@@ -96,7 +96,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
             _log_start(s, run, cfg, model, optimizer, flops)
             steps = f"{d.steps_per_epoch} steps per epoch"
             s.log.info(
-                describe_found(images, str(cfg.data.path), unit=steps) if images is not None
+                describe_found(images, unit=steps) if images is not None
                 else f"tar shards {cfg.data.path}: {cfg.data.num_samples} samples announced (data.num_samples); {steps}"
             )  # fmt: skip
             channels_last = cfg.runtime.channels_last

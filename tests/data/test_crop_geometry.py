@@ -112,7 +112,7 @@ def test_the_decode_stage_crops_the_box_of_its_geometry() -> None:
         torch.manual_seed(7)
         out = stage(open_image(data))
         torch.manual_seed(7)
-        top, left, h, w = crop_box(full, SCALE, RATIO, geometry)  # type: ignore[arg-type]
+        top, left, h, w = crop_box(*full.size, SCALE, RATIO, geometry)  # type: ignore[arg-type]
         expected = TF.resized_crop(full, top, left, h, w, [32, 32], InterpolationMode.BICUBIC, antialias=True)
         assert np.array_equal(np.asarray(out), np.asarray(expected))
     with pytest.raises(ValueError, match="crop must be one of"):
