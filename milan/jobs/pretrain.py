@@ -46,7 +46,7 @@ from milan.train.run import RunContext, seed_everything, start_run
 from milan.train.session import Session
 
 COMMANDS = {"pretrain": "MILAN pretraining from a YAML config plus key=value overrides"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.precision, teacher_dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.teacher_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,12 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         groups = param_groups(model.student, cfg.optim.weight_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, d.lr, device)
         report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction, expected=_expected_samples(cfg, d))
-        augment = _device_augment(cfg) if cfg.data.decode == "device" else None
+        augment = None
+        if cfg.data.decode == "device":  # pretrain_transform's view, drawn on the device
+            a, img_size = cfg.data, cfg.model.encoder.img_size
+            augment = DeviceAugment(
+                img_size, scale=a.scale, ratio=a.ratio, interpolation=a.interpolation, hflip=a.hflip
+            )
         trained = student if is_sharded(student) else model.student  # what checkpoints hold
         flops = model_flops(cfg.model, model.teacher).total  # a teacher loaded from a file counts with its own shape
         with Session(cfg, d, run, model=trained, optimizer=optimizer, sync_module=student, flops_per_image=flops) as s:
@@ -211,13 +216,6 @@ def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: tor
     return DTYPES[choice]
 
 
-def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
-    d = cfg.data
-    return DeviceAugment(
-        cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation, hflip=d.hflip
-    )
-
-
 def _build_loader(
     cfg: PretrainConfig, model: MILAN, device: torch.device
 ) -> tuple[Iterable[Any], EpochSampler | None, int, ImageDataset | None]:
@@ -269,11 +267,10 @@ def _log_start(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
-    if rt.precision in DTYPES and DTYPES[rt.precision] != run.dtype:  # runtime.precision cannot be honoured here
-        got = next((k for k, v in DTYPES.items() if v == run.dtype), str(run.dtype))
+    if rt.precision in ("bf16", "fp16") and run.dtype == torch.float32:  # off CUDA (resolve_dtype)
         log.warning(
-            f"runtime.precision={rt.precision} runs in {got} on {run.device.type}: mixed precision is used on CUDA "
-            f"only; set runtime.precision=auto (or {got}) to silence this"
+            f"runtime.precision={rt.precision} runs in fp32 on {run.device.type}: mixed precision is used on CUDA "
+            "only; set runtime.precision=auto (or fp32) to silence this"
         )
     compiled = "off"
     if rt.compile:

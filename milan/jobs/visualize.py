@@ -63,17 +63,26 @@ class Views:
     """Everything one grid shows, for B images of L patches (CPU tensors, patches in spatial order)."""
 
     images: torch.Tensor  # (B, 3, H, W) display images in [0, 1]
-    importance: torch.Tensor | None  # (B, L) the teacher's CLS attention; None for pixel targets
+    importance: torch.Tensor | None  # (B, L) the teacher's CLS attention; None for pixel targets (no teacher)
     mask: torch.Tensor  # (B, L) 1 = masked, 0 = visible
     cosine: torch.Tensor  # (B, L) cosine similarity of prediction and target
     target: torch.Tensor  # (B, L, D) teacher features, or per-patch normalised pixels
     pred: torch.Tensor  # (B, L, D)
     grid: tuple[int, int]  # patch rows, columns
     patch_size: int
-    pixel_targets: bool  # the model predicts pixels (no teacher)
     masking: str
     mask_ratio: float
     loss: float  # the model's loss on this batch with this mask
+
+    @property
+    def pixel_targets(self) -> bool:
+        """The model predicts pixels (it has no teacher)."""
+        return self.importance is None
+
+    def caption(self) -> str:
+        """The grid's default title: the mask drawn, the loss and what the PCA views were fitted on."""
+        pca = "" if self.pixel_targets else "; PCA basis fitted on the targets"
+        return f"{self.masking} masking, ratio {self.mask_ratio:g}; loss {self.loss:.4f}{pca}"
 
     def mean_cosine(self, index: int, masked: bool) -> float:
         """Mean cosine similarity of image ``index`` over its masked (or visible) patches."""
@@ -113,8 +122,8 @@ def compute_views(
     if masking == "attention" and model.teacher is None:
         raise ConfigError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
     saved = (model.mask_ratio, model.masking, model.training)
-    model.mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
-    model.masking = masking
+    mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
+    model.mask_ratio, model.masking = mask_ratio, masking
     model.eval()
     try:
         noise = torch.rand(images.shape[0], encoder.num_patches, generator=generator, device=images.device)
@@ -124,23 +133,19 @@ def compute_views(
         model.train(saved[2])
     pred = out.pred[:, 1:].float()  # (B, L, D) spatial order, cls dropped
     target = out.target[:, 1:].float()  # (B, L, D)
-    pixel_targets = model.teacher is None
-    if pixel_targets:  # the loss's per-patch normalised targets
+    if out.importance is None:  # pixel targets: the loss's per-patch normalised ones
         target = normalize_patches(target)
-    cosine = F.cosine_similarity(pred, target, dim=-1)  # (B, L)
-    importance = out.importance.float().cpu() if out.importance is not None else None
     return Views(
         images=denormalize(images.float()).cpu(),
-        importance=importance,
+        importance=out.importance.float().cpu() if out.importance is not None else None,
         mask=out.mask.binary_mask().cpu(),
-        cosine=cosine.cpu(),
+        cosine=F.cosine_similarity(pred, target, dim=-1).cpu(),  # (B, L)
         target=target.cpu(),
         pred=pred.cpu(),
         grid=(gh, gw),
         patch_size=encoder.patch_size,
-        pixel_targets=pixel_targets,
         masking=masking,
-        mask_ratio=model.mask_ratio if mask_ratio is None else mask_ratio,
+        mask_ratio=mask_ratio,
         loss=float(out.loss),
     )
 
@@ -276,11 +281,7 @@ def render(
             ax.set_yticks([])
     for ax, name in zip(axes[0], columns, strict=True):
         ax.set_title(name, fontsize=9)
-    fig.suptitle(
-        title
-        or f"{views.masking} masking, ratio {views.mask_ratio:g}; loss {views.loss:.4f}; PCA basis fitted on targets",
-        fontsize=10,
-    )
+    fig.suptitle(title or views.caption(), fontsize=10)
     return save_figure(fig, out, DPI)
 
 
@@ -351,10 +352,7 @@ def visualize(
     x, names = load_images(images, pre.img_size, pre.crop_pct, max_images, pre.interpolation)
     generator = torch.Generator(dev).manual_seed(seed)
     views = compute_views(model, x.to(dev), generator=generator, mask_ratio=mask_ratio, masking=masking)
-    title = (
-        f"{Path(checkpoint).name}: {views.masking} masking, ratio {views.mask_ratio:g}, seed {seed}; "
-        f"loss {views.loss:.4f}" + ("" if views.pixel_targets else "; PCA basis fitted on the targets")
-    )
+    title = f"{Path(checkpoint).name} (mask seed {seed}): {views.caption()}"
     return render(views, out, names=names, title=title, normalized_images=x)
 
 
