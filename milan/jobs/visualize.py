@@ -236,12 +236,15 @@ def render(
     fig, axes = plt.subplots(
         b, len(columns), figsize=[n / DPI for n in figure_size(b)], dpi=DPI, squeeze=False, layout="constrained"
     )
-    if views.pixel_targets:
+    if views.pixel_targets:  # the last two columns, (B, H, W, 3) each
         if normalized_images is None:
             raise ValueError("render: pass normalized_images to draw a pixel-target model's reconstruction")
-        recon, pasted = reconstruction(views, normalized_images.cpu())
+        last = [x.permute(0, 2, 3, 1) for x in reconstruction(views, normalized_images.cpu())]
     else:
-        t_rgb, p_rgb = pca_rgb(views.target, views.pred)
+        last = [
+            torch.stack([_patch_map(c, views.grid, (h, w), "nearest") for c in x])
+            for x in pca_rgb(views.target, views.pred)
+        ]
     for i in range(b):
         img = views.images[i].permute(1, 2, 0).numpy()  # (H, W, 3)
         row = axes[i]
@@ -270,12 +273,8 @@ def render(
         masked, visible = views.mean_cosine(i, True), views.mean_cosine(i, False)
         row[3].set_xlabel(f"masked {masked:.2f} / visible {visible:.2f}", fontsize=8)
         fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.02, extend="min")
-        if views.pixel_targets:
-            row[4].imshow(recon[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-            row[5].imshow(pasted[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        else:
-            row[4].imshow(_patch_map(t_rgb[i], views.grid, (h, w), "nearest").numpy(), interpolation="nearest")
-            row[5].imshow(_patch_map(p_rgb[i], views.grid, (h, w), "nearest").numpy(), interpolation="nearest")
+        for ax, x in zip(row[4:], last, strict=True):
+            ax.imshow(x[i].numpy(), interpolation="nearest")
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -288,12 +287,7 @@ def render(
 def load_images(
     sources: Sequence[str], img_size: int, crop_pct: float, limit: int, interpolation: str = "bicubic"
 ) -> tuple[torch.Tensor, list[str]]:
-    """The first ``limit`` images of files, folders (searched recursively), file lists or ``builtin:samples``.
-
-    Returns:
-        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their row labels
-        (:func:`milan.jobs.plot.read_images`).
-    """
+    """(B, 3, img_size, img_size) evaluation views of :func:`milan.jobs.plot.read_images`'s images, and their labels."""
     _, images, names = read_images(sources, limit)
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
     return torch.stack([pipeline(image) for image in images]), names
