@@ -77,7 +77,10 @@ def knn(cfg: KnnConfig) -> KnnResult:
             log.info(f"{name}: {describe_found(split, unit=f'{batches} batches of {cfg.batch_size} per process')}")
         cache = FeatureCache(cfg.cache_dir, torch.float16 if cfg.cache_dtype == "float16" else torch.float32)
         report = SkipReport(max_skip_fraction=data.max_skip_fraction)
-        weights = file_digest(cfg.encoder.pretrained) if cfg.encoder.pretrained else f"random:{cfg.encoder.model_name}"
+        weights = f"random:{cfg.encoder.model_name}"
+        if cfg.encoder.pretrained:  # the checkpoint's bytes
+            with open(cfg.encoder.pretrained, "rb") as file:
+                weights = hashlib.file_digest(file, "sha256").hexdigest()
         key = {"weights": weights, "num_heads": encoder.num_heads, "transform": repr(pipeline), "feature": cfg.feature,
                "seed": cfg.seed if cfg.encoder.pretrained is None else None, "version": 1}  # fmt: skip
         splits, hits = {}, 0
@@ -203,12 +206,6 @@ def knn_accuracy(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The feature cache
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:

@@ -39,7 +39,7 @@ from milan.models.factory import model_flops
 from milan.models.milan import MILAN
 from milan.models.tower import describe_tower
 from milan.train.checkpointing import is_sharded
-from milan.train.config import ConfigError, Derived, PretrainConfig, TeacherDtype, check_pretrain, derive
+from milan.train.config import ConfigError, PretrainConfig, TeacherDtype, check_pretrain, derive
 from milan.train.loop import StepOutput, TrainState, zero_loss
 from milan.train.optim import build_adamw, param_groups
 from milan.train.run import RunContext, seed_everything, start_run
@@ -85,7 +85,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         student = _wrap_student(cfg, model, run.dtype)
         groups = param_groups(model.student, cfg.optim.weight_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, d.lr, device)
-        report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction, expected=_expected_samples(cfg, d))
+        # tar shards: the skip report expects the samples an epoch's whole batches hold, over all processes
+        shards = cfg.data.num_samples is not None and isinstance(cfg.data.path, str) and is_shard_source(cfg.data.path)
+        expected = d.steps_per_epoch * cfg.accum_steps * cfg.batch_size * d.world_size if shards else None
+        report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction, expected=expected)
         augment = None
         if cfg.data.decode == "device":  # pretrain_transform's view, drawn on the device
             a, img_size = cfg.data, cfg.model.encoder.img_size
@@ -243,13 +246,6 @@ def _build_loader(
         collate=collate_encoded if isinstance(dataset, EncodedImages) else collate_images,
     )  # fmt: skip
     return loader, sampler, batches, images
-
-
-def _expected_samples(cfg: PretrainConfig, d: Derived) -> int | None:
-    """Streams: the samples an epoch's whole batches hold, over all processes (for the skip report)."""
-    if cfg.data.num_samples is None or not isinstance(cfg.data.path, str) or not is_shard_source(cfg.data.path):
-        return None
-    return d.steps_per_epoch * cfg.accum_steps * cfg.batch_size * d.world_size
 
 
 # ----------------------------------------------------------------------------------------------------------------
