@@ -48,7 +48,9 @@ from milan.data.segmentation import (
     find_pairs,
 )
 from milan.errors import CheckpointError
+from milan.jobs.classifier import describe_topk
 from milan.jobs.launch import add_view_arguments, print_warnings, view_options
+from milan.jobs.segment import describe_scores
 from milan.models.classifier import FinetuneClassifier, LinearProbe
 from milan.seg_metrics import segmentation_scores
 from milan.train.evaluation import evaluate_heads, segmentation_areas
@@ -174,11 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint": args.checkpoint, "data": args.data, "num_classes": labels.num_classes,
                 "skipped": report.skipped, "seconds": time.perf_counter() - t0,
             }  # fmt: skip
-            line = (
-                f"segmentation {result['checkpoint']}: mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc "
-                f"{result['aAcc']:.2f} on {result['count']} images of {result['data']} ({result['seconds']:.1f} s)"
-                + (f"; {result['skipped']} unreadable pairs skipped" if result["skipped"] else "")
-            )
+            shown, size, unit = describe_scores(result), "", "pairs"
         else:
             result = evaluate_checkpoint(
                 args.checkpoint, args.data, per_class=args.per_class, batch_size=args.batch_size,
@@ -186,14 +184,13 @@ def run(args: argparse.Namespace) -> int:
                 num_heads=args.num_heads, progress=not args.no_progress, say=print,
                 warn=functools.partial(print_warnings, "evaluate"), **view_options(args),
             )  # fmt: skip
-            line = (
-                f"{result['kind'].replace('_', ' ')} {result['checkpoint']}: top-1 {result['top1']:.2f}  "
-                f"top-5 {result['top5']:.2f} on {result['count']} images of {result['data']} "
-                f"({result['img_size']} px, {result['seconds']:.1f} s)"
-                + (f"; {result['skipped']} unreadable files skipped" if result["skipped"] else "")
-            )
+            shown, size, unit = describe_topk(result), f"{result['img_size']} px, ", "files"
         if dist.is_main():
-            print(line)
+            print(
+                f"{result['kind'].replace('_', ' ')} {args.checkpoint}: {shown} on {result['count']} images of "
+                f"{args.data} ({size}{result['seconds']:.1f} s)"
+                + (f"; {result['skipped']} unreadable {unit} skipped" if result["skipped"] else "")
+            )
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -44,10 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     elif command == "convert":
         parser.add_argument("--to", choices=("milan", "timm"), required=True, help="target layout")
         parser.add_argument("dst", metavar="DST", help="output file (.safetensors, or .pth for a torch file)")
-    elif command == "inspect":
+    else:  # inspect
         parser.add_argument("--groups", type=int, default=40, help="key groups to list (default 40)")
-    else:
-        raise ValueError(f"milan.jobs.export does not serve {command!r}")
     g = parser.add_argument_group("architecture facts the weights do not record (defaults: see milan.checkpoint)")
     g.add_argument("--num-heads", type=int, help="heads of the main network (student encoder, or the teacher)")
     g.add_argument("--decoder-num-heads", type=int, help="decoder heads (default width // 32)")

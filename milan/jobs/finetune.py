@@ -130,20 +130,17 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> FitResult:
                 _evaluate(s, model, ema, val, cfg)
             s.save_last()
             final = s.eval_history[-1]
-            fields: Metrics = {"classifier": str(run.run_dir / "classifier.pt")}
+            # classifier.pt, and classifier_ema.pt with the EMA weights and their accuracy (ema_top1, ema_top5)
+            files = {"classifier": (model, "")} | ({"classifier_ema": (ema.module, "ema_")} if ema is not None else {})
+            fields: Metrics = {name: str(run.run_dir / f"{name}.pt") for name in files}
             if ema is not None:
-                fields |= {"classifier_ema": str(run.run_dir / "classifier_ema.pt"), "ema_top1": final["ema_top1"],
-                           "ema_top5": final["ema_top5"]}  # fmt: skip
-            if dist.is_main():
-                legacy = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
-                blob = {"model": model.state_dict(), "spec": spec, "config": to_dict(cfg), "milan": legacy}
-                metrics = {"top1": final["top1"], "top5": final["top5"]}
-                atomic_save({**blob, "metrics": metrics}, run.run_dir / "classifier.pt")
-                if ema is not None:
-                    metrics = {"top1": final["ema_top1"], "top5": final["ema_top5"]}
-                    atomic_save(
-                        {**blob, "model": ema.module.state_dict(), "metrics": metrics}, fields["classifier_ema"]
-                    )
+                fields |= {"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"]}
+            legacy = {"num_heads": encoder.num_heads, "global_pool": cfg.global_pool, "kind": "finetune"}
+            for name, (net, key) in files.items():
+                metrics = {"top1": final[f"{key}top1"], "top5": final[f"{key}top5"]}
+                blob = {"model": net.state_dict(), "spec": spec, "config": to_dict(cfg), "milan": legacy}
+                if dist.is_main():
+                    atomic_save({**blob, "metrics": metrics}, fields[name])
             result = topk_summary(s.eval_history)
             text = f"{describe_topk(final)}; best epoch top-1 {result['max_top1']:.2f}"
             return finish_run(s, "finetune", result, fields, text, run.t_start)

@@ -64,6 +64,7 @@ def knn(cfg: KnnConfig) -> KnnResult:
         size, data = input_size(cfg.data.img_size, encoder), cfg.data
         pipeline = eval_transform(size, crop_pct=data.crop_pct, interpolation=data.interpolation)
         train_set, val_set, _ = labelled_splits(data, pipeline, size, None)  # both splits in the evaluation view
+        sets = {"train": train_set, "val": val_set}
         log = RunLogger(
             run.run_dir, enabled=dist.is_main(), total_steps=1, progress=cfg.log.progress, tensorboard=False
         )
@@ -71,19 +72,19 @@ def knn(cfg: KnnConfig) -> KnnResult:
             save_config(cfg, run.run_dir / "config.yaml")
         log.info(run.header("knn"))
         log.info(f"encoder: {encoder_desc}; feature {cfg.feature}, {size} px")
-        for name, split in (("train", train_set), ("val", val_set)):
+        for name, split in sets.items():
             batches = -(-len(split) // (cfg.batch_size * dist.world_size()))
             log.info(f"{name}: {describe_found(split, unit=f'{batches} batches of {cfg.batch_size} per process')}")
         cache = FeatureCache(cfg.cache_dir, torch.float16 if cfg.cache_dtype == "float16" else torch.float32)
         report = SkipReport(max_skip_fraction=data.max_skip_fraction)
-        weights = file_digest(cfg.encoder.pretrained) if cfg.encoder.pretrained else f"random:{cfg.encoder.model_name}"
+        weights = f"random:{cfg.encoder.model_name}"
+        if cfg.encoder.pretrained:  # the checkpoint's bytes
+            with open(cfg.encoder.pretrained, "rb") as file:
+                weights = hashlib.file_digest(file, "sha256").hexdigest()
         key = {"weights": weights, "num_heads": encoder.num_heads, "transform": repr(pipeline), "feature": cfg.feature,
                "seed": cfg.seed if cfg.encoder.pretrained is None else None, "version": 1}  # fmt: skip
         splits, hits = {}, 0
-        for name, dataset in (
-            ("train", train_set),
-            ("val", val_set),
-        ):  # (features (N, D), labels (N,)) on every process
+        for name, dataset in sets.items():  # (features (N, D), labels (N,)) on every process
             entry = cache_key(**key, data=dataset_fingerprint(dataset))
             found = cache.load(entry)
             if dist.broadcast_object(found is not None):  # every process takes the same branch
@@ -205,12 +206,6 @@ def knn_accuracy(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The feature cache
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:

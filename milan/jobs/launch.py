@@ -177,8 +177,11 @@ def resume_config(
     if not isinstance(ckpt["config"], Mapping):
         raise CheckpointError(f"{path} holds no config to resume from")
     stored, dropped = _without_retired_keys(cls, ckpt["config"])
-    base = _stored_config(cls, stored, (), path)
-    cfg = dataclasses.replace(_stored_config(cls, stored, overrides, path), out_dir=str(run_dir))  # type: ignore[type-var]
+    try:
+        base = from_dict(cls, stored)
+    except ConfigError as e:
+        raise ConfigError(f"the config stored in {path}: {e}") from e
+    cfg = dataclasses.replace(from_dict(cls, stored, overrides), out_dir=str(run_dir))  # type: ignore[type-var]
     state = ckpt["state"]
     notes.append(
         f"resuming {run_dir} from {path} (epoch {state['epoch']}, step {state['step']}) with its stored config"
@@ -207,16 +210,6 @@ def _without_retired_keys(cls: type, stored: Mapping[str, Any]) -> tuple[dict[st
         *sections, name = key.split(".")
         del functools.reduce(operator.getitem, sections, out)[name]
     return out, dropped
-
-
-def _stored_config(cls: type[C], stored: Mapping[str, Any], overrides: Sequence[str], path: Path) -> C:
-    """``cls`` from a checkpoint's plain-data config, with ``overrides`` on top."""
-    try:
-        return from_dict(cls, stored, overrides)
-    except ConfigError as e:
-        if overrides:
-            raise
-        raise ConfigError(f"the config stored in {path}: {e}") from e
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

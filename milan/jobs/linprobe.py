@@ -83,9 +83,7 @@ def linprobe(cfg: LinprobeConfig, resume: str | None = None) -> FitResult:
         lrs = [d.lr * scale for scale in model.lr_scales]
         head = HeadSpec("linear_probe", num_classes, list(train_set.classes), "token")
         spec = classifier_spec(encoder, head, data)
-        o = (
-            cfg.optim
-        )  # LARS over the heads: one group pair per head (decayed / not, by the one rule), with its lr scale
+        o = cfg.optim  # LARS over the heads: one group pair per head (decayed / not, by the one rule), its lr scale
         groups = [{**g, "lr_scale": scale} for fc, scale in zip(model.fcs, model.lr_scales, strict=True)
                   for g in param_groups(fc, o.weight_decay)]  # fmt: skip
         optimizer = LARS(

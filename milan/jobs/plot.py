@@ -37,7 +37,10 @@ def save_plot(
     Returns:
         ``(out, what was drawn)``, or ``(None, what the log holds)`` when there is nothing to draw.
     """
-    plt, path = pyplot(), _log_file(metrics)
+    path = Path(metrics) / "metrics.jsonl" if Path(metrics).is_dir() else Path(metrics)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics log at {path}")
+    plt = pyplot()
     records = read_metrics(path, event=None)
     train = [r for r in records if r.get("event") == "train" and isinstance(r.get("step"), int)]
     evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get("top1"), (int, float))]
@@ -101,15 +104,6 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _log_file(metrics: str | os.PathLike[str]) -> Path:
-    """A run's ``metrics.jsonl`` (given it or its folder)."""
-    path = Path(metrics)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics log at {path}")
-    return path
 
 
 def read_images(sources: Sequence[str], limit: int) -> tuple[list[Path], list[Image.Image], list[str]]:

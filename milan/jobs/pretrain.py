@@ -39,14 +39,14 @@ from milan.models.factory import model_flops
 from milan.models.milan import MILAN
 from milan.models.tower import describe_tower
 from milan.train.checkpointing import is_sharded
-from milan.train.config import ConfigError, Derived, PretrainConfig, TeacherDtype, check_pretrain, derive
+from milan.train.config import ConfigError, PretrainConfig, TeacherDtype, check_pretrain, derive
 from milan.train.loop import StepOutput, TrainState, zero_loss
 from milan.train.optim import build_adamw, param_groups
 from milan.train.run import RunContext, seed_everything, start_run
 from milan.train.session import Session
 
 COMMANDS = {"pretrain": "MILAN pretraining from a YAML config plus key=value overrides"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.precision, teacher_dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.teacher_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +85,16 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Summary:
         student = _wrap_student(cfg, model, run.dtype)
         groups = param_groups(model.student, cfg.optim.weight_decay, cfg.optim.wd_exempt_tokens)
         optimizer = build_adamw(groups, cfg.optim, d.lr, device)
-        report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction, expected=_expected_samples(cfg, d))
-        augment = _device_augment(cfg) if cfg.data.decode == "device" else None
+        # tar shards: the skip report expects the samples an epoch's whole batches hold, over all processes
+        shards = cfg.data.num_samples is not None and isinstance(cfg.data.path, str) and is_shard_source(cfg.data.path)
+        expected = d.steps_per_epoch * cfg.accum_steps * cfg.batch_size * d.world_size if shards else None
+        report = SkipReport(max_skip_fraction=cfg.data.max_skip_fraction, expected=expected)
+        augment = None
+        if cfg.data.decode == "device":  # pretrain_transform's view, drawn on the device
+            a, img_size = cfg.data, cfg.model.encoder.img_size
+            augment = DeviceAugment(
+                img_size, scale=a.scale, ratio=a.ratio, interpolation=a.interpolation, hflip=a.hflip
+            )
         trained = student if is_sharded(student) else model.student  # what checkpoints hold
         flops = model_flops(cfg.model, model.teacher).total  # a teacher loaded from a file counts with its own shape
         with Session(cfg, d, run, model=trained, optimizer=optimizer, sync_module=student, flops_per_image=flops) as s:
@@ -211,13 +219,6 @@ def teacher_compute_dtype(choice: TeacherDtype, device: torch.device, dtype: tor
     return DTYPES[choice]
 
 
-def _device_augment(cfg: PretrainConfig) -> DeviceAugment:
-    d = cfg.data
-    return DeviceAugment(
-        cfg.model.encoder.img_size, scale=d.scale, ratio=d.ratio, interpolation=d.interpolation, hflip=d.hflip
-    )
-
-
 def _build_loader(
     cfg: PretrainConfig, model: MILAN, device: torch.device
 ) -> tuple[Iterable[Any], EpochSampler | None, int, ImageDataset | None]:
@@ -247,13 +248,6 @@ def _build_loader(
     return loader, sampler, batches, images
 
 
-def _expected_samples(cfg: PretrainConfig, d: Derived) -> int | None:
-    """Streams: the samples an epoch's whole batches hold, over all processes (for the skip report)."""
-    if cfg.data.num_samples is None or not isinstance(cfg.data.path, str) or not is_shard_source(cfg.data.path):
-        return None
-    return d.steps_per_epoch * cfg.accum_steps * cfg.batch_size * d.world_size
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # What the run says
 
@@ -269,11 +263,10 @@ def _log_start(
         autocast = teacher.compute_dtype is None and run.dtype != torch.float32  # no cast: under the run's autocast
         details.append(f"teacher {weights}" + (f" weights under {under} autocast" if autocast else ""))
     log.info(run.header("pretrain", details))
-    if rt.precision in DTYPES and DTYPES[rt.precision] != run.dtype:  # runtime.precision cannot be honoured here
-        got = next((k for k, v in DTYPES.items() if v == run.dtype), str(run.dtype))
+    if rt.precision in ("bf16", "fp16") and run.dtype == torch.float32:  # off CUDA (resolve_dtype)
         log.warning(
-            f"runtime.precision={rt.precision} runs in {got} on {run.device.type}: mixed precision is used on CUDA "
-            f"only; set runtime.precision=auto (or {got}) to silence this"
+            f"runtime.precision={rt.precision} runs in fp32 on {run.device.type}: mixed precision is used on CUDA "
+            "only; set runtime.precision=auto (or fp32) to silence this"
         )
     compiled = "off"
     if rt.compile:

@@ -213,10 +213,8 @@ def _loss(
     images = data.images.to(device, non_blocking=True)  # (B, 3, c, c)
     labels = data.labels.to(device, non_blocking=True)  # (B, c, c)
     logits, aux = train_module(images)
-    m = cfg.model
-    loss = segmentation_loss(
-        logits, labels, ignore_index=cfg.data.ignore_index, aux_logits=aux, aux_weight=m.aux_weight
-    )
+    m, ignore = cfg.model, cfg.data.ignore_index
+    loss = segmentation_loss(logits, labels, ignore_index=ignore, aux_logits=aux, aux_weight=m.aux_weight)
     return StepOutput(loss, len(images), len(data.skipped))
 
 

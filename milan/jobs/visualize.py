@@ -63,17 +63,26 @@ class Views:
     """Everything one grid shows, for B images of L patches (CPU tensors, patches in spatial order)."""
 
     images: torch.Tensor  # (B, 3, H, W) display images in [0, 1]
-    importance: torch.Tensor | None  # (B, L) the teacher's CLS attention; None for pixel targets
+    importance: torch.Tensor | None  # (B, L) the teacher's CLS attention; None for pixel targets (no teacher)
     mask: torch.Tensor  # (B, L) 1 = masked, 0 = visible
     cosine: torch.Tensor  # (B, L) cosine similarity of prediction and target
     target: torch.Tensor  # (B, L, D) teacher features, or per-patch normalised pixels
     pred: torch.Tensor  # (B, L, D)
     grid: tuple[int, int]  # patch rows, columns
     patch_size: int
-    pixel_targets: bool  # the model predicts pixels (no teacher)
     masking: str
     mask_ratio: float
     loss: float  # the model's loss on this batch with this mask
+
+    @property
+    def pixel_targets(self) -> bool:
+        """The model predicts pixels (it has no teacher)."""
+        return self.importance is None
+
+    def caption(self) -> str:
+        """The grid's default title: the mask drawn, the loss and what the PCA views were fitted on."""
+        pca = "" if self.pixel_targets else "; PCA basis fitted on the targets"
+        return f"{self.masking} masking, ratio {self.mask_ratio:g}; loss {self.loss:.4f}{pca}"
 
     def mean_cosine(self, index: int, masked: bool) -> float:
         """Mean cosine similarity of image ``index`` over its masked (or visible) patches."""
@@ -113,8 +122,8 @@ def compute_views(
     if masking == "attention" and model.teacher is None:
         raise ConfigError("attention masking needs a teacher; this model predicts pixels: use masking='random'")
     saved = (model.mask_ratio, model.masking, model.training)
-    model.mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
-    model.masking = masking
+    mask_ratio = mask_ratio if mask_ratio is not None else model.mask_ratio
+    model.mask_ratio, model.masking = mask_ratio, masking
     model.eval()
     try:
         noise = torch.rand(images.shape[0], encoder.num_patches, generator=generator, device=images.device)
@@ -124,23 +133,19 @@ def compute_views(
         model.train(saved[2])
     pred = out.pred[:, 1:].float()  # (B, L, D) spatial order, cls dropped
     target = out.target[:, 1:].float()  # (B, L, D)
-    pixel_targets = model.teacher is None
-    if pixel_targets:  # the loss's per-patch normalised targets
+    if out.importance is None:  # pixel targets: the loss's per-patch normalised ones
         target = normalize_patches(target)
-    cosine = F.cosine_similarity(pred, target, dim=-1)  # (B, L)
-    importance = out.importance.float().cpu() if out.importance is not None else None
     return Views(
         images=denormalize(images.float()).cpu(),
-        importance=importance,
+        importance=out.importance.float().cpu() if out.importance is not None else None,
         mask=out.mask.binary_mask().cpu(),
-        cosine=cosine.cpu(),
+        cosine=F.cosine_similarity(pred, target, dim=-1).cpu(),  # (B, L)
         target=target.cpu(),
         pred=pred.cpu(),
         grid=(gh, gw),
         patch_size=encoder.patch_size,
-        pixel_targets=pixel_targets,
         masking=masking,
-        mask_ratio=model.mask_ratio if mask_ratio is None else mask_ratio,
+        mask_ratio=mask_ratio,
         loss=float(out.loss),
     )
 
@@ -231,12 +236,15 @@ def render(
     fig, axes = plt.subplots(
         b, len(columns), figsize=[n / DPI for n in figure_size(b)], dpi=DPI, squeeze=False, layout="constrained"
     )
-    if views.pixel_targets:
+    if views.pixel_targets:  # the last two columns, (B, H, W, 3) each
         if normalized_images is None:
             raise ValueError("render: pass normalized_images to draw a pixel-target model's reconstruction")
-        recon, pasted = reconstruction(views, normalized_images.cpu())
+        last = [x.permute(0, 2, 3, 1) for x in reconstruction(views, normalized_images.cpu())]
     else:
-        t_rgb, p_rgb = pca_rgb(views.target, views.pred)
+        last = [
+            torch.stack([_patch_map(c, views.grid, (h, w), "nearest") for c in x])
+            for x in pca_rgb(views.target, views.pred)
+        ]
     for i in range(b):
         img = views.images[i].permute(1, 2, 0).numpy()  # (H, W, 3)
         row = axes[i]
@@ -265,34 +273,21 @@ def render(
         masked, visible = views.mean_cosine(i, True), views.mean_cosine(i, False)
         row[3].set_xlabel(f"masked {masked:.2f} / visible {visible:.2f}", fontsize=8)
         fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.02, extend="min")
-        if views.pixel_targets:
-            row[4].imshow(recon[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-            row[5].imshow(pasted[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        else:
-            row[4].imshow(_patch_map(t_rgb[i], views.grid, (h, w), "nearest").numpy(), interpolation="nearest")
-            row[5].imshow(_patch_map(p_rgb[i], views.grid, (h, w), "nearest").numpy(), interpolation="nearest")
+        for ax, x in zip(row[4:], last, strict=True):
+            ax.imshow(x[i].numpy(), interpolation="nearest")
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
     for ax, name in zip(axes[0], columns, strict=True):
         ax.set_title(name, fontsize=9)
-    fig.suptitle(
-        title
-        or f"{views.masking} masking, ratio {views.mask_ratio:g}; loss {views.loss:.4f}; PCA basis fitted on targets",
-        fontsize=10,
-    )
+    fig.suptitle(title or views.caption(), fontsize=10)
     return save_figure(fig, out, DPI)
 
 
 def load_images(
     sources: Sequence[str], img_size: int, crop_pct: float, limit: int, interpolation: str = "bicubic"
 ) -> tuple[torch.Tensor, list[str]]:
-    """The first ``limit`` images of files, folders (searched recursively), file lists or ``builtin:samples``.
-
-    Returns:
-        (B, 3, img_size, img_size) ImageNet-normalised images (the evaluation view) and their row labels
-        (:func:`milan.jobs.plot.read_images`).
-    """
+    """(B, 3, img_size, img_size) evaluation views of :func:`milan.jobs.plot.read_images`'s images, and their labels."""
     _, images, names = read_images(sources, limit)
     pipeline = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
     return torch.stack([pipeline(image) for image in images]), names
@@ -351,10 +346,7 @@ def visualize(
     x, names = load_images(images, pre.img_size, pre.crop_pct, max_images, pre.interpolation)
     generator = torch.Generator(dev).manual_seed(seed)
     views = compute_views(model, x.to(dev), generator=generator, mask_ratio=mask_ratio, masking=masking)
-    title = (
-        f"{Path(checkpoint).name}: {views.masking} masking, ratio {views.mask_ratio:g}, seed {seed}; "
-        f"loss {views.loss:.4f}" + ("" if views.pixel_targets else "; PCA basis fitted on the targets")
-    )
+    title = f"{Path(checkpoint).name} (mask seed {seed}): {views.caption()}"
     return render(views, out, names=names, title=title, normalized_images=x)
 
 
