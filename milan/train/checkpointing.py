@@ -77,15 +77,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores :func:`rng_state` (missing entries are left alone)."""
-    if "python" in state:
-        words, gauss = state["python"]
-        random.setstate((3, tuple(int(w) for w in words), gauss))
-    if "numpy" in state:
-        keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
+    """Restores :func:`rng_state` (CUDA's on as many devices as it was saved from)."""
+    words, gauss = state["python"]
+    random.setstate((3, tuple(int(w) for w in words), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -365,9 +365,8 @@ class Session:
         that the rest of the current epoch does not see exactly the remaining samples.
         """
         cfg, d, s = self.cfg, self.derived, self.state
-        old_bs = int(ckpt.get("config", {}).get("batch_size", cfg.batch_size))
-        old_accum = int(ckpt.get("config", {}).get("accum_steps", cfg.accum_steps))
-        old_world = int(ckpt.get("meta", {}).get("world_size", d.world_size))
+        old_bs, old_accum = int(ckpt["config"]["batch_size"]), int(ckpt["config"]["accum_steps"])
+        old_world = int(ckpt["meta"]["world_size"])
         if (old_bs, old_accum, old_world) == (cfg.batch_size, cfg.accum_steps, d.world_size):
             return
         samples = s.batch_in_epoch * old_bs  # consumed by each process in this epoch
