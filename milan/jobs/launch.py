@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 from milan.errors import CheckpointError, ConfigError
 from milan.train.checkpointing import Checkpointer, load_training_checkpoint
 from milan.train.config import from_dict, load_config, to_dict, to_yaml
-from milan.train.run import usable_checkpoint
 
 C = TypeVar("C")
 
@@ -162,7 +161,7 @@ def resume_config(
                 raise ConfigError(f"--resume {resume} and out_dir={out_override} name two different run folders")
         checkpointer = Checkpointer(run_dir)
         checkpointer.check_paths()  # e.g. a folder named last.pt: said before anything else
-        found, skipped = usable_checkpoint(checkpointer, resume)
+        found, skipped = checkpointer.scan(resume)
         if found is None:  # a new run in that folder, from --config or the folder's own config.yaml
             source = config if config is not None else run_dir / "config.yaml"
             if config is None and not Path(source).is_file():

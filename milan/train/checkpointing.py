@@ -51,6 +51,10 @@ class CheckpointWriteError(UserError, RuntimeError):
     """A checkpoint could not be written (no space left, read-only or unwritable folder); the previous one is intact."""
 
 
+class RunFolderError(UserError, RuntimeError):
+    """The run folder cannot be used: in use by another process, not writable, or holding only unusable checkpoints."""
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``module`` (wrapped or not) is sharded with FSDP2: its full state is then gathered by every process."""
     from torch.distributed.fsdp import FSDPModule
@@ -73,15 +77,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores :func:`rng_state` (missing entries are left alone)."""
-    if "python" in state:
-        words, gauss = state["python"]
-        random.setstate((3, tuple(int(w) for w in words), gauss))
-    if "numpy" in state:
-        keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
+    """Restores :func:`rng_state` (CUDA's on as many devices as it was saved from)."""
+    words, gauss = state["python"]
+    random.setstate((3, tuple(int(w) for w in words), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -184,10 +185,7 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, ckpt: dict[str, Any], *, epoch_end: int | None = None) -> Path:
-        """Writes ``last.pt`` atomically (the one before it stays as ``last.prev.pt``); returns it.
-
-        ``epoch_end``, the number of finished epochs at an epoch-end save, also makes an independent copy
-        ``epoch_NNNN.pt``, and deletes the numbered copies beyond the newest ``keep``.
+        """Writes ``last.pt`` and, with ``epoch_end`` (the finished epochs), its numbered copy; returns ``last.pt``.
 
         Raises:
             CheckpointWriteError: No space left, or the folder is not writable; the previous checkpoint is intact.
@@ -276,13 +274,16 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _EPOCH_FILE.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def scan(self) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+    def scan(self, resume: str = "auto") -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
         """The newest checkpoint that loads and has the required entries, and the newer files that did not.
 
-        Newest by modification time (``last.pt`` first among equals).
+        Newest by modification time (``last.pt`` first among equals); ``resume`` is the ``--resume`` the error names.
 
         Returns:
-            ``((path, checkpoint) or None, [(unusable path, one-line reason), ...])``.
+            ``((path, checkpoint), [(unusable path, one-line reason), ...])``, or ``(None, [])``: no checkpoint.
+
+        Raises:
+            RunFolderError: The folder holds checkpoints, but none is usable (nothing is changed then).
         """
         files = [*self.numbered(), *(p for p in (self.last, self.previous) if p.exists())]
         skipped: list[tuple[Path, str]] = []
@@ -291,7 +292,13 @@ class Checkpointer:
                 return (path, load_training_checkpoint(path)), skipped
             except CheckpointError as e:
                 skipped.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
-        return None, skipped
+        if skipped:
+            reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise RunFolderError(
+                f"--resume {resume}: no usable checkpoint in {self.dir} ({reasons}); nothing was changed. "
+                "Move the damaged files away to start a new run there, or pass --resume FILE"
+            )
+        return None, []
 
 
 def _raise_write_error(error: BaseException, path: Path, nbytes: int, *, intact: Path) -> NoReturn:

@@ -686,7 +686,8 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], overrides: Sequence[str] = (
     raw = _merge(dict(raw), parse_overrides(overrides))
     factory = getattr(cls, "defaults_from", None)
     base: T = factory(raw) if factory is not None else cls()
-    return update(base, raw)
+    cfg: T = _convert(raw, cls, "", base)
+    return cfg
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -726,23 +727,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             node = child
         node[leaf] = _Override(text, parsed)
     return out
-
-
-def update(cfg: T, data: Mapping[str, Any], prefix: str = "") -> T:
-    """A copy of dataclass ``cfg`` with ``data`` merged in (nested mappings merge into nested sections)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_describe(data)}")
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"update() needs a dataclass instance, got {type(cfg).__name__}")
-    hints = field_types(type(cfg))
-    changes: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1)
-            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; known keys: {', '.join(hints)}"
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
-        changes[key] = _convert(value, hints[key], f"{prefix}{key}", getattr(cfg, key))
-    return dataclasses.replace(cfg, **changes)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -822,10 +806,18 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
         if rng is not None:
             rng.check(converted, key, current)
         return converted
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a section: merged into the one it replaces
         if not isinstance(value, Mapping):
             raise wrong
-        return update(current if isinstance(current, tp) else tp(), value, prefix=f"{key}.")
+        hints, prefix = field_types(tp), f"{key}." if key else ""
+        for name in value:
+            if name not in hints:
+                close = difflib.get_close_matches(str(name), list(hints), n=1)
+                hint = f" (did you mean {prefix + close[0]!r}?)" if close else f"; known keys: {', '.join(hints)}"
+                raise ConfigError(f"unknown config key {prefix + str(name)!r}{hint}")
+        section = current if isinstance(current, tp) else tp()
+        changes = {k: _convert(v, hints[k], prefix + k, getattr(section, k)) for k, v in value.items()}
+        return dataclasses.replace(section, **changes)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -853,8 +845,6 @@ def _convert(value: Any, tp: Any, key: str, current: Any = None) -> Any:
             value = float(value) if math.isfinite(float(value)) else value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp not in (bool, int, float, str):
-        raise ConfigError(f"config key {key!r} has an unsupported annotation {tp!r}")  # a bug in a config class
     if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
         raise wrong
     return value

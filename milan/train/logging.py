@@ -138,7 +138,7 @@ class RunLogger:
                 self.info(
                     f"step {r['step']}/{self.total_steps} (epoch {r['epoch']:.2f}) loss {r['loss']:.4f} "
                     f"lr {r['lr']:.3e} {r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} "
-                    f"elapsed {_hms(r['elapsed'])} eta {_hms(eta)}"
+                    f"elapsed {tqdm.format_interval(r['elapsed'])} eta {tqdm.format_interval(eta)}"
                 )
 
     def write(self, record: dict[str, Any]) -> None:
@@ -176,12 +176,6 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def _json_safe(value: Any) -> Any:

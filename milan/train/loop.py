@@ -1,12 +1,7 @@
-"""One optimizer step, precision, and stopping on a signal.
+"""One optimizer step (:func:`train_step`), precision, and stopping on a signal.
 
-A job writes its own loop over epochs and batches and calls :func:`train_step` for each optimizer step::
-
-    opt = Optimization(optimizer, schedule, device, accum_steps=2, sync_module=ddp_model)
-    while state.batch_in_epoch < num_batches:
-        metrics = train_step(loss_fn, batches, state, opt, model)  # loss_fn(batch, model) -> StepOutput
-
-:class:`~milan.train.session.Session` adds the run around it (resume, logs, checkpoints, evaluations).
+:class:`~milan.train.session.Session` calls :func:`train_step` from a job's loop and adds the run around it (resume,
+logs, checkpoints, evaluations).
 """
 
 from __future__ import annotations
@@ -213,10 +208,7 @@ def _no_grad_sync(module: nn.Module) -> Iterator[None]:
         with no_sync():
             yield
         return
-    set_sync: Any = getattr(module, "set_requires_gradient_sync", None)
-    if set_sync is None:
-        yield
-        return
+    set_sync: Any = module.set_requires_gradient_sync  # the other wrapper: FSDP2's
     set_sync(False)
     try:
         yield

@@ -30,8 +30,7 @@ import torch
 
 from milan import distributed as dist
 from milan.checkpoint.io import CheckpointError
-from milan.errors import UserError
-from milan.train.checkpointing import Checkpointer, CheckpointWriteError, load_training_checkpoint
+from milan.train.checkpointing import Checkpointer, CheckpointWriteError, RunFolderError, load_training_checkpoint
 from milan.train.config import RuntimeConfig, ScheduleConfig
 from milan.train.loop import TrainState, resolve_dtype
 
@@ -41,10 +40,6 @@ except ImportError:  # pragma: no cover - Windows: no run-folder locks
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".lock"
-
-
-class RunFolderError(UserError, RuntimeError):
-    """The run folder cannot be used: in use by another process, not writable, or holding only unusable checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -157,27 +152,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def usable_checkpoint(
-    checkpointer: Checkpointer, resume: str
-) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
-    """:meth:`Checkpointer.scan` for ``--resume RESUME``: the newest usable checkpoint (``None``: the folder has none).
-
-    Returns:
-        ``((path, checkpoint) or None, [(unusable newer path, reason), ...])``.
-
-    Raises:
-        RunFolderError: The folder holds checkpoints, but none is usable (nothing is changed then).
-    """
-    found, skipped = checkpointer.scan()
-    if found is None and skipped:
-        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
-        raise RunFolderError(
-            f"--resume {resume}: no usable checkpoint in {checkpointer.dir} ({reasons}); nothing was changed. "
-            "Move the damaged files away to start a new run there, or pass --resume FILE"
-        )
-    return found, skipped
-
-
 class RunLock:
     """An exclusive ``flock`` on ``RUN_DIR/.lock``, held by one process; the OS drops it when that process dies.
 
@@ -233,16 +207,12 @@ def _take_run_dir(
 
     The checkpoints' folder is checked to be writable, and what a killed run left mid-write is removed.
     """
-    if resume is None:
-        lock, run_dir = _take_new_run_dir(out_dir)
-    else:
-        run_dir, resume_lock = out_dir, _lock(out_dir)
-        if resume_lock is None:
-            raise RunFolderError(
-                f"run folder {out_dir} is in use by {RunLock(out_dir).holder()}; wait for it to end, or start a new "
-                "run without --resume"
-            )
-        lock = resume_lock
+    lock, run_dir = _take_new_run_dir(out_dir) if resume is None else (_lock(out_dir), out_dir)
+    if lock is None:
+        raise RunFolderError(
+            f"run folder {out_dir} is in use by {RunLock(out_dir).holder()}; wait for it to end, or start a new run "
+            "without --resume"
+        )
     try:
         checkpointer = Checkpointer(run_dir)
         checkpointer.check_writable()
@@ -255,7 +225,7 @@ def _take_run_dir(
         if resume is None:
             return lock, (run_dir, None, None)
         if resume == "auto":
-            found, skipped = usable_checkpoint(checkpointer, resume)
+            found, skipped = checkpointer.scan(resume)
             if found is None:
                 print(f"--resume auto: no checkpoint in {checkpointer.dir}; starting a new run there")
                 return lock, (run_dir, None, None)

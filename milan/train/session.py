@@ -14,9 +14,8 @@ A job builds its model, data and optimizer inside :func:`~milan.train.run.start_
         s.save_last()
         s.finish({...}, "done: ...")                  # the "summary" record (and results.json), the last line
 
-Checkpoints hold ``model`` (unwrapped), optimizer, scaler, position, RNG states, the resolved config (``out_dir``:
-the run folder), the evaluation history and the job's :attr:`Session.extra` entries; a resumed checkpoint is kept
-as :attr:`Session.resumed`, for the job to restore its own entries.
+Checkpoints (:mod:`milan.train.checkpointing`) also hold the evaluation history and the job's :attr:`Session.extra`
+entries; a resumed one is kept as :attr:`Session.resumed`, for the job to restore its own entries.
 
 SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) inside :meth:`Session.training`: every process finishes the
 current optimizer step (they agree on it through the step's all-reduce), a resumable checkpoint of that position is
@@ -85,7 +84,6 @@ class Session:
 
     Attributes:
         state: The position (restored from ``run.resume_from``).
-        epochs: The run's length in epochs (``derived.epochs``).
         resumed: The checkpoint resumed from (``None`` on a fresh start).
         extra: Entries the job adds to every checkpoint (its model spec, EMA weights ...), kept current by it.
         eval_history: Every evaluation of the run, resumed ones included (checkpoints keep it).
@@ -106,7 +104,6 @@ class Session:
         schedule: Schedule | None = None,
     ) -> None:
         self.cfg, self.derived, self.run_dir, self.model = cfg, derived, run.run_dir, model
-        self.epochs = derived.epochs
         self.num_batches = derived.steps_per_epoch * cfg.accum_steps  # micro-batches of a whole epoch
         d = derived
         schedule = schedule or CosineSchedule(d.lr, d.total_steps, d.warmup_steps, cfg.schedule.min_lr)
@@ -161,8 +158,8 @@ class Session:
             f"{d.effective_batch}; peak lr {d.lr:.4g} ({how})"
         )
         self.log.info(
-            f"{d.steps_per_epoch} steps/epoch x {self.epochs} epochs"
-            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * self.epochs else "")
+            f"{d.steps_per_epoch} steps/epoch x {d.epochs} epochs"
+            + (" (the last one partial)" if d.total_steps < d.steps_per_epoch * d.epochs else "")
             + f" = {d.total_steps} steps "
             f"({d.warmup_steps} warm-up); this launch runs to step {d.stop_step}"
         )
@@ -177,7 +174,7 @@ class Session:
 
     def epochs_left(self) -> bool:
         """Whether the schedule has epochs left (and ``schedule.max_steps`` is not reached)."""
-        return self.state.epoch < self.epochs and self.state.step < self.derived.stop_step
+        return self.state.epoch < self.derived.epochs and self.state.step < self.derived.stop_step
 
     def epoch_batches(self, loader: Iterable[Any], sampler: EpochSampler | None) -> Iterator[Any]:
         """The batches of the current epoch from the resume position on: the same order however often it resumes.
@@ -266,7 +263,7 @@ class Session:
         Raises:
             DataError: The epoch had no usable image, or skipped more than ``data.max_skip_fraction``.
         """
-        s, epochs = self.state, self.epochs
+        s, epochs = self.state, self.derived.epochs
         if s.batch_in_epoch < self.num_batches:
             if s.step >= self.derived.stop_step:
                 return False
@@ -368,9 +365,8 @@ class Session:
         that the rest of the current epoch does not see exactly the remaining samples.
         """
         cfg, d, s = self.cfg, self.derived, self.state
-        old_bs = int(ckpt.get("config", {}).get("batch_size", cfg.batch_size))
-        old_accum = int(ckpt.get("config", {}).get("accum_steps", cfg.accum_steps))
-        old_world = int(ckpt.get("meta", {}).get("world_size", d.world_size))
+        old_bs, old_accum = int(ckpt["config"]["batch_size"]), int(ckpt["config"]["accum_steps"])
+        old_world = int(ckpt["meta"]["world_size"])
         if (old_bs, old_accum, old_world) == (cfg.batch_size, cfg.accum_steps, d.world_size):
             return
         samples = s.batch_in_epoch * old_bs  # consumed by each process in this epoch
