@@ -85,11 +85,7 @@ class ModelConfig:
 
 def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
     """A random teacher's input resolution: ``model.teacher.img_size``, or the student's grid x its patch size."""
-    if cfg.img_size is not None:
-        return cfg.img_size
-    if grid_size[0] != grid_size[1]:
-        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
-    return grid_size[0] * cfg.patch_size
+    return cfg.img_size if cfg.img_size is not None else grid_size[0] * cfg.patch_size
 
 
 def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int]) -> Teacher | None:
@@ -126,8 +122,6 @@ def match_teacher_grid(teacher: Teacher, grid_size: tuple[int, int]) -> Teacher:
     """
     if teacher.grid_size == grid_size:
         return teacher
-    if grid_size[0] != grid_size[1]:
-        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
     spec = describe_tower(teacher.model)
     spec = dataclasses.replace(spec, img_size=grid_size[0] * spec.patch_size, resize_input=True)
     weights = {k: v.detach().float() for k, v in teacher.model.state_dict().items()}
@@ -227,15 +221,12 @@ def build_decoder(
 
 
 def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
-    """Builds MILAN from a config.
+    """Builds MILAN from a config: the student randomly initialised MAE-style, the teacher frozen.
 
     Args:
         cfg: Model config.
         teacher: Use this teacher instead of building one from ``cfg.teacher``; one on another patch grid is run on
             the student's (:func:`match_teacher_grid`), as the command line does with ``model.teacher.checkpoint``.
-
-    Returns:
-        The model (student randomly initialised MAE-style, teacher frozen).
     """
     encoder = build_encoder(cfg.encoder)
     if teacher is None:
