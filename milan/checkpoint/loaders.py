@@ -8,13 +8,8 @@ What a format cannot record is assumed with a warning (:mod:`milan.checkpoint.ke
 without a class token (SigLIP) and non-standard blocks (EVA / EVA-02 rotary blocks), as
 :func:`~milan.models.teacher.check_teacher_tower` says.
 
-Grid matching: MILAN needs the teacher's patch grid to equal the student's. ``img_size`` (or ``grid_size``) runs a
-teacher at another resolution: its position table is resampled (bicubic, timm's ``resample_abs_pos_embed``) and the
-images it is given are resized (bicubic, antialiased). E.g. a ViT-B/16 student at 224 px (14 x 14) with a CLIP
-ViT-L/14 teacher: ``grid_size=14`` runs the teacher at 196 px, an approximation of its native behaviour (a teacher
-with the student's patch size is exact).
-
-Pretraining builds its model with :func:`model_from_config`, which reads ``model.teacher.checkpoint`` when it is set.
+Grid matching: MILAN needs the teacher's patch grid to equal the student's; ``img_size`` (or ``grid_size``) runs a
+teacher at another resolution, as :func:`milan.models.factory.match_teacher_grid` does.
 
 Examples:
     >>> import tempfile, torch

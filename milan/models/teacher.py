@@ -107,8 +107,7 @@ class Teacher(nn.Module):
     Keep it out of the optimizer and out of DDP.
 
     Args:
-        model: A timm ``VisionTransformer`` with a class token and standard blocks. Its ``norm`` is applied to
-            every token and its ``head`` (if a Linear) projects every token.
+        model: A timm ``VisionTransformer`` with a class token and a standard last block (see the module docstring).
         input_norm: ``"imagenet"`` feeds the student's ImageNet-normalised tensor as is (the references do this);
             ``"clip"`` re-normalises it with OpenAI CLIP's mean and std first.
     """

@@ -188,10 +188,7 @@ def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
 
 
 def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer:
-    """Builds the tower described by ``spec`` and loads ``state_dict`` strictly.
-
-    The stored position table is resampled when ``spec.img_size`` differs from it; with ``spec.resize_input`` the
-    tower also resizes inputs of another size to ``spec.img_size``.
+    """Builds the tower described by ``spec`` and loads ``state_dict`` strictly (position table resampled to its grid).
 
     Raises:
         CheckpointError: Missing, unexpected or mis-shaped keys (all named).
