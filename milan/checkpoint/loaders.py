@@ -4,18 +4,12 @@ Teachers (:func:`load_teacher`) come from local files only, in every format of :
 OpenAI's TorchScript archive (read without running it) or state dicts, OpenCLIP, Hugging Face CLIP folders, and any
 timm ``VisionTransformer`` (bring your own teacher: pass ``model_name``, e.g. ``"vit_base_patch14_reg4_dinov2"``, to
 build it with timm's exact settings, or let the architecture be inferred; ``head=False`` drops a classifier head).
-What a format cannot record is assumed with a warning (:mod:`milan.checkpoint.keymaps`). The output width is the
-Linear ``head``'s width, else ``embed_dim``; register tokens are dropped from the features and the CLS attention is
-taken over the patch keys. Not supported: towers without a class token (SigLIP: MILAN's masking needs the CLS
-query's attention) and non-standard blocks (EVA / EVA-02 rotary blocks; a ``TypeError`` says so).
+What a format cannot record is assumed with a warning (:mod:`milan.checkpoint.keymaps`). Not supported: towers
+without a class token (SigLIP) and non-standard blocks (EVA / EVA-02 rotary blocks), as
+:func:`~milan.models.teacher.check_teacher_tower` says.
 
-Grid matching: MILAN needs the teacher's patch grid to equal the student's. ``img_size`` (or ``grid_size``) runs a
-teacher at another resolution: its position table is resampled (bicubic, timm's ``resample_abs_pos_embed``) and the
-images it is given are resized (bicubic, antialiased). E.g. a ViT-B/16 student at 224 px (14 x 14) with a CLIP
-ViT-L/14 teacher: ``grid_size=14`` runs the teacher at 196 px, an approximation of its native behaviour (a teacher
-with the student's patch size is exact).
-
-Pretraining builds its model with :func:`model_from_config`, which reads ``model.teacher.checkpoint`` when it is set.
+Grid matching: MILAN needs the teacher's patch grid to equal the student's; ``img_size`` (or ``grid_size``) runs a
+teacher at another resolution, as :func:`milan.models.factory.match_teacher_grid` does.
 
 Examples:
     >>> import tempfile, torch
@@ -54,7 +48,7 @@ Source = str | os.PathLike[str] | Checkpoint
 
 
 def load_teacher(
-    path: str | os.PathLike[str],
+    path: Source,
     input_norm: TeacherInputNorm = "imagenet",
     *,
     fmt: str = "auto",
@@ -67,7 +61,8 @@ def load_teacher(
     """Loads a frozen teacher from a local weights file or folder (see the module docstring).
 
     Args:
-        path: Weights file, Hugging Face / OpenCLIP folder, or any of our checkpoints holding a teacher.
+        path: Weights file, Hugging Face / OpenCLIP folder, or any of our checkpoints holding a teacher (or one
+            already read: then the reading options are not used).
         input_norm: Teacher input normalisation (see :class:`milan.models.Teacher`).
         fmt: Force a format (``openai-clip``, ``open-clip``, ``hf``, ``timm``, ``milan``, ``mmpretrain``); ``auto``
             detects it.
@@ -81,32 +76,17 @@ def load_teacher(
             ``norm_eps``, ``num_heads``) when the format's default is wrong, and ``img_size`` (inputs resized).
 
     Raises:
-        CheckpointError: Unreadable file, unrecognised layout, or weights that do not fit the inferred architecture
-            (the message names the keys).
+        CheckpointError: Unreadable file, unrecognised layout, no teacher in it, or weights that do not fit the
+            inferred architecture (the message names the keys).
         TypeError: The tower's blocks are not timm ViT blocks (e.g. EVA).
     """
     if options.get("img_size") and grid_size:
         raise ValueError("pass img_size or grid_size, not both")
-    ck = read_checkpoint(
-        path, fmt, teacher_num_heads=options.get("num_heads"), model_name=model_name, head=head, **options
-    )
-    resize = bool(options.get("img_size") or grid_size)
-    return teacher_from_checkpoint(ck, input_norm, grid_size=grid_size, resize_input=resize, spec=spec)
-
-
-def teacher_from_checkpoint(
-    ck: Checkpoint,
-    input_norm: TeacherInputNorm = "imagenet",
-    *,
-    grid_size: int | None = None,
-    resize_input: bool = False,
-    spec: TowerSpec | None = None,
-) -> Teacher:
-    """Builds the teacher held by a canonical checkpoint (a teacher, a MILAN checkpoint with one, or a timm ViT).
-
-    ``grid_size`` runs it at ``grid_size * patch_size`` pixels; ``resize_input`` resizes inputs of another size; a
-    ``spec`` is built instead of the inferred tower (``ck`` then only provides the weights).
-    """
+    ck = path
+    if not isinstance(ck, Checkpoint):
+        ck = read_checkpoint(
+            ck, fmt, teacher_num_heads=options.get("num_heads"), model_name=model_name, head=head, **options
+        )
     if ck.kind == "encoder":  # a plain timm ViT (or one of our encoders) brought as the teacher
         tower_sd, inferred = timm_tower(ck.state_dict, num_heads=ck.hints.get("num_heads"), **ck.tower_options)
     elif ck.tower is not None:
@@ -116,7 +96,7 @@ def teacher_from_checkpoint(
     spec = spec or inferred
     if grid_size:
         spec = dataclasses.replace(spec, img_size=grid_size * spec.patch_size)
-    if resize_input:
+    if options.get("img_size") or grid_size:
         spec = dataclasses.replace(spec, resize_input=True)
     teacher = Teacher(build_tower(spec, tower_sd), input_norm=input_norm)
     teacher.source_format = ck.format
@@ -157,11 +137,16 @@ def warn_assumed_heads(ck: Checkpoint, *, decoder: bool = False) -> None:
         warnings.warn(f"{ck.source}: {assumed[key]}", stacklevel=3)
 
 
-def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """The student encoder of a canonical checkpoint, with its stored weights and position table.
+def load_encoder(
+    src: Source, *, fmt: str = "auto", num_heads: int | None = None, drop_path_rate: float = 0.0
+) -> VisionTransformer:
+    """Loads the student encoder, with its stored weights and position table, from any checkpoint that holds one.
 
-    A fine-tuned classifier's encoder has no final norm; ``drop_path_rate`` is for fine-tuning.
+    Pretraining, classifier (a fine-tuned one's encoder has no final norm) or timm ViT checkpoints. ``num_heads``:
+    the encoder's heads when the file does not record them (default: the standard ViT table); ``drop_path_rate`` is
+    for fine-tuning.
     """
+    ck = _checkpoint(src, fmt=fmt, num_heads=num_heads)
     warn_assumed_heads(ck)
     arch = ck.encoder_arch()
 
@@ -172,14 +157,6 @@ def encoder_from_checkpoint(ck: Checkpoint, *, drop_path_rate: float = 0.0) -> V
         return encoder
 
     return build_strict(build, ck.encoder_state(), f"{ck.source}: student encoder")
-
-
-def load_encoder(src: Source, *, fmt: str = "auto", num_heads: int | None = None) -> VisionTransformer:
-    """Loads the student encoder from any checkpoint that holds one (pretraining, classifier, timm ViT).
-
-    ``num_heads``: the encoder's heads when the file does not record them (default: the standard ViT table).
-    """
-    return encoder_from_checkpoint(_checkpoint(src, fmt=fmt, num_heads=num_heads))
 
 
 def load_student(
@@ -193,7 +170,7 @@ def load_student(
     ck = _checkpoint(src, fmt=fmt, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     warn_assumed_heads(ck, decoder=True)
     decoder = build_strict(ck.decoder_arch().build, ck.part("student.decoder."), f"{ck.source}: decoder")
-    return MaskedStudent(encoder_from_checkpoint(ck), decoder)
+    return MaskedStudent(load_encoder(ck), decoder)
 
 
 def load_milan(
@@ -239,7 +216,7 @@ def load_milan(
     if isinstance(teacher, (str, os.PathLike)):
         teacher = load_teacher(teacher, input_norm=norm, **grid)
     if teacher is None and ck.tower is not None:
-        teacher = teacher_from_checkpoint(ck, norm)
+        teacher = load_teacher(ck, norm)
     elif teacher is None and teacher_path and os.path.exists(teacher_path):  # the file the run read its teacher from
         teacher = load_teacher(teacher_path, input_norm=norm, **grid)
     patch = student.encoder.patch_size

@@ -2,15 +2,8 @@
 
 One versioned plain-data record, stored as the ``"spec"`` entry of every checkpoint a job writes (pretraining
 ``last.pt`` / ``epoch_N.pt``, linear-probe and fine-tuning checkpoints, ``classifier.pt``) and in the metadata of our
-exports and conversions. It holds what the weights' shapes cannot say:
-
-* ``encoder``: the student ViT (:class:`EncoderArch`, heads included);
-* ``decoder``: the MILAN decoder (:class:`DecoderArch`; pretraining checkpoints);
-* ``teacher``: the frozen teacher (:class:`TeacherSpec`: the tower with its activation and image size, its input
-  normalisation, the weights' format and file);
-* ``preprocessing``: the evaluation view the model expects (:class:`Preprocessing`: size, mean, std, resampling,
-  crop fraction);
-* ``head``: classifiers (:class:`HeadSpec`: kind, pooling, class names in index order, the probe's lr).
+exports and conversions. It holds what the weights' shapes cannot say (:class:`ModelSpec`'s fields: the encoder
+with its heads, a pretraining model's decoder and teacher, the evaluation view, a classifier's head).
 
 Files without a spec (official and foreign checkpoints) are described from their shapes (:func:`infer_encoder`,
 :func:`infer_decoder`, :func:`infer_tower`). Shapes give widths, depths, patch size, grid, MLP ratio, token layout and
@@ -65,8 +58,6 @@ _TOWER_HEADS = {1280: 16, 1408: 16, 1664: 16}  # OpenCLIP ViT-H/14 (head width 8
 class EncoderArch(ViTShape):
     """Our :class:`~milan.models.VisionTransformer` (timm key names)."""
 
-    in_chans: int = 3
-    qkv_bias: bool = True
     pos_embed_layout: PosLayout = "mmpretrain"
 
     def build(self, drop_path_rate: float = 0.0) -> VisionTransformer:

@@ -18,7 +18,7 @@ import torch
 
 from milan import distributed as dist
 from milan.checkpoint.formats import read_checkpoint, resolve_spec
-from milan.checkpoint.loaders import encoder_from_checkpoint
+from milan.checkpoint.loaders import load_encoder
 from milan.checkpoint.spec import HeadSpec, ModelSpec, Preprocessing, SpecKind, encoder_arch_of
 from milan.data import Batch, ImageDataset, ImagePipeline, SkipReport, build_dataset, eval_transform
 from milan.errors import CheckpointError, ConfigError
@@ -55,7 +55,7 @@ def load_pretrained_encoder(src: EncoderSource, *, drop_path_rate: float = 0.0) 
         raise CheckpointError(f"{src.pretrained}: a {ck.format} {ck.kind} checkpoint holds no student encoder")
     resolved = resolve_spec(ck, heads_flag="encoder.num_heads=N")
     resolved.adopt(ck)  # an assumed head count is reported in the description below
-    encoder = encoder_from_checkpoint(ck, drop_path_rate=drop_path_rate)
+    encoder = load_encoder(ck, drop_path_rate=drop_path_rate)
     desc = (
         f"{src.pretrained} ({ck.kind.replace('_', ' ')} checkpoint, {ck.format} format): ViT {encoder.embed_dim}d x "
         f"{len(encoder.blocks)} blocks, {encoder.num_heads} heads, patch {encoder.patch_size}, "

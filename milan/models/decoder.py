@@ -12,6 +12,7 @@ Key names follow the original MILAN/MAE layout (``decoder_embed``, ``mask_token`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -80,6 +81,8 @@ class _Decoder(nn.Module):
         pos_embed_layout: Sin-cos layout (see ``milan.pos_embed``).
     """
 
+    block: Callable[..., nn.Module]  # the subclass's block, built as block(dim, num_heads, mlp_ratio)
+
     def __init__(
         self,
         grid_size: tuple[int, int],
@@ -99,14 +102,10 @@ class _Decoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             sincos_2d(grid_size, embed_dim, layout=pos_embed_layout), requires_grad=False
         )  # (1, 1 + L, C)
-        self.decoder_blocks = nn.ModuleList(self._block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.decoder_blocks = nn.ModuleList(self.block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(embed_dim, out_dim)
         self.init_weights()
-
-    @staticmethod
-    def _block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
-        raise NotImplementedError
 
     def init_weights(self) -> None:
         """MAE initialisation: N(0, 0.02) mask token, Xavier-uniform Linears, unit LayerNorms."""
@@ -130,9 +129,7 @@ class _Decoder(nn.Module):
 class PromptingDecoder(_Decoder):
     """MILAN's prompting decoder (default 512 wide, 8 blocks, 16 heads); arguments as in :class:`_Decoder`."""
 
-    @staticmethod
-    def _block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
-        return PromptBlock(dim, num_heads, mlp_ratio)
+    block = PromptBlock
 
     def forward(self, latent: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
         """Predicts the teacher features of every token.
@@ -157,10 +154,7 @@ class MAEDecoder(_Decoder):
     Arguments as in :class:`_Decoder`.
     """
 
-    @staticmethod
-    def _block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
+    block = staticmethod(partial(Block, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6)))  # type: ignore[arg-type]
 
     def forward(self, latent: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
         """Predicts every token with full self-attention (same contract as :class:`PromptingDecoder`)."""

@@ -85,11 +85,7 @@ class ModelConfig:
 
 def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
     """A random teacher's input resolution: ``model.teacher.img_size``, or the student's grid x its patch size."""
-    if cfg.img_size is not None:
-        return cfg.img_size
-    if grid_size[0] != grid_size[1]:
-        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
-    return grid_size[0] * cfg.patch_size
+    return cfg.img_size if cfg.img_size is not None else grid_size[0] * cfg.patch_size
 
 
 def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int]) -> Teacher | None:
@@ -106,28 +102,21 @@ def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int]) -> Teacher | N
             f"model.teacher.checkpoint={cfg.checkpoint!r} names a weights file: build the model with "
             "milan.checkpoint.model_from_config(cfg), or pass teacher=milan.checkpoint.load_teacher(path)"
         )
-    tower = clip_vision_tower(
-        img_size=teacher_img_size(cfg, grid_size),
-        patch_size=cfg.patch_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        out_dim=cfg.out_dim,
-    )
-    return Teacher(tower, input_norm=cfg.input_norm)
+    shape = {k: getattr(cfg, k) for k in ("patch_size", "width", "depth", "num_heads", "out_dim")}  # the same names
+    return Teacher(clip_vision_tower(img_size=teacher_img_size(cfg, grid_size), **shape), input_norm=cfg.input_norm)
 
 
 def match_teacher_grid(teacher: Teacher, grid_size: tuple[int, int]) -> Teacher:
     """The teacher run on the student's patch grid (itself when its grid already matches).
 
     A teacher whose grid differs (e.g. CLIP ViT-B/16 at 224 px, 14 x 14, for a 64 px /8 student, 8 x 8) is rebuilt
-    at ``grid * its patch size`` pixels with the same weights: the position table is resampled (bicubic) and the
-    images it is given are resized to that resolution.
+    at ``grid * its patch size`` pixels with the same weights: the position table is resampled (bicubic, timm's
+    ``resample_abs_pos_embed``) and the images it is given are resized to that resolution (bicubic, antialiased).
+    A teacher with another patch size than the student's (a CLIP ViT-L/14 teacher at 196 px for a ViT-B/16 student
+    at 224 px, 14 x 14) only approximates its native behaviour; one with the student's patch size is exact.
     """
     if teacher.grid_size == grid_size:
         return teacher
-    if grid_size[0] != grid_size[1]:
-        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
     spec = describe_tower(teacher.model)
     spec = dataclasses.replace(spec, img_size=grid_size[0] * spec.patch_size, resize_input=True)
     weights = {k: v.detach().float() for k, v in teacher.model.state_dict().items()}
@@ -159,7 +148,7 @@ def model_flops(cfg: ModelConfig, teacher: Teacher | None = None) -> PretrainFlo
         prefix = int(t.class_token) + t.reg_tokens
         shape = TowerShape(t.embed_dim, t.depth, t.patch_size, t.grid, t.out_dim, t.mlp_ratio, prefix)
     elif tea.kind != "none":
-        t_grid = tea.img_size // tea.patch_size if tea.img_size is not None else grid  # null: follows the student
+        t_grid = teacher_img_size(tea, (grid, grid)) // tea.patch_size
         shape = TowerShape(tea.width, tea.depth, tea.patch_size, t_grid, tea.out_dim)
     student = TowerShape(enc.embed_dim, enc.depth, enc.patch_size, grid, mlp_ratio=enc.mlp_ratio)
     decoder = TowerShape(dec.embed_dim, dec.depth, enc.patch_size, grid, mlp_ratio=dec.mlp_ratio)
@@ -227,15 +216,12 @@ def build_decoder(
 
 
 def build_milan(cfg: ModelConfig, teacher: Teacher | None = None) -> MILAN:
-    """Builds MILAN from a config.
+    """Builds MILAN from a config: the student randomly initialised MAE-style, the teacher frozen.
 
     Args:
         cfg: Model config.
         teacher: Use this teacher instead of building one from ``cfg.teacher``; one on another patch grid is run on
             the student's (:func:`match_teacher_grid`), as the command line does with ``model.teacher.checkpoint``.
-
-    Returns:
-        The model (student randomly initialised MAE-style, teacher frozen).
     """
     encoder = build_encoder(cfg.encoder)
     if teacher is None:
@@ -254,11 +240,6 @@ def _vit(size: str, patch_size: int = 16) -> EncoderConfig:
     return EncoderConfig(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
 
 
-def _clip(size: str, patch_size: int, out_dim: int) -> TeacherConfig:
-    width, depth, heads = VIT_ARCHS[size]
-    return TeacherConfig(width=width, depth=depth, num_heads=heads, patch_size=patch_size, out_dim=out_dim)
-
-
 # The named variants. The teacher is OpenAI CLIP ViT-B/16's image tower (TeacherConfig's defaults) unless stated.
 VARIANTS: dict[str, Callable[[], ModelConfig]] = {
     "milan_vit_tiny_patch16": lambda: ModelConfig(encoder=_vit("tiny")),
@@ -268,7 +249,9 @@ VARIANTS: dict[str, Callable[[], ModelConfig]] = {
     # The original code keeps the CLIP ViT-B/16 teacher and the same decoder for ViT-L.
     "milan_vit_large_patch16": lambda: ModelConfig(encoder=_vit("large")),
     # ViT-H/14 student with a CLIP ViT-L/14 teacher (both a 16 x 16 grid at 224 px).
-    "milan_vit_huge_patch14": lambda: ModelConfig(encoder=_vit("huge", 14), teacher=_clip("large", 14, 768)),
+    "milan_vit_huge_patch14": lambda: ModelConfig(
+        encoder=_vit("huge", 14), teacher=TeacherConfig("clip", *VIT_ARCHS["large"], patch_size=14, out_dim=768)
+    ),
     # The CPU demo model: 64 px, patch 8 (8 x 8 grid), a 4-block 128-wide student and a small teacher.
     "milan_demo_small": lambda: ModelConfig(
         encoder=EncoderConfig(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),

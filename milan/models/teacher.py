@@ -84,6 +84,21 @@ def _block_with_cls_attention(block: Block, x: torch.Tensor, num_prefix: int) ->
     return x, cls_attention
 
 
+def check_teacher_tower(model: TimmVisionTransformer) -> None:
+    """Raises unless ``model`` (built, or a meta skeleton) has a class token (ValueError) and a standard last block."""
+    if model.cls_token is None:
+        raise ValueError(
+            "this tower has no class token (SigLIP-style); MILAN's attention masking needs the CLS query's "
+            "attention, so it cannot be a teacher. Use a CLS-token model (CLIP, DINOv2, MAE/DeiT ViTs)."
+        )
+    last = model.blocks[-1]
+    if not isinstance(last, Block) or type(last.attn) is not Attention or getattr(last.attn, "gate", None):
+        raise TypeError(
+            f"the teacher's last block is a {type(last).__name__}, not a timm Block with a standard Attention; "
+            "MILAN computes the CLS attention from its qkv (EVA-style RoPE blocks are not supported)"
+        )
+
+
 class Teacher(nn.Module):
     """Frozen ViT teacher returning per-token targets and the CLS-to-patch attention.
 
@@ -92,8 +107,7 @@ class Teacher(nn.Module):
     Keep it out of the optimizer and out of DDP.
 
     Args:
-        model: A timm ``VisionTransformer`` with a class token and standard blocks. Its ``norm`` is applied to
-            every token and its ``head`` (if a Linear) projects every token.
+        model: A timm ``VisionTransformer`` with a class token and a standard last block (see the module docstring).
         input_norm: ``"imagenet"`` feeds the student's ImageNet-normalised tensor as is (the references do this);
             ``"clip"`` re-normalises it with OpenAI CLIP's mean and std first.
     """
@@ -103,13 +117,7 @@ class Teacher(nn.Module):
 
     def __init__(self, model: TimmVisionTransformer, input_norm: TeacherInputNorm = "imagenet") -> None:
         super().__init__()
-        if model.cls_token is None:
-            raise ValueError("the teacher needs a class token (its CLS attention drives the masking)")
-        last = model.blocks[-1]
-        if not isinstance(last, Block) or type(last.attn) is not Attention or getattr(last.attn, "gate", None):
-            raise TypeError(
-                f"the teacher's last block must be a timm Block with a standard Attention, got {type(last).__name__}"
-            )
+        check_teacher_tower(model)
         if input_norm not in ("imagenet", "clip"):
             raise ValueError(f"teacher input_norm must be 'imagenet' or 'clip', got {input_norm!r}")
         self.model = model

@@ -26,15 +26,20 @@ from timm.models.vision_transformer import Block, checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from milan.errors import CheckpointError
+from milan.models.teacher import check_teacher_tower
 
 Act = Literal["quick_gelu", "gelu", "gelu_tanh"]
 StateDict = dict[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
+_ACTS: dict[str, Any] = {"quick_gelu": QuickGELU, "gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
 
 
 @dataclass
 class ViTShape:
-    """What every ViT description starts with (the student encoder's and the teacher tower's)."""
+    """What every ViT description starts with (the student encoder's and the teacher tower's).
+
+    Its fields are constructor arguments that our encoder and timm's ``VisionTransformer`` share.
+    """
 
     img_size: int
     patch_size: int
@@ -42,6 +47,8 @@ class ViTShape:
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
+    in_chans: int = 3
+    qkv_bias: bool = True
 
     @property
     def grid(self) -> int:
@@ -50,9 +57,8 @@ class ViTShape:
 
 
 def vit_kwargs(shape: ViTShape) -> dict[str, Any]:
-    """The constructor arguments that our encoder and timm's ``VisionTransformer`` share."""
-    names = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
-    return {name: getattr(shape, name) for name in names}
+    """The constructor arguments of ``shape``'s :class:`ViTShape` fields."""
+    return {f.name: getattr(shape, f.name) for f in dataclasses.fields(ViTShape)}
 
 
 @dataclass
@@ -67,9 +73,7 @@ class TowerSpec(ViTShape):
     reg_tokens: int = 0
     no_embed_class: bool = False  # position table covers patches only (timm DINOv2-with-registers)
     layer_scale: bool = False
-    qkv_bias: bool = True
     qk_norm: bool = False
-    in_chans: int = 3
     timm_name: str | None = None  # when set, built by timm.create_model(timm_name, ...) instead
     resize_input: bool = False  # resize inputs of any other size to img_size (runs a /14 teacher on a /16 grid)
 
@@ -97,13 +101,8 @@ class TowerSpec(ViTShape):
                 )
             model._milan_timm_name = self.timm_name  # type: ignore[assignment]  # read by describe_tower
         else:
-            acts: dict[str, Any] = {
-                "quick_gelu": QuickGELU,
-                "gelu": nn.GELU,
-                "gelu_tanh": partial(nn.GELU, approximate="tanh"),
-            }
-            if self.act not in acts:
-                raise ValueError(f"unknown activation {self.act!r}; choose one of {sorted(acts)}")
+            if self.act not in _ACTS:
+                raise ValueError(f"unknown activation {self.act!r}; choose one of {sorted(_ACTS)}")
             model = TimmVisionTransformer(
                 **vit_kwargs(self),
                 qk_norm=self.qk_norm,
@@ -114,7 +113,7 @@ class TowerSpec(ViTShape):
                 pre_norm=self.pre_norm,
                 global_pool="token" if self.class_token else "avg",
                 num_classes=self.out_dim,
-                act_layer=acts[self.act],
+                act_layer=_ACTS[self.act],
                 norm_layer=partial(nn.LayerNorm, eps=self.norm_eps),
             )
         if self.resize_input:
@@ -161,11 +160,7 @@ def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
     block = cast(Block, model.blocks[0])
     attn = cast(Attention, block.attn)
     mlp = cast(Mlp, block.mlp)
-    act: Act = "gelu"
-    if isinstance(mlp.act, QuickGELU):
-        act = "quick_gelu"
-    elif isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "tanh":
-        act = "gelu_tanh"
+    act = next((name for name, layer in _ACTS.items() if repr(layer()) == repr(mlp.act)), "gelu")
     norm = block.norm1
     head = model.head
     patch = int(model.patch_embed.patch_size[0])
@@ -177,7 +172,7 @@ def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
         num_heads=int(attn.num_heads),
         mlp_ratio=cast(nn.Linear, mlp.fc1).out_features / model.embed_dim,
         out_dim=head.out_features if isinstance(head, nn.Linear) else 0,
-        act=act,
+        act=cast(Act, act),
         norm_eps=float(norm.eps) if isinstance(norm, nn.LayerNorm) else 1e-6,
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
         class_token=model.cls_token is not None,
@@ -193,28 +188,15 @@ def describe_tower(model: TimmVisionTransformer) -> TowerSpec:
 
 
 def build_tower(spec: TowerSpec, state_dict: StateDict) -> TimmVisionTransformer:
-    """Builds the tower described by ``spec`` and loads ``state_dict`` strictly.
-
-    The stored position table is resampled when ``spec.img_size`` differs from it; with ``spec.resize_input`` the
-    tower also resizes inputs of another size to ``spec.img_size``.
+    """Builds the tower described by ``spec`` and loads ``state_dict`` strictly (position table resampled to its grid).
 
     Raises:
         CheckpointError: Missing, unexpected or mis-shaped keys (all named).
-        TypeError: Not a timm ``VisionTransformer`` with standard blocks (e.g. EVA).
-        ValueError: No class token (e.g. SigLIP).
+        TypeError, ValueError: Not a tower a teacher can use (:func:`~milan.models.teacher.check_teacher_tower`).
     """
     with torch.device("meta"):
         skeleton = spec.build()
-    if skeleton.cls_token is None:
-        raise ValueError(
-            "this tower has no class token (SigLIP-style); MILAN's attention masking needs the CLS query's "
-            "attention, so it cannot be a teacher. Use a CLS-token model (CLIP, DINOv2, MAE/DeiT ViTs)."
-        )
-    if not isinstance(skeleton.blocks[-1], Block):
-        raise TypeError(
-            f"the teacher's blocks are {type(skeleton.blocks[-1]).__name__}, not timm ViT Blocks; MILAN computes the "
-            "CLS attention from a standard Block's qkv (EVA-style RoPE blocks are not supported)"
-        )
+    check_teacher_tower(skeleton)  # before the weights are fitted: a SigLIP file is named as such
     # timm's own filter converts/resamples for named models; ours resamples the position table for inferred ones.
     fit = checkpoint_filter_fn(dict(state_dict), skeleton) if spec.timm_name else _fit_pos_embed(state_dict, spec)
     return build_strict(spec.build, fit, "teacher tower")
@@ -263,14 +245,12 @@ def build_strict(build: Callable[[], M], state_dict: StateDict, what: str) -> M:
         for k, v in state_dict.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:12]}{' ...' if len(missing) > 12 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:6]}")
+    parts = [
+        f"{label} {keys[:n]}{' ...' if len(keys) > n else ''}"
+        for label, keys, n in (("missing", missing, 12), ("unexpected", unexpected, 12), ("shape mismatch", shapes, 6))
+        if keys
+    ]
+    if parts:
         raise CheckpointError(f"{what}: the weights do not fit the inferred architecture: {'; '.join(parts)}")
     model = build()
     model.load_state_dict(state_dict, strict=True)
