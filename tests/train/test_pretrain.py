@@ -46,6 +46,14 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path, image_dir: Path, capsys: 
     assert summary["images_seen"] == 32 and summary["step"] == 8
 
 
+def test_numbered_copies_follow_checkpoint_every_epochs(tmp_path: Path, image_dir: Path) -> None:
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, image_dir, {"schedule.epochs": 5, "checkpoint.every_epochs": 2, "checkpoint.keep": 3}))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["epoch_0002.pt", "epoch_0004.pt", "last.prev.pt", "last.pt"]  # epochs 1, 3 and 5: last.pt only
+    assert load_training_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 5
+
+
 def test_a_second_run_never_overwrites_and_resume_auto_continues(tmp_path: Path, image_dir: Path) -> None:
     run = tmp_path / "run"
     first = pretrain(tiny_config(run, image_dir, {"schedule.max_steps": 3}))
