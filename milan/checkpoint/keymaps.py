@@ -305,8 +305,9 @@ def open_clip_tower(
     vision = model_cfg.get("vision_cfg", {}) if isinstance(model_cfg, dict) else {}
     if any(k.startswith("visual.trunk.") for k in sd):
         trunk, dropped = _convert(sd, [("visual.trunk.*", "*"), ("visual.head.proj.*", "head.*")])
-        if "visual.head.proj.weight" in sd and "visual.head.proj.bias" not in sd:
-            trunk["head.bias"] = torch.zeros_like(trunk["head.weight"][:, 0])
+        if "visual.head.proj.weight" in sd:  # the projection is the head, whatever the key order of the file
+            trunk["head.weight"] = w = sd["visual.head.proj.weight"]
+            trunk["head.bias"] = sd.get("visual.head.proj.bias", torch.zeros_like(w[:, 0]))
         timm_sd, spec = timm_tower(trunk, model_name=model_name or vision.get("timm_model_name"), **options)
         return timm_sd, spec, dropped
     defaults: dict[str, Any] = {

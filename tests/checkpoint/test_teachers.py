@@ -185,6 +185,11 @@ def test_open_clip_timm_trunk(tmp_path: Path, images: torch.Tensor) -> None:
         tokens = model.visual.head(trunk.forward_features(images))  # norm on every token, then the projection
         torch.testing.assert_close(out.features, tokens, atol=TOL, rtol=0)
         torch.testing.assert_close(out.features[:, 0], model.encode_image(images), atol=TOL, rtol=0)
+    w = model.visual.head.proj.weight  # a stray trunk head stored after the projection does not replace it
+    stray = {"visual.trunk.head.weight": torch.randn_like(w), "visual.trunk.head.bias": torch.randn(w.shape[0])}
+    torch.save({**model.state_dict(), **stray}, tmp_path / "open_clip_pytorch_model.bin")
+    out = load_teacher(tmp_path / "open_clip_pytorch_model.bin")(images)
+    torch.testing.assert_close(out.features, tokens, atol=TOL, rtol=0)
 
 
 def _hf_reference(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
