@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     parser.add_argument("--format", dest="fmt", default="auto", help="checkpoint format (default: detect)")
     parser.add_argument("--num-heads", type=int, help="encoder heads, if the file does not say (default: ViT table)")
-    add_view_arguments(parser)
+    add_view_arguments(parser, "evaluation view (default: the checkpoint's; files without one: the references')")
     parser.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -79,8 +79,11 @@ def knn(cfg: KnnConfig) -> KnnResult:
         report = SkipReport(max_skip_fraction=data.max_skip_fraction)
         weights = f"random:{cfg.encoder.model_name}"
         if cfg.encoder.pretrained:  # the checkpoint's bytes
+            h = hashlib.sha256()  # hashlib.file_digest needs Python 3.11
             with open(cfg.encoder.pretrained, "rb") as file:
-                weights = hashlib.file_digest(file, "sha256").hexdigest()
+                while block := file.read(1 << 22):
+                    h.update(block)
+            weights = h.hexdigest()
         key = {"weights": weights, "num_heads": encoder.num_heads, "transform": repr(pipeline), "feature": cfg.feature,
                "seed": cfg.seed if cfg.encoder.pretrained is None else None, "version": 1}  # fmt: skip
         splits, hits = {}, 0

@@ -75,9 +75,12 @@ def add_run_arguments(
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def add_view_arguments(parser: argparse.ArgumentParser) -> None:
+def add_view_arguments(
+    parser: argparse.ArgumentParser,
+    title: str = "evaluation view, for files that do not record it (default: the references')",
+) -> None:
     """``--crop-pct``, ``--interpolation``, ``--mean``, ``--std``: the view of a file that does not record it."""
-    g = parser.add_argument_group("evaluation view, for files that do not record it (default: the references')")
+    g = parser.add_argument_group(title)
     g.add_argument("--crop-pct", type=float, help="center-crop fraction (0.875: resize 256, crop 224)")
     g.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize resampling (bicubic)")
     g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (ImageNet's)")

@@ -597,9 +597,10 @@ def _check_sections(cfg: PretrainConfig | ClassifierConfig | KnnConfig | Segment
     """The checks of the shared sections a job's config has (schedule, runtime, data, encoder)."""
     from_dict(type(cfg), to_dict(cfg))  # types and declared ranges, as if read from a file (configs built in Python)
     if isinstance(cfg, RunConfig) and cfg.schedule.warmup_epochs > cfg.schedule.epochs:
-        sch = cfg.schedule
+        sch, w = cfg.schedule, cfg.schedule.warmup_epochs
+        warmup = int(w) if float(w).is_integer() else w
         raise ConfigError(
-            f"schedule.warmup_epochs={sch.warmup_epochs:g} is longer than schedule.epochs={sch.epochs}: "
+            f"schedule.warmup_epochs={warmup} is longer than schedule.epochs={sch.epochs}: "
             f"lower schedule.warmup_epochs to at most {sch.epochs}, or raise schedule.epochs"
         )
     rt = cfg.runtime

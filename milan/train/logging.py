@@ -138,7 +138,7 @@ class RunLogger:
                 self.info(
                     f"step {r['step']}/{self.total_steps} (epoch {r['epoch']:.2f}) loss {r['loss']:.4f} "
                     f"lr {r['lr']:.3e} {r['img_per_s']:.1f} img/s data {r['data_wait']:.0%} "
-                    f"elapsed {tqdm.format_interval(r['elapsed'])} eta {tqdm.format_interval(eta)}"
+                    f"elapsed {tqdm.format_interval(round(r['elapsed']))} eta {tqdm.format_interval(round(eta))}"
                 )
 
     def write(self, record: dict[str, Any]) -> None:
