@@ -321,7 +321,10 @@ def extract_archive_subset(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             selected.sort(key=lambda m: m.offset)  # one pass in archive order (a compressed stream seeks forward)
-            tf.extractall(tmp, members=selected, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12: also drops modes and owners
+                tf.extractall(tmp, members=selected, filter="data")
+            else:  # regular files whose names were checked and rewritten above
+                tf.extractall(tmp, members=selected)
             (tmp / MARKER).write_text(json.dumps({**request, "num_images": len(selected), "per_class_found": counts}))
             if out.exists():  # another subset of ours: replace it
                 stale = out.with_name(f".{out.name}.stale-{os.getpid()}")

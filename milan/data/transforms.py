@@ -138,6 +138,7 @@ class RandomResizedCropDecode:
     crop: CropGeometry = "torchvision"
 
     def __post_init__(self) -> None:
+        _interpolation(self.interpolation)  # an unknown mode fails here, not in a loader worker
         if self.crop not in CROP_GEOMETRIES:
             raise ValueError(f"crop must be one of {', '.join(CROP_GEOMETRIES)}, got {self.crop!r}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:

@@ -117,6 +117,8 @@ def match_teacher_grid(teacher: Teacher, grid_size: tuple[int, int]) -> Teacher:
     """
     if teacher.grid_size == grid_size:
         return teacher
+    if grid_size[0] != grid_size[1]:
+        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
     spec = describe_tower(teacher.model)
     spec = dataclasses.replace(spec, img_size=grid_size[0] * spec.patch_size, resize_input=True)
     weights = {k: v.detach().float() for k, v in teacher.model.state_dict().items()}
