@@ -83,9 +83,16 @@ class ModelConfig:
     loss_on: LossOn = "all"  # the references average over all 1 + L tokens
 
 
+def _side(grid_size: tuple[int, int]) -> int:
+    """The side of the student's square patch grid (a teacher is matched to square grids only)."""
+    if grid_size[0] != grid_size[1]:
+        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
+    return grid_size[0]
+
+
 def teacher_img_size(cfg: TeacherConfig, grid_size: tuple[int, int]) -> int:
     """A random teacher's input resolution: ``model.teacher.img_size``, or the student's grid x its patch size."""
-    return cfg.img_size if cfg.img_size is not None else grid_size[0] * cfg.patch_size
+    return cfg.img_size if cfg.img_size is not None else _side(grid_size) * cfg.patch_size
 
 
 def build_teacher(cfg: TeacherConfig, grid_size: tuple[int, int]) -> Teacher | None:
@@ -117,10 +124,8 @@ def match_teacher_grid(teacher: Teacher, grid_size: tuple[int, int]) -> Teacher:
     """
     if teacher.grid_size == grid_size:
         return teacher
-    if grid_size[0] != grid_size[1]:
-        raise ValueError(f"cannot match a teacher to the non-square student grid {grid_size}")
     spec = describe_tower(teacher.model)
-    spec = dataclasses.replace(spec, img_size=grid_size[0] * spec.patch_size, resize_input=True)
+    spec = dataclasses.replace(spec, img_size=_side(grid_size) * spec.patch_size, resize_input=True)
     weights = {k: v.detach().float() for k, v in teacher.model.state_dict().items()}
     device = next(teacher.parameters()).device
     matched = Teacher(build_tower(spec, weights), input_norm=teacher.input_norm).to(device)
